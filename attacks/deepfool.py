@@ -1,0 +1,244 @@
+"""Batched subspace-constrained DeepFool (REFERENCE §2): the margin of every sample along every subspace.
+
+All (subspace, sample) pairs are processed together as rows of one batch; a row stops being updated as
+soon as its label flips, so its result does not depend on its batch-mates. Semantics follow the original
+release exactly: fixed top-10 candidates from the clean logits, step `max(pert, 1e-4) * Pw / ||Pw||`
+at the current point `x + r`, stop test on `x + (1 + overshoot) r`, result `(1 + overshoot) r`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from frequency.subspaces import FullSpace, SubspaceFamily
+
+
+@dataclass
+class MarginResult:
+    """Output of `SubspaceDeepFool`, one entry per (subspace s, sample n).
+
+    margins: [S, N] float, L2 norm of the returned perturbation `(1 + overshoot) r` (input-space units).
+    converged: [S, N] bool, True where the label of `x + (1 + overshoot) r` differs from the clean label.
+    iterations: [S, N] int64, number of DeepFool steps taken.
+    labels: [N] int64, clean predicted labels (the reference class, not the ground truth).
+    perturbed_labels: [S, N] int64, predicted labels of `x + (1 + overshoot) r`.
+    perturbations: [S, N, C, H, W] or None, the perturbations themselves (only when requested).
+    """
+
+    margins: torch.Tensor
+    converged: torch.Tensor
+    iterations: torch.Tensor
+    labels: torch.Tensor
+    perturbed_labels: torch.Tensor
+    perturbations: torch.Tensor | None = None
+
+
+class _EvalMode:
+    """Puts every submodule in eval mode and restores each one's own flag on exit."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __enter__(self) -> None:
+        self.flags = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+
+    def __exit__(self, *exc) -> None:
+        for module, flag in self.flags:
+            module.training = flag
+
+
+class SubspaceDeepFool:
+    """Subspace-constrained DeepFool, batched over samples and subspaces.
+
+    Args:
+        overshoot: the total perturbation is `(1 + overshoot) r` (release: 0.02).
+        max_iter: at most this many steps per (subspace, sample) (release: 100).
+        num_candidates: candidate classes, the top ones of the clean logits (release: 10).
+        min_step: floor on the step length `pert` (release: 1e-4).
+        batch_size: rows (subspace-sample pairs) processed at once; bounds memory to about
+            `batch_size * num_candidates * C * H * W` floats for the gradients.
+
+    Call: `attack(model, x, subspaces)` with `x: [N, C, H, W]` in the model's input space (pixels in
+    [0, 1], normalisation inside the model) returns a `MarginResult` with `[S, N]` fields.
+    The model runs in eval mode during the call; every module's mode is restored afterwards and
+    parameter `.grad` fields are never written.
+    """
+
+    def __init__(
+        self,
+        overshoot: float = 0.02,
+        max_iter: int = 100,
+        num_candidates: int = 10,
+        min_step: float = 1e-4,
+        batch_size: int = 1024,
+    ):
+        if max_iter < 1 or num_candidates < 2 or batch_size < 1:
+            raise ValueError("max_iter and batch_size must be >= 1 and num_candidates >= 2")
+        self.overshoot = float(overshoot)
+        self.max_iter = int(max_iter)
+        self.num_candidates = int(num_candidates)
+        self.min_step = float(min_step)
+        self.batch_size = int(batch_size)
+
+    def __call__(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        subspaces: SubspaceFamily | None = None,
+        return_perturbations: bool = False,
+        progress: bool = False,
+    ) -> MarginResult:
+        if x.dim() != 4:
+            raise ValueError(f"x must be a batch of images [N, C, H, W], got shape {tuple(x.shape)}")
+        subspaces = subspaces if subspaces is not None else FullSpace(tuple(x.shape[1:]))
+        subspaces.check_image_shape(tuple(x.shape[1:]))
+        device = _model_device(model, x.device)
+        with torch.inference_mode(False), torch.enable_grad(), _EvalMode(model):
+            x = x.detach().to(device).clone()
+            if not torch.isfinite(x).all():
+                raise ValueError("inputs contain NaN or infinite values; check the data pipeline")
+            subspaces = subspaces.to(device)
+            return self._run(model, x, subspaces, return_perturbations, progress)
+
+    def _run(
+        self, model: nn.Module, x: torch.Tensor, subspaces: SubspaceFamily, return_perturbations: bool, progress: bool
+    ) -> MarginResult:
+        num_samples, num_subspaces = x.shape[0], len(subspaces)
+        with torch.no_grad():
+            clean_logits = _logits(model, x)
+        candidates = clean_logits.argsort(dim=1, descending=True)[:, : self.num_candidates]  # [N, K]
+        labels = candidates[:, 0]
+
+        total = num_subspaces * num_samples  # row = s * N + n
+        margins = torch.empty(total, dtype=x.dtype, device=x.device)
+        converged = torch.zeros(total, dtype=torch.bool, device=x.device)
+        iterations = torch.zeros(total, dtype=torch.long, device=x.device)
+        perturbed_labels = torch.empty(total, dtype=torch.long, device=x.device)
+        perturbations = torch.empty((total, *x.shape[1:]), dtype=x.dtype, device=x.device) if return_perturbations else None
+
+        bar = _progress_bar(total, progress)
+        for start in range(0, total, self.batch_size):
+            rows = torch.arange(start, min(start + self.batch_size, total), device=x.device)
+            sample_index, subspace_index = rows % num_samples, rows // num_samples
+            chunk = self._attack_rows(model, x[sample_index], subspace_index, candidates[sample_index], subspaces)
+            r_total, conv, iters, plabels = chunk
+            margins[rows] = r_total.flatten(1).norm(dim=1)
+            converged[rows], iterations[rows], perturbed_labels[rows] = conv, iters, plabels
+            if perturbations is not None:
+                perturbations[rows] = r_total
+            bar.update(len(rows))
+        bar.close()
+
+        shape = (num_subspaces, num_samples)
+        return MarginResult(
+            margins=margins.view(shape),
+            converged=converged.view(shape),
+            iterations=iterations.view(shape),
+            labels=labels,
+            perturbed_labels=perturbed_labels.view(shape),
+            perturbations=None if perturbations is None else perturbations.view(*shape, *x.shape[1:]),
+        )
+
+    def _attack_rows(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        subspace_index: torch.Tensor,
+        candidates: torch.Tensor,
+        subspaces: SubspaceFamily,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """DeepFool on rows `x: [R, C, H, W]`, row i constrained to subspace `subspace_index[i]`.
+
+        Returns `(1 + overshoot) r: [R, C, H, W]`, converged [R], iterations [R], perturbed labels [R].
+        """
+        num_rows = x.shape[0]
+        labels = candidates[:, 0]
+        r = torch.zeros_like(x)
+        converged = torch.zeros(num_rows, dtype=torch.bool, device=x.device)
+        iterations = torch.zeros(num_rows, dtype=torch.long, device=x.device)
+        perturbed_labels = labels.clone()
+        active = torch.arange(num_rows, device=x.device)
+        scale = 1.0 + self.overshoot
+
+        for _ in range(self.max_iter):
+            if active.numel() == 0:
+                break
+            step, stuck = self._step(model, x[active] + r[active], candidates[active], subspace_index[active], subspaces)
+            r[active] += step
+            iterations[active] += 1
+            with torch.no_grad():
+                new_labels = _logits(model, x[active] + scale * r[active]).argmax(dim=1)
+            perturbed_labels[active] = new_labels
+            flipped = new_labels != labels[active]
+            converged[active] = flipped
+            active = active[~(flipped | stuck)]
+        return scale * r, converged, iterations, perturbed_labels
+
+    def _step(
+        self,
+        model: nn.Module,
+        point: torch.Tensor,
+        candidates: torch.Tensor,
+        subspace_index: torch.Tensor,
+        subspaces: SubspaceFamily,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One DeepFool step from `point: [A, C, H, W]`; returns the step `r_i` and a bool [A] for rows whose
+        projected gradients all vanish (they can never move)."""
+        point = point.detach().requires_grad_(True)
+        logits = _logits(model, point)
+        f = logits.gather(1, candidates)  # [A, K]
+        num_other = f.shape[1] - 1
+        grads = []
+        for k in range(1, num_other + 1):  # w_k = grad (f_k - f_0); rows are independent in eval mode
+            (g,) = torch.autograd.grad((f[:, k] - f[:, 0]).sum(), point, retain_graph=k < num_other)
+            grads.append(g)
+        w = torch.stack(grads, dim=1)  # [A, K-1, C, H, W]
+        gaps = (f[:, 1:] - f[:, :1]).detach()  # [A, K-1]
+        num_active = point.shape[0]
+        projected = subspaces.project(w.flatten(0, 1), subspace_index.repeat_interleave(num_other)).view_as(w)
+        norms = projected.flatten(2).norm(dim=2)  # [A, K-1]
+        pert = gaps.abs() / norms  # inf where the projected gradient vanishes
+        best = pert.argmin(dim=1)  # first minimum on ties, like the release's strict '<'
+        rows = torch.arange(num_active, device=point.device)
+        best_pert, best_dir, best_norm = pert[rows, best], projected[rows, best], norms[rows, best]
+        stuck = ~torch.isfinite(best_pert)
+        length = best_pert.clamp(min=self.min_step).masked_fill(stuck, 0.0)
+        step = best_dir * (length / best_norm.masked_fill(stuck, 1.0)).view(-1, 1, 1, 1)
+        return step.detach(), stuck
+
+
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    logits = model(x)
+    if logits.dim() != 2:
+        raise ValueError(f"model must return logits [N, num_classes], got shape {tuple(logits.shape)}")
+    if not torch.isfinite(logits).all():
+        raise ValueError("model returned NaN or infinite logits; check the checkpoint and the inputs")
+    return logits
+
+
+def _model_device(model: nn.Module, default: torch.device) -> torch.device:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return default
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress_bar(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="DeepFool (subspace, sample) pairs", unit="pair")

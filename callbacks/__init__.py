@@ -1,0 +1,5 @@
+"""Lightning callbacks."""
+
+from callbacks.margin import MarginCallback
+
+__all__ = ["MarginCallback"]

@@ -1,0 +1,260 @@
+"""Margin results on disk: validated arrays, a JSON summary and the paper plot, written atomically.
+
+Layout of `output_dir` (our files only; anything else in the directory is never touched):
+    margins.npy    float32 [S, N]  margin of sample n along subspace s (L2, input space)
+    converged.npy  bool    [S, N]  DeepFool flipped the label within max_iter
+    indices.npy    int64   [N]     dataset indices of the samples (column order)
+    margins.png    the paper plot (optional)
+    summary.json   {"format_version", "shape", "settings", "stats", "extra", "files"}: the commit marker;
+                   "stats" is `summarize(...)` of the stored float32 margins (NaN medians stored as null),
+                   "files" maps each file of the set to its SHA-256.
+
+Atomicity: everything (arrays, plot, JSON) is first written and fsynced into a temporary sibling directory
+`.<name>.tmp-*` in the same parent, so any failure (bad settings, plotting error, full disk) leaves
+`output_dir` untouched and the temporary directory is removed. Commit:
+  - `output_dir` absent: the whole temporary directory is renamed into place (one atomic rename).
+  - `output_dir` present: each data file is moved in with `os.replace` (atomic per file), then
+    `summary.json` LAST. `summary.json` records the SHA-256 of every file of its set, and
+    `read_margin_results` verifies them, so a crash between those renames (the only non-atomic window,
+    renames on one filesystem) is detected as an inconsistent set instead of being read silently.
+    A stale `margins.png` from a previous run is removed after the commit when no figure is written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import json
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+
+from margins.plot import plot_margins
+
+FORMAT_VERSION = 1
+MARGINS_FILE = "margins.npy"
+CONVERGED_FILE = "converged.npy"
+INDICES_FILE = "indices.npy"
+FIGURE_FILE = "margins.png"
+SUMMARY_FILE = "summary.json"
+RESULT_FILES = (MARGINS_FILE, CONVERGED_FILE, INDICES_FILE, FIGURE_FILE, SUMMARY_FILE)
+
+
+def summarize(margins: np.ndarray, converged: np.ndarray) -> dict:
+    """Summary statistics of `margins: [S, N]` with `converged: [S, N]` bool.
+
+    Returns a dict of plain Python values:
+        num_subspaces, num_samples: S, N.
+        median_margin: [S] median over the CONVERGED samples of each subspace only (NaN where none converged).
+            A non-converged margin is just the perturbation accumulated in max_iter steps, not a margin.
+        median_margin_all: [S] median over ALL N samples, converged or not; this is what the original
+            release reports and plots (it keeps non-converged samples silently), so use it to compare.
+        num_not_converged: [S] count of non-converged samples per subspace; num_not_converged_total: their sum.
+    Medians are computed in float64 from the given values.
+    """
+    margins, converged = _check_margins(margins, converged)
+    values = margins.astype(np.float64)
+    median_conv = [float(np.median(row[ok])) if ok.any() else math.nan for row, ok in zip(values, converged)]
+    missed = (~converged).sum(axis=1)
+    return {
+        "num_subspaces": int(margins.shape[0]),
+        "num_samples": int(margins.shape[1]),
+        "median_margin": median_conv,
+        "median_margin_all": [float(v) for v in np.median(values, axis=1)],
+        "num_not_converged": [int(v) for v in missed],
+        "num_not_converged_total": int(missed.sum()),
+    }
+
+
+def write_margin_results(
+    output_dir: str | Path,
+    margins: np.ndarray | torch.Tensor,
+    converged: np.ndarray | torch.Tensor,
+    indices: np.ndarray | torch.Tensor,
+    settings: dict,
+    figure: bool = True,
+    extra: dict | None = None,
+    title: str = "",
+) -> Path:
+    """Validate and atomically write one margin experiment to `output_dir` (see the module docstring).
+
+    margins: [S, N] finite, >= 0 (stored as float32); converged: [S, N] bool; indices: [N] integer dataset
+    indices (stored as int64). settings: the run's configuration (dataset, subspace block/step, attack
+    parameters, ...). extra: anything else (clean accuracy, seconds, checkpoint path, ...). Both go to
+    summary.json after JSON-safe conversion (numpy/torch scalars and arrays, Path, tuples, dataclasses;
+    non-finite floats become null); unsupported values raise TypeError naming their key.
+    figure: also write margins.png (`plot_margins`, with `title`). All validation and JSON conversion happen
+    before anything is written. Returns `output_dir` as a Path.
+    """
+    output_dir = Path(output_dir)
+    margins, converged = _check_margins(_to_numpy(margins, "margins"), _to_numpy(converged, "converged"))
+    margins = margins.astype(np.float32)
+    indices = _check_indices(_to_numpy(indices, "indices"), margins.shape[1])
+    if not isinstance(settings, Mapping):
+        raise TypeError(f"settings must be a dict of the run's configuration, got {type(settings).__name__}")
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "shape": list(margins.shape),
+        "settings": _json_safe(dict(settings), "settings"),
+        "stats": _json_safe(summarize(margins, converged), "stats"),
+        "extra": _json_safe(dict(extra or {}), "extra"),
+    }
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"output_dir {output_dir} exists and is not a directory; choose another path")
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output_dir.parent / f".{output_dir.name}.tmp-{uuid.uuid4().hex}"
+    tmp.mkdir()  # default permissions (umask), unlike tempfile.mkdtemp's 0700: it may become output_dir
+    try:
+        files = _write_set(tmp, margins, converged, indices, payload, figure, title)
+        _commit(tmp, output_dir, files)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output_dir
+
+
+def read_margin_results(output_dir: str | Path) -> dict:
+    """Read a set written by `write_margin_results`: {"margins", "converged", "indices", "summary"}.
+
+    `summary` is the parsed summary.json. Raises FileNotFoundError when no committed set exists and
+    ValueError when a file does not match the checksum recorded in summary.json (interrupted write).
+    """
+    output_dir = Path(output_dir)
+    summary_path = output_dir / SUMMARY_FILE
+    if not summary_path.is_file():
+        raise FileNotFoundError(f"no margin results in {output_dir}: {SUMMARY_FILE} is missing (run not finished?)")
+    summary = json.loads(summary_path.read_text())
+    for name, digest in summary.get("files", {}).items():
+        path = output_dir / name
+        if not path.is_file() or _sha256(path) != digest:
+            raise ValueError(
+                f"margin results in {output_dir} are inconsistent: {name} is missing or does not match "
+                f"{SUMMARY_FILE} (an interrupted write?); rerun the measurement to rewrite them"
+            )
+    arrays = {key: np.load(output_dir / name, allow_pickle=False) for key, name in _ARRAY_FILES.items()}
+    return {**arrays, "summary": summary}
+
+
+_ARRAY_FILES = {"margins": MARGINS_FILE, "converged": CONVERGED_FILE, "indices": INDICES_FILE}
+
+
+def _write_set(
+    tmp: Path, margins: np.ndarray, converged: np.ndarray, indices: np.ndarray, payload: dict, figure: bool, title: str
+) -> list[str]:
+    """Write the full set into `tmp`; returns the file names, summary.json last."""
+    arrays = {MARGINS_FILE: margins, CONVERGED_FILE: converged, INDICES_FILE: indices}
+    for name, array in arrays.items():
+        _write_file(tmp / name, lambda f, a=array: np.save(f, a, allow_pickle=False))
+    names = list(arrays)
+    if figure:
+        fig = plot_margins(margins, converged, title=title)
+        _write_file(tmp / FIGURE_FILE, lambda f: fig.savefig(f, format="png", dpi=150))
+        names.append(FIGURE_FILE)
+    payload = {**payload, "files": {name: _sha256(tmp / name) for name in names}}
+    text = json.dumps(payload, indent=2, allow_nan=False) + "\n"
+    _write_file(tmp / SUMMARY_FILE, lambda f: f.write(text.encode()))
+    return [*names, SUMMARY_FILE]
+
+
+def _commit(tmp: Path, output_dir: Path, files: list[str]) -> None:
+    """Move the set from `tmp` into `output_dir`: one directory rename if absent, else per file, summary last."""
+    if not output_dir.exists():
+        try:
+            os.replace(tmp, output_dir)
+            return
+        except OSError:  # created concurrently: fall back to per-file moves
+            output_dir.mkdir(parents=True, exist_ok=True)
+    for name in files:  # summary.json is the last entry: the commit marker
+        os.replace(tmp / name, output_dir / name)
+    if FIGURE_FILE not in files:
+        (output_dir / FIGURE_FILE).unlink(missing_ok=True)
+
+
+def _write_file(path: Path, writer: Callable[[IO[bytes]], Any]) -> None:
+    with open(path, "wb") as f:
+        writer(f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _to_numpy(value: Any, name: str) -> np.ndarray:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        return value
+    raise TypeError(f"{name} must be a numpy array or torch tensor, got {type(value).__name__}")
+
+
+def _check_margins(margins: np.ndarray, converged: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    margins, converged = np.asarray(margins), np.asarray(converged)
+    if margins.ndim != 2 or margins.size == 0:
+        raise ValueError(f"margins must be a non-empty [S, N] array (subspaces x samples), got shape {margins.shape}")
+    if not np.issubdtype(margins.dtype, np.floating):
+        raise ValueError(f"margins must be floating point, got dtype {margins.dtype}")
+    if converged.shape != margins.shape:
+        raise ValueError(f"converged has shape {converged.shape} but margins has {margins.shape}; they must match")
+    if converged.dtype != np.bool_:
+        raise ValueError(f"converged must be a bool array, got dtype {converged.dtype}; pass result.converged")
+    bad = ~np.isfinite(margins)
+    if bad.any():
+        s, n = np.argwhere(bad)[0]
+        raise ValueError(
+            f"margins contain {int(bad.sum())} NaN/infinite values (first at subspace {s}, sample {n}); "
+            "nothing was written: check the model and the attack"
+        )
+    if (margins < 0).any():
+        raise ValueError("margins must be non-negative (they are L2 norms)")
+    return margins, converged
+
+
+def _check_indices(indices: np.ndarray, num_samples: int) -> np.ndarray:
+    if indices.ndim != 1 or indices.shape[0] != num_samples:
+        raise ValueError(f"indices must have shape [N] = [{num_samples}] (one per margin column), got {indices.shape}")
+    if not np.issubdtype(indices.dtype, np.integer):
+        raise ValueError(f"indices must be integer dataset indices, got dtype {indices.dtype}")
+    if (indices < 0).any():
+        raise ValueError("indices must be non-negative dataset indices")
+    return indices.astype(np.int64)
+
+
+def _json_safe(value: Any, key: str) -> Any:
+    """Recursively convert to JSON-safe values; `key` names the location for error messages."""
+    if value is None or isinstance(value, (bool, str, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, np.generic):
+        return _json_safe(value.item(), key)
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return _json_safe(_to_numpy(value, key).tolist(), key)
+    if isinstance(value, (Path, torch.device, torch.dtype)):
+        return str(value)
+    if isinstance(value, enum.Enum):
+        return _json_safe(value.value, key)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _json_safe(dataclasses.asdict(value), key)
+    if isinstance(value, Mapping):
+        return {str(k): _json_safe(v, f"{key}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = sorted(value, key=str) if isinstance(value, (set, frozenset)) else value
+        return [_json_safe(v, f"{key}[{i}]") for i, v in enumerate(items)]
+    raise TypeError(
+        f"{key} has a value of type {type(value).__name__} that cannot be stored in summary.json; "
+        "convert it to a number, string, list or dict first"
+    )
