@@ -24,7 +24,8 @@ class HoldMeTightCLI(LightningCLI):
         parser.link_arguments("data.image_shape", "model.init_args.image_shape", apply_on="instantiate")
 
 
-def main(args: list[str] | None = None) -> HoldMeTightCLI:
+def main(args: list[str] | None = None, run: bool = True) -> HoldMeTightCLI:
+    """Parse `args` (default: sys.argv) and run the subcommand; `run=False` only instantiates (no subcommand)."""
     return HoldMeTightCLI(
         ClassifierModule,
         FrequencyDataModule,
@@ -33,6 +34,7 @@ def main(args: list[str] | None = None) -> HoldMeTightCLI:
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         args=args,
+        run=run,
     )
 
 

@@ -120,7 +120,6 @@ def dykstra_projection(
         threshold = tol_eff * (eps_t + center.flatten(1).norm(dim=1))  # [B]
 
         x = z.clone()
-        y = z.clone()
         p = torch.zeros_like(z)
         q = torch.zeros_like(z)
         iterations = torch.zeros(z.shape[0], dtype=torch.long, device=z.device)
@@ -130,16 +129,21 @@ def dykstra_projection(
         for _ in range(max_iter):
             if active.numel() == 0:
                 break
-            xa, pa, qa, ca = x[active], p[active], q[active], center[active]
-            ya = project_l2_ball(xa + pa, ca, eps_t[active])
+            full = active.numel() == z.shape[0]  # no gather/scatter while every sample is still running
+            xa, pa, qa = (x, p, q) if full else (x[active], p[active], q[active])
+            ca, ea, ta = (center, eps_t, threshold) if full else (center[active], eps_t[active], threshold[active])
+            ya = project_l2_ball(xa + pa, ca, ea)
             pa = xa + pa - ya
             x_new = project_set_b(ya + qa)
             qa = ya + qa - x_new
             change = (x_new - xa).flatten(1).norm(dim=1)
             gap = (x_new - ya).flatten(1).norm(dim=1)
-            x[active], y[active], p[active], q[active] = x_new, ya, pa, qa
+            if full:
+                x, p, q = x_new, pa, qa
+            else:
+                x[active], p[active], q[active] = x_new, pa, qa
             iterations[active] += 1
-            done = (change <= threshold[active]) & (gap <= threshold[active])
+            done = (change <= ta) & (gap <= ta)
             converged[active] = done
             active = active[~done]
 

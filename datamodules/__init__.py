@@ -38,11 +38,14 @@ DATASETS: dict[str, type[FrequencyDataModule]] = {
 
 
 def build_datamodule(dataset: str, **kwargs: Any) -> FrequencyDataModule:
-    """The datamodule registered as `dataset` (mnist|cifar10|imagenet|synthetic), built with `kwargs`."""
+    """The datamodule registered as `dataset` (mnist|cifar10|imagenet|synthetic), built with `kwargs`.
+
+    Keys starting with "_" (LightningCLI's `_class_path`, `_instantiator` in checkpoint hparams) are ignored.
+    """
     key = dataset.lower().replace("-", "")
     if key not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    return DATASETS[key](**kwargs)
+    return DATASETS[key](**{k: v for k, v in kwargs.items() if not k.startswith("_")})
 
 
 __all__ = [

@@ -137,7 +137,7 @@ class FrequencyDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         # record the registry name too, so checkpoints (which store dict(hparams)) say which dataset was used
-        self.save_hyperparameters({"dataset": self.name, **self.hparams})
+        self.save_hyperparameters({"dataset": self.name, **self._canonical_hparams(dict(self.hparams))})
         check_transform(transform)
         if transform in ("low_pass", "high_pass") and not 0 < bandwidth <= min(self.image_shape[1:]):
             raise ValueError(
@@ -152,6 +152,11 @@ class FrequencyDataModule(L.LightningDataModule):
             raise ValueError(f"val_split must be >= 0 (0 validates on the test split), got {val_split}")
         self.frequency_transform = FrequencyTransform(transform, bandwidth)
         self._norm_stats: tuple[Any, Any] | None = None
+
+    def _canonical_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
+        """Hook: canonical types of hyperparameters (e.g. CLI lists -> tuples), so they compare equal to the
+        values linked into the model's hparams."""
+        return hparams
 
     # ---- description of the data -------------------------------------------------------------------------
     @property
@@ -220,7 +225,10 @@ class FrequencyDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
         hp = self.hparams
         pin = torch.cuda.is_available() if hp.pin_memory is None else hp.pin_memory
-        generator = torch.Generator().manual_seed(int(hp.seed)) if train else None
+        # seeded shuffle (single device; under DDP Lightning's DistributedSampler replaces it). The generator
+        # advances across epochs; if loaders are rebuilt every epoch, the epoch keeps the orders distinct.
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        generator = torch.Generator().manual_seed(int(hp.seed) + 1_000_003 * epoch) if train else None
         return DataLoader(
             dataset,
             batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size),

@@ -19,6 +19,7 @@ any, is applied to the generated data like for the real datasets; `direction` st
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -118,9 +119,14 @@ class SyntheticDataModule(TensorDataModule):
         self.direction: torch.Tensor = v.float()  # [C, H, W], unit norm (the hparam `direction` is the kind)
         self._direction64 = v
 
+    def _canonical_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
+        for key in ("image_shape", "direction_index"):
+            hparams[key] = tuple(int(v) for v in hparams[key])
+        return hparams
+
     @property
     def image_shape(self) -> tuple[int, int, int]:
-        return tuple(int(s) for s in self.hparams.image_shape)
+        return self.hparams.image_shape
 
     @property
     def num_classes(self) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -13,8 +14,14 @@ MNIST_RAW = SHARED_DATA / "MNIST" / "raw"
 SAMPLES = SHARED_DATA / "samples"
 
 
+# Tests use tiny tensors: one intra-op thread avoids OpenMP spin-waits that stall small ops when the two cores
+# are shared (other test processes, DDP workers); subprocesses get the same through OMP_NUM_THREADS.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
 @pytest.fixture(autouse=True)
-def _seed_and_threads():
+def _seed():
     torch.manual_seed(0)
     yield
 

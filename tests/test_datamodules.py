@@ -368,6 +368,12 @@ def test_synthetic_seeds_and_random_direction():
     multi = SyntheticDataModule(image_shape=(3, 16, 16), num_train=8, num_test=4, direction_index=(2, 3))
     d = multi.direction
     assert abs(float(d.double().norm()) - 1.0) < 1e-6 and torch.equal(d[0], d[2])
+    # CLI-parsed lists are stored as tuples, equal to the image_shape linked into the model's hparams
+    assert multi.hparams["image_shape"] == multi.image_shape == (3, 16, 16) and multi.hparams["direction_index"] == (
+        2,
+        3,
+    )
+    assert SyntheticDataModule(image_shape=[3, 16, 16], direction_index=[2, 3]).hparams["image_shape"] == (3, 16, 16)
     assert (multi.subspace_block, multi.subspace_step) == (8, 1) and (a.subspace_block, a.subspace_step) == (8, 2)
     with pytest.raises(ValueError, match="direction_index"):
         SyntheticDataModule(image_shape=(1, 8, 8), direction_index=(8, 0))
@@ -380,7 +386,7 @@ def test_registry_and_hparams_record_dataset():
         dm = build_datamodule(name, transform="flip", batch_size=7)
         assert isinstance(dm, cls) and dm.hparams["dataset"] == name
         assert dm.hparams["transform"] == "flip" and dm.hparams["batch_size"] == 7
-        rebuilt = build_datamodule(**dict(dm.hparams))
+        rebuilt = build_datamodule(**dict(dm.hparams), _class_path="ignored")
         assert dict(rebuilt.hparams) == dict(dm.hparams)
     assert build_datamodule("imagenet", image_size=64, resize=72).image_shape == (3, 64, 64)
     with pytest.raises(ValueError, match="mnist, cifar10, imagenet, synthetic"):

@@ -1,0 +1,178 @@
+"""Training stack: learning-rate schedule, standard and adversarial modules, LightningCLI configs, resuming."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+import train
+from attacks.pgd import L2PGD
+from datamodules import MNISTDataModule, SyntheticDataModule
+from lightning_modules import AdversarialModule, ClassifierModule
+from lightning_modules.schedules import triangular_lr
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def tiny_synthetic(**kwargs) -> SyntheticDataModule:
+    args = dict(image_shape=(1, 16, 16), num_train=512, num_test=128, batch_size=64, sigma=0.5, eps=4.0)
+    return SyntheticDataModule(**{**args, **kwargs})
+
+
+def tiny_trainer(tmp_path: Path, **kwargs) -> L.Trainer:
+    args = dict(
+        default_root_dir=tmp_path,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        gradient_clip_val=0.5,
+    )
+    return L.Trainer(**{**args, **kwargs})
+
+
+def test_triangular_schedule_matches_its_definition():
+    total = 250
+    expected = np.interp((np.arange(total) + 1) / total, [0.0, 0.4, 1.0], [0.0, 0.21, 0.0])
+    got = np.array([triangular_lr(i, total, 0.21) for i in range(total)])
+    np.testing.assert_allclose(got, expected, atol=1e-12)
+    assert got.max() == pytest.approx(0.21) and got[-1] == 0.0 and got[0] > 0.0
+    with pytest.raises(ValueError):
+        triangular_lr(0, 0, 0.21)
+
+
+class RecordLR(L.Callback):
+    def __init__(self):
+        self.lrs: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+def test_module_applies_the_schedule_per_step_and_learns(tmp_path):
+    dm = tiny_synthetic()
+    L.seed_everything(0)
+    model = ClassifierModule(net="lenet", num_classes=2, image_shape=(1, 16, 16), lr=0.2)
+    record = RecordLR()
+    trainer = tiny_trainer(tmp_path, max_epochs=3, callbacks=[record])
+    trainer.fit(model, dm)
+    total = 3 * 8  # 512 samples / batch 64, 3 epochs
+    expected = [triangular_lr(i, total, 0.2) for i in range(total)]
+    np.testing.assert_allclose(record.lrs, expected, rtol=1e-9)
+    metrics = trainer.callback_metrics
+    for key in ("train/loss", "train/acc", "val/loss", "val/acc"):
+        assert key in metrics
+    assert metrics["val/acc"] > 0.9  # separable data: margin eps=4 along v, noise sigma=0.5
+
+
+def test_datamodule_normalization_is_copied_into_the_model(tmp_path, mnist_root):
+    dm = MNISTDataModule(data_dir=str(mnist_root), transform="flip", batch_size=256)
+    model = ClassifierModule(net="lenet", num_classes=10, image_shape=(1, 28, 28))
+    trainer = tiny_trainer(tmp_path, max_steps=1, limit_val_batches=1, num_sanity_val_steps=0)
+    trainer.fit(model, dm)
+    expected = dm.normalization()
+    torch.testing.assert_close(model.model.normalize.mean, expected.mean)
+    torch.testing.assert_close(model.model.normalize.std, expected.std)
+    assert model.model.normalize.mean.std() > 0  # a flipped mean image, not a constant
+
+
+def robust_accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float) -> float:
+    attack = L2PGD(eps=eps, steps=10, generator=torch.Generator().manual_seed(1))
+    x_adv = attack(model, x, y)
+    with torch.no_grad():
+        return (model(x_adv).argmax(1) == y).float().mean().item()
+
+
+@pytest.mark.slow
+def test_adversarial_training_is_more_robust_than_standard_training(tmp_path, mnist_root):
+    eps, steps = 2.0, 150
+    results = {}
+    for name, module in (
+        ("standard", ClassifierModule(net="lenet", lr=0.05)),
+        ("adversarial", AdversarialModule(net="lenet", lr=0.05, eps=eps, attack_steps=3, eval_attack=False)),
+    ):
+        L.seed_everything(0)
+        dm = MNISTDataModule(data_dir=str(mnist_root), batch_size=128)
+        trainer = tiny_trainer(tmp_path / name, max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0)
+        trainer.fit(module, dm)
+        x, y = next(iter(torch.utils.data.DataLoader(dm.test_set, batch_size=300)))
+        module.eval()
+        with torch.no_grad():
+            clean = (module.model(x).argmax(1) == y).float().mean().item()
+        results[name] = (clean, robust_accuracy(module.model, x, y, eps))
+    assert results["standard"][0] > 0.8 and results["adversarial"][0] > 0.6
+    assert results["adversarial"][1] > results["standard"][1] + 0.2, results
+
+
+def test_adversarial_module_logs_robust_accuracy_and_trains_on_attacked_batches(tmp_path):
+    dm = tiny_synthetic()
+    module = AdversarialModule(net="lenet", num_classes=2, image_shape=(1, 16, 16), lr=0.05, eps=0.5, clip=False)
+    seen = []
+    original = module.attack.__call__
+
+    def spy(model, x, y, generator=None):
+        x_adv = original(model, x, y, generator)
+        seen.append(((x_adv - x).flatten(1).norm(dim=1).max().item(), torch.is_grad_enabled()))
+        return x_adv
+
+    module.attack = type("Spy", (), {"__call__": staticmethod(spy)})()
+    trainer = tiny_trainer(tmp_path, max_epochs=1, limit_train_batches=3, limit_val_batches=2, num_sanity_val_steps=0)
+    trainer.fit(module, dm)
+    assert "val/robust_acc" in trainer.callback_metrics and "val/acc" in trainer.callback_metrics
+    assert len(seen) == 3 + 2  # every training batch and every validation batch attacked
+    assert all(0.0 < norm <= 0.5 + 1e-5 for norm, _ in seen)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_every_config_instantiates_its_experiment(config, tmp_path, samples_dir):
+    text = config.read_text()
+    data_dir = tmp_path
+    if "ImageNetDataModule" in text:  # an image-folder tree with two classes from the sample images
+        for split in ("train", "val"):
+            for c, name in enumerate(sorted((samples_dir / "ImageNet").glob("*.png"))[:2]):
+                (tmp_path / split / f"class{c}").mkdir(parents=True, exist_ok=True)
+                (tmp_path / split / f"class{c}" / name.name).write_bytes(name.read_bytes())
+    cli = train.main(["--config", str(config), "--data.data_dir", str(data_dir), "--trainer.logger", "false"], run=False)
+    name = config.stem
+    hp, dhp = cli.model.hparams, cli.datamodule.hparams
+    assert hp.image_shape == cli.datamodule.image_shape and hp.num_classes == cli.datamodule.num_classes
+    assert dhp.dataset == name.split("_")[0]
+    assert dhp.transform == ("flip" if "flipped" in name else "low_pass" if "lowpass" in name else "none")
+    assert isinstance(cli.model, AdversarialModule) == ("robust" in name)
+    if "robust" in name:
+        assert hp.eps == {"mnist": 2.0, "cifar10": 1.0, "imagenet": 3.0}[dhp.dataset]
+        assert hp.projection == ("dykstra" if "flipped" in name else "ball_box") and hp.flipped == ("flipped" in name)
+    expected_net = {"lenet": "lenet", "resnet18": "resnet18", "vgg19": "vgg19", "densenet121": "densenet121"}
+    net_word = name.split("_")[-1]
+    if dhp.dataset == "mnist" and net_word == "resnet18":
+        assert hp.net == "resnet18_mnist"
+    elif net_word in expected_net:
+        assert hp.net == expected_net[net_word]
+    assert cli.trainer.gradient_clip_val == 0.5
+    assert any(type(cb).__name__ == "MarginCallback" for cb in cli.trainer.callbacks)
+    if dhp.dataset in ("mnist", "cifar10"):
+        assert cli.trainer.max_epochs == 30 and dhp.batch_size == 128 and hp.lr == 0.21
+
+
+def test_cli_fit_then_resume_continues_where_it_stopped(tmp_path):
+    common = [
+        "--config", "configs/synthetic_lenet.yaml",
+        "--data.init_args.num_train", "256", "--data.init_args.num_test", "64", "--data.init_args.batch_size", "64",
+        "--margin.enabled", "false",
+        "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+    ]  # fmt: skip
+    train.main(["fit", *common, "--trainer.max_epochs", "1"])
+    last = next(tmp_path.rglob("last.ckpt"))
+    first = torch.load(last, weights_only=True, map_location="cpu")
+    assert first["global_step"] == 4 and first["epoch"] == 0
+    train.main(["fit", *common, "--trainer.max_epochs", "2", "--ckpt_path", str(last)])
+    resumed = torch.load(max(tmp_path.rglob("last.ckpt"), key=lambda p: p.stat().st_mtime), weights_only=True)
+    assert resumed["global_step"] == 8 and resumed["epoch"] == 1
+    assert resumed["datamodule_hyper_parameters"]["dataset"] == "synthetic"
+    assert resumed["hyper_parameters"]["net"] == "lenet"
