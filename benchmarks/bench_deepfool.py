@@ -42,7 +42,7 @@ def lenet(data_dir: Path, train_steps: int) -> tuple[torch.nn.Module, torch.Tens
         print(f"MNIST not found under {data_dir}: random images and an untrained LeNet")
         return model.eval(), torch.rand(1000, 1, 28, 28)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for step in range(train_steps):
+    for _ in range(train_steps):
         idx = torch.randint(0, len(train[0]), (128,))
         loss = torch.nn.functional.cross_entropy(model(train[0][idx]), train[1][idx])
         optimizer.zero_grad()
@@ -66,8 +66,10 @@ def main() -> None:
     model, images = lenet(args.data_dir, args.train_steps)
     x = images[: args.num_samples]
     family = DCTBlockSubspaces((1, 28, 28), block=8, step=1)
-    print(f"{args.num_samples} samples x {len(family)} subspaces, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"{args.num_samples} samples x {len(family)} subspaces, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
 
     start = time.perf_counter()
     batched = SubspaceDeepFool()(model, x, family)
@@ -88,14 +90,18 @@ def main() -> None:
     print(f"batched engine:                  {batched_seconds:8.2f} s")
     print(f"speed-up:                        {loop_seconds / batched_seconds:8.1f} x")
     print(f"largest relative margin difference: {rel:.2e}")
-    print(f"iterations equal: {torch.equal(batched.iterations, loop_iters)}; "
-          f"non-converged: {int((~batched.converged).sum())}; median margin per subspace: "
-          f"{[round(v, 2) for v in batched.margins.median(dim=1).values.tolist()]}")
+    print(
+        f"iterations equal: {torch.equal(batched.iterations, loop_iters)}; "
+        f"non-converged: {int((~batched.converged).sum())}; median margin per subspace: "
+        f"{[round(v, 2) for v in batched.margins.median(dim=1).values.tolist()]}"
+    )
 
     imagenet = DCTBlockSubspaces((3, 224, 224), block=16, step=16)
     dense = sum(imagenet.dims) * 3 * 224 * 224 * 4
-    print(f"ImageNet family ({len(imagenet)} subspaces of dim {imagenet.dims[0]}): "
-          f"{imagenet.memory_bytes() / 2**20:.2f} MiB as masks vs {dense / 2**30:.2f} GiB as dense float32 bases")
+    print(
+        f"ImageNet family ({len(imagenet)} subspaces of dim {imagenet.dims[0]}): "
+        f"{imagenet.memory_bytes() / 2**20:.2f} MiB as masks vs {dense / 2**30:.2f} GiB as dense float32 bases"
+    )
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -82,11 +83,11 @@ class MarginCallback(L.Callback):
         run = measure_margins(pl_module, x, subspaces, self.attack)
         full = _gather_shards(pl_module, run.result, y.to(run.result.labels.device), len(indices), rank, world)
         seconds = float(pl_module.all_gather(torch.tensor(run.seconds, device=pl_module.device)).max())
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "margins" / run_name  # a broadcast: all ranks
         if not trainer.is_global_zero:
             return None
         margins, converged, iterations, predicted, targets = full
         settings = self._settings(trainer, pl_module, subspaces, run_name)
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "margins" / run_name
         save_margin_report(
             out_dir, margins, converged, iterations, indices, predicted, targets, settings, seconds, title=run_name
         )
@@ -118,7 +119,7 @@ class MarginCallback(L.Callback):
         if not loggers:
             return
         writer, step = loggers[0].experiment, trainer.global_step
-        medians = margins.median(dim=1).values
+        medians = np.median(margins.numpy(), axis=1)  # the same medians as summary.json's median_margin_all
         for s in range(margins.shape[0]):
             writer.add_scalar(f"margin/median/subspace_{s:02d}", float(medians[s]), step)
             writer.add_histogram(f"margin/subspace_{s:02d}", margins[s].numpy(), step)

@@ -32,22 +32,31 @@ def _check_float(x: torch.Tensor) -> None:
         raise ValueError(f"DCT works over the last two axes [..., H, W]; got a tensor of shape {tuple(x.shape)}")
 
 
-def _separable(x: torch.Tensor, inverse: bool) -> torch.Tensor:
+def separable_transform(x: torch.Tensor, left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
+    """`left @ x @ right.T` for every `[H, W]` slice of `x: [..., H, W]`, accumulated in float64.
+
+    left: [H', H], right: [W', W] float64. Float32 sums over 224x224 images drift by ~3e-5; float64 keeps the
+    result exact to the input dtype's rounding, at a small cost next to a network's backward pass. Both products
+    are plain 2-D matmuls over the flattened batch (no broadcast batched matmul).
+    """
     _check_float(x)
-    # Accumulate in float64: float32 sums over 224x224 images drift by ~3e-5; float64 keeps the result
-    # exact to float32 rounding, and the transform is a small cost next to a network's backward pass.
-    work = x.double() if x.dtype != torch.float64 else x
-    d_h = dct_matrix(x.shape[-2], torch.float64, x.device)
-    d_w = dct_matrix(x.shape[-1], torch.float64, x.device)
-    out = d_h.T @ work @ d_w if inverse else d_h @ work @ d_w.T
+    work = x if x.dtype == torch.float64 else x.double()
+    out = work @ right.T  # [..., H, W']
+    out = (out.transpose(-1, -2) @ left.T).transpose(-1, -2)  # [..., H', W']
     return out.to(x.dtype)
 
 
 def dct2(x: torch.Tensor) -> torch.Tensor:
     """Orthonormal 2-D DCT-II of `x: [..., H, W]` over its last two axes; same shape and dtype."""
-    return _separable(x, inverse=False)
+    _check_float(x)
+    d_h = dct_matrix(x.shape[-2], torch.float64, x.device)
+    d_w = dct_matrix(x.shape[-1], torch.float64, x.device)
+    return separable_transform(x, d_h, d_w)
 
 
 def idct2(c: torch.Tensor) -> torch.Tensor:
     """Inverse of `dct2` (orthonormal DCT-III) for `c: [..., H, W]`; same shape and dtype."""
-    return _separable(c, inverse=True)
+    _check_float(c)
+    d_h = dct_matrix(c.shape[-2], torch.float64, c.device)
+    d_w = dct_matrix(c.shape[-1], torch.float64, c.device)
+    return separable_transform(c, d_h.T, d_w.T)

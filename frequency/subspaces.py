@@ -99,7 +99,8 @@ class DCTBlockSubspaces(SubspaceFamily):
         return self.masks.numel() * self.masks.element_size()
 
     def __repr__(self) -> str:
-        return f"DCTBlockSubspaces(image_shape={self.image_shape}, block={self.block}, step={self.step}, count={len(self)})"
+        shape, block, step = self.image_shape, self.block, self.step
+        return f"DCTBlockSubspaces(image_shape={shape}, block={block}, step={step}, count={len(self)})"
 
 
 class FullSpace(SubspaceFamily):
@@ -140,11 +141,11 @@ class BasisSubspaces(SubspaceFamily):
         d = self.image_shape[0] * self.image_shape[1] * self.image_shape[2]
         for s, basis in enumerate(bases):
             if basis.dim() != 2 or basis.shape[0] != d:
-                raise ValueError(f"basis {s} must have shape [{d}, m] for images {self.image_shape}, got {tuple(basis.shape)}")
+                raise ValueError(
+                    f"basis {s} must have shape [{d}, m] for images {self.image_shape}, got {tuple(basis.shape)}"
+                )
             if check:
-                gram = basis.T.double() @ basis.double()
-                if not torch.allclose(gram, torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device), atol=1e-4):
-                    raise ValueError(f"basis {s} is not orthonormal (max |B^T B - I| = {(gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)).abs().max():.2e}); orthonormalise it, e.g. with torch.linalg.qr")
+                _check_orthonormal(basis, s)
         self.bases = list(bases)
 
     def __len__(self) -> int:
@@ -171,3 +172,13 @@ class BasisSubspaces(SubspaceFamily):
 
     def __repr__(self) -> str:
         return f"BasisSubspaces(image_shape={self.image_shape}, dims={self.dims})"
+
+
+def _check_orthonormal(basis: torch.Tensor, index: int) -> None:
+    gram = basis.T.double() @ basis.double()
+    error = (gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)).abs().max().item()
+    if error > 1e-4:
+        raise ValueError(
+            f"basis {index} is not orthonormal (max |B^T B - I| = {error:.2e}); orthonormalise it, e.g. with "
+            "torch.linalg.qr"
+        )

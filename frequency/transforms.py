@@ -2,17 +2,29 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
-from frequency.dct import dct2, idct2
+from frequency.dct import _check_float, dct2, dct_matrix, idct2, separable_transform
+
+
+@lru_cache(maxsize=32)
+def _flip_matrix(n: int, device: str) -> torch.Tensor:
+    """`D^T J D: [n, n]` float64 (J reverses the order): flips the frequencies along one axis."""
+    d = dct_matrix(n, torch.float64, device)
+    return d.T @ torch.flip(d, dims=(0,))
 
 
 def flip(x: torch.Tensor) -> torch.Tensor:
     """Frequency flip `IDCT(reverse(DCT(x)))` of `x: [..., H, W]`, reversing both frequency axes.
 
-    Orthogonal and its own inverse: low frequencies become high and vice versa.
+    Orthogonal and its own inverse: low frequencies become high and vice versa. Computed as one separable
+    product `F_H x F_W^T` with `F = D^T J D`.
     """
-    return idct2(torch.flip(dct2(x), dims=(-2, -1)))
+    _check_float(x)
+    device = str(x.device)
+    return separable_transform(x, _flip_matrix(x.shape[-2], device), _flip_matrix(x.shape[-1], device))
 
 
 def low_pass_mask(height: int, width: int, bandwidth: int, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -38,7 +38,9 @@ def save_margin_report(
         "mean_iterations": float(iterations.mean()) if iterations.size else 0.0,
         "max_iterations": int(iterations.max()) if iterations.size else 0,
     }
-    return write_margin_results(output_dir, margins, converged, indices, settings, figure=figure, extra=extra, title=title)
+    return write_margin_results(
+        output_dir, margins, converged, indices, settings, figure=figure, extra=extra, title=title
+    )
 
 
 def _numpy(value: torch.Tensor | np.ndarray) -> np.ndarray:

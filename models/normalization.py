@@ -13,13 +13,17 @@ class Normalize(nn.Module):
     x: [B, C, H, W] in the model's input space (pixels in [0, 1], or their frequency transform).
     """
 
-    def __init__(self, mean: torch.Tensor | float | list, std: torch.Tensor | float | list, image_shape: tuple[int, int, int]):
+    def __init__(
+        self, mean: torch.Tensor | float | list, std: torch.Tensor | float | list, image_shape: tuple[int, int, int]
+    ):
         super().__init__()
         channels, height, width = image_shape
         mean_t = torch.as_tensor(mean, dtype=torch.float32)
         std_t = torch.as_tensor(std, dtype=torch.float32)
         self.register_buffer("mean", _broadcast(mean_t, (channels, height, width)).clone())
-        self.register_buffer("std", _broadcast(std_t.reshape(-1, 1, 1) if std_t.dim() == 1 else std_t, (channels, 1, 1)).clone())
+        self.register_buffer(
+            "std", _broadcast(std_t.reshape(-1, 1, 1) if std_t.dim() == 1 else std_t, (channels, 1, 1)).clone()
+        )
         if (self.std <= 0).any():
             raise ValueError(f"normalisation std must be positive, got {self.std.flatten().tolist()}")
 

@@ -84,7 +84,9 @@ def test_low_pass_keeps_exactly_the_block(shape):
     outside = out.copy()
     outside[..., :bandwidth, :bandwidth] = 0
     np.testing.assert_allclose(outside, 0, atol=1e-12)
-    np.testing.assert_allclose(low_pass(low_pass(x, bandwidth), bandwidth).numpy(), low_pass(x, bandwidth).numpy(), atol=1e-12)
+    np.testing.assert_allclose(
+        low_pass(low_pass(x, bandwidth), bandwidth).numpy(), low_pass(x, bandwidth).numpy(), atol=1e-12
+    )
 
 
 def test_high_pass_is_the_complement_of_low_pass():

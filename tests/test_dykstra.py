@@ -56,17 +56,25 @@ def _scipy_projection(z: np.ndarray, c: np.ndarray, eps: float, flip_mat: np.nda
             {"type": "ineq", "fun": lambda u: flip_mat @ u, "jac": lambda u: flip_mat},
             {"type": "ineq", "fun": lambda u: 1.0 - flip_mat @ u, "jac": lambda u: -flip_mat},
         ]
-    res = scipy.optimize.minimize(
-        lambda u: np.sum((u - z) ** 2),
-        x0=c.copy(),  # the center is feasible
-        jac=lambda u: 2.0 * (u - z),
-        method="SLSQP",
-        bounds=bounds,
-        constraints=constraints,
-        options={"ftol": 1e-12, "maxiter": 1000},
-    )
-    assert res.success, res.message
-    return res.x
+    # Feasible starts: the center, and ball-then-box (non-expansive, so it stays in the ball). SLSQP's line
+    # search occasionally stalls from one start; the solution must come from a run that reports success.
+    to_ball = c + (z - c) * min(1.0, eps / np.linalg.norm(z - c))
+    naive = np.clip(to_ball, 0, 1) if flip_mat is None else flip_mat.T @ np.clip(flip_mat @ to_ball, 0, 1)
+    messages = []
+    for x0 in (c.copy(), naive):
+        res = scipy.optimize.minimize(
+            lambda u: np.sum((u - z) ** 2),
+            x0=x0,
+            jac=lambda u: 2.0 * (u - z),
+            method="SLSQP",
+            bounds=bounds,
+            constraints=constraints,
+            options={"ftol": 1e-12, "maxiter": 1000},
+        )
+        if res.success:
+            return res.x
+        messages.append(res.message)
+    raise AssertionError(f"scipy reference did not converge: {messages}")
 
 
 def _kkt_projection(z: torch.Tensor, c: torch.Tensor, eps: float, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:

@@ -138,7 +138,9 @@ def test_every_config_instantiates_its_experiment(config, tmp_path, samples_dir)
             for c, name in enumerate(sorted((samples_dir / "ImageNet").glob("*.png"))[:2]):
                 (tmp_path / split / f"class{c}").mkdir(parents=True, exist_ok=True)
                 (tmp_path / split / f"class{c}" / name.name).write_bytes(name.read_bytes())
-    cli = train.main(["--config", str(config), "--data.data_dir", str(data_dir), "--trainer.logger", "false"], run=False)
+    cli = train.main(
+        ["--config", str(config), "--data.data_dir", str(data_dir), "--trainer.logger", "false"], run=False
+    )
     name = config.stem
     hp, dhp = cli.model.hparams, cli.datamodule.hparams
     assert hp.image_shape == cli.datamodule.image_shape and hp.num_classes == cli.datamodule.num_classes
