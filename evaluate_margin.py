@@ -112,7 +112,12 @@ def build_parser() -> argparse.ArgumentParser:
     att = parser.add_argument_group("DeepFool")
     att.add_argument("--max-iter", type=int, default=100, help="iterations per (subspace, sample) (default 100)")
     att.add_argument("--overshoot", type=float, default=0.02, help="overshoot (default 0.02)")
-    att.add_argument("--batch-size", type=int, default=1024, help="(subspace, sample) rows per chunk (memory)")
+    att.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="(subspace, sample) rows per chunk, bounds memory (default: 64 for ImageNet, 512 otherwise)",
+    )
     run = parser.add_argument_group("run")
     run.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     run.add_argument("--output-dir", help="where results go (default outputs/margins/<model>_<dataset>_...)")
@@ -355,7 +360,12 @@ class Job:
 
 def prepare(args: argparse.Namespace, argv: list[str]) -> Job:
     """Validate every input and load model and samples; raises InputError (or a library error) on bad input."""
-    if args.max_iter < 1 or args.batch_size < 1 or not np.isfinite(args.overshoot) or args.overshoot < 0:
+    if (
+        args.max_iter < 1
+        or (args.batch_size is not None and args.batch_size < 1)
+        or not np.isfinite(args.overshoot)
+        or args.overshoot < 0
+    ):
         raise InputError("--max-iter and --batch-size must be >= 1 and --overshoot a finite number >= 0")
     device = resolve_device(args.device)
     info = inspect_checkpoint(Path(args.checkpoint).expanduser(), args.trusted_pickle)
@@ -372,7 +382,8 @@ def prepare(args: argparse.Namespace, argv: list[str]) -> Job:
     model = make_model(hp, info, dm, args.trusted_pickle)
     x, y = gather_samples(dataset, indices)
     check_forward(model, x, y)
-    attack = SubspaceDeepFool(overshoot=args.overshoot, max_iter=args.max_iter, batch_size=args.batch_size)
+    batch_size = args.batch_size or (64 if dm.name == "imagenet" else 512)
+    attack = SubspaceDeepFool(overshoot=args.overshoot, max_iter=args.max_iter, batch_size=batch_size)
     settings = {
         "source": "evaluate_margin",
         "command": ["evaluate_margin.py", *argv],

@@ -74,7 +74,7 @@ class SubspaceDeepFool:
         max_iter: int = 100,
         num_candidates: int = 10,
         min_step: float = 1e-4,
-        batch_size: int = 1024,
+        batch_size: int = 512,
     ):
         if max_iter < 1 or num_candidates < 2 or batch_size < 1:
             raise ValueError("max_iter and batch_size must be >= 1 and num_candidates >= 2")
@@ -203,15 +203,17 @@ class SubspaceDeepFool:
         w = torch.stack(grads, dim=1)  # [A, K-1, C, H, W]
         gaps = (f[:, 1:] - f[:, :1]).detach()  # [A, K-1]
         num_active = point.shape[0]
-        projected = subspaces.project(w.flatten(0, 1), subspace_index.repeat_interleave(num_other)).view_as(w)
-        norms = projected.flatten(2).norm(dim=2)  # [A, K-1]
+        coords = subspaces.coordinates(w.flatten(0, 1), subspace_index.repeat_interleave(num_other))
+        coords = coords.view(num_active, num_other, *coords.shape[1:])  # P w_k in subspace coordinates
+        norms = coords.flatten(2).norm(dim=2)  # [A, K-1] = ||P w_k||
         pert = gaps.abs() / norms  # inf where the projected gradient vanishes
         best = pert.argmin(dim=1)  # first minimum on ties, like the release's strict '<'
         rows = torch.arange(num_active, device=point.device)
-        best_pert, best_dir, best_norm = pert[rows, best], projected[rows, best], norms[rows, best]
+        best_pert, best_norm = pert[rows, best], norms[rows, best]
         stuck = ~torch.isfinite(best_pert)
         length = best_pert.clamp(min=self.min_step).masked_fill(stuck, 0.0)
-        step = best_dir * (length / best_norm.masked_fill(stuck, 1.0)).view(-1, 1, 1, 1)
+        scale = (length / best_norm.masked_fill(stuck, 1.0)).view(-1, *([1] * (coords.dim() - 2)))
+        step = subspaces.embed(coords[rows, best] * scale, subspace_index)  # max(pert, 1e-4) P w / ||P w||
         return step.detach(), stuck
 
 

@@ -43,7 +43,7 @@ class MarginCallback(L.Callback):
         subspace_step: int | None = None,
         max_iter: int = 100,
         overshoot: float = 0.02,
-        batch_size: int = 1024,
+        batch_size: int = 512,
         log_figure: bool = True,
         enabled: bool = True,
     ):

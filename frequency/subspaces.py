@@ -1,15 +1,20 @@
 """Linear subspaces of the input space and their orthogonal projectors (REFERENCE §3).
 
 A `SubspaceFamily` holds S subspaces of the space of images `[C, H, W]` and projects a batch of
-vectors, each onto its own subspace: `project(g: [B, C, H, W], index: [B]) -> [B, C, H, W]`.
-The DCT block family never forms basis matrices: `P g = IDCT(mask * DCT(g))`, O(S * H * W) memory.
+vectors, each onto its own subspace: `project(g: [B, C, H, W], index: [B]) -> [B, C, H, W]`, as
+`embed(coordinates(g))` with orthonormal coordinates (so `||P g|| = ||coordinates(g)||`).
+The DCT block family never forms dense basis matrices: a block's basis is separable, the k DCT rows of
+the block along each axis, so its coordinates are `D_h[block] g D_w[block]^T` (equivalently
+`P g = IDCT(mask * DCT(g))`), with O(S * k * (H + W) + S * H * W) memory.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from frequency.dct import dct2, idct2
+from frequency.dct import dct2, dct_matrix, idct2
 
 
 def num_dct_blocks(size: int, block: int, step: int) -> int:
@@ -47,9 +52,20 @@ class SubspaceFamily:
         """Dimension of each subspace."""
         raise NotImplementedError
 
+    def coordinates(self, g: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Coordinates of each `g[b]: [C, H, W]` in an orthonormal basis of subspace `index[b]`: `[B, ...]`.
+
+        Orthonormal, so `||coordinates(g)|| = ||P g||`; `embed` maps them back to the image space.
+        """
+        raise NotImplementedError
+
+    def embed(self, coords: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Images `[B, C, H, W]` with the given subspace coordinates (inverse of `coordinates` on the subspace)."""
+        raise NotImplementedError
+
     def project(self, g: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Orthogonal projection of each `g[b]: [C, H, W]` onto subspace `index[b]`; `g: [B, C, H, W]`."""
-        raise NotImplementedError
+        return self.embed(self.coordinates(g, index), index)
 
     def to(self, device: torch.device | str) -> SubspaceFamily:
         """This family with its tensors on `device`."""
@@ -77,6 +93,15 @@ class DCTBlockSubspaces(SubspaceFamily):
         self.image_shape = (int(channels), int(height), int(width))
         self.block, self.step = int(block), int(step)
         self.masks = dct_block_masks(height, width, block, step, device)  # [S, H, W] bool
+        self._set_block_rows(device)
+
+    def _set_block_rows(self, device: torch.device | str) -> None:
+        """DCT matrix rows of every block, `[S, k, H]` and `[S, k, W]` (float64): the block's basis, per axis."""
+        _, height, width = self.image_shape
+        starts = torch.arange(len(self)) * self.step
+        offsets = starts[:, None] + torch.arange(self.block)[None, :]  # [S, k]
+        self.rows_h = dct_matrix(height, torch.float64, device)[offsets.to(device)]
+        self.rows_w = dct_matrix(width, torch.float64, device)[offsets.to(device)]
 
     def __len__(self) -> int:
         return self.masks.shape[0]
@@ -85,18 +110,33 @@ class DCTBlockSubspaces(SubspaceFamily):
     def dims(self) -> list[int]:
         return [self.block * self.block * self.image_shape[0]] * len(self)
 
-    def project(self, g: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def coordinates(self, g: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The block's DCT coefficients `[B, C, k, k]` = `D_h[block] g D_w[block]^T` (only k rows of the DCT)."""
+        rows_h, rows_w = self._rows(index, g.dtype)
+        return rows_h @ g @ rows_w.transpose(-1, -2)
+
+    def embed(self, coords: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        rows_h, rows_w = self._rows(index, coords.dtype)
+        return rows_h.transpose(-1, -2) @ coords @ rows_w
+
+    def project_via_masks(self, g: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The same projection as `project`, as `IDCT(mask * DCT(g))` over the full DCT (a cross-check)."""
         mask = self.masks[index].unsqueeze(1).to(g.dtype)  # [B, 1, H, W], broadcast over channels
         return idct2(dct2(g) * mask)
+
+    def _rows(self, index: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rows_h[index].unsqueeze(1).to(dtype), self.rows_w[index].unsqueeze(1).to(dtype)  # [B, 1, k, n]
 
     def to(self, device: torch.device | str) -> DCTBlockSubspaces:
         out = DCTBlockSubspaces.__new__(DCTBlockSubspaces)
         out.image_shape, out.block, out.step = self.image_shape, self.block, self.step
         out.masks = self.masks.to(device)
+        out.rows_h, out.rows_w = self.rows_h.to(device), self.rows_w.to(device)
         return out
 
     def memory_bytes(self) -> int:
-        return self.masks.numel() * self.masks.element_size()
+        tensors = (self.masks, self.rows_h, self.rows_w)
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def __repr__(self) -> str:
         shape, block, step = self.image_shape, self.block, self.step
@@ -117,8 +157,11 @@ class FullSpace(SubspaceFamily):
         c, h, w = self.image_shape
         return [c * h * w]
 
-    def project(self, g: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def coordinates(self, g: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         return g
+
+    def embed(self, coords: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return coords
 
     def to(self, device: torch.device | str) -> FullSpace:
         return self
@@ -155,14 +198,22 @@ class BasisSubspaces(SubspaceFamily):
     def dims(self) -> list[int]:
         return [b.shape[1] for b in self.bases]
 
-    def project(self, g: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    def coordinates(self, g: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """`B_s^T g` zero-padded to the largest dimension: `[B, max_s m_s]`."""
         flat = g.reshape(g.shape[0], -1)
-        out = torch.empty_like(flat)
+        out = flat.new_zeros(g.shape[0], max(self.dims))
         for s in index.unique().tolist():
             rows = index == s
-            basis = self.bases[s].to(dtype=g.dtype, device=g.device)
-            out[rows] = (flat[rows] @ basis) @ basis.T
-        return out.reshape(g.shape)
+            out[rows, : self.dims[s]] = flat[rows] @ self.bases[s].to(dtype=g.dtype, device=g.device)
+        return out
+
+    def embed(self, coords: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        out = coords.new_zeros(coords.shape[0], math.prod(self.image_shape))
+        for s in index.unique().tolist():
+            rows = index == s
+            basis = self.bases[s].to(dtype=coords.dtype, device=coords.device)
+            out[rows] = coords[rows, : self.dims[s]] @ basis.T
+        return out.reshape(coords.shape[0], *self.image_shape)
 
     def to(self, device: torch.device | str) -> BasisSubspaces:
         return BasisSubspaces([b.to(device) for b in self.bases], self.image_shape, check=False)
