@@ -297,6 +297,18 @@ def make_model(hp: dict[str, Any], info: CheckpointInfo, dm: FrequencyDataModule
     return model.eval()
 
 
+def load_model_and_data(
+    checkpoint: str | Path, data_dir: str | None = None, trusted_pickle: bool = False
+) -> tuple[nn.Module, FrequencyDataModule]:
+    """The eval-mode model `[B, C, H, W] in the data's space -> logits` and datamodule of this project's checkpoint
+    (also usable from other scripts); `data_dir` overrides the recorded one. Raises InputError on bad input."""
+    args = build_parser().parse_args(["--checkpoint", str(checkpoint), *(["--data-dir", data_dir] if data_dir else [])])
+    info = inspect_checkpoint(Path(checkpoint).expanduser(), trusted_pickle)
+    dm = make_datamodule(args, info)
+    hp = model_hparams(args, info, dm, resolve_net(args, info))
+    return make_model(hp, info, dm, trusted_pickle), dm
+
+
 def _mismatch_line(err: CheckpointMismatchError, path: Path, net: str) -> str:
     parts = []
     for what, keys in (

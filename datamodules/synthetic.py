@@ -13,7 +13,8 @@ exactly and the classes are separated by a margin of eps along `v` only.
 Labels are exactly balanced (randomly permuted). Everything derives from `seed`: the direction, the training set and
 the test set use independent derived streams. `data_dir` and `download` are unused. The frequency `transform`, if
 any, is applied to the generated data like for the real datasets; `direction` stays the generator's `v` (with
-`transform="flip"` the data's discriminative direction is `flip(direction)`). Normalisation is the identity.
+`transform="flip"` the data's discriminative direction is `flip(direction)`). Normalisation uses the per-channel
+mean and std of the training set (about 0 and sigma), like the filtered real datasets.
 """
 
 from __future__ import annotations
@@ -23,9 +24,8 @@ from typing import Any
 
 import torch
 
-from datamodules.base import TensorDataModule, derived_seed
+from datamodules.base import TensorDataModule, channel_stats, derived_seed
 from frequency import idct2
-from models.normalization import Normalize
 
 DIRECTIONS = ("dct", "random")
 _STREAM_DIRECTION, _STREAM_TRAIN, _STREAM_TEST = 0, 1, 2
@@ -140,8 +140,8 @@ class SyntheticDataModule(TensorDataModule):
     def subspace_step(self) -> int:
         return 2 if min(self.image_shape[1:]) >= 32 else 1
 
-    def normalization(self) -> Normalize:
-        return Normalize.identity(self.image_shape)
+    def _normalization_stats(self) -> tuple[list[float], list[float]]:
+        return channel_stats(self.train_tensors[0])
 
     def _load_split(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         hp = self.hparams

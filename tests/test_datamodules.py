@@ -349,8 +349,11 @@ def test_synthetic_generator_definition():
     assert float((noise @ v64).abs().max()) < 1e-4
     assert abs(float(noise.std()) - 3.0) < 0.05
     assert not torch.equal(dm.test_tensors[0][:10], x[:10])  # train and test use different streams
-    norm = dm.normalization()
-    assert torch.equal(norm(x[:4]), x[:4])
+    norm = dm.normalization()  # per-channel training-set statistics: about mean 0 and std sigma
+    train = dm.train_tensors[0].double()
+    assert norm.mean.flatten()[0].item() == pytest.approx(train.mean().item(), abs=1e-6)
+    assert norm.std.flatten()[0].item() == pytest.approx(train.std(unbiased=False).item(), rel=1e-5)
+    assert norm.std.flatten()[0].item() == pytest.approx(dm.hparams.sigma, rel=0.05)
 
 
 def test_synthetic_seeds_and_random_direction():

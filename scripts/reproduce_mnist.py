@@ -1,0 +1,241 @@
+"""Reproduce the paper's MNIST experiments with this project's own commands, and write docs/RESULTS.md.
+
+For each experiment: `train.py fit` with its config (fewer epochs than the release's 30, see --epochs), then
+`evaluate_margin.py` on 100 test samples, then clean and PGD accuracy on the test set. Finally a summary
+(`<out>/summary.json`), the paper-style figure and, with --docs, `docs/RESULTS.md` and `docs/*.png`.
+
+    python scripts/reproduce_mnist.py --data-dir ../shared/data --out outputs/reproduce_mnist --docs
+    python scripts/reproduce_mnist.py --quick --out /tmp/quick      # a few minutes: the slow test's version
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from attacks.pgd import L2PGD  # noqa: E402
+from evaluate_margin import load_model_and_data  # noqa: E402
+from margins import plot_margins, read_margin_results  # noqa: E402
+
+
+@dataclass
+class Experiment:
+    name: str  # config name in configs/
+    title: str
+    robust: bool = False
+    flipped: bool = False
+    synthetic: bool = False
+    overrides: list[str] = field(default_factory=list)
+
+
+EXPERIMENTS = [
+    Experiment("mnist_lenet", "MNIST, LeNet"),
+    Experiment("mnist_flipped_lenet", "Flipped MNIST, LeNet", flipped=True),
+    Experiment("mnist_lowpass_lenet", "Low-pass MNIST (14x14), LeNet"),
+    Experiment("mnist_robust_lenet", "MNIST, LeNet, L2 PGD eps=2", robust=True),
+    Experiment("mnist_flipped_robust_lenet", "Flipped MNIST, LeNet, L2 PGD eps=2 (Dykstra)", robust=True, flipped=True),
+    Experiment("synthetic_lenet", "Synthetic (one DCT direction), LeNet", synthetic=True),
+]
+
+
+def run(cmd: list[str], log: Path) -> float:
+    """Run a command with its output in `log`; raises with the log's tail on failure. Returns seconds."""
+    start = time.perf_counter()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w") as handle:
+        proc = subprocess.run(cmd, cwd=REPO, stdout=handle, stderr=subprocess.STDOUT, env={**os.environ})
+    if proc.returncode != 0:
+        tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
+        raise RuntimeError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
+    return time.perf_counter() - start
+
+
+def train(exp: Experiment, args: argparse.Namespace) -> tuple[Path, float]:
+    """`train.py fit` for one experiment; returns its last checkpoint and the seconds spent."""
+    save_dir = args.out / "logs"
+    cmd = [
+        sys.executable, "train.py", "fit", "--config", f"configs/{exp.name}.yaml",
+        "--data.data_dir", str(args.data_dir), "--trainer.max_epochs", str(args.epochs),
+        "--trainer.logger.init_args.save_dir", str(save_dir), "--trainer.logger.init_args.version", "reproduce",
+        "--trainer.enable_progress_bar", "false", "--seed_everything", str(args.seed),
+        "--margin.enabled", "false",
+    ]  # fmt: skip
+    if args.quick:
+        cmd += ["--trainer.limit_train_batches", "120", "--trainer.limit_val_batches", "5"]
+        if exp.synthetic:
+            cmd += ["--data.init_args.num_train", "4000"]
+    seconds = run(cmd + exp.overrides, args.out / "logs" / f"{exp.name}_fit.log")
+    return save_dir / exp.name / "reproduce" / "checkpoints" / "last.ckpt", seconds
+
+
+def measure(exp: Experiment, ckpt: Path, args: argparse.Namespace) -> Path:
+    out = args.out / "margins" / exp.name
+    cmd = [
+        sys.executable, "evaluate_margin.py", "--checkpoint", str(ckpt), "--data-dir", str(args.data_dir),
+        "--num-samples", str(args.num_samples), "--seed", str(args.seed), "--output-dir", str(out), "--no-progress",
+    ]  # fmt: skip
+    run(cmd, args.out / "logs" / f"{exp.name}_margins.log")
+    return out
+
+
+def accuracies(ckpt: Path, args: argparse.Namespace, eps: float) -> dict[str, float]:
+    """Clean accuracy on the whole test split; accuracy under L2 PGD (20 steps) on its first `--robust-samples`."""
+    model, dm = load_model_and_data(ckpt, str(args.data_dir))
+    dataset = dm.test_set
+    x_all = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    y_all = torch.tensor([int(dataset[i][1]) for i in range(len(dataset))])
+    with torch.no_grad():
+        predicted = torch.cat([model(x_all[i : i + 1000]).argmax(1) for i in range(0, len(x_all), 1000)])
+    transform = dm.hparams.transform
+    flipped = transform == "flip"
+    # valid inputs: images in [0, 1] (after un-flipping for flipped data); filtered or synthetic data has no box
+    projection = "dykstra" if flipped else "ball_box" if transform == "none" and dm.name != "synthetic" else "ball"
+    generator = torch.Generator().manual_seed(0)
+    attack = L2PGD(eps=eps, steps=20, projection=projection, flipped=flipped, generator=generator)
+    n = min(args.robust_samples, len(x_all))
+    robust = []
+    for i in range(0, n, 250):
+        x, y = x_all[i : min(i + 250, n)], y_all[i : min(i + 250, n)]
+        with torch.no_grad():
+            robust.append(model(attack(model, x, y)).argmax(1) == y)
+    return {
+        "clean_accuracy": float((predicted == y_all).float().mean()),
+        "pgd_eps": eps,
+        "pgd_accuracy": float(torch.cat(robust).float().mean()),
+        "pgd_samples": n,
+        "test_samples": len(x_all),
+    }
+
+
+def band_medians(margins: np.ndarray, width: int = 3) -> tuple[float, float]:
+    """Median margin over the `width` lowest and the `width` highest frequency subspaces (all their samples)."""
+    return float(np.median(margins[:width])), float(np.median(margins[-width:]))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "reproduce_mnist")
+    parser.add_argument("--epochs", type=int, default=10, help="training epochs per model (release: 30)")
+    parser.add_argument("--num-samples", type=int, default=100, help="test samples for the margins")
+    parser.add_argument("--robust-samples", type=int, default=1000, help="test samples attacked for PGD accuracy")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="120 steps per model, 20 margin samples (minutes)")
+    parser.add_argument("--only", nargs="*", help="run only these experiments (config names)")
+    parser.add_argument("--docs", action="store_true", help="write docs/RESULTS.md and docs/*.png from this run")
+    args = parser.parse_args(argv)
+    args.out, args.data_dir = args.out.resolve(), args.data_dir.resolve()
+    if args.quick:
+        args.epochs, args.num_samples, args.robust_samples = 1, 20, 250
+    experiments = [e for e in EXPERIMENTS if not args.only or e.name in args.only]
+
+    results = {}
+    start = time.perf_counter()
+    for exp in experiments:
+        print(f"[{time.perf_counter() - start:7.0f} s] {exp.name}: training", flush=True)
+        ckpt, train_seconds = train(exp, args)
+        print(f"[{time.perf_counter() - start:7.0f} s] {exp.name}: margins", flush=True)
+        margin_dir = measure(exp, ckpt, args)
+        saved = read_margin_results(margin_dir)
+        eps = 1.0 if exp.synthetic else 2.0
+        acc = accuracies(ckpt, args, eps)
+        low, high = band_medians(saved["margins"])
+        results[exp.name] = {
+            **asdict(exp),
+            "checkpoint": str(ckpt),
+            "margin_dir": str(margin_dir),
+            "train_seconds": train_seconds,
+            "margin_seconds": saved["summary"]["extra"]["seconds"],
+            **acc,
+            "median_margin": saved["summary"]["stats"]["median_margin_all"],
+            "not_converged": saved["summary"]["stats"]["num_not_converged_total"],
+            "low_band_median": low,
+            "high_band_median": high,
+        }
+        print(f"[{time.perf_counter() - start:7.0f} s] {exp.name}: clean {acc['clean_accuracy']:.4f}, "
+              f"PGD {acc['pgd_accuracy']:.4f}, low/high median margin {low:.2f}/{high:.2f}", flush=True)  # fmt: skip
+    summary = {
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "seconds": time.perf_counter() - start,
+        "torch": torch.__version__,
+        "results": results,
+        "claims": claims(results),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    tmp = args.out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(args.out / "summary.json")
+    figure(results, args.out / "mnist_margins.png")
+    if args.docs:
+        write_docs(summary, args.out)
+    print(f"done in {summary['seconds']:.0f} s: {args.out / 'summary.json'}")
+    return summary
+
+
+def claims(results: dict) -> dict:
+    """The paper's qualitative claims (REFERENCE §8) as numbers, for whichever experiments ran."""
+    out = {}
+    r = results
+    if "mnist_lenet" in r:
+        s = r["mnist_lenet"]
+        out["standard_high_over_low"] = s["high_band_median"] / s["low_band_median"]
+    if "mnist_flipped_lenet" in r:
+        f = r["mnist_flipped_lenet"]
+        out["flipped_low_over_high"] = f["low_band_median"] / f["high_band_median"]
+    if "mnist_lowpass_lenet" in r:
+        lp = r["mnist_lowpass_lenet"]
+        out["lowpass_high_over_low"] = lp["high_band_median"] / lp["low_band_median"]
+    if "mnist_robust_lenet" in r and "mnist_lenet" in r:
+        out["robust_over_standard_low"] = (
+            r["mnist_robust_lenet"]["low_band_median"] / r["mnist_lenet"]["low_band_median"]
+        )
+    if "mnist_flipped_robust_lenet" in r and "mnist_flipped_lenet" in r:
+        fr, f = r["mnist_flipped_robust_lenet"], r["mnist_flipped_lenet"]
+        out["flipped_robust_over_flipped_high"] = fr["high_band_median"] / f["high_band_median"]
+        out["flipped_robust_low_over_high"] = fr["low_band_median"] / fr["high_band_median"]
+    if "synthetic_lenet" in r:
+        medians = np.array(r["synthetic_lenet"]["median_margin"])
+        out["synthetic_direction_subspace_median"] = float(medians[0])
+        out["synthetic_others_min_over_direction"] = float(medians[1:].min() / medians[0])
+    return out
+
+
+def figure(results: dict, path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    names = list(results)
+    cols = 3
+    rows = (len(names) + cols - 1) // cols
+    fig = Figure(figsize=(4.2 * cols, 3.0 * rows), layout="constrained")
+    for i, name in enumerate(names):
+        saved = read_margin_results(results[name]["margin_dir"])
+        ax = fig.add_subplot(rows, cols, i + 1)
+        plot_margins(saved["margins"], saved["converged"], title=results[name]["title"], ax=ax)
+        ax.title.set_fontsize(9)
+        if ax.get_legend() is not None:
+            ax.get_legend().remove()
+    fig.savefig(path, dpi=80)
+
+
+def write_docs(summary: dict, out: Path) -> None:
+    from scripts.results_doc import render
+
+    docs = REPO / "docs"
+    figure(summary["results"], docs / "mnist_margins.png")
+    (docs / "RESULTS.md").write_text(render(summary))
+
+
+if __name__ == "__main__":
+    main()
