@@ -72,6 +72,8 @@ def train(exp: Experiment, args: argparse.Namespace) -> tuple[Path, float]:
         "--trainer.enable_progress_bar", "false", "--seed_everything", str(args.seed),
         "--margin.enabled", "false",
     ]  # fmt: skip
+    if args.download:
+        cmd += ["--data.download", "true"]
     if args.quick:
         cmd += ["--trainer.limit_train_batches", "120", "--trainer.limit_val_batches", "5"]
         if exp.synthetic:
@@ -127,6 +129,7 @@ def band_medians(margins: np.ndarray, width: int = 3) -> tuple[float, float]:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--download", action="store_true", help="download MNIST into --data-dir if missing")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "reproduce_mnist")
     parser.add_argument("--epochs", type=int, default=10, help="training epochs per model (release: 30)")
     parser.add_argument("--num-samples", type=int, default=100, help="test samples for the margins")

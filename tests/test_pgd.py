@@ -18,15 +18,6 @@ NUM_CLASSES = 3
 MODES = [("ball_box", False), ("dykstra", False), ("ball_box", True), ("dykstra", True)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors: one intra-op thread avoids oversubscription stalls on shared CPUs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class FlipFirst(nn.Module):
     """`net(flip(x))`: the network of the original domain seen from the frequency-flipped representation."""
 

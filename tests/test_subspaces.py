@@ -4,23 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import scipy.fft as sfft
 import torch
 
 from frequency import BasisSubspaces, DCTBlockSubspaces, FullSpace, num_dct_blocks
+from tests.deepfool_reference import dct_block_basis
 
 
 def explicit_block_basis(shape: tuple[int, int, int], start: int, block: int) -> np.ndarray:
-    """Columns: the DCT atoms (scipy idctn of one-hot coefficients) of block [start, start+block)^2, all channels."""
-    channels, height, width = shape
-    columns = []
-    for c in range(channels):
-        for u in range(start, start + block):
-            for v in range(start, start + block):
-                coeffs = np.zeros(shape)
-                coeffs[c, u, v] = 1.0
-                columns.append(sfft.idctn(coeffs, axes=(-2, -1), norm="ortho").ravel())
-    return np.stack(columns, axis=1)
+    return dct_block_basis(shape, start, block).numpy()
 
 
 def projector_matrix(family, s: int) -> np.ndarray:
