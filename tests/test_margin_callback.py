@@ -114,7 +114,7 @@ def run_cli(args: list[str], cwd: Path) -> None:
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_give_the_same_margins_as_one(tmp_path):
+def test_ddp_training_and_two_process_margins_equal_one_process(tmp_path):
     common = [
         "--config", str(REPO / "configs" / "synthetic_lenet.yaml"),
         "--data.init_args.num_train", "256", "--data.init_args.num_test", "64",
@@ -123,8 +123,11 @@ def test_ddp_two_processes_give_the_same_margins_as_one(tmp_path):
         "--margin.num_samples", "11", "--margin.max_iter", "50",
     ]  # fmt: skip
     run_cli(["fit", *common, "--trainer.max_epochs", "1", "--margin.enabled", "false",
+             "--trainer.devices", "2", "--trainer.strategy", "ddp", "--data.init_args.batch_size", "64",
              "--trainer.logger.init_args.save_dir", str(tmp_path / "fit")], cwd=tmp_path)  # fmt: skip
     ckpt = next((tmp_path / "fit").rglob("last.ckpt"))
+    trained = torch.load(ckpt, weights_only=True, map_location="cpu")
+    assert trained["global_step"] == 2  # 256 samples / (2 processes x batch 64): each rank ran half the batches
     for name, devices in (("single", "1"), ("ddp", "2")):
         run_cli(["validate", *common, "--ckpt_path", str(ckpt), "--trainer.devices", devices,
                  "--trainer.strategy", "ddp" if devices == "2" else "auto",
