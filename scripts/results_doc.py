@@ -6,6 +6,8 @@ import datetime as dt
 
 SEVERAL = 3.0  # "several times": the threshold a ratio must pass for a claim to count as holding
 
+GROW = 1.2  # "margins grow": at least 20% larger
+
 CLAIMS = [
     ("standard_high_over_low", "MNIST: small margins at low frequencies, invariance (large margins) at high ones",
      "high-band / low-band median margin, standard LeNet", SEVERAL),
@@ -13,10 +15,14 @@ CLAIMS = [
      "low-band / high-band median margin, flipped LeNet", SEVERAL),
     ("lowpass_high_over_low", "Low-pass data: the network becomes invariant at high frequencies",
      "high-band / low-band median margin, low-pass LeNet", SEVERAL),
-    ("robust_over_standard_low", "Adversarial training makes margins grow (here: at low frequencies)",
-     "low-band median margin, PGD-trained / standard LeNet", 1.5),
-    ("flipped_robust_over_flipped_high", "On flipped data the robustness moves with the flip (high band grows)",
-     "high-band median margin, flipped PGD-trained / flipped standard LeNet", 1.5),
+    ("robust_over_standard_low", "Adversarial training makes margins grow (where the standard network is "
+     "discriminative: low frequencies)", "low-band median margin, PGD-trained / standard LeNet", GROW),
+    ("flipped_robust_over_flipped_high", "... and on flipped data (where it is discriminative: high frequencies)",
+     "high-band median margin, flipped PGD-trained / flipped standard LeNet", GROW),
+    ("robust_high_over_low", "Adversarially trained networks are invariant at high frequencies",
+     "high-band / low-band median margin, PGD-trained LeNet", SEVERAL),
+    ("flipped_robust_low_over_high", "... and on flipped data the invariance moves with the flip",
+     "low-band / high-band median margin, flipped PGD-trained LeNet", SEVERAL),
     ("synthetic_others_min_over_direction", "Synthetic data: small margin only along the discriminative direction",
      "smallest median margin of the other subspaces / median margin of the subspace holding v", SEVERAL),
 ]  # fmt: skip
@@ -102,7 +108,12 @@ NOTES = [
     "`datamodules/__init__.py`). It shows the same effect the paper reports for low-pass CIFAR-10.",
     "- **Samples.** Margins are measured on 100 random test samples (the paper also uses 100); the medians move "
     "by a few percent with another seed.",
-    "- **Synthetic data** follows the follow-up paper's generator (`x = y·(eps/2)·v + w`, sigma 3, eps 1, 10,000 "
-    "samples of 1x32x32) with `v` the DCT atom (1, 1), which lies in the first subspace only. Its margin there "
-    "is close to the class separation eps/2 = 0.5; in the other subspaces the network is nearly invariant.",
+    "- **Synthetic data** follows the follow-up paper's generator (`x = y·(eps/2)·v + w`, eps 1, 10,000 samples "
+    "of 1x32x32) with `v` the DCT atom (1, 1), which lies in the first subspace only, but with noise sigma 1 "
+    "instead of 3: with sigma 3 and the release's SGD recipe our LeNet reached only 76-87% test accuracy in "
+    "10-20 epochs (it fits the noise), which blurs the picture. Its margin in the first subspace is close to "
+    "the class separation 1.02·eps/2 = 0.51; in the other subspaces the network is nearly invariant. PGD with "
+    "eps 1 crosses the separation, hence its near-zero robust accuracy.",
+    "- **Claims.** Each claim is checked as a ratio of band medians against a fixed threshold (x3 for "
+    '"invariance", x1.2 for "grows"); the paper states them qualitatively, from plots like the figure above.',
 ]
