@@ -67,7 +67,7 @@ class AdversarialModule(ClassifierModule):
         x, y = batch
         x_adv = self.attack(self.model, x, y)
         with torch.no_grad():
-            metric(self.model(x_adv), y)
+            metric.update(self.model(x_adv), y)
         self.log(f"{stage}/robust_acc", metric, on_epoch=True, prog_bar=True)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
