@@ -5,7 +5,7 @@
 - `dykstra_projection`, `Projection`: exact projection onto {L2 ball} ∩ {valid images} (also after a flip).
 """
 
-from attacks.deepfool import MarginResult, SubspaceDeepFool
+from attacks.deepfool import MarginResult, RowResult, SubspaceDeepFool
 from attacks.dykstra import Projection, dykstra_projection, project_box, project_flipped_box, project_l2_ball
 from attacks.pgd import L2PGD
 
@@ -13,6 +13,7 @@ __all__ = [
     "L2PGD",
     "MarginResult",
     "Projection",
+    "RowResult",
     "SubspaceDeepFool",
     "dykstra_projection",
     "project_box",

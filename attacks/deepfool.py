@@ -36,6 +36,23 @@ class MarginResult:
     perturbations: torch.Tensor | None = None
 
 
+@dataclass
+class RowResult:
+    """Output of `SubspaceDeepFool.attack_rows`, one entry per requested (sample, subspace) row.
+
+    margins: [R] float, L2 norm of `(1 + overshoot) r`; converged: [R] bool; iterations: [R] int64;
+    labels: [R] int64, clean predicted label of the row's sample; perturbed_labels: [R] int64;
+    perturbations: [R, C, H, W] or None.
+    """
+
+    margins: torch.Tensor
+    converged: torch.Tensor
+    iterations: torch.Tensor
+    labels: torch.Tensor
+    perturbed_labels: torch.Tensor
+    perturbations: torch.Tensor | None = None
+
+
 class _EvalMode:
     """Puts every submodule in eval mode and restores each one's own flag on exit."""
 
@@ -63,7 +80,9 @@ class SubspaceDeepFool:
             `batch_size * num_candidates * C * H * W` floats for the gradients.
 
     Call: `attack(model, x, subspaces)` with `x: [N, C, H, W]` in the model's input space (pixels in
-    [0, 1], normalisation inside the model) returns a `MarginResult` with `[S, N]` fields.
+    [0, 1], normalisation inside the model) returns a `MarginResult` with `[S, N]` fields;
+    `attack.attack_rows(model, x, subspaces, sample_index, subspace_index)` measures any list of
+    (sample, subspace) rows (a shard of the grid) and returns a `RowResult` with `[R]` fields.
     The model runs in eval mode during the call; every module's mode is restored afterwards and
     parameter `.grad` fields are never written.
     """
@@ -92,28 +111,75 @@ class SubspaceDeepFool:
         return_perturbations: bool = False,
         progress: bool = False,
     ) -> MarginResult:
+        """Margins of every sample `x: [N, C, H, W]` along every subspace: `MarginResult` with `[S, N]` fields."""
         if x.dim() != 4:
             raise ValueError(f"x must be a batch of images [N, C, H, W], got shape {tuple(x.shape)}")
         subspaces = subspaces if subspaces is not None else FullSpace(tuple(x.shape[1:]))
+        num_samples, num_subspaces = x.shape[0], len(subspaces)
+        rows = torch.arange(num_subspaces * num_samples)  # row = s * N + n
+        out = self.attack_rows(
+            model, x, subspaces, rows % num_samples, rows // num_samples, return_perturbations, progress
+        )
+        shape = (num_subspaces, num_samples)
+        return MarginResult(
+            margins=out.margins.view(shape),
+            converged=out.converged.view(shape),
+            iterations=out.iterations.view(shape),
+            labels=out.labels[:num_samples],  # rows 0..N-1 are subspace 0 of samples 0..N-1
+            perturbed_labels=out.perturbed_labels.view(shape),
+            perturbations=None if out.perturbations is None else out.perturbations.view(*shape, *x.shape[1:]),
+        )
+
+    def attack_rows(
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        subspaces: SubspaceFamily,
+        sample_index: torch.Tensor,
+        subspace_index: torch.Tensor,
+        return_perturbations: bool = False,
+        progress: bool = False,
+    ) -> RowResult:
+        """Margins of arbitrary (sample, subspace) rows: row i is sample `x[sample_index[i]]` along subspace
+        `subspace_index[i]`. `x: [N, C, H, W]` in the model's input space; both indices int [R].
+
+        A row's result depends only on its sample, its subspace and the model, never on the other rows (so any
+        split of the rows over processes or chunks gives the same values). Returns a `RowResult` with [R] fields.
+        """
+        if x.dim() != 4:
+            raise ValueError(f"x must be a batch of images [N, C, H, W], got shape {tuple(x.shape)}")
         subspaces.check_image_shape(tuple(x.shape[1:]))
         device = _model_device(model, x.device)
+        sample_index = torch.as_tensor(sample_index, dtype=torch.long).flatten().to(device)
+        subspace_index = torch.as_tensor(subspace_index, dtype=torch.long).flatten().to(device)
+        if sample_index.shape != subspace_index.shape:
+            raise ValueError("sample_index and subspace_index must have the same length (one entry per row)")
+        if sample_index.numel() and (int(sample_index.min()) < 0 or int(sample_index.max()) >= x.shape[0]):
+            raise ValueError(f"sample_index must lie in [0, {x.shape[0]})")
+        if subspace_index.numel() and (int(subspace_index.min()) < 0 or int(subspace_index.max()) >= len(subspaces)):
+            raise ValueError(f"subspace_index must lie in [0, {len(subspaces)})")
         with torch.inference_mode(False), torch.enable_grad(), _EvalMode(model):
             x = x.detach().to(device).clone()
             if not torch.isfinite(x).all():
                 raise ValueError("inputs contain NaN or infinite values; check the data pipeline")
             subspaces = subspaces.to(device)
-            return self._run(model, x, subspaces, return_perturbations, progress)
+            return self._run(model, x, subspaces, sample_index, subspace_index, return_perturbations, progress)
 
     def _run(
-        self, model: nn.Module, x: torch.Tensor, subspaces: SubspaceFamily, return_perturbations: bool, progress: bool
-    ) -> MarginResult:
-        num_samples, num_subspaces = x.shape[0], len(subspaces)
+        self,
+        model: nn.Module,
+        x: torch.Tensor,
+        subspaces: SubspaceFamily,
+        sample_index: torch.Tensor,
+        subspace_index: torch.Tensor,
+        return_perturbations: bool,
+        progress: bool,
+    ) -> RowResult:
         with torch.no_grad():
-            clean_logits = _logits(model, x)
+            clean_logits = _logits(model, x) if x.shape[0] else torch.empty(0, 1, device=x.device)
         candidates = clean_logits.argsort(dim=1, descending=True)[:, : self.num_candidates]  # [N, K]
-        labels = candidates[:, 0]
 
-        total = num_subspaces * num_samples  # row = s * N + n
+        total = sample_index.numel()
         margins = torch.empty(total, dtype=x.dtype, device=x.device)
         converged = torch.zeros(total, dtype=torch.bool, device=x.device)
         iterations = torch.zeros(total, dtype=torch.long, device=x.device)
@@ -125,24 +191,21 @@ class SubspaceDeepFool:
         bar = _progress_bar(total, progress)
         for start in range(0, total, self.batch_size):
             rows = torch.arange(start, min(start + self.batch_size, total), device=x.device)
-            sample_index, subspace_index = rows % num_samples, rows // num_samples
-            chunk = self._attack_rows(model, x[sample_index], subspace_index, candidates[sample_index], subspaces)
-            r_total, conv, iters, plabels = chunk
+            samples, subs = sample_index[rows], subspace_index[rows]
+            r_total, conv, iters, plabels = self._attack_rows(model, x[samples], subs, candidates[samples], subspaces)
             margins[rows] = r_total.flatten(1).norm(dim=1)
             converged[rows], iterations[rows], perturbed_labels[rows] = conv, iters, plabels
             if perturbations is not None:
                 perturbations[rows] = r_total
             bar.update(len(rows))
         bar.close()
-
-        shape = (num_subspaces, num_samples)
-        return MarginResult(
-            margins=margins.view(shape),
-            converged=converged.view(shape),
-            iterations=iterations.view(shape),
-            labels=labels,
-            perturbed_labels=perturbed_labels.view(shape),
-            perturbations=None if perturbations is None else perturbations.view(*shape, *x.shape[1:]),
+        return RowResult(
+            margins=margins,
+            converged=converged,
+            iterations=iterations,
+            labels=candidates[sample_index, 0] if total else torch.empty(0, dtype=torch.long, device=x.device),
+            perturbed_labels=perturbed_labels,
+            perturbations=perturbations,
         )
 
     def _attack_rows(
