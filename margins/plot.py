@@ -7,16 +7,21 @@ it is safe in scripts, notebooks, Lightning callbacks and headless servers alike
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib.image
 import numpy as np
 from matplotlib.axes import Axes
+from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
 SAMPLE_COLOR = "tab:blue"
 NOT_CONVERGED_COLOR = "red"
+MISCLASSIFIED_COLOR = "tab:orange"
 MEDIAN_COLOR = "black"
+IQR_COLOR = "tab:gray"
+IQR_LABEL = "interquartile range (25-75%)"
 
 
 def plot_margins(
@@ -27,40 +32,48 @@ def plot_margins(
     seed: int = 0,
     log_scale: bool = False,
     jitter: float = 0.1,
+    misclassified: np.ndarray | None = None,
+    subtitle: str = "",
 ) -> Figure:
     """Scatter of `margins: [S, N]` (x = subspace index, low to high frequency) with the median line.
 
     Every (subspace s, sample n) is a dot at `x = s + jitter * N(0, 1)` (seeded, reproducible). Samples
     with `converged[s, n] == False` (DeepFool hit `max_iter`; their margin is only the accumulated
     perturbation) are drawn as red 'x' in a second scatter with their own legend entry. The median line
-    is `np.median(margins, axis=1)` over ALL samples, converged or not, as in the original release's plot.
+    is `np.median(margins, axis=1)` over ALL samples, converged or not, as in the original release's plot;
+    a grey band spans the 25th to 75th percentile of each subspace.
+    `misclassified: [N]` bool (clean prediction != ground truth): those samples' converged points are drawn
+    as orange triangles, legend "misclassified (m of N samples)" (their margin is the distance to leave a
+    WRONG label). The x axis shows every subspace index (a subset beyond 30), "Low"/"High" under the ends.
 
     Artists (stable, tests rely on them): one PathCollection labelled "samples" holding the converged
-    points, one labelled "not converged (k)" only when k > 0, one Line2D labelled "median".
+    (correctly classified) points, one labelled "not converged (k)" only when k > 0, one labelled
+    "misclassified (m of N samples)" only when m > 0, one Line2D labelled "median", one filled band labelled
+    IQR_LABEL. Title: `title`, plus `subtitle` on a second line.
     `ax`: draw into this Axes (its figure is returned); otherwise a new standalone Figure is created.
     `log_scale`: logarithmic y axis (zero margins are then not shown).
     """
     margins = np.asarray(margins, dtype=np.float64)
     if margins.ndim != 2 or margins.size == 0:
         raise ValueError(f"margins must be a non-empty [S, N] array (subspaces x samples), got {margins.shape}")
-    if converged is None:
-        converged = np.ones(margins.shape, dtype=bool)
-    converged = np.asarray(converged)
-    if converged.shape != margins.shape or converged.dtype != np.bool_:
-        raise ValueError(
-            f"converged must be a bool array of the margins' shape {margins.shape}, got {converged.dtype} "
-            f"{converged.shape}"
-        )
+    converged = _bool_mask(np.ones(margins.shape, dtype=bool) if converged is None else converged, margins.shape)
+    wrong = _misclassified_mask(misclassified, margins.shape)
     if ax is None:
         fig = Figure(figsize=(8, 4), layout="constrained")
         ax = fig.add_subplot()
     else:
         fig = ax.figure
-    num_subspaces = margins.shape[0]
+    num_subspaces, num_samples = margins.shape
     index = np.broadcast_to(np.arange(num_subspaces, dtype=np.float64)[:, None], margins.shape)
     x = index + jitter * np.random.default_rng(seed).standard_normal(margins.shape)
 
-    ax.scatter(x[converged], margins[converged], s=6, alpha=0.4, color=SAMPLE_COLOR, label="samples")
+    plain = converged & ~wrong
+    ax.scatter(x[plain], margins[plain], s=6, alpha=0.4, color=SAMPLE_COLOR, label="samples")
+    num_wrong = int(wrong[0].sum())
+    if num_wrong:
+        shown = converged & wrong
+        label = f"misclassified ({num_wrong} of {num_samples} samples)"
+        ax.scatter(x[shown], margins[shown], s=14, marker="^", alpha=0.7, color=MISCLASSIFIED_COLOR, label=label)
     missed = int((~converged).sum())
     if missed:
         ax.scatter(
@@ -71,23 +84,75 @@ def plot_margins(
             color=NOT_CONVERGED_COLOR,
             label=f"not converged ({missed})",
         )
-    ax.plot(np.arange(num_subspaces), np.median(margins, axis=1), ".-", color=MEDIAN_COLOR, lw=2, label="median")
+    subspaces = np.arange(num_subspaces)
+    low, high = np.percentile(margins, [25, 75], axis=1)
+    ax.fill_between(subspaces, low, high, color=IQR_COLOR, alpha=0.3, lw=0, label=IQR_LABEL)
+    ax.plot(subspaces, np.median(margins, axis=1), ".-", color=MEDIAN_COLOR, lw=2, label="median")
     _frequency_axis(ax, num_subspaces)
     ax.set_ylabel("Margin (L2)")
     if log_scale:
         ax.set_yscale("log")
-    if title:
-        ax.set_title(title)
+    if title or subtitle:
+        ax.set_title("\n".join(t for t in (title, subtitle) if t), fontsize="medium")
     ax.legend(loc="upper left", fontsize="small")
     return fig
 
 
+def _bool_mask(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    mask = np.asarray(mask)
+    if mask.shape != shape or mask.dtype != np.bool_:
+        raise ValueError(f"converged must be a bool array of the margins' shape {shape}, got {mask.dtype} {mask.shape}")
+    return mask
+
+
+def _misclassified_mask(misclassified: np.ndarray | None, shape: tuple[int, int]) -> np.ndarray:
+    """`[N]` bool per sample broadcast to `[S, N]` (all False when None)."""
+    if misclassified is None:
+        return np.zeros(shape, dtype=bool)
+    misclassified = np.asarray(misclassified)
+    if misclassified.shape != (shape[1],) or misclassified.dtype != np.bool_:
+        raise ValueError(
+            f"misclassified must be a bool array [N={shape[1]}], got {misclassified.dtype} {misclassified.shape}"
+        )
+    return np.broadcast_to(misclassified[None, :], shape)
+
+
 def _frequency_axis(ax: Axes, num_subspaces: int) -> None:
-    """x ticks "Low" at the first subspace and "High" at the last, x label "Frequency"."""
+    """Major ticks "Low"/"High" at the first and last subspace (set below the numbers), minor ticks labelled
+    with the subspace indices (every k-th beyond 30 subspaces); x label "Frequency"."""
     low, high = (0.0, num_subspaces - 1.0) if num_subspaces > 1 else (-0.5, 0.5)
     ax.set_xticks([low, high], ["Low", "High"])
+    every = max(1, int(np.ceil(num_subspaces / 30)))
+    numbers = np.arange(0, num_subspaces, every)
+    ax.set_xticks(numbers, [str(i) for i in numbers], minor=True, fontsize="small")
+    ax.tick_params(axis="x", which="major", length=0, pad=16)
+    ax.xaxis.remove_overlapping_locs = False  # keep the numbers under "Low"/"High"
     ax.set_xlim(low - 0.6, high + 0.6)
     ax.set_xlabel("Frequency")
+
+
+def plot_margin_evolution(epochs: Sequence[int], medians: np.ndarray, title: str = "") -> Figure:
+    """Heat map of the median margin of each subspace (rows, low frequency at the top) at each measured
+    epoch (columns): `medians: [S, E]` for `epochs: [E]`. Log colour scale (non-positive medians are shown
+    at the smallest positive value) with a colour bar labelled "median margin (L2)"; both axes labelled.
+    """
+    medians = np.asarray(medians, dtype=np.float64)
+    if medians.ndim != 2 or medians.size == 0 or medians.shape[1] != len(epochs):
+        raise ValueError(f"medians must be a non-empty [S, E={len(epochs)}] array, got {medians.shape}")
+    positive = medians[medians > 0]
+    floor = positive.min() if positive.size else 1e-6
+    values = np.maximum(medians, floor)
+    top = max(values.max(), floor * 1.0001)
+    fig = Figure(figsize=(max(5.0, 3.0 + 0.35 * len(epochs)), 4), layout="constrained")
+    ax = fig.add_subplot()
+    image = ax.imshow(values, aspect="auto", cmap="viridis", norm=LogNorm(vmin=floor, vmax=top))
+    ax.set_xticks(np.arange(len(epochs)), [str(e) for e in epochs])
+    ax.set_xlabel("Epoch")
+    ax.set_ylabel("Subspace (low → high frequency)")
+    fig.colorbar(image, ax=ax, label="median margin (L2)")
+    if title:
+        ax.set_title(title, fontsize="medium")
+    return fig
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 150) -> Path:
