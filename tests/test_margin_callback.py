@@ -46,7 +46,8 @@ def test_callback_writes_results_equal_to_a_direct_engine_call_and_logs_tensorbo
     callback = MarginCallback(num_samples=12, seed=3, every_n_epochs=2, max_iter=50)
     trainer, model = fit_with_callback(tmp_path, callback, epochs=3)
     margins_root = Path(trainer.log_dir) / "margins"
-    assert sorted(p.name for p in margins_root.iterdir()) == ["epoch_001"]  # every 2nd epoch; no sanity check run
+    # every 2nd epoch (no sanity check run), and the final weights at the end of fit
+    assert sorted(p.name for p in margins_root.iterdir()) == ["epoch_001", "epoch_002"]
 
     saved = read_margin_results(margins_root / "epoch_001")
     dm = trainer.datamodule
@@ -65,7 +66,7 @@ def test_callback_writes_results_equal_to_a_direct_engine_call_and_logs_tensorbo
     for s in range(num_subspaces):
         assert f"margin/median/subspace_{s:02d}" in tags["scalars"]
         assert f"margin/subspace_{s:02d}" in tags["histograms"]
-        logged = events.Scalars(f"margin/median/subspace_{s:02d}")[-1].value
+        logged = events.Scalars(f"margin/median/subspace_{s:02d}")[0].value  # epoch_001; [1] is the fit end
         assert logged == pytest.approx(float(np.median(saved["margins"][s])), rel=1e-5, abs=1e-6)
         assert logged == pytest.approx(summary["stats"]["median_margin_all"][s], rel=1e-5, abs=1e-6)
     assert "margin/distribution" in tags["images"]
@@ -114,29 +115,34 @@ def run_cli(args: list[str], cwd: Path) -> None:
 
 
 @pytest.mark.slow
-def test_ddp_training_and_two_process_margins_equal_one_process(tmp_path):
+def test_ddp_fit_and_validate_margins_equal_one_process_bit_for_bit(tmp_path):
+    """Chunk sharding: 2 processes give the 1-process bits, also when rank 1 gets no chunk (num_samples 1)."""
     common = [
         "--config", str(REPO / "configs" / "synthetic_lenet.yaml"),
         "--data.init_args.num_train", "256", "--data.init_args.num_test", "64",
         "--data.init_args.image_shape", "[1, 16, 16]",
         "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu",
-        "--margin.num_samples", "11", "--margin.max_iter", "50",
+        "--margin.max_iter", "50", "--margin.batch_size", "16",
     ]  # fmt: skip
-    run_cli(["fit", *common, "--trainer.max_epochs", "1", "--margin.enabled", "false",
-             "--trainer.devices", "2", "--trainer.strategy", "ddp", "--data.init_args.batch_size", "64",
+    ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    # 2-process fit, margins only at fit end (1 sample x 9 subspaces = one chunk: rank 1 attacks nothing)
+    run_cli(["fit", *common, *ddp, "--trainer.max_epochs", "1", "--margin.num_samples", "1",
+             "--margin.every_n_epochs", "5", "--data.init_args.batch_size", "64",
              "--trainer.logger.init_args.save_dir", str(tmp_path / "fit")], cwd=tmp_path)  # fmt: skip
     ckpt = next((tmp_path / "fit").rglob("last.ckpt"))
     trained = torch.load(ckpt, weights_only=True, map_location="cpu")
     assert trained["global_step"] == 2  # 256 samples / (2 processes x batch 64): each rank ran half the batches
-    for name, devices in (("single", "1"), ("ddp", "2")):
-        run_cli(["validate", *common, "--ckpt_path", str(ckpt), "--trainer.devices", devices,
-                 "--trainer.strategy", "ddp" if devices == "2" else "auto",
+    runs = {"fit_ddp": read_margin_results(next((tmp_path / "fit").rglob("epoch_000")))}
+    for name, samples, devices in (("one_1", "1", []), ("one_11", "11", []), ("ddp_11", "11", ddp)):
+        run_cli(["validate", *common, *devices, "--ckpt_path", str(ckpt), "--margin.num_samples", samples,
                  "--trainer.logger.init_args.save_dir", str(tmp_path / name)], cwd=tmp_path)  # fmt: skip
-    single = read_margin_results(next((tmp_path / "single").rglob("epoch_000")))
-    ddp = read_margin_results(next((tmp_path / "ddp").rglob("epoch_000")))
-    assert ddp["summary"]["settings"]["world_size"] == 2 and single["summary"]["settings"]["world_size"] == 1
-    np.testing.assert_array_equal(ddp["indices"], single["indices"])
-    assert len(set(ddp["indices"].tolist())) == 11
-    np.testing.assert_allclose(ddp["margins"], single["margins"], rtol=1e-6)
-    np.testing.assert_array_equal(ddp["converged"], single["converged"])
-    assert ddp["summary"]["extra"]["clean_accuracy"] == single["summary"]["extra"]["clean_accuracy"]
+        runs[name] = read_margin_results(next((tmp_path / name).rglob("epoch_000")))
+    for multi, single in (("fit_ddp", "one_1"), ("ddp_11", "one_11")):
+        a, b = runs[multi], runs[single]
+        assert a["summary"]["settings"]["world_size"] == 2 and b["summary"]["settings"]["world_size"] == 1
+        np.testing.assert_array_equal(a["indices"], b["indices"])
+        np.testing.assert_array_equal(a["margins"], b["margins"])  # bit-equal, not just close
+        np.testing.assert_array_equal(a["converged"], b["converged"])
+        for key in ("clean_accuracy", "mean_iterations", "max_iterations"):
+            assert a["summary"]["extra"][key] == b["summary"]["extra"][key], key
+    assert runs["ddp_11"]["margins"].shape == (9, 11) and len(set(runs["ddp_11"]["indices"].tolist())) == 11
