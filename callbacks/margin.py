@@ -296,8 +296,8 @@ class MarginCallback(L.Callback):
             "subspace_step": self.subspace_step or trainer.datamodule.subspace_step,
             "band_width": self.band_width,
         }
-        model = {"class": type(pl_module).__name__, **dict(pl_module.hparams)}
-        data = {"class": type(trainer.datamodule).__name__, **dict(trainer.datamodule.hparams)}
+        model = {"class": type(pl_module).__name__, **_public(pl_module.hparams)}
+        data = {"class": type(trainer.datamodule).__name__, **_public(trainer.datamodule.hparams)}
         return {"model": model, "data": data, "margin": margin}
 
 
@@ -313,6 +313,11 @@ def band_medians(margins: np.ndarray, width: int = 3) -> tuple[float, float]:
     `margins: [S, N]` (width capped at S // 2, at least 1, so the bands never overlap when S >= 2)."""
     width = max(1, min(width, margins.shape[0] // 2))
     return float(np.median(margins[:width])), float(np.median(margins[-width:]))
+
+
+def _public(hparams: Any) -> dict[str, Any]:
+    """hparams without private keys (LightningCLI adds `_instantiator`)."""
+    return {k: v for k, v in dict(hparams).items() if not str(k).startswith("_")}
 
 
 def _describe(pl_module: L.LightningModule, datamodule: Any) -> str:

@@ -15,6 +15,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogFormatter
 
 SAMPLE_COLOR = "tab:blue"
 NOT_CONVERGED_COLOR = "red"
@@ -124,7 +125,8 @@ def _frequency_axis(ax: Axes, num_subspaces: int) -> None:
     ax.set_xticks([low, high], ["Low", "High"])
     every = max(1, int(np.ceil(num_subspaces / 30)))
     numbers = np.arange(0, num_subspaces, every)
-    ax.set_xticks(numbers, [str(i) for i in numbers], minor=True, fontsize="small")
+    ax.set_xticks(numbers, [str(i) for i in numbers], minor=True)
+    ax.tick_params(axis="x", which="minor", labelsize="small")
     ax.tick_params(axis="x", which="major", length=0, pad=16)
     ax.xaxis.remove_overlapping_locs = False  # keep the numbers under "Low"/"High"
     ax.set_xlim(low - 0.6, high + 0.6)
@@ -148,8 +150,12 @@ def plot_margin_evolution(epochs: Sequence[int], medians: np.ndarray, title: str
     image = ax.imshow(values, aspect="auto", cmap="viridis", norm=LogNorm(vmin=floor, vmax=top))
     ax.set_xticks(np.arange(len(epochs)), [str(e) for e in epochs])
     ax.set_xlabel("Epoch")
+    rows = np.arange(0, medians.shape[0], max(1, int(np.ceil(medians.shape[0] / 12))))
+    ax.set_yticks(rows, [str(r) for r in rows])
     ax.set_ylabel("Subspace (low → high frequency)")
-    fig.colorbar(image, ax=ax, label="median margin (L2)")
+    colorbar = fig.colorbar(image, ax=ax, label="median margin (L2)")
+    colorbar.ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))  # plain numbers, not 10^x
+    colorbar.ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
     if title:
         ax.set_title(title, fontsize="medium")
     return fig
