@@ -169,7 +169,7 @@ def test_history_image_and_resume_keep_every_measured_epoch(tmp_path):
     assert sorted(first.history) == [0] and len(first.history[0]) == len(trainer.datamodule.subspaces())
     ckpt = tmp_path / "one.ckpt"
     trainer.save_checkpoint(ckpt)
-    saved_state = torch.load(ckpt, weights_only=False)["callbacks"][first.state_key]
+    saved_state = torch.load(ckpt, weights_only=False, map_location="cpu")["callbacks"][first.state_key]
     assert saved_state["history"] == first.history
 
     resumed = MarginCallback(num_samples=3, max_iter=10, every_n_epochs=1)
