@@ -13,7 +13,6 @@ from common import InputError
 from lightning_modules.schedules import triangular_lr
 from models import Normalize, NormalizedModel, build_model
 
-
 SCHEDULE_KEY = "lr_schedule"  # checkpoint entry: {"total_steps": int, "max_epochs": int} of the triangular schedule
 
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import train
-from common import InputError
 from attacks.pgd import L2PGD
+from common import InputError
 from datamodules import MNISTDataModule, SyntheticDataModule
 from lightning_modules import AdversarialModule, ClassifierModule
 from lightning_modules.schedules import triangular_lr
@@ -186,7 +186,8 @@ def test_resume_keeps_the_schedule_of_the_interrupted_run(tmp_path):
 
     record = RecordLR()
     model = ClassifierModule(net="lenet", num_classes=2, image_shape=(1, 16, 16), lr=0.2)
-    tiny_trainer(tmp_path, max_epochs=4, callbacks=[record], limit_val_batches=0).fit(model, tiny_synthetic(), ckpt_path=ckpt)
+    resumed = tiny_trainer(tmp_path, max_epochs=4, callbacks=[record], limit_val_batches=0)
+    resumed.fit(model, tiny_synthetic(), ckpt_path=ckpt)
     expected = np.interp((np.arange(16, 32) + 1) / 32, [0.0, 0.4, 1.0], [0.0, 0.2, 0.0])
     np.testing.assert_allclose(record.lrs, expected, rtol=1e-12, atol=0)
 
