@@ -453,8 +453,10 @@ def test_registry_and_hparams_record_dataset():
         ValueError, match="none, flip, low_pass, low_pass_rows_release, high_pass, high_pass_last_block"
     ):
         MNISTDataModule(transform="lowpass")
-    with pytest.raises(ValueError, match="bandwidth"):
-        MNISTDataModule(transform="low_pass", bandwidth=29)
+    for kind in ("low_pass", "low_pass_rows_release", "high_pass", "high_pass_last_block"):
+        with pytest.raises(ValueError, match="bandwidth"):
+            MNISTDataModule(transform=kind, bandwidth=29)
+        assert MNISTDataModule(transform=kind, bandwidth=28).hparams.transform == kind
 
 
 class _TinyModel(L.LightningModule):
