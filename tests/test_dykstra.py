@@ -130,6 +130,7 @@ def _dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("flipped", [False, True])
 @pytest.mark.parametrize("seed", [0, 1])
 def test_dykstra_matches_scipy(shape, flipped, seed):
+    """References: the KKT bisection (exact) and scipy SLSQP, with the dense scipy flip matrix."""
     z, c, eps = _problem(shape, seed, flipped, batch=2)
     box = project_flipped_box if flipped else project_box
     out, iters, converged = dykstra_projection(z, c, eps, box, return_info=True)
@@ -146,6 +147,7 @@ def test_dykstra_matches_scipy(shape, flipped, seed):
 
 @pytest.mark.parametrize("flipped", [False, True])
 def test_dykstra_beats_naive_alternating_projection(flipped):
+    """Reference: scipy SLSQP; the naive ball-then-box point is infeasible or strictly farther from z."""
     z, c, eps = _problem((1, 4, 4), 7, flipped)  # a draw where ball-then-box is not the projection
     box = project_flipped_box if flipped else project_box
     out = dykstra_projection(z, c, eps, box)
@@ -171,6 +173,7 @@ def _feasible(u: torch.Tensor, c: torch.Tensor, eps: float, flipped: bool, atol:
 @pytest.mark.parametrize("flipped", [False, True])
 @pytest.mark.parametrize("device", DEVICES)
 def test_dykstra_feasible_and_matches_kkt_on_mnist_sized_images(dtype, flipped, device):
+    """Reference: the KKT bisection in float64 (dense scipy flip); measured <= 7.5e-7 with tol=1e-6."""
     z, c, eps = _problem((1, 28, 28), 5, flipped, dtype=dtype, batch=4)
     eps = 2.0
     z, c = z.to(device), c.to(device)
