@@ -10,11 +10,30 @@ network; checkpoints keep both the model's and the datamodule's hyperparameters 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from callbacks import MarginCallback
 from datamodules import FrequencyDataModule
 from lightning_modules import ClassifierModule
+
+ROOT_DIR = "${trainer.default_root_dir}"  # logger save_dir placeholder, replaced by the run's default_root_dir
+
+
+def reserve_version(folder: Path) -> int:
+    """Create `folder/version_N` for the first free N above the existing ones; mkdir is atomic, so concurrent
+    runs never share a version."""
+    folder.mkdir(parents=True, exist_ok=True)
+    taken = [p.name.removeprefix("version_") for p in folder.glob("version_*")]
+    version = max((int(v) + 1 for v in taken if v.isdigit()), default=0)
+    while True:
+        try:
+            (folder / f"version_{version}").mkdir()
+            return version
+        except FileExistsError:
+            version += 1
 
 
 class HoldMeTightCLI(LightningCLI):
@@ -22,6 +41,21 @@ class HoldMeTightCLI(LightningCLI):
         parser.add_lightning_class_args(MarginCallback, "margin")  # `margin:` section, `--margin.num_samples 20`
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.image_shape", "model.init_args.image_shape", apply_on="instantiate")
+        logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": ROOT_DIR}}
+        parser.set_defaults({"trainer.default_root_dir": "logs", "trainer.logger": logger})
+
+    def before_instantiate_classes(self) -> None:
+        """Outputs follow `--trainer.default_root_dir` (default `logs`): the logger writes to
+        `<root>/<name>/version_N/` (checkpoints in its `checkpoints/`); N is reserved atomically on rank 0."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        logger = config.trainer.logger
+        init = getattr(logger, "init_args", None)
+        if init is None or not isinstance(init.get("save_dir"), str):
+            return
+        init.save_dir = init.save_dir.replace(ROOT_DIR, str(config.trainer.default_root_dir))
+        versioned = logger.class_path.endswith(("TensorBoardLogger", "CSVLogger")) and init.get("version") is None
+        if self.subcommand and versioned and rank_zero_only.rank == 0:
+            init.version = reserve_version(Path(init.save_dir, init.get("name") or "").expanduser())
 
 
 def main(args: list[str] | None = None, run: bool = True) -> HoldMeTightCLI:

@@ -1,12 +1,13 @@
 """LightningDataModules for MNIST, CIFAR-10, ImageNet and synthetic data, with frequency transforms of the inputs.
 
 Every datamodule yields `(x, y)` with `x: [B, C, H, W]` in the model's input space: pixels in [0, 1], or their
-frequency transform (flip, low_pass, high_pass; see `datamodules.base`), *unnormalised*. Normalisation belongs to
+frequency transform (flip or a DCT filter; see `datamodules.base`), *unnormalised*. Normalisation belongs to
 the model: `dm.normalization()` returns the matching `models.normalization.Normalize`.
 
 Low-pass quirk of the original release (REFERENCE §4): on 4-D batches its mask kept DCT rows < bandwidth of every
 column (only vertical frequencies filtered), while on single images it kept the `bandwidth x bandwidth` block. We
-always keep the 2-D block, so "low-pass CIFAR-10" here removes horizontal high frequencies too.
+keep the 2-D block for `low_pass`, so "low-pass CIFAR-10" here removes horizontal high frequencies too; the release's
+batched behaviour is available as `transform: low_pass_rows_release` for comparisons.
 
 `build_datamodule(dataset, **kwargs)` builds from the registry name; `dm.hparams` records `dataset` and all
 constructor arguments, so `build_datamodule(**checkpoint["datamodule_hyper_parameters"])` rebuilds it.

@@ -4,16 +4,21 @@ Frequency transforms (REFERENCE §4), applied to images `[C, H, W]` (or batches)
 
 - ``none``: pixels in [0, 1].
 - ``flip``: `IDCT(reverse(DCT(x)))` over both frequency axes (`frequency.flip`).
-- ``low_pass``: keep the `bandwidth x bandwidth` lowest-frequency DCT block of every channel (2-D block).
-  The original release, on 4-D batches, kept rows < bandwidth of *every* column (only the vertical frequency
-  was filtered) while on single images it kept the 2-D block; we always use the 2-D block.
-- ``high_pass``: remove that block (`x - low_pass(x)`).
+- ``low_pass``: keep the `bandwidth x bandwidth` lowest-frequency DCT block of every channel (2-D block, the
+  paper's low-pass). The original release, on 4-D batches, kept rows < bandwidth of *every* column (only the
+  vertical frequency was filtered) while on single images it kept the 2-D block.
+- ``low_pass_rows_release``: that batched release behaviour, DCT rows < bandwidth of every column; only for
+  comparisons with the release's low-pass models.
+- ``high_pass``: remove the lowest `bandwidth x bandwidth` block (`x - low_pass(x)`; a supplementary high-pass).
+- ``high_pass_last_block``: keep only the highest-frequency `bandwidth x bandwidth` block (DCT rows and columns
+  >= side - bandwidth; the paper's other supplementary high-pass).
 
 Normalisation (`normalization() -> models.normalization.Normalize`, applied inside the model):
 
 - ``none``: the dataset's per-channel mean and std.
 - ``flip``: mean image = flip of the constant image filled with the per-channel mean; same std.
-- ``low_pass`` / ``high_pass``: in-memory datasets use the per-channel mean and std of the *filtered training
+- the filters (``low_pass``, ``low_pass_rows_release``, ``high_pass``, ``high_pass_last_block``): in-memory
+  datasets use the per-channel mean and std of the *filtered training
   samples* (the ones fitted on; with `val_split > 0` the held-out samples are excluded), computed lazily once.
   Streaming datasets (ImageNet) use the transformed constant mean image and the standard std instead.
 """
@@ -29,10 +34,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from frequency import DCTBlockSubspaces, flip, high_pass, low_pass
+from frequency import FILTERS, DCTBlockSubspaces, flip
 from models.normalization import Normalize
 
-TRANSFORMS = ("none", "flip", "low_pass", "high_pass")
+TRANSFORMS = ("none", "flip", *FILTERS)  # none, flip, low_pass, low_pass_rows_release, high_pass, high_pass_last_block
 CHUNK = 4096  # images per chunk when transforming or reducing in-memory tensors
 
 
@@ -41,7 +46,7 @@ class DatasetNotFoundError(FileNotFoundError):
 
 
 class FrequencyTransform:
-    """Picklable transform applying `kind` (none|flip|low_pass|high_pass) to `x: [..., C, H, W]` float tensors.
+    """Picklable transform applying `kind` (one of TRANSFORMS) to `x: [..., C, H, W]` float tensors.
 
     Used once on whole in-memory tensors and on the fly (after ToTensor) for streamed datasets.
     """
@@ -53,14 +58,12 @@ class FrequencyTransform:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "flip":
             return flip(x)
-        if self.kind == "low_pass":
-            return low_pass(x, self.bandwidth)
-        if self.kind == "high_pass":
-            return high_pass(x, self.bandwidth)
+        if self.kind in FILTERS:
+            return FILTERS[self.kind](x, self.bandwidth)
         return x
 
     def __repr__(self) -> str:
-        extra = f", bandwidth={self.bandwidth}" if self.kind in ("low_pass", "high_pass") else ""
+        extra = f", bandwidth={self.bandwidth}" if self.kind in FILTERS else ""
         return f"FrequencyTransform(kind={self.kind!r}{extra})"
 
 
@@ -106,8 +109,9 @@ class FrequencyDataModule(L.LightningDataModule):
 
     Args:
         data_dir: directory holding the dataset (layout per subclass).
-        transform: frequency transform of the inputs, one of none|flip|low_pass|high_pass.
-        bandwidth: block side of low_pass/high_pass (DCT indices < bandwidth are the low block).
+        transform: frequency transform of the inputs, one of TRANSFORMS (module docstring).
+        bandwidth: block side of the filters (DCT indices < bandwidth are the low block, >= side - bandwidth the
+            last one).
         batch_size: training batch size per device; eval_batch_size: evaluation batch size (default batch_size).
         num_workers: DataLoader workers; pin_memory: default True when CUDA is available.
         download: allow `prepare_data` to download (never done in `setup`).
@@ -139,7 +143,7 @@ class FrequencyDataModule(L.LightningDataModule):
         # record the registry name too, so checkpoints (which store dict(hparams)) say which dataset was used
         self.save_hyperparameters({"dataset": self.name, **self._canonical_hparams(dict(self.hparams))})
         check_transform(transform)
-        if transform in ("low_pass", "high_pass") and not 0 < bandwidth <= min(self.image_shape[1:]):
+        if transform in FILTERS and not 0 < bandwidth <= min(self.image_shape[1:]):
             raise ValueError(
                 f"bandwidth must be in [1, {min(self.image_shape[1:])}] for {self.name} images of shape "
                 f"{self.image_shape}, got {bandwidth}"
@@ -315,7 +319,7 @@ class TensorDataModule(FrequencyDataModule):
         return TensorDataset(*self.test_tensors)
 
     def _normalization_stats(self) -> tuple[Any, Any]:
-        if self.hparams.transform in ("low_pass", "high_pass"):
+        if self.hparams.transform in FILTERS:
             return channel_stats(self.train_tensors[0])
         return super()._normalization_stats()
 

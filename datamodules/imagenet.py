@@ -4,8 +4,8 @@ Layout: `<data_dir>/train/<class>/*.JPEG` and `<data_dir>/val/<class>/*` (the va
 folders, e.g. with the common `valprep.sh`). Class indices come from the sorted class folders of `train/` (or of
 `val/` when there is no `train/`, for evaluation-only use), and `val/` uses the same mapping.
 
-Normalisation: the standard ImageNet constants for every transform; with flip/low_pass/high_pass the mean image is
-the transform of the constant mean image (exact for the mean of a constant-mean image; for high_pass it is zero).
+Normalisation: the standard ImageNet constants for every transform; with flip or a DCT filter the mean image
+is the transform of the constant mean image (exact for the mean of a constant-mean image; zero for the high-passes).
 Per-channel statistics of the filtered training set (as for CIFAR-10) are not computed: that would need a pass over
 1.28M decoded, randomly cropped images, and models trained with these constants stay consistent with this module.
 """

@@ -9,20 +9,37 @@ from frequency.subspaces import (
     dct_block_masks,
     num_dct_blocks,
 )
-from frequency.transforms import flip, high_pass, low_pass, low_pass_mask
+from frequency.transforms import (
+    FILTERS,
+    dct_filter,
+    flip,
+    high_pass,
+    high_pass_last_block,
+    last_block_mask,
+    low_pass,
+    low_pass_mask,
+    low_pass_rows_release,
+    rows_mask,
+)
 
 __all__ = [
+    "FILTERS",
     "BasisSubspaces",
     "DCTBlockSubspaces",
     "FullSpace",
     "SubspaceFamily",
     "dct2",
+    "dct_filter",
     "dct_block_masks",
     "dct_matrix",
     "flip",
     "high_pass",
+    "high_pass_last_block",
     "idct2",
+    "last_block_mask",
     "low_pass",
     "low_pass_mask",
+    "low_pass_rows_release",
     "num_dct_blocks",
+    "rows_mask",
 ]

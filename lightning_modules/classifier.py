@@ -9,8 +9,11 @@ from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from common import InputError
 from lightning_modules.schedules import triangular_lr
 from models import Normalize, NormalizedModel, build_model
+
+SCHEDULE_KEY = "lr_schedule"  # checkpoint entry: {"total_steps": int, "max_epochs": int} of the triangular schedule
 
 
 class ClassifierModule(L.LightningModule):
@@ -23,6 +26,10 @@ class ClassifierModule(L.LightningModule):
         schedule: `triangular` (per step: 0 -> lr at `peak_fraction` of training -> 0) or `constant`.
         momentum, weight_decay, nesterov: SGD settings (release: 0.9, 5e-4, no Nesterov).
     Gradient clipping (release: norm 0.5) is a Trainer setting: `trainer.gradient_clip_val` in the configs.
+
+    Resuming (`fit(ckpt_path=...)`) keeps the schedule of the run being resumed: its total number of optimizer
+    steps is stored in the checkpoint, and a resume whose trainer would take a different number (another
+    `max_epochs`, batch size, device count, ...) is refused with an `InputError` instead of reshaping the schedule.
 
     `self.model` maps inputs in the data's space (pixels in [0, 1], or their frequency transform) to logits;
     its normalisation buffers are copied from `trainer.datamodule.normalization()` in `setup` and saved in
@@ -52,6 +59,8 @@ class ClassifierModule(L.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self._schedule: dict[str, int] | None = None  # this run's triangular schedule (SCHEDULE_KEY)
+        self._loaded_schedule: dict[str, int] | None = None  # the schedule of the last checkpoint loaded
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, C, H, W] in the data's input space -> logits [B, num_classes]."""
@@ -114,6 +123,27 @@ class ClassifierModule(L.LightningModule):
         )
         if hp.schedule == "constant":
             return optimizer
-        total = int(self.trainer.estimated_stepping_batches)
+        total = self._schedule_steps()
         scheduler = LambdaLR(optimizer, lambda step: triangular_lr(step, total, 1.0, hp.peak_fraction))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _schedule_steps(self) -> int:
+        """Total optimizer steps of the triangular schedule; a resume must match the checkpoint's (InputError)."""
+        total, max_epochs = int(self.trainer.estimated_stepping_batches), int(self.trainer.max_epochs)
+        stored = self._loaded_schedule if self.trainer.ckpt_path is not None else None
+        if stored is not None and stored["total_steps"] != total:
+            raise InputError(
+                f"cannot resume {self.trainer.ckpt_path}: its triangular learning-rate schedule spans "
+                f"{stored['total_steps']} optimizer steps (max_epochs={stored['max_epochs']}), this run would take "
+                f"{total} (max_epochs={max_epochs}); resume with --trainer.max_epochs {stored['max_epochs']} and the "
+                "same batch size and devices, or start a new run"
+            )
+        self._schedule = {"total_steps": total, "max_epochs": max_epochs}
+        return total
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self._schedule is not None:
+            checkpoint[SCHEDULE_KEY] = dict(self._schedule)
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self._loaded_schedule = checkpoint.get(SCHEDULE_KEY)

@@ -75,6 +75,61 @@ def sp_channel_stats(x: np.ndarray, fn, chunk: int = 10000) -> tuple[np.ndarray,
     return mean, np.sqrt(s2 / n - mean**2)
 
 
+def write_mnist_raw(root: Path, n_train: int = 64, n_test: int = 32, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random digits in torchvision's uncompressed idx layout `<root>/MNIST/raw/*-ubyte`; returns the arrays."""
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split, name, n in (("train", "train", n_train), ("t10k", "test", n_test)):
+        images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+        labels = (np.arange(n) % 10).astype(np.uint8)
+        (raw / f"{split}-images-idx3-ubyte").write_bytes(
+            np.array([0, 0, 8, 3], ">u1").tobytes() + np.array([n, 28, 28], ">u4").tobytes() + images.tobytes()
+        )
+        (raw / f"{split}-labels-idx1-ubyte").write_bytes(
+            np.array([0, 0, 8, 1], ">u1").tobytes() + np.array([n], ">u4").tobytes() + labels.tobytes()
+        )
+        arrays[f"{name}_x"], arrays[f"{name}_y"] = images, labels
+    return arrays
+
+
+@pytest.fixture
+def tiny_mnist(tmp_path) -> tuple[Path, dict[str, np.ndarray]]:
+    """A generated 64 + 32 image MNIST in the raw idx layout (runs without ../shared/data)."""
+    return tmp_path, write_mnist_raw(tmp_path)
+
+
+def test_tiny_mnist_layout_is_read_like_the_real_one(tiny_mnist):
+    """Reference: the generated arrays, re-read by the numpy idx parser above."""
+    root, arrays = tiny_mnist
+    assert np.array_equal(read_idx(root / "MNIST" / "raw" / "t10k-images-idx3-ubyte"), arrays["test_x"])
+    dm = MNISTDataModule(data_dir=str(root))
+    np.testing.assert_allclose(dm.train_tensors[0][:, 0].numpy(), arrays["train_x"] / 255.0, atol=1e-7)
+    np.testing.assert_array_equal(dm.test_tensors[1].numpy(), arrays["test_y"])
+
+
+@pytest.mark.parametrize("kind", ["low_pass_rows_release", "high_pass_last_block"])
+def test_new_filters_normalise_with_filtered_training_statistics(tiny_mnist, kind):
+    """Reference: scipy dctn/idctn with the paper's masks as numpy slices, statistics in float64."""
+    root, arrays = tiny_mnist
+    dm = MNISTDataModule(data_dir=str(root), transform=kind, bandwidth=8)
+
+    def sp_filter(t: np.ndarray) -> np.ndarray:
+        c, kept = sp_dct(t), np.zeros(t.shape)
+        if kind == "low_pass_rows_release":
+            kept[..., :8, :] = c[..., :8, :]
+        else:
+            kept[..., -8:, -8:] = c[..., -8:, -8:]
+        return sp_idct(kept)
+
+    np.testing.assert_allclose(dm.test_tensors[0].numpy(), sp_filter(arrays["test_x"][:, None] / 255.0), atol=2e-7)
+    mean, std = sp_channel_stats(arrays["train_x"][:, None] / 255.0, sp_filter)
+    norm = dm.normalization()
+    np.testing.assert_allclose(norm.mean[:, 3, 5].numpy(), mean, atol=1e-7)
+    np.testing.assert_allclose(norm.std.flatten().numpy(), std, rtol=1e-6)
+
+
 # ---- MNIST (real data, loaded once per configuration) -----------------------------------------------------
 _MNIST: dict[tuple, MNISTDataModule] = {}
 
@@ -394,10 +449,14 @@ def test_registry_and_hparams_record_dataset():
     assert build_datamodule("imagenet", image_size=64, resize=72).image_shape == (3, 64, 64)
     with pytest.raises(ValueError, match="mnist, cifar10, imagenet, synthetic"):
         build_datamodule("svhn")
-    with pytest.raises(ValueError, match="none, flip, low_pass, high_pass"):
+    with pytest.raises(
+        ValueError, match="none, flip, low_pass, low_pass_rows_release, high_pass, high_pass_last_block"
+    ):
         MNISTDataModule(transform="lowpass")
-    with pytest.raises(ValueError, match="bandwidth"):
-        MNISTDataModule(transform="low_pass", bandwidth=29)
+    for kind in ("low_pass", "low_pass_rows_release", "high_pass", "high_pass_last_block"):
+        with pytest.raises(ValueError, match="bandwidth"):
+            MNISTDataModule(transform=kind, bandwidth=29)
+        assert MNISTDataModule(transform=kind, bandwidth=28).hparams.transform == kind
 
 
 class _TinyModel(L.LightningModule):

@@ -1,4 +1,8 @@
-"""DCT toolkit and frequency transforms against scipy.fft (an independent implementation)."""
+"""DCT toolkit and the frequency flip against scipy.fft (an independent implementation).
+
+Filters (low/high-pass) are tested against dense matrices in tests/test_transforms.py.
+Measured: float32 within 0.77 float32 ulp of scipy's float64 result; float64 within 3e-13 (224x224) of scipy.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import pytest
 import scipy.fft as sfft
 import torch
 
-from frequency import dct2, flip, high_pass, idct2, low_pass
+from frequency import dct2, dct_matrix, flip, idct2
 
 SHAPES = [(28, 28), (32, 32), (224, 224), (20, 36)]
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -24,23 +28,36 @@ def scipy_idct2(x: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("device", DEVICES)
 def test_dct_matches_scipy_float32(shape, device):
+    """Reference: scipy.fft.dctn/idctn in float64; float32 results are within one float32 ulp of it."""
     x = torch.rand(2, 3, *shape, device=device)
-    ref = scipy_dct2(x.cpu().double().numpy())
-    np.testing.assert_allclose(dct2(x).cpu().numpy(), ref, atol=1e-5, rtol=0)
-    np.testing.assert_allclose(idct2(x).cpu().numpy(), scipy_idct2(x.cpu().double().numpy()), atol=1e-5, rtol=0)
+    for ours, ref in ((dct2, scipy_dct2), (idct2, scipy_idct2)):
+        expected = ref(x.cpu().double().numpy())
+        got = ours(x).cpu().numpy()
+        assert got.dtype == np.float32
+        ulp = np.spacing(np.abs(expected).astype(np.float32)).astype(np.float64)
+        assert (np.abs(got - expected) / ulp).max() <= 1.0
 
 
 @pytest.mark.parametrize("shape", SHAPES)
 def test_dct_matches_scipy_float64(shape):
+    """Reference: scipy.fft.dctn; measured differences <= 3e-13 (224x224), 2.5e-14 (up to 36)."""
     x = torch.randn(4, *shape, dtype=torch.float64)
-    np.testing.assert_allclose(dct2(x).numpy(), scipy_dct2(x.numpy()), atol=1e-12)
-    np.testing.assert_allclose(idct2(dct2(x)).numpy(), x.numpy(), atol=1e-12)
+    atol = 1e-12 if max(shape) > 64 else 1e-13
+    np.testing.assert_allclose(dct2(x).numpy(), scipy_dct2(x.numpy()), atol=atol, rtol=0)
+    np.testing.assert_allclose(idct2(dct2(x)).numpy(), x.numpy(), atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("n", [1, 8, 28, 224])
+def test_dct_matrix_is_scipy_dct_of_the_identity(n):
+    """Reference: column j of the DCT matrix is scipy.fft.dct of the j-th unit vector; measured <= 1.6e-14 (224)."""
+    expected = sfft.dct(np.eye(n), axis=0, norm="ortho")
+    np.testing.assert_allclose(dct_matrix(n, torch.float64).numpy(), expected, atol=5e-14, rtol=0)
 
 
 def test_dct_of_2d_tensor_and_dtype_preserved():
     x = torch.rand(6, 10, dtype=torch.float64)
     assert dct2(x).dtype == torch.float64
-    np.testing.assert_allclose(dct2(x).numpy(), scipy_dct2(x.numpy()), atol=1e-12)
+    np.testing.assert_allclose(dct2(x).numpy(), scipy_dct2(x.numpy()), atol=1e-14, rtol=0)
 
 
 def test_dct_rejects_integer_and_1d_input():
@@ -57,10 +74,11 @@ def test_dct_gradcheck_float64():
 
 
 def test_flip_matches_scipy_and_is_an_orthogonal_involution():
+    """Reference: scipy idctn(reverse(dctn(x))); measured 1.6e-14 (flip), 2e-14 (flip twice)."""
     x = torch.rand(3, 3, 32, 32, dtype=torch.float64)
     ref = scipy_idct2(scipy_dct2(x.numpy())[..., ::-1, ::-1])
-    np.testing.assert_allclose(flip(x).numpy(), ref, atol=1e-12)
-    np.testing.assert_allclose(flip(flip(x)).numpy(), x.numpy(), atol=1e-12)
+    np.testing.assert_allclose(flip(x).numpy(), ref, atol=1e-13, rtol=0)
+    np.testing.assert_allclose(flip(flip(x)).numpy(), x.numpy(), atol=1e-13, rtol=0)
     np.testing.assert_allclose(flip(x).flatten(1).norm(dim=1).numpy(), x.flatten(1).norm(dim=1).numpy(), rtol=1e-12)
     y = torch.rand(3, 3, 32, 32, dtype=torch.float64)  # orthogonality: inner products are preserved
     assert torch.allclose((flip(x) * flip(y)).sum(), (x * y).sum(), rtol=1e-12)
@@ -70,32 +88,5 @@ def test_flip_moves_low_frequencies_to_high():
     coeffs = torch.zeros(1, 28, 28, dtype=torch.float64)
     coeffs[0, 1, 2] = 1.0
     flipped = dct2(flip(idct2(coeffs)))
-    assert flipped[0, 26, 25] == pytest.approx(1.0)
-    assert flipped.abs().sum() == pytest.approx(1.0)
-
-
-@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (3, 20, 24)])
-def test_low_pass_keeps_exactly_the_block(shape):
-    bandwidth = 8
-    x = torch.rand(2, *shape, dtype=torch.float64)
-    out = scipy_dct2(low_pass(x, bandwidth).numpy())
-    full = scipy_dct2(x.numpy())
-    np.testing.assert_allclose(out[..., :bandwidth, :bandwidth], full[..., :bandwidth, :bandwidth], atol=1e-12)
-    outside = out.copy()
-    outside[..., :bandwidth, :bandwidth] = 0
-    np.testing.assert_allclose(outside, 0, atol=1e-12)
-    np.testing.assert_allclose(
-        low_pass(low_pass(x, bandwidth), bandwidth).numpy(), low_pass(x, bandwidth).numpy(), atol=1e-12
-    )
-
-
-def test_high_pass_is_the_complement_of_low_pass():
-    x = torch.rand(2, 3, 32, 32, dtype=torch.float64)
-    np.testing.assert_allclose((low_pass(x, 16) + high_pass(x, 16)).numpy(), x.numpy(), atol=1e-12)
-    assert abs((low_pass(x, 16) * high_pass(x, 16)).sum().item()) < 1e-10
-    np.testing.assert_allclose(scipy_dct2(high_pass(x, 16).numpy())[..., :16, :16], 0, atol=1e-12)
-
-
-def test_low_pass_rejects_bad_bandwidth():
-    with pytest.raises(ValueError, match="bandwidth"):
-        low_pass(torch.rand(1, 8, 8), 9)
+    assert flipped[0, 26, 25] == pytest.approx(1.0, abs=1e-13)
+    assert flipped.abs().sum() == pytest.approx(1.0, abs=1e-12)

@@ -1,4 +1,8 @@
-"""DCT block subspaces against an explicit basis built independently with scipy."""
+"""DCT block subspaces against an explicit basis built independently with scipy.
+
+Reference: `tests.deepfool_reference.dct_block_basis`, the DCT atoms as columns `scipy.fft.idctn(e_(c,u,v))`.
+Measured differences: projector matrices <= 9e-16, batched projections <= 7e-15 (float64).
+"""
 
 from __future__ import annotations
 
@@ -29,9 +33,9 @@ def test_projection_equals_explicit_basis_projector(shape, block, step):
         basis = explicit_block_basis(shape, s * step, block)
         p_ref = basis @ basis.T
         p = projector_matrix(family, s)
-        np.testing.assert_allclose(p, p_ref, atol=1e-12)
-        np.testing.assert_allclose(p @ p, p, atol=1e-12)  # idempotent
-        np.testing.assert_allclose(p, p.T, atol=1e-12)  # symmetric
+        np.testing.assert_allclose(p, p_ref, atol=1e-14, rtol=0)
+        np.testing.assert_allclose(p @ p, p, atol=1e-14, rtol=0)  # idempotent
+        np.testing.assert_allclose(p, p.T, atol=1e-14, rtol=0)  # symmetric
         assert np.linalg.matrix_rank(p, tol=1e-8) == block * block * shape[0] == family.dims[s]
 
 
@@ -44,7 +48,7 @@ def test_batched_projection_uses_each_rows_own_subspace():
     for b in range(7):
         basis = explicit_block_basis(shape, int(index[b]) * 2, 4)
         ref = basis @ (basis.T @ g[b].numpy().ravel())
-        np.testing.assert_allclose(out[b].numpy().ravel(), ref, atol=1e-12)
+        np.testing.assert_allclose(out[b].numpy().ravel(), ref, atol=5e-14, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -69,13 +73,16 @@ def test_block_larger_than_image_is_rejected_with_a_clear_error():
 
 
 def test_basis_subspaces_agree_with_dct_blocks_and_check_orthonormality():
+    """Reference: the scipy basis projection `B B^T g` (BasisSubspaces is fed the same scipy bases)."""
     shape = (1, 8, 8)
     dct_family = DCTBlockSubspaces(shape, 4, 4)
     bases = [torch.from_numpy(explicit_block_basis(shape, s * 4, 4)) for s in range(len(dct_family))]
     basis_family = BasisSubspaces(bases, shape)
     g = torch.randn(4, *shape, dtype=torch.float64)
     index = torch.tensor([0, 1, 1, 0])
-    np.testing.assert_allclose(basis_family.project(g, index).numpy(), dct_family.project(g, index).numpy(), atol=1e-12)
+    expected = np.stack([bases[i].numpy() @ (bases[i].numpy().T @ g[b].numpy().ravel()) for b, i in enumerate(index)])
+    np.testing.assert_allclose(basis_family.project(g, index).flatten(1).numpy(), expected, atol=5e-14, rtol=0)
+    np.testing.assert_allclose(dct_family.project(g, index).flatten(1).numpy(), expected, atol=5e-14, rtol=0)
     with pytest.raises(ValueError, match="not orthonormal"):
         BasisSubspaces([2 * bases[0]], shape)
     with pytest.raises(ValueError, match="shape"):

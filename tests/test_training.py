@@ -8,12 +8,15 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import train
 from attacks.pgd import L2PGD
+from common import InputError
 from datamodules import MNISTDataModule, SyntheticDataModule
 from lightning_modules import AdversarialModule, ClassifierModule
 from lightning_modules.schedules import triangular_lr
+from tests.test_datamodules import write_mnist_raw
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -129,15 +132,27 @@ def test_adversarial_module_logs_robust_accuracy_and_trains_on_attacked_batches(
     assert all(0.0 < norm <= 0.5 + 1e-5 for norm, _ in seen)
 
 
+def write_image_folders(root: Path, size: int = 40) -> None:
+    """Two classes of two random RGB PNGs in `root/{train,val}/class{0,1}/` (the ImageNet folder layout)."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(2):
+            (root / split / f"class{c}").mkdir(parents=True)
+            for k in range(2):
+                pixels = rng.integers(0, 256, size=(size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / f"class{c}" / f"img{k}.png")
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
-def test_every_config_instantiates_its_experiment(config, tmp_path, samples_dir):
+def test_every_config_instantiates_its_experiment(config, tmp_path):
+    """Generated data (no ../shared/data): a 64-image MNIST in the raw idx layout, random PNG folders for
+    ImageNet; CIFAR-10 is only instantiated (torchvision md5-checks its files)."""
     text = config.read_text()
     data_dir = tmp_path
-    if "ImageNetDataModule" in text:  # an image-folder tree with two classes from the sample images
-        for split in ("train", "val"):
-            for c, name in enumerate(sorted((samples_dir / "ImageNet").glob("*.png"))[:2]):
-                (tmp_path / split / f"class{c}").mkdir(parents=True, exist_ok=True)
-                (tmp_path / split / f"class{c}" / name.name).write_bytes(name.read_bytes())
+    if "ImageNetDataModule" in text:
+        write_image_folders(tmp_path)
+    if "MNISTDataModule" in text:
+        write_mnist_raw(tmp_path)
     cli = train.main(
         ["--config", str(config), "--data.data_dir", str(data_dir), "--trainer.logger", "false"], run=False
     )
@@ -160,21 +175,73 @@ def test_every_config_instantiates_its_experiment(config, tmp_path, samples_dir)
     assert any(type(cb).__name__ == "MarginCallback" for cb in cli.trainer.callbacks)
     if dhp.dataset in ("mnist", "cifar10"):
         assert cli.trainer.max_epochs == 30 and dhp.batch_size == 128 and hp.lr == 0.21
+    if dhp.dataset != "cifar10":  # the generated data loads and gets the model's input shape
+        cli.datamodule.setup("fit")
+        x, _ = cli.datamodule.margin_dataset()[0]
+        assert tuple(x.shape) == hp.image_shape
+        assert cli.datamodule.normalization().mean.shape == hp.image_shape
+
+
+class StopAfterEpochs(L.Callback):
+    """Interrupts fit after `epochs` epochs, as a preempted job would be (max_epochs stays the run's own)."""
+
+    def __init__(self, epochs: int = 1):
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch + 1 >= self.epochs:
+            trainer.should_stop = True
+
+
+def test_resume_keeps_the_schedule_of_the_interrupted_run(tmp_path):
+    """Reference: the uninterrupted 4-epoch triangular schedule by np.interp (REFERENCE §5), per step."""
+    ckpt = tmp_path / "interrupted.ckpt"
+    L.seed_everything(0)
+    first = tiny_trainer(tmp_path, max_epochs=4, callbacks=[StopAfterEpochs(2)], limit_val_batches=0)
+    first.fit(ClassifierModule(net="lenet", num_classes=2, image_shape=(1, 16, 16), lr=0.2), tiny_synthetic())
+    assert first.global_step == 16  # 2 of 4 epochs, 8 steps each
+    first.save_checkpoint(ckpt)
+    assert torch.load(ckpt, weights_only=True)["lr_schedule"] == {"total_steps": 32, "max_epochs": 4}
+
+    record = RecordLR()
+    model = ClassifierModule(net="lenet", num_classes=2, image_shape=(1, 16, 16), lr=0.2)
+    resumed = tiny_trainer(tmp_path, max_epochs=4, callbacks=[record], limit_val_batches=0)
+    resumed.fit(model, tiny_synthetic(), ckpt_path=ckpt)
+    expected = np.interp((np.arange(16, 32) + 1) / 32, [0.0, 0.4, 1.0], [0.0, 0.2, 0.0])
+    np.testing.assert_allclose(record.lrs, expected, rtol=1e-12, atol=0)
+
+    with pytest.raises(InputError, match=r"spans 32 optimizer steps \(max_epochs=4\).*--trainer.max_epochs 4"):
+        tiny_trainer(tmp_path, max_epochs=6, limit_val_batches=0).fit(model, tiny_synthetic(), ckpt_path=ckpt)
+
+
+def test_fresh_fit_from_loaded_weights_may_choose_its_own_schedule(tmp_path):
+    """A new run from a checkpoint's weights (no ckpt_path) is not a resume: any max_epochs is accepted."""
+    ckpt = tmp_path / "done.ckpt"
+    trainer = tiny_trainer(tmp_path, max_epochs=1, limit_val_batches=0)
+    trainer.fit(ClassifierModule(net="lenet", num_classes=2, image_shape=(1, 16, 16)), tiny_synthetic())
+    trainer.save_checkpoint(ckpt)
+    model = ClassifierModule.load_from_checkpoint(ckpt, map_location="cpu")
+    again = tiny_trainer(tmp_path, max_epochs=2, limit_val_batches=0)
+    again.fit(model, tiny_synthetic())
+    assert again.global_step == 16 and model._schedule == {"total_steps": 16, "max_epochs": 2}
 
 
 def test_cli_fit_then_resume_continues_where_it_stopped(tmp_path):
     common = [
         "--config", "configs/synthetic_lenet.yaml",
         "--data.init_args.num_train", "256", "--data.init_args.num_test", "64", "--data.init_args.batch_size", "64",
-        "--margin.enabled", "false",
-        "--trainer.logger.init_args.save_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+        "--margin.enabled", "false", "--trainer.max_epochs", "2",
+        "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
     ]  # fmt: skip
-    train.main(["fit", *common, "--trainer.max_epochs", "1"])
+    train.main(["fit", *common, "--trainer.callbacks+=tests.test_training.StopAfterEpochs"])
     last = next(tmp_path.rglob("last.ckpt"))
     first = torch.load(last, weights_only=True, map_location="cpu")
     assert first["global_step"] == 4 and first["epoch"] == 0
-    train.main(["fit", *common, "--trainer.max_epochs", "2", "--ckpt_path", str(last)])
-    resumed = torch.load(max(tmp_path.rglob("last.ckpt"), key=lambda p: p.stat().st_mtime), weights_only=True)
+    with pytest.raises(InputError, match="--trainer.max_epochs 2"):
+        train.main(["fit", *common, "--trainer.max_epochs", "3", "--ckpt_path", str(last)])
+    train.main(["fit", *common, "--ckpt_path", str(last)])
+    resumed = torch.load(max(tmp_path.rglob("last.ckpt"), key=lambda p: p.stat().st_mtime), map_location="cpu")
     assert resumed["global_step"] == 8 and resumed["epoch"] == 1
+    assert resumed["lr_schedule"] == {"total_steps": 8, "max_epochs": 2}
     assert resumed["datamodule_hyper_parameters"]["dataset"] == "synthetic"
     assert resumed["hyper_parameters"]["net"] == "lenet"
