@@ -49,9 +49,16 @@ def hparams_plugin_data(log_dir: str | Path) -> dict[str, plugin_data_pb2.HParam
     return out
 
 
-def fit(tmp_path: Path, callback: MarginCallback, epochs: int, extra: list[L.Callback] = (), **trainer_kwargs):
+def fit(
+    tmp_path: Path,
+    callback: MarginCallback,
+    epochs: int,
+    extra: list[L.Callback] = (),
+    schedule: str = "triangular",
+    **trainer_kwargs,
+):
     L.seed_everything(0)
-    model = ClassifierModule(net="lenet", num_classes=2, image_shape=(1, 16, 16), lr=0.2)
+    model = ClassifierModule(net="lenet", num_classes=2, image_shape=(1, 16, 16), lr=0.2, schedule=schedule)
     trainer = L.Trainer(
         default_root_dir=tmp_path,
         max_epochs=epochs,
@@ -165,7 +172,7 @@ def test_fit_end_measures_a_model_stopped_early_once_and_only_if_not_measured(tm
 
 def test_history_image_and_resume_keep_every_measured_epoch(tmp_path):
     first = MarginCallback(num_samples=3, max_iter=10, every_n_epochs=1)
-    trainer = fit(tmp_path, first, 1)
+    trainer = fit(tmp_path, first, 1, schedule="constant")  # a longer resume keeps a constant schedule
     assert sorted(first.history) == [0] and len(first.history[0]) == len(trainer.datamodule.subspaces())
     ckpt = tmp_path / "one.ckpt"
     trainer.save_checkpoint(ckpt)
@@ -184,7 +191,7 @@ def test_history_image_and_resume_keep_every_measured_epoch(tmp_path):
         enable_progress_bar=False,
         num_sanity_val_steps=0,
     )
-    model = ClassifierModule(net="lenet", num_classes=2, image_shape=(1, 16, 16), lr=0.2)
+    model = ClassifierModule(net="lenet", num_classes=2, image_shape=(1, 16, 16), lr=0.2, schedule="constant")
     trainer.fit(model, SyntheticDataModule(**SYNTHETIC), ckpt_path=ckpt)
     assert sorted(resumed.history) == [0, 1] and resumed.history[0] == first.history[0]
     images = events(trainer.log_dir).Images("margin/evolution")
