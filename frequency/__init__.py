@@ -26,3 +26,8 @@ __all__ = [
     "low_pass_mask",
     "num_dct_blocks",
 ]
+from frequency.families import FAMILY_KINDS, build_subspace_family  # noqa: E402
+from frequency.grid import DCTGridSubspaces  # noqa: E402
+from frequency.random_subspaces import RandomSubspaces, load_bases  # noqa: E402
+
+__all__ += ["FAMILY_KINDS", "DCTGridSubspaces", "RandomSubspaces", "build_subspace_family", "load_bases"]
