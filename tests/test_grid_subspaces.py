@@ -84,3 +84,12 @@ def test_deepfool_margin_of_linear_model_is_analytic():
         pw = family.project(w, torch.tensor([s])).norm()
         torch.testing.assert_close(result.margins[s], 1.02 * gap / pw, rtol=1e-6, atol=1e-9)
     assert result.converged.all()
+
+
+def test_frequency_analysis_cli_bad_input_exits_2(tmp_path, capsys):
+    import frequency_analysis
+
+    assert frequency_analysis.main(["map2d", "--checkpoint", str(tmp_path / "missing.ckpt")]) == 2
+    assert frequency_analysis.main(["wavelets", "--checkpoint", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 2 and "Traceback" not in err
