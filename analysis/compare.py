@@ -123,5 +123,5 @@ def plot_comparison(runs: list[Run], rows: list[dict], title: str = "") -> Figur
     ax.set_xlabel("subspace index (DCT blocks: low -> high frequency)")
     ax.set_ylabel("margin (L2, input-space units)")
     ax.set_title(title or "Margins per subspace; * = paired Wilcoxon p < 0.01 vs the first run", fontsize="medium")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="best")
     return fig

@@ -72,3 +72,19 @@ def test_radius_limits_frequencies_and_bad_eps_raises():
     assert np.isfinite(heat.centred()[3:6, 3:6]).all() and np.isnan(heat.centred()[0, 0])
     with pytest.raises(InputError):
         fourier_heatmap(model, x, y, eps=0.0)
+
+
+def test_heatmap_plot_labels_units_and_centre():
+    from analysis.plots import plot_fourier_heatmaps
+
+    model = OneFrequencyModel(fourier_basis(8, 8, torch.tensor([1]), torch.tensor([2]))[0].float()[None], 0.5)
+    heat = fourier_heatmap(model, torch.full((4, 1, 8, 8), 0.5), torch.zeros(4, dtype=torch.long), eps=1.0)
+    fig = plot_fourier_heatmaps({"toy": heat})
+    ax, bar = fig.axes
+    assert "cycles / image" in ax.get_xlabel() and "cycles / image" in ax.get_ylabel()
+    assert bar.get_ylabel().startswith("error rate") and "eps = 1" in ax.get_title()
+    image = ax.images[0].get_array()
+    left, right, bottom, top = ax.images[0].get_extent()
+    col = int(2 - left - 0.5)  # pixel column holding horizontal frequency +2
+    row = int(1 - top - 0.5)  # pixel row holding vertical frequency +1
+    assert image[row, col] == 1.0 and image.sum() == 2.0

@@ -93,3 +93,20 @@ def test_frequency_analysis_cli_bad_input_exits_2(tmp_path, capsys):
     assert frequency_analysis.main(["wavelets", "--checkpoint", "x"]) == 2
     err = capsys.readouterr().err
     assert err.count("error:") == 2 and "Traceback" not in err
+
+
+def test_margin_map_median_reflection_and_plot_labels():
+    from analysis.maps import median_map, point_reflect, reflection_correlations
+    from analysis.plots import plot_margin_maps
+
+    family = DCTGridSubspaces((1, 28, 28), block=8, stride=4)
+    margins = np.arange(36, dtype=float)[:, None] + np.array([[-1.0, 0.0, 5.0]])  # median = s
+    grid = median_map(margins, family)
+    assert grid[1, 2] == 8.0 and grid.shape == (6, 6)
+    assert point_reflect(grid)[0, 0] == grid[5, 5] == 35.0
+    corr = reflection_correlations(grid, point_reflect(grid))
+    assert corr["reflected"] == pytest.approx(1.0) and corr["unreflected"] == pytest.approx(-1.0)
+    fig = plot_margin_maps({"a": grid + 1}, family)
+    ax, bar = fig.axes
+    assert "DCT frequency index" in ax.get_xlabel() and "vertical DCT frequency index" in ax.get_ylabel()
+    assert "median margin (L2" in bar.get_ylabel() and ax.images[0].norm.__class__.__name__ == "LogNorm"
