@@ -94,7 +94,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--eps", type=float, default=10.0, help="L2 norm of the heat map's Fourier perturbation")
     parser.add_argument("--checkpoints", nargs=2, type=Path, metavar=("STANDARD", "FLIPPED"), help="skip training")
     parser.add_argument("--docs", action="store_true", help="write docs/ANALYSES.md and docs/analysis_*.png")
+    parser.add_argument("--render-only", action="store_true", help="only rewrite the docs from --out's summary.json")
     args = parser.parse_args(argv)
+    if args.render_only:
+        summary = json.loads((args.out / "summary.json").read_text())
+        write_docs(summary, args.out)
+        return summary
     start = time.perf_counter()
     results, train_seconds = {}, {}
     for i, (name, (config, _, _)) in enumerate(MODELS.items()):
@@ -163,6 +168,45 @@ def write_docs(summary: dict, out: Path) -> None:
     (docs / "ANALYSES.md").write_text(render(summary))
 
 
+TOOLS = """## Tools and design choices
+
+```
+python frequency_analysis.py map2d   --checkpoint CKPT [--block 8 --stride 4]        # 2-D margin map
+python frequency_analysis.py random  --checkpoint CKPT [--count 21 --method auto]    # DCT vs random subspaces
+python frequency_analysis.py random  --checkpoint CKPT --bases B.npy [C.pt ...]      # DCT vs user bases
+python frequency_analysis.py heatmap --checkpoint CKPT --eps 10 [--radius 15]        # Fourier heat map
+python compare_margins.py RUN_A RUN_B [...] [--names a b] [--output-dir DIR]         # medians, ratios, Wilcoxon
+python compare_margins.py --export-csv RUN_DIR [--output FILE.csv]                   # per-sample CSV
+```
+
+- **2-D maps** (`frequency/grid.py`, `DCTGridSubspaces(image_shape, block, stride)`): subspace `s = a * B + b` spans
+  the DCT atoms in `[a*stride, a*stride+k) x [b*stride, b*stride+k)` on every channel; separable, no dense bases.
+  The point reflection maps blocks onto blocks when `(H - k) % stride == 0` (28, 8, 4: yes).
+- **Random subspaces** (`frequency/random_subspaces.py`, `RandomSubspaces(image_shape, dim, count, seed, method)`):
+  subspace s comes from its own seed `SeedSequence([seed, s])`. `qr`: exact Haar (QR of a Gaussian [D, k]; dense,
+  0.4 MB per MNIST subspace). `hartley`: a structured random orthogonal transform `H S2 Pi H S1` (orthonormal
+  Hartley transform via FFT, random signs, random permutation) restricted to k random rows; stored as O(D)
+  integers (about 1.5 MB per ImageNet subspace instead of 460 MB), two FFTs per use. `auto` picks `qr` up to
+  256 MB of dense bases. User bases: `.npy`/`.pt` of [D, k], [S, D, k] or a list, checked for orthonormality
+  (`InputError` naming the file and max |B^T B - I|).
+- **Families by name** (`frequency/families.py`): `build_subspace_family(kind, image_shape, block, step, ...)` for
+  `dct | full | grid | random | basis`, for a future `--subspace` flag of evaluate_margin.py.
+- **Fourier heat map** (`analysis/fourier_heatmap.py`): one unit-norm basis image per conjugate frequency pair
+  (the map is point-symmetric by construction); colour images get ONE basis image on all channels scaled by
+  1/sqrt(C) (total L2 norm eps); valid range `box` (clamp to [0, 1]), `flipped_box` (flipped data, perturbed in
+  its own input space and made valid as flip(clamp(flip(z), 0, 1))) or `none` (low-/high-pass data); eps, seed,
+  clean error and valid range are stored in heatmap.json.
+- **Comparison** (`analysis/compare.py`): the first run is the reference; ratios of medians; two-sided paired
+  Wilcoxon signed-rank test (`scipy.stats.wilcoxon`) per subspace when both runs hold the same set of dataset
+  indices (columns aligned by index), otherwise an empty p-value with a note. Medians and tests use all samples,
+  converged or not, like the release's plot.
+- **Per-sample CSV** (`analysis/export.py`): columns sample_index, label, predicted, subspace, margin, converged,
+  iterations, perturbed_label; the last four optional ones come from labels.npy, predicted.npy, iterations.npy
+  and perturbed_labels.npy (written by frequency_analysis.py) and are empty where a folder lacks them.
+- This page is separate from RESULTS.md (which scripts/results_doc.py regenerates whole); RESULTS.md links here.
+"""
+
+
 def render(summary: dict) -> str:
     n, s = summary["numbers"], summary["settings"]
     sp, spread, heat = n["spearman"], n["spread"], n["heatmap_max_error"]
@@ -225,6 +269,7 @@ def render(summary: dict) -> str:
         "",
         f"Time: {summary['seconds'] / 60:.1f} minutes (training {sum(summary['train_seconds'].values()):.0f} s).",
         "",
+        TOOLS,
     ])  # fmt: skip
 
 
