@@ -76,7 +76,7 @@ def plot_dct_vs_random(panels: Mapping[str, tuple[np.ndarray, np.ndarray]], supt
         ax.set_xlabel("DCT subspace (frequency)")
         ax.set_ylabel("margin (L2, [0, 1] pixel units)")
         ax.set_title(title, fontsize="medium")
-        ax.legend(fontsize="x-small", loc="upper left")
+        ax.legend(fontsize="x-small", loc="best", framealpha=0.7)
     if suptitle:
         fig.suptitle(suptitle, fontsize="medium")
     return fig
