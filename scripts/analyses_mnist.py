@@ -27,14 +27,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from analysis.compare import compare_runs, load_runs, plot_comparison, write_csv  # noqa: E402
-from analysis.fourier_heatmap import fourier_heatmap  # noqa: E402
+from analysis.fourier_heatmap import FourierHeatmap, fourier_heatmap  # noqa: E402
 from analysis.maps import median_map, reflection_correlations, spread_ratio  # noqa: E402
 from analysis.plots import plot_dct_vs_random, plot_fourier_heatmaps, plot_margin_maps  # noqa: E402
 from attacks.deepfool import SubspaceDeepFool  # noqa: E402
 from evaluate_margin import load_model_and_data  # noqa: E402
 from frequency.families import build_subspace_family  # noqa: E402
 from frequency_analysis import measure_family  # noqa: E402
-from margins import gather_samples, save_figure, select_indices  # noqa: E402
+from margins import gather_samples, read_margin_results, save_figure, select_indices  # noqa: E402
 
 MODELS = {"standard": ("mnist_lenet", "MNIST, LeNet", "box"),
           "flipped": ("mnist_flipped_lenet", "Flipped MNIST, LeNet", "flipped_box")}  # fmt: skip
@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.render_only:
         summary = json.loads((args.out / "summary.json").read_text())
+        figures(load_results(args.out, summary), args.out)
         write_docs(summary, args.out)
         return summary
     start = time.perf_counter()
@@ -131,6 +132,21 @@ def summarize(results: dict, args: argparse.Namespace, train_seconds: dict, seco
             "measure_seconds": {n: r["seconds"] for n, r in results.items()}, "torch": torch.__version__,
             "settings": {"epochs": args.epochs, "num_samples": args.num_samples, "eps": args.eps,
                          "heatmap_samples": args.heatmap_samples, "checkpoints": bool(args.checkpoints)}}  # fmt: skip
+
+
+def load_results(out: Path, summary: dict) -> dict:
+    """The `analyse` results needed by `figures`, read back from the result folders under `out`."""
+    grid, numbers = build_subspace_family("grid", (1, 28, 28), 8, 4), summary["numbers"]
+    results = {}
+    for name, (_, title, valid) in MODELS.items():
+        margins = {k: read_margin_results(out / name / k)["margins"] for k in ("grid", "dct", "random")}
+        settings = summary["settings"]
+        clean = numbers["heatmap_clean_error"][name]
+        error = np.load(out / name / "heatmap.npy")
+        heat = FourierHeatmap(error, settings["eps"], clean, settings["heatmap_samples"], valid, 0, None)
+        results[name] = {"title": title, "margins": margins, "map": median_map(margins["grid"], grid), "heat": heat,
+                         "grid": grid}  # fmt: skip
+    return results
 
 
 def figures(results: dict, out: Path) -> None:
