@@ -241,8 +241,9 @@ def render(summary: dict) -> str:
         "# Analyses beyond the paper: MNIST",
         "",
         f"Written by `python scripts/analyses_mnist.py --docs` on {dt.date.today().isoformat()} (torch "
-        f"{summary['torch']}, CPU, {summary['seconds'] / 60:.1f} minutes in all): a standard and a frequency-flipped "
-        f"LeNet trained {s['epochs']} epochs each (clean accuracy on the margin samples: "
+        f"{summary['torch']}, 2 CPU cores shared with other jobs, {summary['seconds'] / 60:.1f} minutes in all): "
+        f"a standard and a frequency-flipped LeNet trained {s['epochs']} epochs each (clean accuracy on the "
+        "margin samples: "
         f"{n['clean_accuracy']['standard']:.2f} and {n['clean_accuracy']['flipped']:.2f}), margins of the same "
         f"{s['num_samples']} random test samples "
         "(seed 0) measured with subspace-constrained DeepFool (release settings), in each model's input space (the "
