@@ -84,3 +84,50 @@ def test_export_with_and_without_optional_files(tmp_path, base):
     np.save(run / "perturbed_labels.npy", np.zeros((2, 8), int))
     with pytest.raises(InputError, match="perturbed_labels.npy has shape"):
         export_per_sample_csv(run)
+
+
+@pytest.fixture(scope="module")
+def synthetic_ckpt(tmp_path_factory):
+    """A LeNet briefly trained on 1x16x16 synthetic data (no dataset files needed), as a Lightning checkpoint."""
+    import lightning as L
+    import torch
+
+    from datamodules import SyntheticDataModule
+    from lightning_modules import ClassifierModule
+
+    torch.manual_seed(0)
+    data = SyntheticDataModule(image_shape=(1, 16, 16), num_train=256, num_test=32, eps=4.0, sigma=1.0, batch_size=64)
+    module = ClassifierModule(net="lenet", num_classes=2, image_shape=(1, 16, 16), lr=0.05, schedule="constant")
+    trainer = L.Trainer(max_steps=8, limit_val_batches=0, num_sanity_val_steps=0, logger=False, accelerator="cpu",
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, datamodule=data)
+    path = tmp_path_factory.mktemp("ckpt") / "synthetic.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def test_frequency_analysis_cli_end_to_end(synthetic_ckpt, tmp_path):
+    """map2d / random / heatmap on a real checkpoint; outputs read back and cross-checked against each other."""
+    import json
+
+    import frequency_analysis
+
+    common = ["--checkpoint", str(synthetic_ckpt), "--num-samples", "4", "--max-iter", "20", "--no-progress"]
+    out = tmp_path / "m"
+    assert frequency_analysis.main(["map2d", *common, "--block", "8", "--stride", "4", "--output-dir", str(out)]) == 0
+    margins = np.load(out / "margins.npy")
+    assert margins.shape == (9, 4) and np.load(out / "iterations.npy").shape == (9, 4)
+    np.testing.assert_allclose(np.load(out / "map2d.npy"), np.median(margins, axis=1).reshape(3, 3), rtol=1e-6)
+    assert (out / "map2d.png").is_file()
+    rows = list(csv.DictReader(export_per_sample_csv(out).open()))
+    assert len(rows) == 36 and all(r["iterations"] and r["predicted"] and r["perturbed_label"] for r in rows)
+    out = tmp_path / "r"
+    assert frequency_analysis.main(["random", *common, "--count", "3", "--output-dir", str(out)]) == 0
+    spreads = json.loads((out / "analysis.json").read_text())["spread_max_over_min_median"]
+    assert np.load(out / "random" / "margins.npy").shape == (3, 4) and set(spreads) == {"dct", "random"}
+    out = tmp_path / "h"
+    assert frequency_analysis.main(["heatmap", *common, "--eps", "2", "--output-dir", str(out)]) == 0
+    heat = np.load(out / "heatmap.npy")
+    settings = json.loads((out / "heatmap.json").read_text())
+    assert heat.shape == (16, 16) and settings["eps"] == 2.0 and settings["valid"] == "box"
+    np.testing.assert_allclose(heat, np.roll(heat[::-1, ::-1], (1, 1), axis=(0, 1)))  # U(i, j) = U(-i, -j)
