@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 from scipy.stats import wilcoxon
 
 from common.errors import InputError
@@ -120,6 +121,7 @@ def plot_comparison(runs: list[Run], rows: list[dict], title: str = "") -> Figur
         if k and significant:
             ax.plot(significant, [top * 1.3**k] * len(significant), "*", color=color, ms=6)
     ax.set_yscale("log")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("subspace index (DCT blocks: low -> high frequency)")
     ax.set_ylabel("margin (L2, input-space units)")
     ax.set_title(title or "Margins per subspace; * = paired Wilcoxon p < 0.01 vs the first run", fontsize="medium")
