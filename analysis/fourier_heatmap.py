@@ -104,7 +104,7 @@ def fourier_heatmap(
         raise InputError(f"eps must be a positive L2 norm and batch_size >= 1, got eps={eps}, batch={batch_size}")
     make_valid = valid_range(valid)
     device = next(model.parameters(), next(model.buffers(), x)).device
-    was_training = model.training
+    flags = [(m, m.training) for m in model.modules()]
     model.eval()
     x, y = x.to(device), y.to(device)
     n, c, h, w = x.shape
@@ -123,7 +123,8 @@ def fourier_heatmap(
             preds = model(make_valid(block.flatten(0, 1))).argmax(1).view(block.shape[:2])
             errors[f] += (preds != y[None, s : s + batch_size]).sum(1).double().cpu()
     clean_error = float((model(x).argmax(1) != y).double().mean())
-    model.train(was_training)
+    for module, flag in flags:  # every submodule's own mode back
+        module.training = flag
     grid = np.full((h, w), np.nan)
     values = (errors / n).numpy()
     grid[rows.numpy(), cols.numpy()] = values
