@@ -9,7 +9,7 @@
     python frequency_analysis.py random --checkpoint last.ckpt [--count 21 --subspace-seed 0 --method auto]
 
     # Fourier heat map (Yin et al. 2019): error rate under x + r * eps * U(i, j) for every 2-D frequency
-    python frequency_analysis.py heatmap --checkpoint last.ckpt --eps 3 [--num-samples 1000 --radius 15]
+    python frequency_analysis.py heatmap --checkpoint last.ckpt --eps 10 [--num-samples 1000 --radius 15]
 
 Samples: --num-samples test samples drawn with --seed (as evaluate_margin.py), or --indices FILE.npy. The model is
 loaded with `evaluate_margin.load_model_and_data` (a Lightning checkpoint of this project). Everything runs in the
@@ -76,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--method", choices=("auto", "qr", "hartley"), default="auto", help="random generator")
             sub.add_argument("--bases", nargs="+", help="user bases (.npy/.pt) instead of random subspaces")
         else:
-            sub.add_argument("--eps", type=float, default=3.0, help="L2 norm of the perturbation (default 3)")
+            sub.add_argument("--eps", type=float, required=True, help="L2 norm of the perturbation (MNIST LeNet: 10)")
             sub.add_argument("--radius", type=int, help="only frequencies with |i|, |j| <= radius (default all)")
             sub.add_argument("--valid", choices=VALID_RANGES, help="valid range (default: from the transform)")
     return parser
