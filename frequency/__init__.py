@@ -43,3 +43,8 @@ __all__ = [
     "num_dct_blocks",
     "rows_mask",
 ]
+from frequency.families import FAMILY_KINDS, build_subspace_family  # noqa: E402
+from frequency.grid import DCTGridSubspaces  # noqa: E402
+from frequency.random_subspaces import RandomSubspaces, load_bases  # noqa: E402
+
+__all__ += ["FAMILY_KINDS", "DCTGridSubspaces", "RandomSubspaces", "build_subspace_family", "load_bases"]

@@ -1,0 +1,88 @@
+"""Compare margin runs, or export one run's margins per sample as CSV.
+
+Compare (the first run is the reference):
+
+    python compare_margins.py RUN_DIR RUN_DIR [RUN_DIR...] [--names std flipped] [--output-dir outputs/compare]
+
+writes to --output-dir: comparison.png (each run's median margin per subspace with its interquartile band, log
+axis; stars where the paired Wilcoxon p < 0.01), comparison.csv (one row per (subspace, run): median, q25, q75,
+ratio to the reference's median, paired Wilcoxon signed-rank statistic and p-value vs the reference - only where
+both runs hold the same samples, i.e. the same set of indices.npy; otherwise empty with a note), and prints a
+per-subspace table. Runs must have the same number of subspaces.
+
+Export (per-sample CSV: sample_index, label, predicted, subspace, margin, converged, iterations, perturbed_label;
+columns a folder lacks the files for are left empty):
+
+    python compare_margins.py --export-csv RUN_DIR [RUN_DIR...]   # -> RUN_DIR/margins_per_sample.csv
+    python compare_margins.py --export-csv RUN_DIR --output my.csv
+
+RUN_DIR: a result folder of evaluate_margin.py, the margin callback or frequency_analysis.py (margins.npy,
+converged.npy, indices.npy, summary.json). Bad input exits with status 2 and one line `error: ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from analysis.compare import compare_runs, load_runs, plot_comparison, write_csv
+from analysis.export import export_per_sample_csv
+from common.errors import InputError
+from margins.plot import save_figure
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:
+        raise InputError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = _Parser(prog="compare_margins.py", description=__doc__, formatter_class=raw)
+    parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="margin result folders")
+    parser.add_argument("--names", nargs="+", help="one label per run (default: folder names)")
+    parser.add_argument("--output-dir", default="outputs/compare", help="where the comparison goes")
+    parser.add_argument("--title", default="", help="figure title")
+    parser.add_argument("--export-csv", action="store_true", help="export each run's per-sample CSV instead")
+    parser.add_argument("--output", help="with --export-csv and one RUN_DIR: the CSV path")
+    return parser
+
+
+def compare(args: argparse.Namespace) -> Path:
+    if len(args.run_dirs) < 2:
+        raise InputError("comparing needs at least two RUN_DIRs (or --export-csv for one)")
+    runs = load_runs(args.run_dirs, args.names)
+    rows = compare_runs(runs)
+    out = Path(args.output_dir)
+    write_csv(rows, out / "comparison.csv")
+    save_figure(plot_comparison(runs, rows, args.title), out / "comparison.png")
+    for row in rows:
+        p = "" if np.isnan(row["wilcoxon_p"]) else f"p={row['wilcoxon_p']:.2g}"
+        print(f"subspace {row['subspace']:3d} {row['run']:>20s} median {row['median']:9.4g} "
+              f"ratio {row['ratio_to_reference']:7.3g} {p} {row['note']}")  # fmt: skip
+    print(f"results: {out.resolve()}")
+    return out
+
+
+def export(args: argparse.Namespace) -> None:
+    if args.output and len(args.run_dirs) != 1:
+        raise InputError("--output takes one RUN_DIR; without it each CSV goes into its RUN_DIR")
+    for run_dir in args.run_dirs:
+        print(export_per_sample_csv(run_dir, args.output))
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+        export(args) if args.export_csv else compare(args)
+    except (InputError, OSError) as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
