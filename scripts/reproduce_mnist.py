@@ -241,7 +241,18 @@ def write_docs(summary: dict, out: Path) -> None:
 
     docs = REPO / "docs"
     figure(summary["results"], docs / "mnist_margins.png")
-    (docs / "RESULTS.md").write_text(render(summary))
+    results = docs / "RESULTS.md"
+    kept = keep_beyond_the_paper(results.read_text() if results.is_file() else "")
+    results.write_text(render(summary) + kept)
+
+
+BEYOND_THE_PAPER = "## Beyond the paper"
+
+
+def keep_beyond_the_paper(text: str) -> str:
+    """The existing "Beyond the paper" section of RESULTS.md (written by scripts/analyses_mnist.py), to keep it."""
+    start = text.find(BEYOND_THE_PAPER)
+    return "\n" + text[start:] if start >= 0 else ""
 
 
 if __name__ == "__main__":
