@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from common.errors import InputError
 from frequency import DCTBlockSubspaces, flip, high_pass, low_pass
 from models.normalization import Normalize
 
@@ -36,7 +37,7 @@ TRANSFORMS = ("none", "flip", "low_pass", "high_pass")
 CHUNK = 4096  # images per chunk when transforming or reducing in-memory tensors
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(InputError, FileNotFoundError):
     """The data files are not where the datamodule looked; the message names the directory, layout and fix."""
 
 
