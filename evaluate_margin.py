@@ -19,7 +19,9 @@ Bad input: one line `error: ...`, exit 2. Anything else is a bug: traceback, exi
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+import warnings
 
 from common.errors import InputError
 from datamodules import DATASETS, TRANSFORMS
@@ -114,6 +116,9 @@ def print_summary(report: MarginReport, folder: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (0 ok, 2 bad input). Other errors propagate (exit 1)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    for name in ("lightning.pytorch", "lightning.fabric"):  # no "GPU available" banners
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*(LeafSpec|does not have many workers).*")
     try:
         args = build_parser().parse_args(argv)
         report, folder = run(args, argv)

@@ -357,6 +357,8 @@ class ChunkDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         chunk = self.ids[i]
+        if chunk < 0:  # no-op item (fewer chunks than ranks)
+            return {"chunk": -1}
         samples, subspaces = row_grid(len(self.indices), self.num_subspaces, self.chunks[chunk])
         used = sorted(set(samples))
         position = {n: k for k, n in enumerate(used)}
@@ -419,7 +421,9 @@ class MarginPredictor(L.LightningModule):
         return [c for c in range(len(self.chunks)) if c not in scan.committed]
 
     def predict_dataloader(self) -> DataLoader:
-        data = ChunkDataset(self.job.dataset, self.job.indices, len(self.job.subspaces), self.chunks, self.pending)
+        # Lightning's unrepeated sampler needs an item per rank: fewer pending chunks than ranks -> no-op items (-1)
+        ids = self.pending + [-1] * max(0, self.trainer.world_size - len(self.pending))
+        data = ChunkDataset(self.job.dataset, self.job.indices, len(self.job.subspaces), self.chunks, ids)
         workers = self.run_settings.num_workers
         return DataLoader(
             data,
@@ -431,7 +435,9 @@ class MarginPredictor(L.LightningModule):
             persistent_workers=False,
         )
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any] | None:
+        if batch["chunk"] < 0:
+            return None
         x = batch["x"].to(self.device, self.dtype_)
         start = time.perf_counter()
         out = self.engine.attack_rows(self.model, x, self.job.subspaces, batch["local"], batch["subspace"])
@@ -459,7 +465,8 @@ class ChunkWriter(BasePredictionWriter):
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
     ) -> None:
-        self.store.commit(prediction["chunk"], prediction["arrays"], trainer.global_rank)
+        if prediction is not None:
+            self.store.commit(prediction["chunk"], prediction["arrays"], trainer.global_rank)
 
 
 class _Progress:
