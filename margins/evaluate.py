@@ -28,7 +28,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.utilities.exceptions import MisconfigurationException
+from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -467,6 +467,9 @@ class ChunkWriter(BasePredictionWriter):
     ) -> None:
         if prediction is not None:
             self.store.commit(prediction["chunk"], prediction["arrays"], trainer.global_rank)
+        if trainer.received_sigterm:  # Lightning's predict loop would go on: stop at this chunk boundary
+            print("SIGTERM: stopping; committed chunks are kept, run the same command to resume", file=sys.stderr)
+            raise SIGTERMException
 
 
 class _Progress:
