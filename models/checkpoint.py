@@ -33,6 +33,10 @@ class CheckpointReadError(InputError):
     """The file cannot be read as a PyTorch checkpoint; the message says what it is not."""
 
 
+class CheckpointNotFoundError(CheckpointReadError, FileNotFoundError):
+    """No file at the given path."""
+
+
 class UntrustedCheckpointError(InputError, pickle.UnpicklingError):
     """The file holds pickled Python objects, which `torch.load(weights_only=True)` refuses to run."""
 
@@ -54,7 +58,7 @@ def read_checkpoint(path: str | Path, trusted_pickle: bool = False, map_location
     UntrustedCheckpointError."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointReadError(f"checkpoint file not found: {path} (resolved: {path.resolve()})")
+        raise CheckpointNotFoundError(f"checkpoint file not found: {path} (resolved: {path.resolve()})")
     what = _what_file_is_not(path)
     if what:
         raise CheckpointReadError(f"{path} is not a PyTorch checkpoint: {what}")
