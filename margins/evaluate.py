@@ -97,6 +97,7 @@ class RunSettings:
     num_workers: int = 0
     overwrite: bool = False
     progress: bool = True
+    threads: int = 1  # CPU intra-op threads per process: float bits depend on it, so it is part of a CPU run
 
 
 @dataclass
@@ -270,6 +271,10 @@ def run_job(job: MarginJob, attack: AttackSettings, run: RunSettings) -> tuple[M
     trainer = make_trainer(run, job.output_dir)
     device_type = type(trainer.accelerator).__name__.replace("Accelerator", "").lower()
     job.fingerprint["device_type"] = job.settings["device_type"] = device_type
+    if device_type == "cpu":  # BLAS/oneDNN reductions are split by thread: the count changes the float bits
+        if run.threads < 1:
+            raise InputError(f"--threads must be >= 1, got {run.threads}")
+        job.fingerprint["cpu_threads"] = job.settings["cpu_threads"] = run.threads
     store = ChunkStore(job.output_dir / CHUNK_DIR)
     if not run.overwrite:
         store.check_compatible(job.fingerprint)
@@ -391,6 +396,8 @@ class MarginPredictor(L.LightningModule):
         self.progress: _Progress | None = None
 
     def setup(self, stage: str) -> None:
+        if self.job.settings["device_type"] == "cpu":
+            torch.set_num_threads(self.run_settings.threads)
         plan: Any = None
         if self.trainer.is_global_zero:
             try:
