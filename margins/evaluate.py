@@ -46,7 +46,7 @@ from margins.inputs import (
     margin_dataset,
 )
 from margins.measure import gather_samples
-from margins.report import build_report
+from margins.report import summary_extra
 from margins.results import (
     OPTIONAL_FILES,
     RESULT_FILES,
@@ -535,10 +535,17 @@ def merge_chunks(job: MarginJob, store: ChunkStore, chunks: list[range], seconds
         samples = np.arange(rows.start, rows.stop) // num_subspaces
         predicted[samples], targets[samples] = data["predicted"], data["targets"]
     settings = {**job.settings, "device_name": _device_name(job.settings.get("device_type", "cpu"))}
-    return build_report(
-        margins.T, converged.T, iterations.T, job.indices, predicted, targets, settings, seconds,
-        perturbed_labels=perturbed.T, extra={"num_chunks": len(chunks)},
-    )  # fmt: skip
+    return MarginReport(
+        margins=margins.T,
+        converged=converged.T,
+        indices=job.indices,
+        settings=settings,
+        iterations=iterations.T,
+        perturbed_labels=perturbed.T,
+        predicted=predicted,
+        targets=targets,
+        extra={**summary_extra(iterations, predicted, targets, seconds), "num_chunks": len(chunks)},
+    )
 
 
 def _device_name(device_type: str) -> str:

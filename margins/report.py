@@ -10,42 +10,17 @@ import torch
 from margins.results import MarginReport, write_report
 
 
-def build_report(
-    margins: torch.Tensor | np.ndarray,
-    converged: torch.Tensor | np.ndarray,
-    iterations: torch.Tensor | np.ndarray,
-    indices: np.ndarray,
-    predicted: torch.Tensor | np.ndarray,
-    targets: torch.Tensor | np.ndarray,
-    settings: dict,
-    seconds: float,
-    perturbed_labels: torch.Tensor | np.ndarray | None = None,
-    extra: dict | None = None,
-) -> MarginReport:
-    """A `MarginReport` with the derived `extra` fields: clean accuracy, seconds, mean/max iterations.
-
-    margins / converged / iterations / perturbed_labels: [S, N]; indices / predicted / targets: [N].
-    """
-    predicted, targets = _numpy(predicted).astype(np.int64), _numpy(targets).astype(np.int64)
-    iterations = _numpy(iterations).astype(np.int64)
-    derived = {
+def summary_extra(
+    iterations: np.ndarray, predicted: np.ndarray, targets: np.ndarray, seconds: float
+) -> dict[str, float | int]:
+    """Derived `extra` fields of a report: clean accuracy, seconds, number of samples, mean/max iterations."""
+    return {
         "clean_accuracy": float((predicted == targets).mean()) if len(targets) else float("nan"),
         "seconds": float(seconds),
-        "num_samples": int(len(indices)),
+        "num_samples": int(len(targets)),
         "mean_iterations": float(iterations.mean()) if iterations.size else 0.0,
         "max_iterations": int(iterations.max()) if iterations.size else 0,
     }
-    return MarginReport(
-        margins=_numpy(margins),
-        converged=_numpy(converged),
-        indices=np.asarray(indices),
-        settings=settings,
-        iterations=iterations,
-        perturbed_labels=None if perturbed_labels is None else _numpy(perturbed_labels),
-        predicted=predicted,
-        targets=targets,
-        extra={**derived, **(extra or {})},
-    )
 
 
 def save_margin_report(
@@ -67,7 +42,18 @@ def save_margin_report(
     predicted / targets: [N] clean predicted and true labels of the evaluated samples (-> clean accuracy).
     seconds: wall time of the margin computation. settings: everything that produced the run.
     """
-    report = build_report(margins, converged, iterations, indices, predicted, targets, settings, seconds)
+    predicted, targets = _numpy(predicted).astype(np.int64), _numpy(targets).astype(np.int64)
+    iterations = _numpy(iterations).astype(np.int64)
+    report = MarginReport(
+        margins=_numpy(margins),
+        converged=_numpy(converged),
+        indices=np.asarray(indices),
+        settings=settings,
+        iterations=iterations,
+        predicted=predicted,
+        targets=targets,
+        extra=summary_extra(iterations, predicted, targets, seconds),
+    )
     return write_report(output_dir, report, figure=figure, title=title)
 
 
