@@ -15,6 +15,7 @@ SLURM `srun` Lightning's cluster environments supply the ranks.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
 import sys
@@ -384,7 +385,7 @@ class MarginPredictor(L.LightningModule):
     ):
         super().__init__()
         self.dtype_ = DTYPES[attack.dtype]
-        self.model = job.model.to(self.dtype_)
+        self.model = copy.deepcopy(job.model).to(self.dtype_)  # the caller's model is left as it is
         self.job, self.run_settings, self.store, self.chunks = job, run, store, chunks
         self.engine = SubspaceDeepFool(
             overshoot=attack.overshoot,
