@@ -138,9 +138,10 @@ def test_few_samples_on_two_processes(setup, samples, chunk):
     _check_against_reference(setup, out, chunk)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGUSR1])
 def test_killed_run_resumes_to_the_uninterrupted_result(setup, sig):
-    """Kill the process once its first chunk is committed; the same command then finishes with the same bits."""
+    """Kill the process once its first chunk is committed (SIGUSR1 outside SLURM: the default action, termination);
+    the same command then finishes with the same bits."""
     argv = _argv(setup, setup.root / f"killed_{sig.name}", samples=8, chunk=2, max_iter=30)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, str(REPO / "evaluate_margin.py"), *argv, "--devices", "1"]
