@@ -268,8 +268,8 @@ def _state_sha256(model: nn.Module) -> str:
 def run_job(job: MarginJob, attack: AttackSettings, run: RunSettings) -> tuple[MarginReport | None, Path]:
     """Check the folder, predict the pending chunks on every rank, merge on rank 0."""
     start = time.perf_counter()
+    trainer = make_trainer(run, job.output_dir)  # bad --devices etc.: an error before anything is written
     check_output_dir(job, run.overwrite)
-    trainer = make_trainer(run, job.output_dir)
     device_type = type(trainer.accelerator).__name__.replace("Accelerator", "").lower()
     job.fingerprint["device_type"] = job.settings["device_type"] = device_type
     if device_type == "cpu":  # BLAS/oneDNN reductions are split by thread: the count changes the float bits
