@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from common.errors import InputError
 from frequency import FILTERS, DCTBlockSubspaces, flip
 from models.normalization import Normalize
 
@@ -41,7 +42,7 @@ TRANSFORMS = ("none", "flip", *FILTERS)  # none, flip, low_pass, low_pass_rows_r
 CHUNK = 4096  # images per chunk when transforming or reducing in-memory tensors
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(InputError, FileNotFoundError):
     """The data files are not where the datamodule looked; the message names the directory, layout and fix."""
 
 

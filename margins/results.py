@@ -4,8 +4,11 @@ Layout of `output_dir` (our files only; anything else in the directory is never 
     margins.npy    float32 [S, N]  margin of sample n along subspace s (L2, input space)
     converged.npy  bool    [S, N]  DeepFool flipped the label within max_iter
     indices.npy    int64   [N]     dataset indices of the samples (column order)
+    iterations.npy int64   [S, N]  DeepFool steps taken (optional: when recorded)
+    perturbed_labels.npy int64 [S, N]  predicted label of x + (1 + overshoot) r (optional)
+    predicted.npy  int64   [N]     clean predicted labels (optional); targets.npy int64 [N] true labels (optional)
     margins.png    the paper plot (optional)
-    summary.json   {"format_version", "shape", "settings", "stats", "extra", "files"}: the commit marker;
+    summary.json   {"schema_version", "shape", "settings", "stats", "extra", "files"}: the commit marker;
                    "stats" is `summarize(...)` of the stored float32 margins (NaN medians stored as null),
                    "files" maps each file of the set to its SHA-256.
 
@@ -17,7 +20,11 @@ Atomicity: everything (arrays, plot, JSON) is first written and fsynced into a t
     `summary.json` LAST. `summary.json` records the SHA-256 of every file of its set, and
     `read_margin_results` verifies them, so a crash between those renames (the only non-atomic window,
     renames on one filesystem) is detected as an inconsistent set instead of being read silently.
-    A stale `margins.png` from a previous run is removed after the commit when no figure is written.
+    Stale optional files (figure, iterations, labels) of a previous set are removed after the commit.
+
+Schema: `MarginReport` (schema_version 2) written by `write_report` and read by `read_report`; folders written by
+earlier versions (summary.json with `format_version` 1, no optional arrays) still read. `write_margin_results` /
+`read_margin_results` are the array-level wrappers kept for existing callers.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import json
 import math
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -39,13 +47,43 @@ import torch
 
 from margins.plot import plot_margins
 
-FORMAT_VERSION = 1
+SCHEMA_VERSION = 2
 MARGINS_FILE = "margins.npy"
 CONVERGED_FILE = "converged.npy"
 INDICES_FILE = "indices.npy"
 FIGURE_FILE = "margins.png"
 SUMMARY_FILE = "summary.json"
 RESULT_FILES = (MARGINS_FILE, CONVERGED_FILE, INDICES_FILE, FIGURE_FILE, SUMMARY_FILE)
+OPTIONAL_ARRAYS = {  # field -> (file, dtype, "grid" [S, N] or "samples" [N])
+    "iterations": ("iterations.npy", np.int64, "grid"),
+    "perturbed_labels": ("perturbed_labels.npy", np.int64, "grid"),
+    "predicted": ("predicted.npy", np.int64, "samples"),
+    "targets": ("targets.npy", np.int64, "samples"),
+}
+OPTIONAL_FILES = (FIGURE_FILE, *(name for name, _, _ in OPTIONAL_ARRAYS.values()))
+
+
+@dataclasses.dataclass
+class MarginReport:
+    """One margin measurement: the typed result schema (`schema_version` 2) of the CLI and the callback.
+
+    margins: float32 [S, N] (subspace s low -> high frequency, sample n); converged: bool [S, N];
+    indices: int64 [N] dataset indices; iterations / perturbed_labels: int64 [S, N] or None;
+    predicted / targets: int64 [N] clean predicted and true labels, or None; settings: what produced the run;
+    extra: anything else (clean accuracy, seconds, ...); stats: `summarize(margins, converged)` (filled on write).
+    """
+
+    margins: np.ndarray
+    converged: np.ndarray
+    indices: np.ndarray
+    settings: dict
+    iterations: np.ndarray | None = None
+    perturbed_labels: np.ndarray | None = None
+    predicted: np.ndarray | None = None
+    targets: np.ndarray | None = None
+    extra: dict = dataclasses.field(default_factory=dict)
+    stats: dict = dataclasses.field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
 
 
 def summarize(margins: np.ndarray, converged: np.ndarray) -> dict:
@@ -87,47 +125,126 @@ def write_margin_results(
     """Validate and atomically write one margin experiment to `output_dir` (see the module docstring).
 
     margins: [S, N] finite, >= 0 (stored as float32); converged: [S, N] bool; indices: [N] integer dataset
-    indices (stored as int64). settings: the run's configuration (dataset, subspace block/step, attack
-    parameters, ...). extra: anything else (clean accuracy, seconds, checkpoint path, ...). Both go to
-    summary.json after JSON-safe conversion (numpy/torch scalars and arrays, Path, tuples, dataclasses;
-    non-finite floats become null); unsupported values raise TypeError naming their key.
-    figure: also write margins.png (`plot_margins`, with `title`). All validation and JSON conversion happen
-    before anything is written. Returns `output_dir` as a Path.
+    indices (stored as int64). settings / extra go to summary.json after JSON-safe conversion (numpy/torch
+    values, Path, tuples, dataclasses; non-finite floats become null); unsupported values raise TypeError naming
+    their key. figure: also write margins.png (with `title`). Returns `output_dir` as a Path.
+    """
+    report = MarginReport(
+        margins=_to_numpy(margins, "margins"),
+        converged=_to_numpy(converged, "converged"),
+        indices=_to_numpy(indices, "indices"),
+        settings=settings,
+        extra=dict(extra or {}),
+    )
+    return write_report(output_dir, report, figure=figure, title=title)
+
+
+def write_report(output_dir: str | Path, report: MarginReport, figure: bool = True, title: str = "") -> Path:
+    """Validate `report` and write it atomically to `output_dir` (module docstring); returns `output_dir`.
+
+    All validation and JSON conversion happen before anything is written; `report.stats` is recomputed from
+    the stored float32 margins.
     """
     output_dir = Path(output_dir)
-    margins, converged = _check_margins(_to_numpy(margins, "margins"), _to_numpy(converged, "converged"))
+    margins, converged = _check_margins(np.asarray(report.margins), np.asarray(report.converged))
     margins = margins.astype(np.float32)
-    indices = _check_indices(_to_numpy(indices, "indices"), margins.shape[1])
-    if not isinstance(settings, Mapping):
-        raise TypeError(f"settings must be a dict of the run's configuration, got {type(settings).__name__}")
+    indices = _check_indices(np.asarray(report.indices), margins.shape[1])
+    if not isinstance(report.settings, Mapping):
+        raise TypeError(f"settings must be a dict of the run's configuration, got {type(report.settings).__name__}")
+    arrays = {MARGINS_FILE: margins, CONVERGED_FILE: converged, INDICES_FILE: indices}
+    arrays.update(_optional_arrays(report, margins.shape))
     payload = {
-        "format_version": FORMAT_VERSION,
+        "schema_version": SCHEMA_VERSION,
         "shape": list(margins.shape),
-        "settings": _json_safe(dict(settings), "settings"),
-        "stats": _json_safe(summarize(margins, converged), "stats"),
-        "extra": _json_safe(dict(extra or {}), "extra"),
+        "settings": json_safe(dict(report.settings), "settings"),
+        "stats": json_safe(summarize(margins, converged), "stats"),
+        "extra": json_safe(dict(report.extra), "extra"),
     }
     if output_dir.exists() and not output_dir.is_dir():
         raise NotADirectoryError(f"output_dir {output_dir} exists and is not a directory; choose another path")
 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp_dirs(output_dir)
     tmp = output_dir.parent / f".{output_dir.name}.tmp-{uuid.uuid4().hex}"
     tmp.mkdir()  # default permissions (umask), unlike tempfile.mkdtemp's 0700: it may become output_dir
     try:
-        files = _write_set(tmp, margins, converged, indices, payload, figure, title)
+        files = _write_set(tmp, arrays, payload, (margins, converged) if figure else None, title)
         _commit(tmp, output_dir, files)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return output_dir
 
 
-def read_margin_results(output_dir: str | Path) -> dict:
-    """Read a set written by `write_margin_results`: {"margins", "converged", "indices", "summary"}.
+def _optional_arrays(report: MarginReport, shape: tuple[int, int]) -> dict[str, np.ndarray]:
+    out = {}
+    for key, (name, dtype, kind) in OPTIONAL_ARRAYS.items():
+        value = getattr(report, key)
+        if value is None:
+            continue
+        value = _to_numpy(value, key) if isinstance(value, torch.Tensor) else np.asarray(value)
+        want = shape if kind == "grid" else (shape[1],)
+        if value.shape != want:
+            raise ValueError(f"{key} must have shape {list(want)} like the margins, got {list(value.shape)}")
+        out[name] = value.astype(dtype)
+    return out
 
-    `summary` is the parsed summary.json. Raises FileNotFoundError when no committed set exists and
-    ValueError when a file does not match the checksum recorded in summary.json (interrupted write).
+
+def remove_stale_tmp_dirs(output_dir: Path, older_than: float = 3600.0) -> list[Path]:
+    """Remove `.<name>.tmp-*` siblings of `output_dir` left by killed writers (older than `older_than` s)."""
+    removed = []
+    if not output_dir.parent.is_dir():
+        return removed
+    now = time.time()
+    for path in output_dir.parent.glob(f".{output_dir.name}.tmp-*"):
+        try:
+            if now - path.stat().st_mtime > older_than:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        except FileNotFoundError:
+            continue
+    return removed
+
+
+def read_report(output_dir: str | Path) -> MarginReport:
+    """Read a set written by `write_report` (or by `write_margin_results` of schema 1) into a `MarginReport`.
+
+    Raises FileNotFoundError when no committed set exists and ValueError when a file does not match the checksum
+    recorded in summary.json (interrupted write) or the schema is newer than this code.
     """
     output_dir = Path(output_dir)
+    summary = _read_summary(output_dir)
+    version = summary.get("schema_version", summary.get("format_version", 1))
+    if version > SCHEMA_VERSION:
+        raise ValueError(f"{output_dir} was written by a newer version (schema {version} > {SCHEMA_VERSION})")
+    files = summary.get("files", {})
+    optional = {
+        key: np.load(output_dir / name, allow_pickle=False) if name in files else None
+        for key, (name, _, _) in OPTIONAL_ARRAYS.items()
+    }
+    return MarginReport(
+        margins=np.load(output_dir / MARGINS_FILE, allow_pickle=False),
+        converged=np.load(output_dir / CONVERGED_FILE, allow_pickle=False),
+        indices=np.load(output_dir / INDICES_FILE, allow_pickle=False),
+        settings=summary.get("settings", {}),
+        extra=summary.get("extra", {}),
+        stats=summary.get("stats", {}),
+        schema_version=int(version),
+        **optional,
+    )
+
+
+def read_margin_results(output_dir: str | Path) -> dict:
+    """`read_report` as a dict {"margins", "converged", "indices", "summary", ...optional arrays present}.
+
+    `summary` is the parsed summary.json.
+    """
+    report = read_report(output_dir)
+    out = {"margins": report.margins, "converged": report.converged, "indices": report.indices}
+    out.update({k: getattr(report, k) for k in OPTIONAL_ARRAYS if getattr(report, k) is not None})
+    return {**out, "summary": _read_summary(Path(output_dir))}
+
+
+def _read_summary(output_dir: Path) -> dict:
     summary_path = output_dir / SUMMARY_FILE
     if not summary_path.is_file():
         raise FileNotFoundError(f"no margin results in {output_dir}: {SUMMARY_FILE} is missing (run not finished?)")
@@ -139,23 +256,16 @@ def read_margin_results(output_dir: str | Path) -> dict:
                 f"margin results in {output_dir} are inconsistent: {name} is missing or does not match "
                 f"{SUMMARY_FILE} (an interrupted write?); rerun the measurement to rewrite them"
             )
-    arrays = {key: np.load(output_dir / name, allow_pickle=False) for key, name in _ARRAY_FILES.items()}
-    return {**arrays, "summary": summary}
+    return summary
 
 
-_ARRAY_FILES = {"margins": MARGINS_FILE, "converged": CONVERGED_FILE, "indices": INDICES_FILE}
-
-
-def _write_set(
-    tmp: Path, margins: np.ndarray, converged: np.ndarray, indices: np.ndarray, payload: dict, figure: bool, title: str
-) -> list[str]:
+def _write_set(tmp: Path, arrays: dict[str, np.ndarray], payload: dict, figure: tuple | None, title: str) -> list[str]:
     """Write the full set into `tmp`; returns the file names, summary.json last."""
-    arrays = {MARGINS_FILE: margins, CONVERGED_FILE: converged, INDICES_FILE: indices}
     for name, array in arrays.items():
         _write_file(tmp / name, lambda f, a=array: np.save(f, a, allow_pickle=False))
     names = list(arrays)
-    if figure:
-        fig = plot_margins(margins, converged, title=title)
+    if figure is not None:
+        fig = plot_margins(*figure, title=title)
         _write_file(tmp / FIGURE_FILE, lambda f: fig.savefig(f, format="png", dpi=150))
         names.append(FIGURE_FILE)
     payload = {**payload, "files": {name: _sha256(tmp / name) for name in names}}
@@ -174,8 +284,9 @@ def _commit(tmp: Path, output_dir: Path, files: list[str]) -> None:
             output_dir.mkdir(parents=True, exist_ok=True)
     for name in files:  # summary.json is the last entry: the commit marker
         os.replace(tmp / name, output_dir / name)
-    if FIGURE_FILE not in files:
-        (output_dir / FIGURE_FILE).unlink(missing_ok=True)
+    for name in OPTIONAL_FILES:
+        if name not in files:
+            (output_dir / name).unlink(missing_ok=True)
 
 
 def _write_file(path: Path, writer: Callable[[IO[bytes]], Any]) -> None:
@@ -233,27 +344,27 @@ def _check_indices(indices: np.ndarray, num_samples: int) -> np.ndarray:
     return indices.astype(np.int64)
 
 
-def _json_safe(value: Any, key: str) -> Any:
+def json_safe(value: Any, key: str) -> Any:
     """Recursively convert to JSON-safe values; `key` names the location for error messages."""
     if value is None or isinstance(value, (bool, str, int)):
         return value
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, np.generic):
-        return _json_safe(value.item(), key)
+        return json_safe(value.item(), key)
     if isinstance(value, (np.ndarray, torch.Tensor)):
-        return _json_safe(_to_numpy(value, key).tolist(), key)
+        return json_safe(_to_numpy(value, key).tolist(), key)
     if isinstance(value, (Path, torch.device, torch.dtype)):
         return str(value)
     if isinstance(value, enum.Enum):
-        return _json_safe(value.value, key)
+        return json_safe(value.value, key)
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _json_safe(dataclasses.asdict(value), key)
+        return json_safe(dataclasses.asdict(value), key)
     if isinstance(value, Mapping):
-        return {str(k): _json_safe(v, f"{key}.{k}") for k, v in value.items()}
+        return {str(k): json_safe(v, f"{key}.{k}") for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
         items = sorted(value, key=str) if isinstance(value, (set, frozenset)) else value
-        return [_json_safe(v, f"{key}[{i}]") for i, v in enumerate(items)]
+        return [json_safe(v, f"{key}[{i}]") for i, v in enumerate(items)]
     raise TypeError(
         f"{key} has a value of type {type(value).__name__} that cannot be stored in summary.json; "
         "convert it to a number, string, list or dict first"

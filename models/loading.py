@@ -12,7 +12,6 @@ Formats (recognised from the file's content):
 from __future__ import annotations
 
 import math
-import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,13 +19,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from common.errors import InputError
+
+from .checkpoint import CheckpointReadError, UntrustedCheckpointError, checkpoint_kind, read_checkpoint
+
+__all__ = ["CheckpointMismatchError", "UntrustedCheckpointError", "guess_architecture", "load_weights"]
 from .normalization import NormalizedModel
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
 _MAX_LISTED = 10
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(InputError):
     """The checkpoint's parameters do not match the model (missing/unexpected keys, wrong shapes)."""
 
     def __init__(self, message: str, missing: list[str], unexpected: list[str], shape_mismatches: list[str]):
@@ -34,10 +38,6 @@ class CheckpointMismatchError(ValueError):
         self.missing = missing
         self.unexpected = unexpected
         self.shape_mismatches = shape_mismatches
-
-
-class UntrustedCheckpointError(pickle.UnpicklingError):
-    """The file holds pickled Python objects, which `torch.load(weights_only=True)` refuses to run."""
 
 
 @dataclass
@@ -55,6 +55,7 @@ def load_weights(
     path: str | Path,
     trusted_pickle: bool = False,
     map_location: str | torch.device | None = "cpu",
+    content: object = None,
 ) -> nn.Module:
     """Load a checkpoint into `model` in place, strictly, and return `model`.
 
@@ -66,12 +67,12 @@ def load_weights(
 
     Files are read with `torch.load(weights_only=True)`; `trusted_pickle=True` allows pickled Python
     objects (MadryLab checkpoints need it), which can execute code: use it on trusted files only.
-    Raises FileNotFoundError, UntrustedCheckpointError, CheckpointMismatchError (nothing is loaded then).
+    `content`: the already loaded file (`models.checkpoint.inspect_checkpoint(...).content`), to read it once.
+    Raises CheckpointReadError, UntrustedCheckpointError, CheckpointMismatchError (nothing is loaded then).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path}")
-    parsed = _parse(_torch_load(path, trusted_pickle, map_location), path)
+    obj = content if content is not None else read_checkpoint(path, trusted_pickle, map_location)
+    parsed = _parse(obj, path)
     if isinstance(model, NormalizedModel):
         net, normalize = model.net, model.normalize
     else:
@@ -95,52 +96,19 @@ def load_weights(
     return model
 
 
-def _torch_load(path: Path, trusted_pickle: bool, map_location: str | torch.device | None) -> object:
-    try:
-        return torch.load(path, map_location=map_location, weights_only=not trusted_pickle)
-    except pickle.UnpicklingError as err:
-        detail = _unpickler_detail(str(err))
-        if not trusted_pickle and "unsupported global" in detail.lower():
-            raise UntrustedCheckpointError(
-                f"{path} contains pickled Python objects, which are not loaded by default because unpickling "
-                f"can execute arbitrary code. If (and only if) you trust this file, pass trusted_pickle=True "
-                f"(MadryLab robustness checkpoints need it). torch.load(weights_only=True) said: {detail}"
-            ) from err
-        hint = "" if trusted_pickle else " (if it is a trusted pickle of another kind, trusted_pickle=True may read it)"
-        raise ValueError(f"cannot read {path} as a PyTorch checkpoint: {detail}{hint}") from err
-    except (KeyError, EOFError) as err:
-        raise ValueError(f"cannot read {path} as a PyTorch checkpoint (corrupt or not saved by torch.save)") from err
-
-
-def _unpickler_detail(message: str) -> str:
-    """The informative part of torch's weights-only error (after 'WeightsUnpickler error:'), one line."""
-    _, sep, rest = message.partition("WeightsUnpickler error:")
-    text = rest if sep else message
-    return " ".join(text.split("Check the documentation of torch.load")[0].split())
-
-
 def _parse(obj: object, path: Path) -> _Parsed:
-    if isinstance(obj, nn.Module):  # a whole pickled model (only with trusted_pickle)
-        obj = obj.state_dict()
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state_dict or a checkpoint dict")
-    if isinstance(obj.get("state_dict"), Mapping):
-        return _parse_lightning(_strip_wrappers(obj["state_dict"]), path)
-    if isinstance(obj.get("model"), Mapping) and _is_tensor_dict(obj["model"]):
-        return _parse_madry(_strip_wrappers(obj["model"]))
-    if _is_tensor_dict(obj):
-        return _split_normalized(_strip_wrappers(obj), "state_dict")
-    keys = ", ".join(map(str, list(obj)[:_MAX_LISTED]))
-    raise ValueError(
-        f"{path} is neither a state_dict nor a known checkpoint (Lightning 'state_dict', MadryLab 'model'); "
-        f"its top-level keys are: {keys}"
-    )
+    kind, weights = checkpoint_kind(obj, path)
+    if kind == "lightning":
+        return _parse_lightning(_strip_wrappers(weights), path)
+    if kind == "madrylab":
+        return _parse_madry(_strip_wrappers(weights))
+    return _split_normalized(_strip_wrappers(weights), "state_dict")
 
 
 def _parse_lightning(sd: Mapping[str, torch.Tensor], path: Path) -> _Parsed:
     sub = _sub_dict(sd, "model.")
     if not sub:
-        raise ValueError(
+        raise CheckpointReadError(
             f"{path} is a Lightning checkpoint without 'model.*' weights (expected the LightningModule to hold "
             f"the network as attribute 'model'); its keys start with: {', '.join(list(sd)[:_MAX_LISTED])}"
         )
@@ -166,10 +134,6 @@ def _split_normalized(sd: Mapping[str, torch.Tensor], fmt: str) -> _Parsed:
     normalize = {k: sd[f"normalize.{k}"] for k in ("mean", "std") if f"normalize.{k}" in sd}
     unexpected = [k for k in sd if not k.startswith("net.") and k not in ("normalize.mean", "normalize.std")]
     return _Parsed(fmt, _sub_dict(sd, "net."), normalize, unexpected)
-
-
-def _is_tensor_dict(d: Mapping) -> bool:
-    return len(d) > 0 and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in d.items())
 
 
 def _sub_dict(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

@@ -26,8 +26,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from attacks.pgd import L2PGD  # noqa: E402
-from evaluate_margin import load_model_and_data  # noqa: E402
 from margins import plot_margins, read_margin_results  # noqa: E402
+from margins.inputs import load_model_and_data  # noqa: E402
 
 
 @dataclass

@@ -40,3 +40,29 @@ def samples_dir() -> Path:
     if not (SAMPLES / "ImageNet").is_dir():
         pytest.skip(f"sample images not found in {SAMPLES} (a user's clone without ../shared/data)")
     return SAMPLES
+
+
+def write_idx_mnist(root: Path, num_train: int = 64, num_test: int = 64, seed: int = 0) -> Path:
+    """A tiny generated MNIST in torchvision's raw layout (`root/MNIST/raw/*-idx?-ubyte`): 28x28 uint8 images of a
+    bright square whose position encodes the label (0..9), plus noise. Returns `root`."""
+    import numpy as np
+
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for prefix, count in (("train", num_train), ("t10k", num_test)):
+        labels = (np.arange(count) % 10).astype(np.uint8)
+        images = rng.integers(0, 40, size=(count, 28, 28), dtype=np.uint8)
+        for i, label in enumerate(labels):
+            r, c = 2 + 8 * (label // 4), 2 + 6 * (label % 4)
+            images[i, r : r + 6, c : c + 6] = 255
+        header = np.array([0x803, count, 28, 28], dtype=">i4").tobytes()
+        (raw / f"{prefix}-images-idx3-ubyte").write_bytes(header + images.tobytes())
+        (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(np.array([0x801, count], ">i4").tobytes() + labels.tobytes())
+    return root
+
+
+@pytest.fixture
+def tiny_mnist_root(tmp_path_factory) -> Path:
+    """Root holding a generated 64 + 64 image MNIST in the raw idx layout (no real data needed)."""
+    return write_idx_mnist(tmp_path_factory.mktemp("tiny_mnist"))

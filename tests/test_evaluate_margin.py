@@ -139,7 +139,8 @@ def test_release_state_dict_defaults_and_lightning_checkpoint_alone(trained, tmp
     assert (settings["subspace"], settings["subspace_block"], settings["subspace_step"]) == ("dct", 8, 1)
     assert settings["num_subspaces"] == 21 and settings["num_samples"] == 5 and settings["seed"] == 0
     assert (settings["overshoot"], settings["max_iter"], settings["indices_file"]) == (0.02, 100, None)
-    assert settings["device"] == "cpu" and settings["torch_version"] == torch.__version__
+    assert settings["device_type"] == "cpu" and settings["torch_version"] == torch.__version__
+    assert settings["checkpoint_sha256"] and settings["dtype"] == "float32"
     expected_accuracy = float((direct.labels == y).float().mean())
     assert summary["extra"]["clean_accuracy"] == pytest.approx(expected_accuracy)
     assert summary["extra"]["seconds"] > 0
@@ -310,19 +311,20 @@ def test_image_folder_resnet50(imagenet_tree, tmp_path, capsys):
 
 # ---- bad input -----------------------------------------------------------------------------------------------
 @pytest.fixture
-def bad_input(tmp_path, mnist_root) -> SimpleNamespace:
-    """An untrained LeNet as a raw state_dict, a checkpoint dict with hyperparameters, a pickled file, index files."""
+def bad_input(tmp_path, tiny_mnist_root) -> SimpleNamespace:
+    """An untrained LeNet as a raw state_dict, a checkpoint dict with hyperparameters, a pickled file, index files;
+    data: a generated 64-image MNIST in the raw idx layout (no real data needed)."""
     torch.save(build_model("lenet").state_dict(), tmp_path / "lenet.t7")
     fake_ckpt = {
         "state_dict": {f"model.net.{k}": v for k, v in build_model("lenet").state_dict().items()},
         "hyper_parameters": {"net": "lenet", "num_classes": 10, "image_shape": (1, 28, 28)},
-        "datamodule_hyper_parameters": {"dataset": "mnist", "data_dir": str(mnist_root), "transform": "none"},
+        "datamodule_hyper_parameters": {"dataset": "mnist", "data_dir": str(tiny_mnist_root), "transform": "none"},
     }
     torch.save(fake_ckpt, tmp_path / "run.ckpt")
     torch.save({"args": argparse.Namespace(arch="resnet50")}, tmp_path / "pickled.pt")
-    np.save(tmp_path / "outside.npy", np.array([0, 10000]))
+    np.save(tmp_path / "outside.npy", np.array([0, 64]))
     np.save(tmp_path / "dupes.npy", np.array([3, 8, 3]))
-    return SimpleNamespace(root=tmp_path, data=mnist_root)
+    return SimpleNamespace(root=tmp_path, data=tiny_mnist_root)
 
 
 def _bad_cases(b: SimpleNamespace) -> dict[str, tuple[list, str]]:
@@ -334,8 +336,8 @@ def _bad_cases(b: SimpleNamespace) -> dict[str, tuple[list, str]]:
             "does not fit --model resnet18_mnist.*missing.*Likely fix: --model lenet",
         ),
         "subspace larger than image": ([*lenet, "--subspace-dim", 29], "--subspace-dim 29 does not fit the 28x28"),
-        "too many samples": ([*lenet, "--num-samples", 10001], "mnist test split has 10000 samples"),
-        "indices out of range": ([*lenet, "--indices", b.root / "outside.npy"], r"outside \[0, 10000\)"),
+        "too many samples": ([*lenet, "--num-samples", 65], "mnist test split has 64 samples"),
+        "indices out of range": ([*lenet, "--indices", b.root / "outside.npy"], r"outside \[0, 64\)"),
         "duplicate indices": ([*lenet, "--indices", b.root / "dupes.npy"], r"duplicates: \[3\]"),
         "missing data dir": ([*lenet[:-1], b.root / "no_data"], "MNIST not found.*no_data.*--data-dir"),
         "unknown model": ([*lenet[:1], "vgg11", *lenet[2:]], "invalid choice: 'vgg11'"),
@@ -384,8 +386,8 @@ def test_bad_input_leaves_previous_results_untouched(trained, tmp_path, capsys):
         ["--checkpoint", trained.ckpt, "--num-samples", 2, "--subspace", "full", "--output-dir", out], capsys
     )
     assert code == 0
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     code, _, stderr = _run(["--checkpoint", trained.ckpt, "--num-samples", 10001, "--output-dir", out], capsys)
     assert code == 2 and stderr.count("\n") == 1
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert json.loads((out / "summary.json").read_text())["settings"]["num_samples"] == 2

@@ -300,3 +300,69 @@ def test_measure_margins_matches_analytic_affine_margin():
         projector = subspaces.project(eye, torch.full((64,), s)).flatten(1)  # rows: P e_i
         expected = 1.02 * gap / (projector @ w_diff).norm()
         torch.testing.assert_close(run.result.margins[s], expected, rtol=1e-4, atol=1e-6)
+
+
+# ---------------------------------------------------------------- typed schema (schema_version 2) and old folders
+
+
+def test_report_round_trip_with_every_field(tmp_path):
+    from margins.results import MarginReport, read_report, write_report
+
+    margins, converged, indices = _example(num_subspaces=3, num_samples=5)
+    rng = np.random.default_rng(1)
+    report = MarginReport(
+        margins=margins,
+        converged=converged,
+        indices=indices,
+        settings={"dtype": "float64"},
+        iterations=rng.integers(1, 100, size=(3, 5)),
+        perturbed_labels=rng.integers(0, 10, size=(3, 5)),
+        predicted=rng.integers(0, 10, size=5),
+        targets=rng.integers(0, 10, size=5),
+        extra={"seconds": 2.0},
+    )
+    write_report(tmp_path / "run", report, figure=False)
+    back = read_report(tmp_path / "run")
+    assert back.schema_version == 2 and back.settings == {"dtype": "float64"} and back.extra == {"seconds": 2.0}
+    np.testing.assert_array_equal(back.margins, margins.astype(np.float32))
+    for key in ("iterations", "perturbed_labels", "predicted", "targets"):
+        np.testing.assert_array_equal(getattr(back, key), getattr(report, key))
+        assert getattr(back, key).dtype == np.int64
+    assert back.stats["num_not_converged_total"] == int((~converged).sum())
+    with pytest.raises(ValueError, match=r"iterations must have shape \[3, 5\]"):
+        write_report(tmp_path / "bad", MarginReport(margins, converged, indices, {}, iterations=np.zeros((5, 3))))
+
+
+def test_folder_of_format_version_1_still_reads(tmp_path):
+    """The layout written before the schema existed: summary.json with format_version 1, three arrays."""
+    import hashlib
+
+    from margins.results import read_report
+
+    margins, converged, indices = _example()
+    out = tmp_path / "old"
+    out.mkdir()
+    arrays = {"margins.npy": margins.astype(np.float32), "converged.npy": converged, "indices.npy": indices}
+    for name, array in arrays.items():
+        np.save(out / name, array)
+    files = {name: hashlib.sha256((out / name).read_bytes()).hexdigest() for name in arrays}
+    summary = {"format_version": 1, "shape": list(margins.shape), "settings": {"run": "old"}, "stats": {},
+               "extra": {"clean_accuracy": 0.5}, "files": files}  # fmt: skip
+    (out / "summary.json").write_text(json.dumps(summary))
+    report = read_report(out)
+    assert report.schema_version == 1 and report.settings == {"run": "old"} and report.iterations is None
+    np.testing.assert_array_equal(report.margins, margins.astype(np.float32))
+    np.testing.assert_array_equal(read_margin_results(out)["indices"], indices)
+
+
+def test_stale_temporary_folders_of_killed_writers_are_removed(tmp_path):
+    from margins.results import remove_stale_tmp_dirs
+
+    old, fresh = tmp_path / ".run.tmp-old", tmp_path / ".run.tmp-fresh"
+    old.mkdir()
+    fresh.mkdir()
+    os.utime(old, (0, 0))  # left by a writer killed long ago
+    margins, converged, indices = _example()
+    write_margin_results(tmp_path / "run", margins, converged, indices, {}, figure=False)
+    assert not old.exists() and fresh.exists()  # a concurrent writer's fresh folder is left alone
+    assert remove_stale_tmp_dirs(tmp_path / "run", older_than=0.0) == [fresh]

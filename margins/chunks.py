@@ -1,0 +1,200 @@
+"""Committed chunks of a margin evaluation on disk: resumable, consistent after a kill at any moment.
+
+Layout of `<output_dir>/chunks/`:
+    manifest.json          every setting of the run and the checkpoint's SHA-256; written once (atomically) by
+                           rank 0 before any work. A resume compares its `fingerprint` with the new run's.
+    chunk-000012.npz       the rows of chunk 12 (`margins`, `converged`, `iterations`, `perturbed_labels`,
+                           `predicted`, `targets`, `rows` = [start, stop)); written to `.chunk-000012.npz.tmp-<uuid>`,
+                           fsynced, then `os.replace`d (atomic) and the directory fsynced.
+    journal-rank<r>.jsonl  one line per chunk committed by rank r: {"chunk", "file", "sha256"}, appended and fsynced
+                           AFTER the chunk file is in place. A chunk counts as committed only when a journal line
+                           lists it and the file's SHA-256 matches that line.
+
+A kill before the journal line leaves an unlisted file (recomputed, overwritten atomically); a kill mid-line leaves
+an unparsable line (ignored); a listed file whose bytes changed (disk or user damage) is reported in one line,
+deleted and recomputed. Nothing else is ever deleted, except by `reset` (`--overwrite`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common.errors import InputError
+
+MANIFEST = "manifest.json"
+CHUNK_FIELDS = ("margins", "converged", "iterations", "perturbed_labels", "predicted", "targets", "rows")
+
+
+class ResumeMismatchError(InputError):
+    """The folder holds a run with other settings or another checkpoint."""
+
+
+@dataclass
+class ChunkScan:
+    """What is on disk: committed chunk ids (file verified), and one-line notes about damaged chunks."""
+
+    committed: set[int]
+    problems: list[str]
+
+
+class ChunkStore:
+    """The chunk folder of one evaluation (see the module docstring)."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    # ---- manifest --------------------------------------------------------------------------------------
+    def read_manifest(self) -> dict[str, Any] | None:
+        path = self.root / MANIFEST
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ResumeMismatchError(f"{path} is not valid JSON ({err}); pass --overwrite to start again") from err
+
+    def check_compatible(self, fingerprint: dict[str, Any]) -> None:
+        """Raise ResumeMismatchError naming the first differing settings if the folder holds another run."""
+        manifest = self.read_manifest()
+        if manifest is None:
+            return
+        before = manifest.get("fingerprint", {})
+        now = json.loads(json.dumps(fingerprint))
+        diffs = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
+        if diffs:
+            shown = "; ".join(f"{k}: {_short(before.get(k))} there, {_short(now.get(k))} now" for k in diffs[:3])
+            more = f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else ""
+            raise ResumeMismatchError(
+                f"{self.root.parent} holds an evaluation with other settings ({shown}{more}); "
+                "pass --overwrite to start again, or choose another --output-dir"
+            )
+
+    def initialise(self, manifest: dict[str, Any]) -> None:
+        """Rank 0, before work: create the folder, drop stale temporary files, write the manifest if absent."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        for tmp in self.root.glob(".*.tmp-*"):
+            tmp.unlink(missing_ok=True)
+        if not (self.root / MANIFEST).is_file():
+            text = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False) + "\n"
+            atomic_write(self.root / MANIFEST, text.encode())
+
+    def reset(self) -> None:
+        """Remove every chunk and the manifest (`--overwrite`)."""
+        shutil.rmtree(self.root, ignore_errors=True)
+
+    # ---- chunks ----------------------------------------------------------------------------------------
+    @staticmethod
+    def chunk_name(chunk: int) -> str:
+        return f"chunk-{chunk:06d}.npz"
+
+    def commit(self, chunk: int, arrays: dict[str, np.ndarray], rank: int) -> None:
+        """Write chunk `chunk` atomically, then append its journal line (fsynced)."""
+        buffer = io.BytesIO()
+        np.savez(buffer, **{k: np.asarray(arrays[k]) for k in CHUNK_FIELDS})
+        data = buffer.getvalue()
+        name = self.chunk_name(chunk)
+        atomic_write(self.root / name, data)
+        line = json.dumps({"chunk": chunk, "file": name, "sha256": hashlib.sha256(data).hexdigest()})
+        _append_line(self.root / f"journal-rank{rank}.jsonl", line)
+
+    def load(self, chunk: int) -> dict[str, np.ndarray]:
+        with np.load(self.root / self.chunk_name(chunk), allow_pickle=False) as data:
+            return {k: data[k] for k in CHUNK_FIELDS}
+
+    def listed(self) -> dict[int, str]:
+        """Chunk id -> SHA-256 from every journal line that parses (the last line for a chunk wins)."""
+        listed: dict[int, str] = {}
+        for journal in sorted(self.root.glob("journal-*.jsonl")):
+            for line in journal.read_text(errors="replace").splitlines():
+                try:
+                    entry = json.loads(line)
+                    listed[int(entry["chunk"])] = str(entry["sha256"])
+                except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                    continue  # a line cut by a kill
+        return listed
+
+    def scan(self, num_chunks: int) -> ChunkScan:
+        """Verify every listed chunk file against its checksum (read-only)."""
+        committed, problems = set(), []
+        for chunk, digest in sorted(self.listed().items()):
+            if not 0 <= chunk < num_chunks:
+                continue
+            path = self.root / self.chunk_name(chunk)
+            if not path.is_file():
+                problems.append(f"{path} is listed as committed but missing; recomputing it")
+            elif _sha256(path) != digest:
+                problems.append(f"{path} is corrupt (its SHA-256 differs from the journal); recomputing it")
+            else:
+                committed.add(chunk)
+        return ChunkScan(committed, problems)
+
+    def count_present(self) -> set[int]:
+        """Chunk ids whose files exist (cheap, for the progress bar)."""
+        ids = set()
+        for path in self.root.glob("chunk-*.npz"):
+            try:
+                ids.add(int(path.stem.split("-")[1]))
+            except (IndexError, ValueError):
+                continue
+        return ids
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically: temporary sibling, fsync, os.replace, fsync of the directory."""
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def _append_line(path: Path, line: str) -> None:
+    with open(path, "ab") as f:
+        if f.tell() > 0 and not _ends_with_newline(path):
+            f.write(b"\n")  # a previous line was cut by a kill: keep ours separate
+        f.write(line.encode() + b"\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as f:
+        f.seek(-1, os.SEEK_END)
+        return f.read(1) == b"\n"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."

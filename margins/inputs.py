@@ -1,0 +1,237 @@
+"""What a margin evaluation measures: model and datamodule from a checkpoint (+ flags), samples, subspaces.
+
+Every function raises `common.errors.InputError` (one line naming the problem and the fix) on bad input.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from common.errors import InputError
+from datamodules import DATASETS, FrequencyDataModule, build_datamodule
+from frequency import DCTBlockSubspaces, FullSpace
+from frequency.subspaces import SubspaceFamily
+from margins.measure import load_indices, select_indices
+from models import (
+    MODEL_NAMES,
+    CheckpointInfo,
+    CheckpointMismatchError,
+    Normalize,
+    NormalizedModel,
+    build_model,
+    file_sha256,
+    inspect_checkpoint,
+    load_weights,
+)
+
+
+@dataclass
+class ModelSource:
+    """Where the model and data come from: a checkpoint plus optional overrides (the CLI's first flag group)."""
+
+    checkpoint: str | Path
+    model: str | None = None
+    dataset: str | None = None
+    transform: str | None = None
+    bandwidth: int | None = None
+    data_dir: str | None = None
+    num_classes: int | None = None
+    trusted_pickle: bool = False
+
+
+@dataclass
+class LoadedSource:
+    """The eval-mode model `[B, C, H, W] -> logits`, its datamodule, hyperparameters and checkpoint facts."""
+
+    model: nn.Module
+    datamodule: FrequencyDataModule
+    hparams: dict[str, Any]
+    info: CheckpointInfo
+    sha256: str
+
+
+def load_source(src: ModelSource) -> LoadedSource:
+    """Read the checkpoint once, build its datamodule and model (flags on top of what the checkpoint records)."""
+    info = inspect_checkpoint(Path(src.checkpoint).expanduser(), src.trusted_pickle)
+    net = resolve_net(src, info)
+    dm = make_datamodule(src, info)
+    hp = model_hparams(src, info, dm, net)
+    model = make_model(hp, info, dm)
+    info.content = None  # the weights now live in the model
+    return LoadedSource(model, dm, hp, info, file_sha256(info.path))
+
+
+def load_model_and_data(
+    checkpoint: str | Path, data_dir: str | None = None, trusted_pickle: bool = False
+) -> tuple[nn.Module, FrequencyDataModule]:
+    """The eval-mode model `[B, C, H, W] in the data's space -> logits` and the datamodule of this project's
+    checkpoint; `data_dir` overrides the recorded one. Raises InputError on bad input."""
+    loaded = load_source(ModelSource(checkpoint, data_dir=data_dir, trusted_pickle=trusted_pickle))
+    return loaded.model, loaded.datamodule
+
+
+def make_datamodule(src: ModelSource, info: CheckpointInfo) -> FrequencyDataModule:
+    """The checkpoint's datamodule (same dataset and constructor arguments) with the explicit flags on top."""
+    recorded = info.data_hparams.get("dataset")
+    dataset = src.dataset or recorded
+    if dataset is None:
+        raise InputError(
+            f"{info.path} records no dataset (a raw state_dict has no hyperparameters): pass --model and --dataset"
+        )
+    if dataset not in DATASETS:
+        raise InputError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    accepted = set(inspect.signature(DATASETS[dataset].__init__).parameters) - {"self"}
+    kwargs = {k: v for k, v in info.data_hparams.items() if k in accepted} if dataset == recorded else {}
+    for key, value in (("data_dir", src.data_dir), ("transform", src.transform), ("bandwidth", src.bandwidth)):
+        if value is not None:
+            kwargs[key] = value
+    kwargs["download"] = False
+    try:
+        return build_datamodule(dataset, **kwargs)
+    except (ValueError, TypeError) as err:  # constructor validation of the recorded/flagged arguments
+        raise InputError(f"cannot build the {dataset} datamodule: {' '.join(str(err).split())}") from err
+
+
+def margin_dataset(dm: FrequencyDataModule, data_dir_from_checkpoint: bool) -> Any:
+    """The margin dataset (test split); a missing dataset gets a hint on --data-dir."""
+    try:
+        return dm.margin_dataset()
+    except InputError as err:  # DatasetNotFoundError
+        where = "data_dir came from the checkpoint; " if data_dir_from_checkpoint else ""
+        hint = f" [evaluate_margin.py never downloads: {where}pass --data-dir DIR pointing at the dataset]"
+        raise type(err)(" ".join(str(err).split()) + hint) from err
+
+
+def choose_indices(num_samples: int, seed: int, indices_file: str | None, size: int, name: str) -> np.ndarray:
+    """int64 [N] dataset indices: the file's (in order) or `num_samples` drawn with `seed` (sorted)."""
+    if indices_file is not None:
+        try:
+            return load_indices(indices_file, size)
+        except (ValueError, FileNotFoundError) as err:
+            raise InputError(" ".join(str(err).split())) from err
+    if not 0 < num_samples <= size:
+        raise InputError(
+            f"--num-samples {num_samples} is not in [1, {size}]: the {name} test split has {size} samples; "
+            f"pass --num-samples <= {size}"
+        )
+    return select_indices(size, num_samples, seed)
+
+
+def make_subspaces(
+    kind: str, block: int | None, step: int | None, shape: tuple[int, int, int], dm: FrequencyDataModule
+) -> SubspaceFamily:
+    """DCT block subspaces (defaults per dataset) or the full space (one row)."""
+    if kind == "full":
+        if block is not None or step is not None:
+            raise InputError("--subspace-dim/--subspace-step only apply to --subspace dct; drop them with full")
+        return FullSpace(shape)
+    block = dm.subspace_block if block is None else block
+    step = dm.subspace_step if step is None else step
+    side = min(shape[1:])
+    if not 1 <= block <= side:
+        raise InputError(
+            f"--subspace-dim {block} does not fit the {shape[1]}x{shape[2]} images of {dm.name}: use 1..{side}"
+        )
+    if step < 1:
+        raise InputError(f"--subspace-step must be >= 1, got {step}")
+    return DCTBlockSubspaces(shape, block, step)
+
+
+def resolve_net(src: ModelSource, info: CheckpointInfo) -> str:
+    """The zoo name: the checkpoint's `hyper_parameters.net` or --model (both given: they must agree)."""
+    net = info.model_hparams.get("net")
+    if net is None and src.model is None:
+        raise InputError(
+            f"{info.path} records no model (a raw state_dict has no hyperparameters): pass --model and --dataset"
+        )
+    if net is not None and src.model is not None and src.model != net:
+        raise InputError(
+            f"--model {src.model} contradicts the checkpoint, which holds a {net!r} network "
+            f"(hyper_parameters.net); drop --model or pass the {src.model} checkpoint"
+        )
+    if (net or src.model) not in MODEL_NAMES:
+        raise InputError(f"the network {net or src.model!r} is not in the model zoo ({', '.join(MODEL_NAMES)})")
+    return net or src.model
+
+
+def model_hparams(src: ModelSource, info: CheckpointInfo, dm: FrequencyDataModule, net: str) -> dict[str, Any]:
+    """`{"net", "num_classes", "image_shape", ...}`: the checkpoint's record, or the flags and the dataset's."""
+    recorded = info.model_hparams
+    num_classes = recorded.get("num_classes")
+    if num_classes is not None and src.num_classes is not None and src.num_classes != num_classes:
+        raise InputError(f"--num-classes {src.num_classes} contradicts the checkpoint's num_classes={num_classes}")
+    if num_classes is None:
+        num_classes = src.num_classes if src.num_classes is not None else dm.num_classes
+    image_shape = tuple(int(v) for v in recorded.get("image_shape", dm.image_shape))
+    if image_shape != tuple(dm.image_shape):
+        raise InputError(
+            f"the checkpoint's model takes images of shape {image_shape} but {dm.name} gives {tuple(dm.image_shape)}; "
+            "use the dataset the model was trained on"
+        )
+    return {**recorded, "net": net, "num_classes": int(num_classes), "image_shape": image_shape}
+
+
+def make_model(hp: dict[str, Any], info: CheckpointInfo, dm: FrequencyDataModule) -> nn.Module:
+    """NormalizedModel with the checkpoint's weights; its normalisation from the checkpoint or the datamodule."""
+    shape = hp["image_shape"]
+    net = build_model(hp["net"], num_classes=hp["num_classes"], in_channels=shape[0], image_size=shape[1:])
+    normalize = Normalize.identity(shape) if info.carries_normalization else dm.normalization()
+    model = NormalizedModel(normalize, net)
+    try:
+        load_weights(model, info.path, content=info.content)
+    except CheckpointMismatchError as err:
+        raise CheckpointMismatchError(
+            _mismatch_line(err, info.path, hp["net"]), err.missing, err.unexpected, err.shape_mismatches
+        ) from err
+    return model.eval()
+
+
+def _mismatch_line(err: CheckpointMismatchError, path: Path, net: str) -> str:
+    parts = []
+    for what, keys in (
+        ("missing", err.missing),
+        ("unexpected", err.unexpected),
+        ("shape mismatch", err.shape_mismatches),
+    ):
+        if keys:
+            parts.append(f"{len(keys)} {what} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})")
+    suggestion = str(err).strip().splitlines()[-1].strip()
+    if "num_classes" in suggestion:
+        suggestion += " (for a raw state_dict: --num-classes)"
+    return f"checkpoint {path} does not fit --model {net}: {'; '.join(parts)}. {suggestion}"
+
+
+def check_forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    """One clean forward pass on samples `x: [n, C, H, W]`: the model must take them and output enough classes."""
+    try:
+        with torch.no_grad():
+            logits = model(x)
+    except (RuntimeError, ValueError) as err:
+        raise InputError(f"the model cannot take the dataset's images {tuple(x.shape[1:])}: {err}") from err
+    if logits.dim() != 2:
+        raise InputError(f"the model returns shape {tuple(logits.shape)}, not logits [N, num_classes]")
+    if int(y.max()) >= logits.shape[1]:
+        raise InputError(
+            f"the dataset has labels up to {int(y.max())} but the model outputs {logits.shape[1]} classes; "
+            "check --dataset / --num-classes"
+        )
+
+
+def default_output_dir(net: str, dm: FrequencyDataModule, checkpoint: Path) -> Path:
+    """outputs/margins/<model>_<dataset>[_<transform>]_<run>, the run named after the checkpoint's place:
+    logs/mnist_lenet/version_3/checkpoints/last.ckpt -> lenet_mnist_mnist_lenet-version_3-last."""
+    transform = "" if dm.hparams.transform == "none" else f"_{dm.hparams.transform}"
+    path = checkpoint.expanduser().resolve()
+    if path.parent.name == "checkpoints":
+        run = [path.parent.parent.parent.name, path.parent.parent.name, path.stem]
+    else:
+        run = [path.parent.name, path.stem]
+    name = "-".join(part for part in run if part)
+    return Path("outputs") / "margins" / f"{net}_{dm.name}{transform}_{name}"

@@ -1,0 +1,60 @@
+"""`margins.evaluate.evaluate_margins` from Python: any model and dataset, float64, the returned report.
+
+Independent reference: the engine called directly on each chunk of rows with only that chunk's samples.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from attacks.deepfool import SubspaceDeepFool
+from frequency import DCTBlockSubspaces
+from margins.evaluate import AttackSettings, RunSettings, evaluate_margins
+from margins.results import read_report
+from margins.sharding import chunk_ranges, row_grid
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 5)).eval()
+
+
+def _reference(x, family, chunk, dtype, max_iter):
+    model = _model().to(dtype)
+    attack = SubspaceDeepFool(max_iter=max_iter, batch_size=chunk)
+    n, s = x.shape[0], len(family)
+    margins = np.zeros(n * s)
+    for rows in chunk_ranges(n * s, chunk):
+        samples, subs = row_grid(n, s, rows)
+        used = sorted(set(samples))
+        local = torch.tensor([used.index(k) for k in samples])
+        margins[rows.start : rows.stop] = attack.attack_rows(
+            model, x[used].to(dtype), family, local, torch.tensor(subs)
+        ).margins.numpy()
+    return margins.reshape(n, s).T
+
+
+def test_python_call_with_a_model_and_a_dataset_in_float64(tmp_path):
+    x = torch.rand(7, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    dataset = [(x[i], i % 5) for i in range(7)]
+    family = DCTBlockSubspaces((1, 8, 8), 4, 2)
+    report, folder = evaluate_margins(
+        model=_model(),
+        dataset=dataset,
+        subspaces=family,
+        indices=np.array([6, 0, 3, 2]),
+        output_dir=tmp_path / "out",
+        attack=AttackSettings(max_iter=20, chunk_rows=5, dtype="float64"),
+        run=RunSettings(accelerator="cpu", devices=1, progress=False),
+    )
+    assert folder == tmp_path / "out" and report.margins.shape == (len(family), 4)
+    ref = _reference(x[[6, 0, 3, 2]], family, 5, torch.float64, 20)
+    np.testing.assert_array_equal(report.margins, ref.astype(np.float32))  # float64 attack, stored as float32
+    ref32 = _reference(x[[6, 0, 3, 2]], family, 5, torch.float32, 20)
+    assert not np.array_equal(ref.astype(np.float32), ref32)  # the dtype really changed the computation
+    back = read_report(folder)
+    assert back.settings["dtype"] == "float64" and back.settings["cpu_threads"] == 1
+    np.testing.assert_array_equal(back.targets, [6 % 5, 0, 3, 2])
+    np.testing.assert_array_equal(back.margins, report.margins)
