@@ -10,12 +10,14 @@ network; checkpoints keep both the model's and the datamodule's hyperparameters 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from callbacks import MarginCallback
+from common.errors import InputError
 from datamodules import FrequencyDataModule
 from lightning_modules import ClassifierModule
 
@@ -72,5 +74,16 @@ def main(args: list[str] | None = None, run: bool = True) -> HoldMeTightCLI:
     )
 
 
+def cli() -> int:
+    """`python train.py ...`: this project's input errors (e.g. a resume contradicting the checkpoint's schedule)
+    become one line `error: ...` with exit status 2; anything else keeps its traceback."""
+    try:
+        main()
+    except InputError as err:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -226,7 +227,7 @@ def test_fresh_fit_from_loaded_weights_may_choose_its_own_schedule(tmp_path):
     assert again.global_step == 16 and model._schedule == {"total_steps": 16, "max_epochs": 2}
 
 
-def test_cli_fit_then_resume_continues_where_it_stopped(tmp_path):
+def test_cli_fit_then_resume_continues_where_it_stopped(tmp_path, monkeypatch, capsys):
     common = [
         "--config", "configs/synthetic_lenet.yaml",
         "--data.init_args.num_train", "256", "--data.init_args.num_test", "64", "--data.init_args.batch_size", "64",
@@ -239,6 +240,12 @@ def test_cli_fit_then_resume_continues_where_it_stopped(tmp_path):
     assert first["global_step"] == 4 and first["epoch"] == 0
     with pytest.raises(InputError, match="--trainer.max_epochs 2"):
         train.main(["fit", *common, "--trainer.max_epochs", "3", "--ckpt_path", str(last)])
+    monkeypatch.setattr(
+        sys, "argv", ["train.py", "fit", *common, "--trainer.max_epochs", "3", "--ckpt_path", str(last)]
+    )
+    assert train.cli() == 2  # the command line: one line, exit 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: cannot resume") and "--trainer.max_epochs 2" in error
     train.main(["fit", *common, "--ckpt_path", str(last)])
     resumed = torch.load(max(tmp_path.rglob("last.ckpt"), key=lambda p: p.stat().st_mtime), map_location="cpu")
     assert resumed["global_step"] == 8 and resumed["epoch"] == 1
