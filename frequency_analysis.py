@@ -39,7 +39,6 @@ import numpy as np
 import torch
 from torch import nn
 
-import evaluate_margin
 from analysis.fourier_heatmap import VALID_RANGES, FourierHeatmap, fourier_heatmap
 from analysis.maps import median_map, spread_ratio
 from analysis.plots import plot_dct_vs_random, plot_fourier_heatmaps, plot_margin_maps
@@ -48,7 +47,8 @@ from common.errors import InputError
 from frequency.families import build_subspace_family
 from frequency.grid import DCTGridSubspaces
 from frequency.subspaces import SubspaceFamily
-from margins import gather_samples, load_indices, measure_margins, save_figure, save_margin_report, select_indices
+from margins import gather_samples, measure_margins, save_figure, save_margin_report
+from margins.inputs import choose_indices, load_model_and_data
 
 DEFAULT_VALID = {"none": "box", "flip": "flipped_box"}  # other transforms (low/high pass) have no box: "none"
 
@@ -142,19 +142,27 @@ def heatmap_report(heat: FourierHeatmap, output_dir: Path, title: str, extra: di
 
 
 # ---- command line --------------------------------------------------------------------------------------------
+def resolve_device(name: str | None) -> torch.device:
+    """`--device`: cuda when available by default; an unknown or unavailable device is an InputError."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise InputError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {name} requested but CUDA is not available; use --device cpu")
+    return device
+
+
 def load(args: argparse.Namespace) -> tuple[nn.Module, Any, torch.Tensor, torch.Tensor, np.ndarray, torch.device]:
     """Model, datamodule, samples x [N, C, H, W] and labels y [N], indices [N], device."""
     if args.batch_size < 1 or args.max_iter < 1 or not args.overshoot >= 0:
         raise InputError("--batch-size and --max-iter must be >= 1 and --overshoot >= 0")
-    device = evaluate_margin.resolve_device(args.device)
-    model, dm = evaluate_margin.load_model_and_data(args.checkpoint, args.data_dir, args.trusted_pickle)
+    device = resolve_device(args.device)
+    model, dm = load_model_and_data(args.checkpoint, args.data_dir, args.trusted_pickle)
     dataset = dm.margin_dataset()
-    if args.indices:
-        indices = load_indices(args.indices, len(dataset))
-    elif not 0 < args.num_samples <= len(dataset):
-        raise InputError(f"--num-samples must be in [1, {len(dataset)}], got {args.num_samples}")
-    else:
-        indices = select_indices(len(dataset), args.num_samples, args.seed)
+    indices = choose_indices(args.num_samples, args.seed, args.indices, len(dataset), dm.name)
     x, y = gather_samples(dataset, indices)
     return model.to(device), dm, x, y, indices, device
 
@@ -213,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         torch.manual_seed(args.seed)
         run(args, argv)
-    except (InputError, evaluate_margin.InputError, OSError, ValueError, TypeError) as err:
+    except InputError as err:  # anything else is a bug: its traceback is shown
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
     return 0

@@ -13,6 +13,7 @@ Per-channel statistics of the filtered training set (as for CIFAR-10) are not co
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -54,33 +55,13 @@ class ImageNetDataModule(FrequencyDataModule):
 
     def __init__(
         self,
-        data_dir: str = "data",
-        transform: str = "none",
-        bandwidth: int = 16,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        download: bool = False,
-        val_split: int = 0,
-        seed: int = 0,
-        pin_memory: bool | None = None,
         image_size: int = 224,
         resize: int = 256,
+        **kwargs: Any,
     ):
         if image_size < 1 or resize < image_size:
             raise ValueError(f"need 1 <= image_size <= resize, got image_size={image_size}, resize={resize}")
-        super().__init__(
-            data_dir=data_dir,
-            transform=transform,
-            bandwidth=bandwidth,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            download=download,
-            val_split=val_split,
-            seed=seed,
-            pin_memory=pin_memory,
-        )
+        super().__init__(**kwargs)  # data_dir, transform, ...: FrequencyDataModule's arguments
         self._classes: list[str] | None = None
         self._datasets: dict[str, Dataset] = {}
 

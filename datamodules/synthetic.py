@@ -71,16 +71,6 @@ class SyntheticDataModule(TensorDataModule):
 
     def __init__(
         self,
-        data_dir: str = "data",
-        transform: str = "none",
-        bandwidth: int = 16,
-        batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 0,
-        download: bool = False,
-        val_split: int = 0,
-        seed: int = 0,
-        pin_memory: bool | None = None,
         image_shape: tuple[int, int, int] = (1, 32, 32),
         eps: float = 1.0,
         sigma: float = 3.0,
@@ -88,6 +78,7 @@ class SyntheticDataModule(TensorDataModule):
         num_test: int = 2000,
         direction: str = "dct",
         direction_index: tuple[int, int] = (1, 1),
+        **kwargs: Any,
     ):
         if len(image_shape) != 3 or min(image_shape) < 1:
             raise ValueError(f"image_shape must be (C, H, W) with positive sizes, got {image_shape}")
@@ -98,24 +89,13 @@ class SyntheticDataModule(TensorDataModule):
                 f"need num_train, num_test >= 2 and eps, sigma >= 0; got num_train={num_train}, "
                 f"num_test={num_test}, eps={eps}, sigma={sigma}"
             )
-        super().__init__(
-            data_dir=data_dir,
-            transform=transform,
-            bandwidth=bandwidth,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            download=download,
-            val_split=val_split,
-            seed=seed,
-            pin_memory=pin_memory,
-        )
+        super().__init__(**kwargs)  # data_dir, transform, ...: FrequencyDataModule's arguments
         shape = self.image_shape
         if direction == "dct":
             row, col = (int(i) for i in direction_index)
             v = dct_atom(shape, row, col)
         else:
-            v = random_direction(shape, derived_seed(seed, _STREAM_DIRECTION))
+            v = random_direction(shape, derived_seed(self.hparams.seed, _STREAM_DIRECTION))
         self.direction: torch.Tensor = v.float()  # [C, H, W], unit norm (the hparam `direction` is the kind)
         self._direction64 = v
 

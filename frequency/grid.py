@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from frequency.dct import dct2, dct_matrix, idct2
-from frequency.subspaces import SubspaceFamily
+from frequency.subspaces import SeparableBlockFamily
 
 
 def grid_starts(size: int, block: int, stride: int) -> torch.Tensor:
@@ -26,7 +26,7 @@ def grid_starts(size: int, block: int, stride: int) -> torch.Tensor:
     return torch.arange(0, size - block + 1, stride)
 
 
-class DCTGridSubspaces(SubspaceFamily):
+class DCTGridSubspaces(SeparableBlockFamily):
     """K x K DCT blocks on a grid of positions over the whole 2-D spectrum; subspace `s = a * cols + b`."""
 
     def __init__(self, image_shape: tuple[int, int, int], block: int, stride: int, device: torch.device | str = "cpu"):
@@ -56,22 +56,6 @@ class DCTGridSubspaces(SubspaceFamily):
         """First (row, column) frequency index of each subspace's block, in subspace order."""
         return [(int(r), int(c)) for r in self.row_starts for c in self.col_starts]
 
-    def __len__(self) -> int:
-        return self.rows_h.shape[0]
-
-    @property
-    def dims(self) -> list[int]:
-        return [self.block * self.block * self.image_shape[0]] * len(self)
-
-    def coordinates(self, g: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """The block's DCT coefficients `[B, C, k, k]` of `g: [B, C, H, W]`."""
-        rows_h, rows_w = self._rows(index, g.dtype)
-        return rows_h @ g @ rows_w.transpose(-1, -2)
-
-    def embed(self, coords: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        rows_h, rows_w = self._rows(index, coords.dtype)
-        return rows_h.transpose(-1, -2) @ coords @ rows_w
-
     def masks(self) -> torch.Tensor:
         """Bool masks `[S, H, W]` of the DCT frequencies in each block."""
         _, height, width = self.image_shape
@@ -84,9 +68,6 @@ class DCTGridSubspaces(SubspaceFamily):
         """The same projection as `project`, as `IDCT(mask * DCT(g))` (a cross-check)."""
         mask = self.masks().to(g.device)[index].unsqueeze(1).to(g.dtype)
         return idct2(dct2(g) * mask)
-
-    def _rows(self, index: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.rows_h[index].unsqueeze(1).to(dtype), self.rows_w[index].unsqueeze(1).to(dtype)
 
     def to(self, device: torch.device | str) -> DCTGridSubspaces:
         out = DCTGridSubspaces.__new__(DCTGridSubspaces)

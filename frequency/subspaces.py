@@ -83,7 +83,36 @@ class SubspaceFamily:
             )
 
 
-class DCTBlockSubspaces(SubspaceFamily):
+class SeparableBlockFamily(SubspaceFamily):
+    """Subspaces spanned by a k x k block of 2-D DCT atoms (every channel), stored as the block's DCT matrix rows
+    `rows_h: [S, k, H]`, `rows_w: [S, k, W]` (float64): coordinates `D_h[block] g D_w[block]^T`, no dense basis."""
+
+    block: int
+    image_shape: tuple[int, int, int]
+    rows_h: torch.Tensor
+    rows_w: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.rows_h.shape[0]
+
+    @property
+    def dims(self) -> list[int]:
+        return [self.block * self.block * self.image_shape[0]] * len(self)
+
+    def coordinates(self, g: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The block's DCT coefficients `[B, C, k, k]` = `D_h[block] g D_w[block]^T` (only k rows of the DCT)."""
+        rows_h, rows_w = self._rows(index, g.dtype)
+        return rows_h @ g @ rows_w.transpose(-1, -2)
+
+    def embed(self, coords: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        rows_h, rows_w = self._rows(index, coords.dtype)
+        return rows_h.transpose(-1, -2) @ coords @ rows_w
+
+    def _rows(self, index: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rows_h[index].unsqueeze(1).to(dtype), self.rows_w[index].unsqueeze(1).to(dtype)  # [B, 1, k, n]
+
+
+class DCTBlockSubspaces(SeparableBlockFamily):
     """The diagonal DCT block family: subspace s spans the atoms in `[i, i+k) x [i, i+k)`, `i = s*step`,
     for every channel; dimension `k*k*C`. REFERENCE settings: MNIST k=8 step=1 (21), CIFAR-10 k=8 step=2
     (13), ImageNet k=16 step=16 (14)."""
@@ -106,26 +135,10 @@ class DCTBlockSubspaces(SubspaceFamily):
     def __len__(self) -> int:
         return self.masks.shape[0]
 
-    @property
-    def dims(self) -> list[int]:
-        return [self.block * self.block * self.image_shape[0]] * len(self)
-
-    def coordinates(self, g: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        """The block's DCT coefficients `[B, C, k, k]` = `D_h[block] g D_w[block]^T` (only k rows of the DCT)."""
-        rows_h, rows_w = self._rows(index, g.dtype)
-        return rows_h @ g @ rows_w.transpose(-1, -2)
-
-    def embed(self, coords: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-        rows_h, rows_w = self._rows(index, coords.dtype)
-        return rows_h.transpose(-1, -2) @ coords @ rows_w
-
     def project_via_masks(self, g: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """The same projection as `project`, as `IDCT(mask * DCT(g))` over the full DCT (a cross-check)."""
         mask = self.masks[index].unsqueeze(1).to(g.dtype)  # [B, 1, H, W], broadcast over channels
         return idct2(dct2(g) * mask)
-
-    def _rows(self, index: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.rows_h[index].unsqueeze(1).to(dtype), self.rows_w[index].unsqueeze(1).to(dtype)  # [B, 1, k, n]
 
     def to(self, device: torch.device | str) -> DCTBlockSubspaces:
         out = DCTBlockSubspaces.__new__(DCTBlockSubspaces)

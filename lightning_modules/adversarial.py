@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torchmetrics.classification import MulticlassAccuracy
 
@@ -25,15 +27,6 @@ class AdversarialModule(ClassifierModule):
 
     def __init__(
         self,
-        net: str = "lenet",
-        num_classes: int = 10,
-        image_shape: tuple[int, int, int] = (1, 28, 28),
-        lr: float = 0.21,
-        schedule: str = "triangular",
-        peak_fraction: float = 0.4,
-        momentum: float = 0.9,
-        weight_decay: float = 5e-4,
-        nesterov: bool = False,
         eps: float = 2.0,
         attack_steps: int = 7,
         attack_step_size: float | None = None,
@@ -42,8 +35,9 @@ class AdversarialModule(ClassifierModule):
         flipped: bool = False,
         clip: bool = True,
         eval_attack: bool = True,
+        **kwargs: Any,
     ):
-        super().__init__(net, num_classes, image_shape, lr, schedule, peak_fraction, momentum, weight_decay, nesterov)
+        super().__init__(**kwargs)  # net, num_classes, image_shape, lr, ...: ClassifierModule's arguments
         if projection not in ("ball_box", "dykstra"):
             raise ValueError(f"projection must be 'ball_box' or 'dykstra', got {projection!r}")
         self.save_hyperparameters()
@@ -55,8 +49,8 @@ class AdversarialModule(ClassifierModule):
             projection=projection if clip else "ball",
             flipped=flipped,
         )
-        self.val_robust_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
-        self.test_robust_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.val_robust_acc = MulticlassAccuracy(num_classes=self.hparams.num_classes, average="micro")
+        self.test_robust_acc = MulticlassAccuracy(num_classes=self.hparams.num_classes, average="micro")
 
     def training_inputs(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         return self.attack(self.model, x, y)

@@ -32,10 +32,10 @@ from analysis.fourier_heatmap import FourierHeatmap, fourier_heatmap  # noqa: E4
 from analysis.maps import median_map, reflection_correlations, spread_ratio  # noqa: E402
 from analysis.plots import plot_dct_vs_random, plot_fourier_heatmaps, plot_margin_maps  # noqa: E402
 from attacks.deepfool import SubspaceDeepFool  # noqa: E402
-from evaluate_margin import load_model_and_data  # noqa: E402
 from frequency.families import build_subspace_family  # noqa: E402
 from frequency_analysis import measure_family  # noqa: E402
 from margins import gather_samples, read_margin_results, save_figure, select_indices  # noqa: E402
+from margins.inputs import load_model_and_data  # noqa: E402
 
 MODELS = {"standard": ("mnist_lenet", "MNIST, LeNet", "box"),
           "flipped": ("mnist_flipped_lenet", "Flipped MNIST, LeNet", "flipped_box")}  # fmt: skip
