@@ -25,6 +25,7 @@ Normalisation (`normalization() -> models.normalization.Normalize`, applied insi
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -138,7 +139,11 @@ class FrequencyDataModule(L.LightningDataModule):
         val_split: int = 0,
         seed: int = 0,
         pin_memory: bool | None = None,
+        **recorded: Any,
     ):
+        unknown = set(recorded) - {"dataset"}  # `dataset` is recorded in the hparams; load_from_checkpoint passes it
+        if unknown:
+            raise TypeError(f"{type(self).__name__} got unexpected arguments {sorted(unknown)}")
         super().__init__()
         self.save_hyperparameters()
         # record the registry name too, so checkpoints (which store dict(hparams)) say which dataset was used
@@ -157,6 +162,15 @@ class FrequencyDataModule(L.LightningDataModule):
             raise ValueError(f"val_split must be >= 0 (0 validates on the test split), got {val_split}")
         self.frequency_transform = FrequencyTransform(transform, bandwidth)
         self._norm_stats: tuple[Any, Any] | None = None
+
+    @classmethod
+    def argument_names(cls) -> set[str]:
+        """Every constructor argument, including those a subclass forwards to its bases through `**kwargs`."""
+        names: set[str] = set()
+        for klass in cls.__mro__:
+            if isinstance(klass, type) and issubclass(klass, FrequencyDataModule) and "__init__" in vars(klass):
+                names |= set(inspect.signature(klass.__init__).parameters)
+        return names - {"self", "kwargs"}
 
     def _canonical_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
         """Hook: canonical types of hyperparameters (e.g. CLI lists -> tuples), so they compare equal to the

@@ -55,13 +55,14 @@ class ImageNetDataModule(FrequencyDataModule):
 
     def __init__(
         self,
+        data_dir: str = "data",
         image_size: int = 224,
         resize: int = 256,
         **kwargs: Any,
     ):
         if image_size < 1 or resize < image_size:
             raise ValueError(f"need 1 <= image_size <= resize, got image_size={image_size}, resize={resize}")
-        super().__init__(**kwargs)  # data_dir, transform, ...: FrequencyDataModule's arguments
+        super().__init__(data_dir=data_dir, **kwargs)  # FrequencyDataModule arguments
         self._classes: list[str] | None = None
         self._datasets: dict[str, Dataset] = {}
 

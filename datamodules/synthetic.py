@@ -71,6 +71,7 @@ class SyntheticDataModule(TensorDataModule):
 
     def __init__(
         self,
+        data_dir: str = "data",
         image_shape: tuple[int, int, int] = (1, 32, 32),
         eps: float = 1.0,
         sigma: float = 3.0,
@@ -89,7 +90,7 @@ class SyntheticDataModule(TensorDataModule):
                 f"need num_train, num_test >= 2 and eps, sigma >= 0; got num_train={num_train}, "
                 f"num_test={num_test}, eps={eps}, sigma={sigma}"
             )
-        super().__init__(**kwargs)  # data_dir, transform, ...: FrequencyDataModule's arguments
+        super().__init__(data_dir=data_dir, **kwargs)  # FrequencyDataModule arguments
         shape = self.image_shape
         if direction == "dct":
             row, col = (int(i) for i in direction_index)

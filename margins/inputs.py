@@ -5,7 +5,6 @@ Every function raises `common.errors.InputError` (one line naming the problem an
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -87,7 +86,7 @@ def make_datamodule(src: ModelSource, info: CheckpointInfo) -> FrequencyDataModu
         )
     if dataset not in DATASETS:
         raise InputError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    accepted = set(inspect.signature(DATASETS[dataset].__init__).parameters) - {"self"}
+    accepted = DATASETS[dataset].argument_names()
     kwargs = {k: v for k, v in info.data_hparams.items() if k in accepted} if dataset == recorded else {}
     for key, value in (("data_dir", src.data_dir), ("transform", src.transform), ("bandwidth", src.bandwidth)):
         if value is not None:
