@@ -308,8 +308,7 @@ class SubspaceDeepFool:
         its stop test; rows that stop there are written to `out` and never enter the pool.
         """
         order = torch.sort(sample_index, stable=True).indices
-        for start in range(0, order.numel(), self.batch_size):
-            index = order[start : start + self.batch_size]
+        for index in _sample_chunks(order, sample_index[order], self.batch_size):
             rows = _Rows(
                 index, sample_index[index], subspace_index[index], _zeros_like_rows(x, index), _zero_long(index)
             )
@@ -413,6 +412,20 @@ class SubspaceDeepFool:
         scale = (length / best_norm.masked_fill(stuck, 1.0)).view(-1, *([1] * (coords.dim() - 2)))
         step = subspaces.embed(coords[rows, best] * scale, subspace_index)  # max(pert, 1e-4) P w / ||P w||
         return step.detach(), stuck
+
+
+def _sample_chunks(order: torch.Tensor, samples: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
+    """Consecutive pieces of `order` (rows sorted by sample, `samples` their sample numbers) of at most `size`
+    rows that cut between samples where possible, so each sample's gradient pass is shared by all its rows."""
+    counts = torch.unique_consecutive(samples, return_counts=True)[1].tolist()
+    start = end = 0
+    for count in counts:
+        if end > start and end + count - start > size:
+            yield from order[start:end].split(size)
+            start = end
+        end += count
+    if end > start:
+        yield from order[start:end].split(size)
 
 
 class _Pending:
