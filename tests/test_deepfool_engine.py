@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -181,3 +183,16 @@ def test_real_mnist_float32_margins_equal_the_previous_engine(mnist_root):
     previous = SubspaceDeepFool(share_first_step=False, batched_grads=False, refill=False)(model, x, family)
     rel = (engine.margins - previous.margins).abs() / previous.margins
     assert rel.median() < 1e-5 and (engine.iterations == previous.iterations).float().mean() > 0.95
+
+
+def test_import_margins_does_not_load_matplotlib_until_plotting():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, margins; assert 'matplotlib' not in sys.modules, 'eager matplotlib';"
+        "from margins import plot_margins, save_margin_report, read_margin_results, summarize, figure_to_array;"
+        "assert 'matplotlib' in sys.modules and callable(plot_margins) and callable(summarize)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert done.returncode == 0, done.stderr
