@@ -535,13 +535,25 @@ def precision_record(device: torch.device | str, dtype: torch.dtype | None = Non
     device name (GPU model or CPU), and the torch version."""
     device = torch.device(device)
     on_cuda = device.type == "cuda"
-    name = torch.cuda.get_device_name(device) if on_cuda else (platform.processor() or platform.machine() or "cpu")
+    name = torch.cuda.get_device_name(device) if on_cuda else _cpu_name()
     return {
         "dtype": str(dtype or torch.float32).replace("torch.", ""),
         "tf32": False if on_cuda else None,
         "device": f"{device.type}: {name}",
         "torch": torch.__version__,
     }
+
+
+def _cpu_name() -> str:
+    """The CPU model (Linux /proc/cpuinfo), else the platform's processor or machine name."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
 
 
 class _NoBar:
