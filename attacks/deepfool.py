@@ -530,9 +530,10 @@ def _tf32_off(device: torch.device):
 
 
 def precision_record(device: torch.device | str, dtype: torch.dtype | None = None) -> dict[str, str | bool | None]:
-    """What a result file should store about the arithmetic of a margin run on `device` in `dtype`:
-    dtype name, TF32 use during the attack (always off: the attack disables it on CUDA; None off CUDA),
-    device name (GPU model or CPU), and the torch version."""
+    """What a result file should store about the arithmetic of a margin run on `device` in `dtype` (the dtype
+    the attack ran in, e.g. `result.margins.dtype`; None: float32): dtype name, TF32 use during the attack
+    (False on CUDA, where the attack disables it; None elsewhere), device name (GPU or CPU model), torch version.
+    Example: `{"dtype": "float32", "tf32": False, "device": "cuda: NVIDIA A100", "torch": "2.5.1"}`."""
     device = torch.device(device)
     on_cuda = device.type == "cuda"
     name = torch.cuda.get_device_name(device) if on_cuda else _cpu_name()
