@@ -96,13 +96,12 @@ def loop_form(model: torch.nn.Module, x: torch.Tensor, family: SubspaceFamily) -
     return margins, iterations
 
 
-def variants(device: torch.device) -> dict[str, dict]:
+def variants() -> dict[str, dict]:
     """The engine's defaults, then each idea switched to its other setting, then every idea off."""
-    batched_default = device.type == "cuda"
     return {
         "engine (defaults)": {},
         "share_first_step=False": {"share_first_step": False},
-        f"batched_grads={not batched_default}": {"batched_grads": not batched_default},
+        "batched_grads=True": {"batched_grads": True},
         "refill=False": {"refill": False},
         "channels_last=True": {"channels_last": True},
         "all off (previous engine)": {"share_first_step": False, "batched_grads": False, "refill": False},
@@ -122,7 +121,7 @@ HEADER = (
 def report(name: str, rows: int, cpu: float, wall: float, loop_cpu: float | None, extra: str, stats=None) -> None:
     speedup = f"{loop_cpu / cpu:7.1f}" if loop_cpu else f"{'-':>7s}"
     passes = f"{stats.gradient_passes + stats.check_passes:7d} {stats.fill:5.2f}" if stats else f"{'-':>7s} {'-':>5s}"
-    print(f"{name:32s} {cpu:8.2f} {wall:8.2f} {rows / cpu:10.1f} {speedup} {passes}  {extra}", flush=True)
+    print(f"{name:32s} {cpu:8.2f} {wall:8.2f} {rows / cpu:10.3g} {speedup} {passes}  {extra}", flush=True)
 
 
 def compare(margins: torch.Tensor, iterations: torch.Tensor | None, ref: tuple[torch.Tensor, torch.Tensor]) -> str:
@@ -151,7 +150,7 @@ def run_case(
     if with_loop:
         reference, loop_cpu, wall = timed(lambda: loop_form(model, x, family), device)
         report("per-sample loop (release form)", rows, loop_cpu, wall, loop_cpu, "reference")
-    for name, kwargs in variants(device).items():
+    for name, kwargs in variants().items():
         if names is not None and name not in names:
             continue
         attack = SubspaceDeepFool(**kwargs)
@@ -191,6 +190,9 @@ def run_foolbox(model: torch.nn.Module, x: torch.Tensor, device: torch.device, e
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, a smoke run of every case")
+    parser.add_argument(
+        "--no-ablations", action="store_true", help="only the engine, channels_last=True and every idea off"
+    )
     parser.add_argument("--repeats", type=int, default=2, help="runs per engine variant; the fastest is shown")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: shared cores)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -199,29 +201,21 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device, cases = torch.device(args.device), set(args.cases.split(","))
+    short = ["engine (defaults)", "channels_last=True", "all off (previous engine)"] if args.no_ablations else None
     print(f"{precision_record(device, torch.float32)}, {torch.get_num_threads()} threads")
     mnist = DCTBlockSubspaces((1, 28, 28), block=8, step=1, device=device)
+    n_lenet, n_resnet, n_full = (20, 3, 200) if args.quick else (100, 20, 1000)
+    common = {"device": device, "names": short, "repeats": args.repeats}
     if "lenet" in cases or "full" in cases:
         lenet, images = mnist_model("lenet", args.data_dir, 100 if args.quick else 300, device)
     if "lenet" in cases:
-        run_case("LeNet / MNIST", lenet, images[: 20 if args.quick else 100], mnist, device, True, repeats=args.repeats)
+        run_case("LeNet / MNIST", lenet, images[:n_lenet], mnist, with_loop=True, **common)
     if "resnet18" in cases:
         resnet, images18 = mnist_model("resnet18_mnist", args.data_dir, 20 if args.quick else 30, device)
-        run_case(
-            "ResNet-18 / MNIST", resnet, images18[: 3 if args.quick else 20], mnist, device, True, repeats=args.repeats
-        )
+        run_case("ResNet-18 / MNIST", resnet, images18[:n_resnet], mnist, with_loop=True, **common)
     if "full" in cases:
-        x = images[: 200 if args.quick else 1000]
-        run_case(
-            "full space, LeNet / MNIST",
-            lenet,
-            x,
-            FullSpace((1, 28, 28)),
-            device,
-            False,
-            foolbox=True,
-            repeats=args.repeats,
-        )
+        full = FullSpace((1, 28, 28))
+        run_case("full space, LeNet / MNIST", lenet, images[:n_full], full, with_loop=False, foolbox=True, **common)
     if "resnet50" in cases:
         torch.manual_seed(0)
         norm = Normalize(IMAGENET_MEAN, IMAGENET_STD, (3, 224, 224))
@@ -229,7 +223,7 @@ def main() -> None:
         x = torch.rand(1 if args.quick else 2, 3, 224, 224, device=device)
         family = DCTBlockSubspaces((3, 224, 224), block=16, step=16, device=device)
         names = ["engine (defaults)"] if args.quick else ["engine (defaults)", "channels_last=True"]
-        run_case("ResNet-50 random weights, 224x224", resnet50, x, family, device, False, names=names, repeats=1)
+        run_case("ResNet-50 random weights, 224x224", resnet50, x, family, device, False, names, repeats=1)
 
 
 if __name__ == "__main__":
