@@ -16,7 +16,13 @@ F64 = {"dtype": torch.float64, "device": DEVICE}
 
 
 def small_convnet(channels: int = 1, num_classes: int = 10) -> nn.Module:
+    """Built on the CPU whatever the default device (callers move it to DEVICE)."""
     torch.manual_seed(0)
+    with torch.device("cpu"):
+        return _convnet_layers(channels, num_classes)
+
+
+def _convnet_layers(channels: int, num_classes: int) -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(channels, 8, 3, padding=1),
         nn.BatchNorm2d(8),
