@@ -5,10 +5,13 @@ Cases (float32, CUDA when present): LeNet trained briefly on real MNIST, 100 sam
 (with foolbox's batched L2DeepFool when installed); ResNet-50 at 224x224 with random weights, 2 x 14
 subspaces (block 16, step 16) for scale. Times are CPU seconds of this process (`time.process_time`,
 robust to other processes sharing the cores) and wall seconds; speed-ups are ratios of CPU seconds within
-this run. `fill` = images per model pass / batch_size. Margin differences are relative to the loop (or to
-the engine with every idea off, the previous engine's algorithm).
+this run. One thread by default: with two, the batch-1 ops of the loop lose time to OpenMP overhead
+(measured: loop wall time 112 s -> 207 s on LeNet), which inflates speed-ups. `fill` = images per model
+pass / batch_size. Margin differences are relative to the loop (to the engine's defaults where there is
+no loop). "all off" is the previous engine's algorithm. foolbox is optional (`pip install foolbox`).
 
-    python benchmarks/bench_deepfool.py [--quick] [--threads 1] [--device cpu] [--data-dir ../shared/data]
+    python benchmarks/bench_deepfool.py [--quick] [--no-ablations] [--threads 1] [--repeats 2] [--device cpu]
+        [--cases lenet,resnet18,full,resnet50] [--data-dir ../shared/data]
 """
 
 from __future__ import annotations
