@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from attacks.deepfool import MarginResult, SubspaceDeepFool
+from attacks.deepfool import MarginResult, SubspaceDeepFool, model_device
 from frequency.subspaces import SubspaceFamily
 
 
@@ -134,19 +133,13 @@ def measure_margins(
         device = torch.device(device)
         model.to(device)
     else:
-        device = _model_device(model, x.device)
+        device = model_device(model, x.device)
     x = x.to(device)
     _synchronize(device)
     start = time.perf_counter()
     result = attack(model, x, subspaces, progress=progress)
     _synchronize(device)
     return MarginRun(result=result, seconds=time.perf_counter() - start)
-
-
-def _model_device(model: nn.Module, default: torch.device) -> torch.device:
-    for tensor in itertools.chain(model.parameters(), model.buffers()):
-        return tensor.device
-    return default
 
 
 def _synchronize(device: torch.device) -> None:
