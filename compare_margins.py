@@ -30,18 +30,14 @@ import numpy as np
 
 from analysis.compare import compare_runs, load_runs, plot_comparison, write_csv
 from analysis.export import export_per_sample_csv
+from common.cli import ArgumentParser
 from common.errors import InputError
 from margins.plot import save_figure
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        raise InputError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     raw = argparse.RawDescriptionHelpFormatter
-    parser = _Parser(prog="compare_margins.py", description=__doc__, formatter_class=raw)
+    parser = ArgumentParser(prog="compare_margins.py", description=__doc__, formatter_class=raw)
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="margin result folders")
     parser.add_argument("--names", nargs="+", help="one label per run (default: folder names)")
     parser.add_argument("--output-dir", default="outputs/compare", help="where the comparison goes")

@@ -23,6 +23,7 @@ import logging
 import sys
 import warnings
 
+from common.cli import ArgumentParser
 from common.errors import InputError
 from datamodules import DATASETS, TRANSFORMS
 from margins.evaluate import DTYPES, AttackSettings, RunSettings, evaluate_margins
@@ -34,13 +35,10 @@ __all__ = ["build_parser", "load_model_and_data", "main"]
 EXIT_BAD_INPUT = 2
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line instead of usage + message
-        raise InputError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="evaluate_margin.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(
+        prog="evaluate_margin.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     a = p.add_argument
     a("--checkpoint", required=True, help="model.t7 / .pth state_dict, Lightning .ckpt, MadryLab .pt")
     a("--model", choices=MODEL_NAMES, help="zoo architecture (default: from the checkpoint)")

@@ -43,6 +43,7 @@ from analysis.fourier_heatmap import VALID_RANGES, FourierHeatmap, fourier_heatm
 from analysis.maps import median_map, spread_ratio
 from analysis.plots import plot_dct_vs_random, plot_fourier_heatmaps, plot_margin_maps
 from attacks.deepfool import SubspaceDeepFool
+from common.cli import ArgumentParser
 from common.errors import InputError
 from frequency.families import build_subspace_family
 from frequency.grid import DCTGridSubspaces
@@ -53,15 +54,10 @@ from margins.inputs import choose_indices, load_model_and_data
 DEFAULT_VALID = {"none": "box", "flip": "flipped_box"}  # other transforms (low/high pass) have no box: "none"
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        raise InputError(f"{message} (see --help)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     raw = argparse.RawDescriptionHelpFormatter
-    parser = _Parser(prog="frequency_analysis.py", description=__doc__, formatter_class=raw)
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = ArgumentParser(prog="frequency_analysis.py", description=__doc__, formatter_class=raw)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     for name, text in (("map2d", "2-D margin map"), ("random", "DCT vs random subspaces"), ("heatmap", "heat map")):
         sub = commands.add_parser(name, help=text)
         _common(sub, default_samples=1000 if name == "heatmap" else 100)

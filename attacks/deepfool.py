@@ -34,26 +34,6 @@ from frequency.subspaces import FullSpace, SubspaceFamily
 
 
 @dataclass
-class MarginResult:
-    """Output of `SubspaceDeepFool`, one entry per (subspace s, sample n).
-
-    margins: [S, N] float, L2 norm of the returned perturbation `(1 + overshoot) r` (input-space units).
-    converged: [S, N] bool, True where the label of `x + (1 + overshoot) r` differs from the clean label.
-    iterations: [S, N] int64, number of DeepFool steps taken.
-    labels: [N] int64, clean predicted labels (the reference class, not the ground truth).
-    perturbed_labels: [S, N] int64, predicted labels of `x + (1 + overshoot) r`.
-    perturbations: [S, N, C, H, W] or None, the perturbations themselves (only when requested).
-    """
-
-    margins: torch.Tensor
-    converged: torch.Tensor
-    iterations: torch.Tensor
-    labels: torch.Tensor
-    perturbed_labels: torch.Tensor
-    perturbations: torch.Tensor | None = None
-
-
-@dataclass
 class RowResult:
     """Output of `SubspaceDeepFool.attack_rows`, one entry per requested (sample, subspace) row.
 
@@ -68,6 +48,19 @@ class RowResult:
     labels: torch.Tensor
     perturbed_labels: torch.Tensor
     perturbations: torch.Tensor | None = None
+
+
+@dataclass
+class MarginResult(RowResult):
+    """Output of `SubspaceDeepFool`, one entry per (subspace s, sample n).
+
+    margins: [S, N] float, L2 norm of the returned perturbation `(1 + overshoot) r` (input-space units).
+    converged: [S, N] bool, True where the label of `x + (1 + overshoot) r` differs from the clean label.
+    iterations: [S, N] int64, number of DeepFool steps taken.
+    labels: [N] int64, clean predicted labels (the reference class, not the ground truth).
+    perturbed_labels: [S, N] int64, predicted labels of `x + (1 + overshoot) r`.
+    perturbations: [S, N, C, H, W] or None, the perturbations themselves (only when requested).
+    """
 
 
 @dataclass

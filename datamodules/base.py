@@ -182,14 +182,21 @@ class FrequencyDataModule(L.LightningDataModule):
     def data_path(self) -> Path:
         return Path(self.hparams.data_dir).expanduser()
 
+    IMAGE_SHAPE: tuple[int, int, int] | None = None  # fixed by datasets whose images have one size
+    NUM_CLASSES: int | None = None
+
     @property
     def image_shape(self) -> tuple[int, int, int]:
         """Model input shape `(C, H, W)`."""
-        raise NotImplementedError
+        if self.IMAGE_SHAPE is None:
+            raise NotImplementedError(f"{type(self).__name__} must define IMAGE_SHAPE or image_shape")
+        return self.IMAGE_SHAPE
 
     @property
     def num_classes(self) -> int:
-        raise NotImplementedError
+        if self.NUM_CLASSES is None:
+            raise NotImplementedError(f"{type(self).__name__} must define NUM_CLASSES or num_classes")
+        return self.NUM_CLASSES
 
     def subspaces(self, device: torch.device | str = "cpu") -> DCTBlockSubspaces:
         """The DCT block subspace family of REFERENCE §3 for this dataset's images."""

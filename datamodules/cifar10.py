@@ -43,15 +43,9 @@ class CIFAR10DataModule(TensorDataModule):
     MEAN = (0.4914, 0.4822, 0.4465)
     STD = (0.247, 0.243, 0.261)
     subspace_block = 8
+    IMAGE_SHAPE = (3, 32, 32)
+    NUM_CLASSES = 10
     subspace_step = 2
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return (3, 32, 32)
-
-    @property
-    def num_classes(self) -> int:
-        return 10
 
     def prepare_data(self) -> None:
         """Download (only with download=True) into `<data_dir>/cifar-10-batches-py`."""

@@ -58,15 +58,9 @@ class MNISTDataModule(TensorDataModule):
     MEAN = (0.1307,)
     STD = (0.3081,)
     subspace_block = 8
+    IMAGE_SHAPE = (1, 28, 28)
+    NUM_CLASSES = 10
     subspace_step = 1
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return (1, 28, 28)
-
-    @property
-    def num_classes(self) -> int:
-        return 10
 
     def prepare_data(self) -> None:
         """Download (only with download=True) into `<data_dir>/MNIST/raw`."""
