@@ -91,6 +91,7 @@ def measure(exp: Experiment, ckpt: Path, args: argparse.Namespace) -> Path:
     cmd = [
         sys.executable, "evaluate_margin.py", "--checkpoint", str(ckpt), "--data-dir", str(args.data_dir),
         "--num-samples", str(args.num_samples), "--seed", str(args.seed), "--output-dir", str(out), "--no-progress",
+        "--overwrite",  # the models were just retrained: an earlier measurement in this folder is stale
     ]  # fmt: skip
     run(cmd, args.out / "logs" / f"{exp.name}_margins.log")
     return out
