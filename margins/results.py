@@ -168,7 +168,8 @@ def write_report(output_dir: str | Path, report: MarginReport, figure: bool = Tr
     tmp = output_dir.parent / f".{output_dir.name}.tmp-{uuid.uuid4().hex}"
     tmp.mkdir()  # default permissions (umask), unlike tempfile.mkdtemp's 0700: it may become output_dir
     try:
-        files = _write_set(tmp, arrays, payload, (margins, converged) if figure else None, title)
+        plot_arguments = _figure_arguments(report, margins, converged, title) if figure else None
+        files = _write_set(tmp, arrays, payload, plot_arguments)
         _commit(tmp, output_dir, files)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -259,13 +260,21 @@ def _read_summary(output_dir: Path) -> dict:
     return summary
 
 
-def _write_set(tmp: Path, arrays: dict[str, np.ndarray], payload: dict, figure: tuple | None, title: str) -> list[str]:
+def _figure_arguments(report: MarginReport, margins: np.ndarray, converged: np.ndarray, title: str) -> dict:
+    """`plot_margins` arguments: misclassified samples marked when the labels are known, the sample count shown."""
+    known = report.predicted is not None and report.targets is not None
+    wrong = np.asarray(report.predicted) != np.asarray(report.targets) if known else None
+    subtitle = f"{margins.shape[1]} samples x {margins.shape[0]} subspaces"
+    return {"margins": margins, "converged": converged, "title": title, "misclassified": wrong, "subtitle": subtitle}
+
+
+def _write_set(tmp: Path, arrays: dict[str, np.ndarray], payload: dict, figure: dict | None) -> list[str]:
     """Write the full set into `tmp`; returns the file names, summary.json last."""
     for name, array in arrays.items():
         _write_file(tmp / name, lambda f, a=array: np.save(f, a, allow_pickle=False))
     names = list(arrays)
     if figure is not None:
-        fig = plot_margins(*figure, title=title)
+        fig = plot_margins(**figure)
         _write_file(tmp / FIGURE_FILE, lambda f: fig.savefig(f, format="png", dpi=150))
         names.append(FIGURE_FILE)
     payload = {**payload, "files": {name: _sha256(tmp / name) for name in names}}
