@@ -14,10 +14,8 @@ Speed (each can be switched off for ablation, results equal to float rounding):
   loops over max-pool backward); not measured on a GPU, where fewer kernel launches may pay.
 - refill: a pool of `batch_size` rows; rows that finish are replaced by pending rows at once, so model
   passes stay full instead of a chunk running until its slowest row ends.
-- native_stem_grad (CPU): convolutions reading at most 4 channels (the image stem: LeNet's conv1, ResNet's
-  conv1) compute their input gradient with PyTorch's native kernel instead of oneDNN, whose backward-data
-  kernel is 2-5x slower for so few channels (measured on an AMD EPYC, `benchmarks/bench_deepfool.py`).
-  The input gradient is the only one the attack needs, so the patched layers skip weight gradients.
+- native_stem_grad (CPU) and unroll_small_convs: faster kernels for image-stem convolutions and for
+  convolutions over maps no larger than their kernel (`attacks/fast_convs.py`).
 
 Precision: the attack runs in `dtype` (default: the model's own floating dtype, float32 for models as
 built or loaded) with TF32 disabled on CUDA during the call; `precision_record` describes the setting.
@@ -27,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import platform
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,6 +32,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from attacks.fast_convs import fast_convolutions
 from frequency.subspaces import FullSpace, SubspaceFamily
 
 
@@ -149,6 +147,8 @@ class SubspaceDeepFool:
             float rounding only).
         native_stem_grad: on CPU, convolutions with at most 4 input channels take their input gradient from
             PyTorch's native kernel instead of oneDNN's (changes float rounding only; no effect on CUDA).
+        unroll_small_convs: convolutions over an input map no larger than their kernel run as one matmul with
+            the exact unrolled matrix (changes float rounding only).
 
     Call: `attack(model, x, subspaces)` with `x: [N, C, H, W]` in the model's input space (pixels in
     [0, 1], normalisation inside the model) returns a `MarginResult` with `[S, N]` fields;
@@ -171,6 +171,7 @@ class SubspaceDeepFool:
         dtype: torch.dtype | None = None,
         channels_last: bool = False,
         native_stem_grad: bool = True,
+        unroll_small_convs: bool = True,
     ):
         if max_iter < 1 or num_candidates < 2 or batch_size < 1:
             raise ValueError("max_iter and batch_size must be >= 1 and num_candidates >= 2")
@@ -187,6 +188,7 @@ class SubspaceDeepFool:
         self.dtype = dtype
         self.channels_last = bool(channels_last)
         self.native_stem_grad = bool(native_stem_grad)
+        self.unroll_small_convs = bool(unroll_small_convs)
         self.last_stats = PassStats(self.batch_size)
 
     def __call__(
@@ -247,7 +249,7 @@ class SubspaceDeepFool:
             _tf32_off(device),
         ):
             work_model, dtype = _working_model(model, self.dtype, x.dtype, self.channels_last)
-            stack.enter_context(_native_stem_grad(work_model, self.native_stem_grad and device.type == "cpu"))
+            stack.enter_context(fast_convolutions(work_model, self.native_stem_grad, self.unroll_small_convs))
             x = x.detach().to(device=device, dtype=dtype, copy=True)
             if not torch.isfinite(x).all():
                 raise ValueError("inputs contain NaN or infinite values; check the data pipeline")
@@ -521,65 +523,6 @@ class _ChannelsLast(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x.contiguous(memory_format=torch.channels_last))
-
-
-STEM_CHANNELS = 4  # convolutions reading at most this many channels count as the image stem
-
-
-@contextlib.contextmanager
-def _native_stem_grad(model: nn.Module, enabled: bool):
-    """Inside the block, every `nn.Conv2d` of `model` with at most `STEM_CHANNELS` input channels, zero padding
-    and numeric padding computes its input gradient with PyTorch's native CPU kernel (not oneDNN) and no weight
-    or bias gradient; the modules' own `forward` is restored on exit."""
-    if not enabled:
-        yield
-        return
-    patched = []
-    for module in model.modules():
-        if (
-            isinstance(module, nn.Conv2d)
-            and module.in_channels <= STEM_CHANNELS
-            and module.padding_mode == "zeros"
-            and not isinstance(module.padding, str)
-            and "forward" not in vars(module)
-        ):
-            module.forward = functools.partial(_stem_conv_forward, module)
-            patched.append(module)
-    try:
-        yield
-    finally:
-        for module in patched:
-            del module.forward
-
-
-def _stem_conv_forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
-    return _StemConv.apply(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-
-
-class _StemConv(torch.autograd.Function):
-    """`F.conv2d` whose backward returns only the input gradient, from the native (non-oneDNN) CPU kernel."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
-        ctx.save_for_backward(x, weight)
-        ctx.conv = (stride, padding, dilation, groups)
-        return nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        x, weight = ctx.saved_tensors
-        stride, padding, dilation, groups = ctx.conv
-        grad_input = None
-        if ctx.needs_input_grad[0]:
-            enabled = torch._C._get_mkldnn_enabled()  # the documented `mkldnn.flags` also resets TF32 settings
-            torch._C._set_mkldnn_enabled(False)
-            try:
-                grad_input = torch.ops.aten.convolution_backward(
-                    grad_output, x, weight, None, stride, padding, dilation, False, [0, 0], groups, [True, False, False]
-                )[0]
-            finally:
-                torch._C._set_mkldnn_enabled(enabled)
-        return grad_input, None, None, None, None, None, None
 
 
 @contextlib.contextmanager

@@ -1,5 +1,9 @@
 """Margin engine vs the release's per-sample loop, foolbox, and itself with each speed idea switched off.
 
+Two per-sample loops are timed: the release's cost structure (`benchmarks/release_form.py`: one `.backward()` per
+candidate logit, parameter gradients included, dense bases; what "x release" divides) and the lean loop the tests
+use (`tests/deepfool_reference.py`: input gradients only; "x loop"). Both give the same margins.
+
 Cases (float32, CUDA when present): LeNet trained briefly on real MNIST, 100 samples x 21 DCT subspaces
 (block 8, step 1); ResNet-18-MNIST (BatchNorm, briefly trained) 20 x 21; full space, LeNet, 1000 samples
 (with foolbox's batched L2DeepFool when installed); ResNet-50 at 224x224 with random weights, 2 x 14
@@ -27,6 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attacks.deepfool import SubspaceDeepFool, precision_record  # noqa: E402
+from benchmarks.release_form import release_form_margins  # noqa: E402
 from frequency import DCTBlockSubspaces, FullSpace, SubspaceFamily  # noqa: E402
 from models import Normalize, NormalizedModel, build_model  # noqa: E402
 from tests.deepfool_reference import dct_block_basis, reference_deepfool  # noqa: E402
@@ -83,20 +88,27 @@ def timed(fn: Callable[[], object], device: torch.device) -> tuple[object, float
     return out, time.process_time() - cpu, time.perf_counter() - wall
 
 
-def loop_form(model: torch.nn.Module, x: torch.Tensor, family: SubspaceFamily) -> tuple[torch.Tensor, torch.Tensor]:
-    """The release's form: one DeepFool run per (subspace, sample) with a dense basis; margins and iterations
-    [S, N]."""
+def dense_bases(family: SubspaceFamily, x: torch.Tensor) -> list[torch.Tensor | None]:
+    """The release's dense basis [d, m] per subspace (None: full space)."""
+    if not isinstance(family, DCTBlockSubspaces):
+        return [None] * len(family)
     shape = tuple(x.shape[1:])
+    return [dct_block_basis(shape, s * family.step, family.block).to(x) for s in range(len(family))]
+
+
+def loop_form(model: torch.nn.Module, x: torch.Tensor, family: SubspaceFamily) -> tuple[torch.Tensor, torch.Tensor]:
+    """The lean per-sample loop: one DeepFool run per (subspace, sample) with a dense basis; margins and
+    iterations [S, N]."""
     margins = torch.empty(len(family), len(x), dtype=torch.float64)
     iterations = torch.empty(len(family), len(x), dtype=torch.long)
-    for s in range(len(family)):
-        basis = None
-        if isinstance(family, DCTBlockSubspaces):
-            basis = dct_block_basis(shape, s * family.step, family.block).to(x.dtype).to(x.device)
+    for s, basis in enumerate(dense_bases(family, x)):
         for n in range(len(x)):
             pert, iters, _ = reference_deepfool(model, x[n], basis)
             margins[s, n], iterations[s, n] = pert.norm().item(), iters
     return margins, iterations
+
+
+PREVIOUS_ENGINE = {"share_first_step": False, "refill": False, "native_stem_grad": False, "unroll_small_convs": False}
 
 
 def variants() -> dict[str, dict]:
@@ -106,8 +118,10 @@ def variants() -> dict[str, dict]:
         "share_first_step=False": {"share_first_step": False},
         "batched_grads=True": {"batched_grads": True},
         "refill=False": {"refill": False},
+        "native_stem_grad=False": {"native_stem_grad": False},
+        "unroll_small_convs=False": {"unroll_small_convs": False},
         "channels_last=True": {"channels_last": True},
-        "all off (previous engine)": {"share_first_step": False, "batched_grads": False, "refill": False},
+        "all off (previous engine)": {**PREVIOUS_ENGINE, "channels_last": False},
     }
 
 
@@ -116,15 +130,16 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 HEADER = (
-    f"{'variant':32s} {'cpu s':>8s} {'wall s':>8s} {'rows/cpu s':>10s} {'x loop':>7s} {'passes':>7s} {'fill':>5s}"
-    "  vs reference"
+    f"{'variant':32s} {'cpu s':>8s} {'wall s':>8s} {'rows/cpu s':>10s} {'x rel.':>7s} {'x loop':>7s} {'passes':>7s}"
+    f" {'fill':>5s}  vs reference"
 )
 
 
-def report(name: str, rows: int, cpu: float, wall: float, loop_cpu: float | None, extra: str, stats=None) -> None:
-    speedup = f"{loop_cpu / cpu:7.1f}" if loop_cpu else f"{'-':>7s}"
+def report(name: str, rows: int, cpu: float, wall: float, loops: dict, extra: str, stats=None) -> None:
+    """One line; `loops`: CPU seconds of the release form ("release") and the lean loop ("loop") when timed."""
+    ratios = " ".join(f"{loops[k] / cpu:7.1f}" if loops.get(k) else f"{'-':>7s}" for k in ("release", "loop"))
     passes = f"{stats.gradient_passes + stats.check_passes:7d} {stats.fill:5.2f}" if stats else f"{'-':>7s} {'-':>5s}"
-    print(f"{name:32s} {cpu:8.2f} {wall:8.2f} {rows / cpu:10.3g} {speedup} {passes}  {extra}", flush=True)
+    print(f"{name:32s} {cpu:8.2f} {wall:8.2f} {rows / cpu:10.3g} {ratios} {passes}  {extra}", flush=True)
 
 
 def compare(margins: torch.Tensor, iterations: torch.Tensor | None, ref: tuple[torch.Tensor, torch.Tensor]) -> str:
@@ -149,10 +164,21 @@ def run_case(
     rows = x.shape[0] * len(family)
     print(f"\n== {title}: {x.shape[0]} samples x {len(family)} subspaces = {rows} rows ==")
     print(HEADER)
-    loop_cpu, reference = None, None
+    loops, reference = {}, None
     if with_loop:
-        reference, loop_cpu, wall = timed(lambda: loop_form(model, x, family), device)
-        report("per-sample loop (release form)", rows, loop_cpu, wall, loop_cpu, "reference")
+        reference, loops["loop"], wall = timed(lambda: loop_form(model, x, family), device)
+        release, loops["release"], release_wall = timed(
+            lambda: release_form_margins(model, x, dense_bases(family, x)), device
+        )
+        report(
+            "release form (per-sample loop)",
+            rows,
+            loops["release"],
+            release_wall,
+            loops,
+            compare(release, None, reference),
+        )
+        report("lean per-sample loop (tests)", rows, loops["loop"], wall, loops, "reference")
     for name, kwargs in variants().items():
         if names is not None and name not in names:
             continue
@@ -165,14 +191,14 @@ def run_case(
             extra = f"iterations mean {iterations:.2f}, converged {converged:.3f}"
         else:
             extra = compare(result.margins, result.iterations, reference)
-        report(name, rows, cpu, wall, loop_cpu, extra, attack.last_stats)
+        report(name, rows, cpu, wall, loops, extra, attack.last_stats)
         if name.startswith("engine"):
-            engine = result
+            engine, engine_cpu = result, cpu
     if foolbox:
-        run_foolbox(model, x, device, engine, loop_cpu)
+        run_foolbox(model, x, device, engine, engine_cpu)
 
 
-def run_foolbox(model: torch.nn.Module, x: torch.Tensor, device: torch.device, engine, loop_cpu) -> None:
+def run_foolbox(model: torch.nn.Module, x: torch.Tensor, device: torch.device, engine, engine_cpu: float) -> None:
     """foolbox's batched L2DeepFool with the release's settings (10 candidates, overshoot 0.02, 100 steps, logit
     loss). It clips to [0, 1] and runs every sample until all are adversarial, so margins differ slightly."""
     try:
@@ -186,8 +212,11 @@ def run_foolbox(model: torch.nn.Module, x: torch.Tensor, device: torch.device, e
     (_, clipped, success), cpu, wall = timed(lambda: attack(fmodel, x, criterion, epsilons=None), device)
     margins = (clipped - x).flatten(1).norm(dim=1)[None]
     rel = relative(margins, engine.margins)
-    extra = f"vs engine: margin rel. diff median {rel.median():.1e}; success {success.float().mean():.3f}"
-    report("foolbox L2DeepFoolAttack", x.shape[0], cpu, wall, loop_cpu, extra)
+    extra = (
+        f"engine {cpu / engine_cpu:.1f}x faster; vs engine: margin rel. diff median {rel.median():.1e}; "
+        f"success {success.float().mean():.3f}"
+    )
+    report("foolbox L2DeepFoolAttack", x.shape[0], cpu, wall, {}, extra)
 
 
 def main() -> None:
@@ -204,7 +233,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device, cases = torch.device(args.device), set(args.cases.split(","))
-    short = ["engine (defaults)", "channels_last=True", "all off (previous engine)"] if args.no_ablations else None
+    short = ["engine (defaults)", "all off (previous engine)"] if args.no_ablations else None
     print(f"{precision_record(device, torch.float32)}, {torch.get_num_threads()} threads")
     mnist = DCTBlockSubspaces((1, 28, 28), block=8, step=1, device=device)
     n_lenet, n_resnet, n_full = (20, 3, 200) if args.quick else (100, 20, 1000)

@@ -43,7 +43,9 @@ ABLATIONS = [
     {"batched_grads": False},
     {"refill": False},
     {"channels_last": True},
-    {"share_first_step": False, "batched_grads": False, "refill": False},
+    {"native_stem_grad": False},
+    {"unroll_small_convs": False},
+    {"share_first_step": False, "batched_grads": False, "refill": False, "native_stem_grad": False},
 ]
 
 
@@ -185,9 +187,9 @@ def test_real_mnist_float32_margins_equal_the_previous_engine(mnist_root):
     x = test_images[:6].to(DEVICE)
     family = DCTBlockSubspaces((1, 28, 28), 8, 1)
     engine = SubspaceDeepFool(max_iter=20)(model, x, family)  # a few rows would crawl to 100 steps: bound the time
-    previous = SubspaceDeepFool(max_iter=20, share_first_step=False, batched_grads=False, refill=False)(
-        model, x, family
-    )
+    previous = SubspaceDeepFool(
+        max_iter=20, share_first_step=False, batched_grads=False, refill=False, native_stem_grad=False
+    )(model, x, family)
     rel = (engine.margins - previous.margins).abs() / previous.margins
     assert rel.median() < 1e-5 and (engine.iterations == previous.iterations).float().mean() > 0.95
 

@@ -1,0 +1,136 @@
+"""Faster kernels for the convolutions of a model while an attack runs (values equal up to float rounding).
+
+DeepFool needs only input gradients, nine per step, through a frozen eval-mode model; two kinds of
+convolution waste most of that time on a CPU (measured with `benchmarks/bench_deepfool.py`):
+
+- image stems, convolutions reading at most `STEM_CHANNELS` channels (LeNet's and ResNet's `conv1`): oneDNN's
+  backward-data kernel is 2-5x slower than PyTorch's native one for so few channels. On CPU their input gradient
+  comes from the native kernel.
+- convolutions over an input no larger than the kernel (ResNet-18's last stages on 28x28 MNIST run 3x3
+  kernels over 2x2 and 1x1 maps): most of their multiply-adds hit zero padding. Such a convolution is a
+  fixed linear map of the flattened input; it runs as one matmul with the unrolled matrix
+  `[C*H*W, C_out*H_out*W_out]`, copied from the weights once per input shape.
+
+`fast_convolutions(model, stem_grad=..., unroll_small=...)` patches the `forward` of the model's own
+`nn.Conv2d` instances inside the block and restores them on exit. Patched layers give their weights no gradient
+(the attack never asks for one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+STEM_CHANNELS = 4  # convolutions reading at most this many channels count as the image stem
+
+
+@contextlib.contextmanager
+def fast_convolutions(model: nn.Module, stem_grad: bool, unroll_small: bool) -> Iterator[None]:
+    """Inside the block, `model`'s plain `nn.Conv2d` layers (zero padding, numeric padding) use the faster
+    kernels that are switched on; their own `forward` comes back on exit."""
+    patched = []
+    if stem_grad or unroll_small:
+        for module in model.modules():
+            if _patchable(module):
+                module.forward = functools.partial(_forward, module, stem_grad, unroll_small, {})
+                patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+
+
+def _patchable(module: nn.Module) -> bool:
+    return (
+        isinstance(module, nn.Conv2d)
+        and module.padding_mode == "zeros"
+        and not isinstance(module.padding, str)
+        and "forward" not in vars(module)  # somebody else's patch: leave it alone
+    )
+
+
+def _forward(conv: nn.Conv2d, stem_grad: bool, unroll_small: bool, matrices: dict, x: torch.Tensor) -> torch.Tensor:
+    if unroll_small and x.dim() == 4 and _is_small(conv, x):
+        return _unrolled(conv, x, matrices)
+    if stem_grad and conv.in_channels <= STEM_CHANNELS and x.device.type == "cpu":
+        return _StemConv.apply(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    return conv._conv_forward(x, conv.weight, conv.bias)
+
+
+def _is_small(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """The unrolled matmul costs no more multiply-adds than the convolution: input map no larger than the kernel."""
+    kernel_h, kernel_w = conv.kernel_size
+    return conv.groups == 1 and x.shape[-2] * x.shape[-1] <= kernel_h * kernel_w
+
+
+def _unrolled(conv: nn.Conv2d, x: torch.Tensor, matrices: dict) -> torch.Tensor:
+    """`conv(x)` as `x.flatten(1) @ M + bias`, `M` built once per (shape, dtype, device) from one-hot inputs."""
+    key = (tuple(x.shape[1:]), x.dtype, x.device)
+    if key not in matrices:
+        matrices[key] = _unrolled_matrix(conv, key[0], x.dtype, x.device)
+    matrix, out_shape = matrices[key]
+    y = (x.flatten(1) @ matrix).view(-1, *out_shape)
+    return y if conv.bias is None else y + conv.bias.view(-1, 1, 1)
+
+
+def _unrolled_matrix(
+    conv: nn.Conv2d, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """`M: [C*H*W, C_out*H_out*W_out]` with `conv(x) = x.flatten(1) @ M` (no bias), and `(C_out, H_out, W_out)`.
+    Entry ((c, i, j), (o, p, q)) is the weight `W[o, c, a, b]` that links input pixel (i, j) to output pixel
+    (p, q), or zero: copied, never computed, so `M` is exact."""
+    _, height, width = shape
+    taps_h, valid_h = _taps(height, conv.kernel_size[0], conv.stride[0], conv.padding[0], conv.dilation[0], device)
+    taps_w, valid_w = _taps(width, conv.kernel_size[1], conv.stride[1], conv.padding[1], conv.dilation[1], device)
+    weight = conv.weight.detach().to(dtype)
+    blocks = weight[:, :, taps_h[:, :, None, None], taps_w[None, None, :, :]]  # [O, C, H, H_out, W, W_out]
+    blocks = blocks * (valid_h[:, :, None, None] & valid_w[None, None, :, :]).to(dtype)
+    matrix = blocks.permute(1, 2, 4, 0, 3, 5)  # [C, H, W, O, H_out, W_out]
+    out_shape = (weight.shape[0], taps_h.shape[1], taps_w.shape[1])
+    return matrix.reshape(shape[0] * height * width, -1).contiguous(), out_shape
+
+
+def _taps(size: int, kernel: int, stride: int, padding: int, dilation: int, device: torch.device):
+    """Along one axis: the kernel tap linking input i to output p, `[size, size_out]` long, and whether it exists."""
+    size_out = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+    offset = torch.arange(size, device=device)[:, None] + padding - stride * torch.arange(size_out, device=device)
+    valid = (offset >= 0) & (offset % dilation == 0) & (offset // dilation < kernel)
+    return (offset // dilation).clamp(0, kernel - 1), valid
+
+
+class _StemConv(torch.autograd.Function):
+    """`F.conv2d` whose backward returns only the input gradient, from the native (non-oneDNN) CPU kernel."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        ctx.save_for_backward(x, weight)
+        ctx.conv = (stride, padding, dilation, groups)
+        return nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conv
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            with _onednn_off():
+                grad_input = torch.ops.aten.convolution_backward(
+                    grad_output, x, weight, None, stride, padding, dilation, False, [0, 0], groups, [True, False, False]
+                )[0]
+        return grad_input, None, None, None, None, None, None
+
+
+@contextlib.contextmanager
+def _onednn_off() -> Iterator[None]:
+    """oneDNN off for CPU convolutions inside the block (`torch.backends.mkldnn.flags` also resets TF32 settings)."""
+    enabled = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(enabled)
