@@ -8,11 +8,12 @@ Cases (float32, CUDA when present): LeNet trained briefly on real MNIST, 100 sam
 (block 8, step 1); ResNet-18-MNIST (BatchNorm, briefly trained) 20 x 21; full space, LeNet, 1000 samples
 (with foolbox's batched L2DeepFool when installed); ResNet-50 at 224x224 with random weights, 2 x 14
 subspaces (block 16, step 16) for scale. Times are CPU seconds of this process (`time.process_time`,
-robust to other processes sharing the cores) and wall seconds; speed-ups are ratios of CPU seconds within
-this run. One thread by default: with two, the batch-1 ops of the loop lose time to OpenMP overhead
-(measured: loop wall time 112 s -> 207 s on LeNet), which inflates speed-ups. `fill` = images per model
+robust to other processes sharing the cores; on CUDA, wall seconds) and wall seconds; speed-ups and rows/s
+use the former, within this run. One thread by default: with two, the batch-1 ops of the loop lose time to
+OpenMP overhead (measured: loop wall time 112 s -> 207 s on LeNet), which inflates speed-ups. `fill` = images per model
 pass / batch_size. Margin differences are relative to the loop (to the engine's defaults where there is
-no loop). "all off" is the previous engine's algorithm. foolbox is optional (`pip install foolbox`).
+no loop). "all off" is the previous engine's algorithm (batched over rows, none of the ideas). foolbox is
+optional (`pip install foolbox`).
 
     python benchmarks/bench_deepfool.py [--quick] [--no-ablations] [--threads 1] [--repeats 2] [--device cpu]
         [--cases lenet,resnet18,full,resnet50] [--data-dir ../shared/data]
@@ -78,14 +79,15 @@ def mnist_model(
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> tuple[object, float, float]:
-    """`(fn(), cpu_seconds, wall_seconds)`."""
+    """`(fn(), seconds, wall_seconds)`: seconds are CPU seconds of this process, wall seconds on CUDA."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     cpu, wall = time.process_time(), time.perf_counter()
     out = fn()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    return out, time.process_time() - cpu, time.perf_counter() - wall
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    return out, (wall if device.type == "cuda" else cpu), wall  # CPU time means little while a GPU works
 
 
 def dense_bases(family: SubspaceFamily, x: torch.Tensor) -> list[torch.Tensor | None]:
@@ -130,7 +132,7 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 HEADER = (
-    f"{'variant':32s} {'cpu s':>8s} {'wall s':>8s} {'rows/cpu s':>10s} {'x rel.':>7s} {'x loop':>7s} {'passes':>7s}"
+    f"{'variant':32s} {'cpu s':>8s} {'wall s':>8s} {'rows/s':>10s} {'x rel.':>7s} {'x loop':>7s} {'passes':>7s}"
     f" {'fill':>5s}  vs reference"
 )
 
