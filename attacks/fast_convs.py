@@ -55,7 +55,9 @@ def _patchable(module: nn.Module) -> bool:
 
 
 def _forward(conv: nn.Conv2d, stem_grad: bool, unroll_small: bool, matrices: dict, x: torch.Tensor) -> torch.Tensor:
-    if unroll_small and x.dim() == 4 and _is_small(conv, x):
+    if x.dim() != 4:  # unbatched input: the layer's own path
+        return conv._conv_forward(x, conv.weight, conv.bias)
+    if unroll_small and _is_small(conv, x):
         return _unrolled(conv, x, matrices)
     if stem_grad and conv.in_channels <= STEM_CHANNELS and x.device.type == "cpu":
         return _StemConv.apply(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
@@ -118,9 +120,19 @@ class _StemConv(torch.autograd.Function):
         stride, padding, dilation, groups = ctx.conv
         grad_input = None
         if ctx.needs_input_grad[0]:
-            with _onednn_off():
+            with _onednn_off():  # the native kernel is fast on contiguous (not channels-last) tensors
                 grad_input = torch.ops.aten.convolution_backward(
-                    grad_output, x, weight, None, stride, padding, dilation, False, [0, 0], groups, [True, False, False]
+                    grad_output.contiguous(),
+                    x.contiguous(),
+                    weight.contiguous(),
+                    None,
+                    stride,
+                    padding,
+                    dilation,
+                    False,
+                    [0, 0],
+                    groups,
+                    [True, False, False],
                 )[0]
         return grad_input, None, None, None, None, None, None
 
