@@ -120,19 +120,10 @@ class _StemConv(torch.autograd.Function):
         stride, padding, dilation, groups = ctx.conv
         grad_input = None
         if ctx.needs_input_grad[0]:
-            with _onednn_off():  # the native kernel is fast on contiguous (not channels-last) tensors
+            grad_output, x, weight = grad_output.contiguous(), x.contiguous(), weight.contiguous()
+            with _onednn_off():  # the native kernel wants contiguous (not channels-last) tensors
                 grad_input = torch.ops.aten.convolution_backward(
-                    grad_output.contiguous(),
-                    x.contiguous(),
-                    weight.contiguous(),
-                    None,
-                    stride,
-                    padding,
-                    dilation,
-                    False,
-                    [0, 0],
-                    groups,
-                    [True, False, False],
+                    grad_output, x, weight, None, stride, padding, dilation, False, [0, 0], groups, [True, False, False]
                 )[0]
         return grad_input, None, None, None, None, None, None
 
