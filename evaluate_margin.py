@@ -25,7 +25,7 @@ import warnings
 
 from common.cli import ArgumentParser
 from common.errors import InputError
-from datamodules import DATASETS, TRANSFORMS
+from datamodules import DATA, TRANSFORMS
 from margins.evaluate import DTYPES, AttackSettings, RunSettings, evaluate_margins
 from margins.inputs import ModelSource, load_model_and_data
 from margins.results import MarginReport, summarize
@@ -42,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = p.add_argument
     a("--checkpoint", required=True, help="model.t7 / .pth state_dict, Lightning .ckpt, MadryLab .pt")
     a("--model", choices=MODEL_NAMES, help="zoo architecture (default: from the checkpoint)")
-    a("--dataset", choices=tuple(DATASETS), help="dataset (default: from the checkpoint)")
+    a("--dataset", choices=tuple(DATA), help="dataset (default: from the checkpoint)")
     a("--transform", choices=TRANSFORMS, help="frequency transform of the data (default: the checkpoint's, or none)")
     a("--bandwidth", type=int, help="block side of low_pass/high_pass (default 16)")
     a("--data-dir", help="dataset directory (default: the checkpoint's, else 'data')")
