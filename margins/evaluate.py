@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import logging
 import os
 import signal
 import sys
@@ -29,6 +30,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -273,13 +275,13 @@ def _state_sha256(model: nn.Module) -> str:
 def run_job(job: MarginJob, attack: AttackSettings, run: RunSettings) -> tuple[MarginReport | None, Path]:
     """Check the folder, attack the pending chunks (in this process, or on every rank through Lightning), merge
     on rank 0."""
-    start = time.perf_counter()
-    device, trainer = single_process_device(run), None
-    if device is None:
-        from margins.predict import device_type, make_trainer  # Lightning: imported only for these runs
-
-        trainer = make_trainer(run, job.output_dir)  # bad --devices etc.: an error before anything is written
-        kind = device_type(trainer)
+    device = single_process_device(run)
+    predict = _lightning_path() if device is None else None
+    start = time.perf_counter()  # `seconds` of the report: from here (imports excluded) to the merge
+    trainer = None
+    if predict is not None:
+        trainer = predict.make_trainer(run, job.output_dir)  # bad --devices etc.: an error before anything is written
+        kind = predict.device_type(trainer)
     else:
         kind = device.type
     check_output_dir(job, run.overwrite)
@@ -298,14 +300,9 @@ def run_job(job: MarginJob, attack: AttackSettings, run: RunSettings) -> tuple[M
         if trainer is None:
             run_in_process(work, device)
         else:
-            from margins.predict import predict_chunks
-
-            predict_chunks(trainer, work)
-    if trainer is not None:
-        from margins.predict import global_rank
-
-        if global_rank(trainer) != 0:
-            return None, job.output_dir
+            predict.predict_chunks(trainer, work)
+    if trainer is not None and predict.global_rank(trainer) != 0:
+        return None, job.output_dir
     report = merge_chunks(job, store, chunks, time.perf_counter() - start)
     write_report(job.output_dir, report, title=job.title)
     return report, job.output_dir
@@ -327,6 +324,19 @@ def single_process_device(run: RunSettings) -> torch.device | None:
     if accelerator == "cpu" or (accelerator == "auto" and not torch.backends.mps.is_available()):
         return torch.device("cpu")
     return None
+
+
+def _lightning_path() -> ModuleType:
+    """`margins.predict`, imported (with Lightning) only for runs Lightning drives. Lightning's import sets its
+    loggers to INFO: levels chosen before (evaluate_margin.py silences the device banners) are kept."""
+    names = ("lightning.pytorch", "lightning.fabric")
+    levels = {name: logging.getLogger(name).level for name in names}
+    import margins.predict
+
+    for name, level in levels.items():
+        if level != logging.NOTSET:
+            logging.getLogger(name).setLevel(level)
+    return margins.predict
 
 
 def _cluster_launched() -> bool:

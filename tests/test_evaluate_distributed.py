@@ -158,8 +158,8 @@ def test_single_process_path_equals_lightnings(setup, single, tmp_path):
     """--strategy single_device runs the same single process through Lightning's Trainer.predict: the same result
     files, chunk files and fingerprint, byte for byte, as the default path (which imports no Lightning)."""
     out = tmp_path / "lightning"
-    _, modules = _cli_modules([*_argv(setup, out), "--devices", "1", "--strategy", "single_device"])
-    assert modules["lightning"]  # it really went through Lightning
+    proc, modules = _cli_modules([*_argv(setup, out), "--devices", "1", "--strategy", "single_device"])
+    assert modules["lightning"] and "GPU available" not in proc.stderr  # through Lightning, its banners silenced
     _assert_same_files(single, out)
     for name in ("predicted.npy", "targets.npy", "margins.png"):
         assert (single / name).read_bytes() == (out / name).read_bytes(), name
