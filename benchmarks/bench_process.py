@@ -38,6 +38,7 @@ HEAVY = ("lightning", "torchmetrics", "torchvision", "matplotlib")
 # (a) with timestamps: evaluate_margin.py's __main__ block, its steps timed by wrapping the functions main calls
 INSTRUMENTED = r"""
 import gc, json, sys, time
+gc.disable()  # as evaluate_margin.py does when run as a command
 t0 = time.perf_counter()
 import torch
 t_torch = time.perf_counter()
@@ -68,6 +69,7 @@ timed(E.ChunkWork, "attack", "engine")
 E.write_report = write_report
 timed(E, "write_report", "matplotlib import + plot + result files")
 gc.freeze()  # as evaluate_margin.py's __main__ block does, around main
+gc.enable()
 code = evaluate_margin.main(json.loads(sys.argv[1]))
 gc.freeze()
 t_end = time.perf_counter()
