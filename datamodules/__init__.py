@@ -11,55 +11,82 @@ batched behaviour is available as `transform: low_pass_rows_release` for compari
 
 `build_datamodule(dataset, **kwargs)` builds from the registry name; `dm.hparams` records `dataset` and all
 constructor arguments, so `build_datamodule(**checkpoint["datamodule_hyper_parameters"])` rebuilds it.
+
+Each DataModule is a Lightning-free data class (`MNISTData`, ..., base `FrequencyData`; registry `DATA`,
+`build_data`) plus Lightning (`datamodules.modules`). The data classes are what the margin evaluation uses: they
+give the same datasets, normalisation and `hparams` without importing Lightning, which `import datamodules` does
+only when a DataModule name is first used (module `__getattr__`).
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
 from datamodules.base import (
     TRANSFORMS,
     DatasetNotFoundError,
-    FrequencyDataModule,
+    FrequencyData,
     FrequencyTransform,
-    TensorDataModule,
+    TensorData,
+    build_from,
     split_indices,
 )
-from datamodules.cifar10 import CIFAR10DataModule
-from datamodules.imagenet import ImageNetDataModule
-from datamodules.mnist import MNISTDataModule
-from datamodules.synthetic import SyntheticDataModule
+from datamodules.cifar10 import CIFAR10Data
+from datamodules.imagenet import ImageNetData
+from datamodules.mnist import MNISTData
+from datamodules.synthetic import SyntheticData
 
-DATASETS: dict[str, type[FrequencyDataModule]] = {
-    "mnist": MNISTDataModule,
-    "cifar10": CIFAR10DataModule,
-    "imagenet": ImageNetDataModule,
-    "synthetic": SyntheticDataModule,
-}
-
-
-def build_datamodule(dataset: str, **kwargs: Any) -> FrequencyDataModule:
-    """The datamodule registered as `dataset` (mnist|cifar10|imagenet|synthetic), built with `kwargs`.
-
-    Keys starting with "_" (LightningCLI's `_class_path`, `_instantiator` in checkpoint hparams) are ignored.
-    """
-    key = dataset.lower().replace("-", "")
-    if key not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    return DATASETS[key](**{k: v for k, v in kwargs.items() if not k.startswith("_")})
-
-
-__all__ = [
+DATA: dict[str, type[FrequencyData]] = {cls.name: cls for cls in (MNISTData, CIFAR10Data, ImageNetData, SyntheticData)}
+_LIGHTNING = (
     "DATASETS",
-    "TRANSFORMS",
     "CIFAR10DataModule",
-    "DatasetNotFoundError",
     "FrequencyDataModule",
-    "FrequencyTransform",
     "ImageNetDataModule",
     "MNISTDataModule",
     "SyntheticDataModule",
     "TensorDataModule",
+    "build_datamodule",
+)
+
+
+def build_data(dataset: str, **kwargs: Any) -> FrequencyData:
+    """The Lightning-free data class registered as `dataset` (same names and arguments as `build_datamodule`)."""
+    return build_from(DATA, dataset, kwargs)
+
+
+def __getattr__(name: str) -> Any:
+    """The LightningDataModules (and their registry) on first use (PEP 562): importing them imports Lightning."""
+    if name in _LIGHTNING:
+        value = getattr(importlib.import_module("datamodules.modules"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'datamodules' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+__all__ = [
+    "DATA",
+    "DATASETS",
+    "TRANSFORMS",
+    "CIFAR10Data",
+    "CIFAR10DataModule",
+    "DatasetNotFoundError",
+    "FrequencyData",
+    "FrequencyDataModule",
+    "FrequencyTransform",
+    "ImageNetData",
+    "ImageNetDataModule",
+    "MNISTData",
+    "MNISTDataModule",
+    "SyntheticData",
+    "SyntheticDataModule",
+    "TensorData",
+    "TensorDataModule",
+    "build_data",
     "build_datamodule",
     "split_indices",
 ]

@@ -1,4 +1,6 @@
-"""CIFAR-10 (3x32x32, 10 classes) in memory, via torchvision's python-pickle files; no augmentation (release)."""
+"""CIFAR-10 (3x32x32, 10 classes) in memory, via torchvision's python-pickle files; no augmentation (release).
+
+torchvision (its md5-checked reader) is imported when the files are read, not with this module."""
 
 from __future__ import annotations
 
@@ -6,12 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.datasets import CIFAR10
 
-from datamodules.base import DatasetNotFoundError, TensorDataModule
+from datamodules.base import DatasetNotFoundError, TensorData
 
-FOLDER = CIFAR10.base_folder  # "cifar-10-batches-py"
-FILES = tuple(name for name, _ in CIFAR10.train_list + CIFAR10.test_list) + (CIFAR10.meta["filename"],)
+FOLDER = "cifar-10-batches-py"  # torchvision's CIFAR10.base_folder
+FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")  # its train, test and meta files
 
 
 def resolve_cifar10_root(data_dir: str | Path) -> Path:
@@ -33,7 +34,7 @@ def resolve_cifar10_root(data_dir: str | Path) -> Path:
     )
 
 
-class CIFAR10DataModule(TensorDataModule):
+class CIFAR10Data(TensorData):
     """CIFAR-10 as in-memory float tensors `[N, 3, 32, 32]` in [0, 1] (before the frequency transform).
 
     50000 training / 10000 test images. Files are md5-checked by torchvision. Subspaces: 8x8 blocks, step 2 (13).
@@ -47,12 +48,9 @@ class CIFAR10DataModule(TensorDataModule):
     NUM_CLASSES = 10
     subspace_step = 2
 
-    def prepare_data(self) -> None:
-        """Download (only with download=True) into `<data_dir>/cifar-10-batches-py`."""
-        if self.hparams.download:
-            CIFAR10(root=str(self.data_path), train=True, download=True)
-
     def _load_split(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        from torchvision.datasets import CIFAR10
+
         root = resolve_cifar10_root(self.data_path)
         try:
             dataset = CIFAR10(root=str(root), train=train, download=False)

@@ -12,17 +12,14 @@ Per-channel statistics of the filtered training set (as for CIFAR-10) are not co
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import Dataset, Subset
-from torchvision import transforms as T
-from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import find_classes
 
-from datamodules.base import DatasetNotFoundError, FrequencyDataModule, split_indices
+from datamodules.base import DatasetNotFoundError, FrequencyData, split_indices
 
 HOW_TO_GET = (
     "Expected image folders <data_dir>/train/<class>/*.JPEG and <data_dir>/val/<class>/*.JPEG (validation images "
@@ -31,18 +28,7 @@ HOW_TO_GET = (
 )
 
 
-class _FixedClassImageFolder(ImageFolder):
-    """ImageFolder whose class list is given (so val/ uses train/'s indices even if it lacks some classes)."""
-
-    def __init__(self, root: str, classes: list[str], transform: T.Compose):
-        self._given_classes = list(classes)
-        super().__init__(root, transform=transform, allow_empty=True)
-
-    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
-        return self._given_classes, {c: i for i, c in enumerate(self._given_classes)}
-
-
-class ImageNetDataModule(FrequencyDataModule):
+class ImageNetData(FrequencyData):
     """ImageNet (3 x image_size x image_size). Train: RandomResizedCrop(image_size) + RandomHorizontalFlip;
     eval: Resize(resize) + CenterCrop(image_size); then ToTensor ([0, 1]) and the frequency transform.
     Subspaces: 16x16 DCT blocks, step 16 (14 for 224)."""
@@ -62,7 +48,7 @@ class ImageNetDataModule(FrequencyDataModule):
     ):
         if image_size < 1 or resize < image_size:
             raise ValueError(f"need 1 <= image_size <= resize, got image_size={image_size}, resize={resize}")
-        super().__init__(data_dir=data_dir, **kwargs)  # FrequencyDataModule arguments
+        super().__init__(data_dir=data_dir, **kwargs)  # FrequencyData arguments
         self._classes: list[str] | None = None
         self._datasets: dict[str, Dataset] = {}
 
@@ -90,6 +76,8 @@ class ImageNetDataModule(FrequencyDataModule):
             split = "train" if (self.data_path / "train").is_dir() else "val"
             if not (self.data_path / split).is_dir():
                 raise DatasetNotFoundError(self._missing_message("neither train/ nor val/ exists"))
+            from torchvision.datasets.folder import find_classes
+
             try:
                 self._classes = find_classes(str(self.data_path / split))[0]
             except FileNotFoundError as err:  # no class folders
@@ -101,7 +89,9 @@ class ImageNetDataModule(FrequencyDataModule):
         return len(self.classes)
 
     # ---- transforms and datasets -------------------------------------------------------------------------
-    def _transforms(self, train: bool) -> T.Compose:
+    def _transforms(self, train: bool) -> Callable:
+        from torchvision import transforms as T  # torchvision only once images are read
+
         size, resize = self.hparams.image_size, self.hparams.resize
         crop = (
             [T.RandomResizedCrop(size), T.RandomHorizontalFlip()] if train else [T.Resize(resize), T.CenterCrop(size)]
@@ -111,8 +101,10 @@ class ImageNetDataModule(FrequencyDataModule):
     def _folder(self, split: str, train_transforms: bool) -> Dataset:
         key = f"{split}/{'train' if train_transforms else 'eval'}"
         if key not in self._datasets:
+            from datamodules.image_folder import FixedClassImageFolder
+
             root = str(self._split_dir(split))
-            self._datasets[key] = _FixedClassImageFolder(root, self.classes, self._transforms(train_transforms))
+            self._datasets[key] = FixedClassImageFolder(root, self.classes, self._transforms(train_transforms))
             if len(self._datasets[key]) == 0:
                 raise DatasetNotFoundError(self._missing_message(f"no images found under {root}"))
         return self._datasets[key]
@@ -134,7 +126,3 @@ class ImageNetDataModule(FrequencyDataModule):
     @property
     def test_set(self) -> Dataset:
         return self._folder("val", False)
-
-    def prepare_data(self) -> None:
-        if self.hparams.download:
-            rank_zero_warn(f"download=True is ignored for ImageNet. {HOW_TO_GET}")

@@ -1,13 +1,14 @@
-"""MNIST (1x28x28, 10 classes) in memory, via torchvision's raw idx files; no augmentation (release)."""
+"""MNIST (1x28x28, 10 classes) in memory, read from torchvision's raw idx files (or its legacy processed files);
+no augmentation (release). Reading needs no torchvision (only the download in `MNISTDataModule` does)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
-from torchvision.datasets import MNIST
 
-from datamodules.base import DatasetNotFoundError, TensorDataModule
+from datamodules.base import DatasetNotFoundError, TensorData
 
 RAW_FILES = (
     "train-images-idx3-ubyte",
@@ -48,7 +49,32 @@ def resolve_mnist_root(data_dir: str | Path) -> Path:
     )
 
 
-class MNISTDataModule(TensorDataModule):
+def read_idx(path: Path) -> torch.Tensor:
+    """The uint8 array of an idx file (magic 0x08 0x<ndim>, big-endian sizes), as torchvision reads MNIST's."""
+    data = path.read_bytes()
+    if len(data) < 4 or data[:2] != b"\x00\x00" or data[2] != 0x08:
+        raise RuntimeError(f"{path} is not an idx file of unsigned bytes (magic {data[:4].hex()})")
+    ndim = data[3]
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    offset = 4 + 4 * ndim
+    if len(data) != offset + int(np.prod(shape)):
+        raise RuntimeError(f"{path} holds {len(data) - offset} bytes of data, its header says {shape}")
+    return torch.from_numpy(np.frombuffer(data, np.uint8, offset=offset).reshape(shape).copy())
+
+
+def read_mnist(root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images `[N, 28, 28]` and int64 labels `[N]` of a split under `root/MNIST`, as torchvision's `MNIST`
+    reads them: its legacy `processed/{training,test}.pt` when both are present, else the raw idx files."""
+    processed = root / "MNIST" / "processed"
+    if all((processed / f).is_file() for f in LEGACY_FILES):
+        images, labels = torch.load(processed / LEGACY_FILES[0 if train else 1], weights_only=True)
+        return images, labels
+    prefix = "train" if train else "t10k"
+    raw = root / "MNIST" / "raw"
+    return read_idx(raw / f"{prefix}-images-idx3-ubyte"), read_idx(raw / f"{prefix}-labels-idx1-ubyte").long()
+
+
+class MNISTData(TensorData):
     """MNIST as in-memory float tensors `[N, 1, 28, 28]` in [0, 1] (before the frequency transform).
 
     60000 training / 10000 test images. Subspaces: DCT blocks 8x8, step 1 (21 subspaces).
@@ -62,14 +88,7 @@ class MNISTDataModule(TensorDataModule):
     NUM_CLASSES = 10
     subspace_step = 1
 
-    def prepare_data(self) -> None:
-        """Download (only with download=True) into `<data_dir>/MNIST/raw`."""
-        if self.hparams.download:
-            for train in (True, False):
-                MNIST(root=str(self.data_path), train=train, download=True)
-
     def _load_split(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        root = resolve_mnist_root(self.data_path)
-        dataset = MNIST(root=str(root), train=train, download=False)
-        x = dataset.data.unsqueeze(1).float().div_(255.0)  # uint8 [N, 28, 28] -> [N, 1, 28, 28] in [0, 1]
-        return x, torch.as_tensor(dataset.targets, dtype=torch.long)
+        images, labels = read_mnist(resolve_mnist_root(self.data_path), train)
+        x = images.unsqueeze(1).float().div_(255.0)  # uint8 [N, 28, 28] -> [N, 1, 28, 28] in [0, 1]
+        return x, torch.as_tensor(labels, dtype=torch.long)

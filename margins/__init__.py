@@ -6,8 +6,8 @@
 - report: `save_margin_report`, the one writer used by evaluate_margin.py and the callback.
 - plot: the paper's plot `plot_margins`, `save_figure`, `figure_to_array`.
 
-The names of plot, report and results (results draws its figure with matplotlib) are imported on first use
-(module `__getattr__`), so `import margins` for measuring does not load matplotlib.
+The names of plot, report and results are imported on first use (module `__getattr__`), and results imports
+matplotlib only when it draws a figure, so `import margins` for measuring does not load matplotlib.
 """
 
 from __future__ import annotations

@@ -6,9 +6,9 @@ Layout of `<output_dir>/chunks/`:
     chunk-000012.npz       the rows of chunk 12 (`margins`, `converged`, `iterations`, `perturbed_labels`,
                            `predicted`, `targets`, `rows` = [start, stop)); written to `.chunk-000012.npz.tmp-<uuid>`,
                            fsynced, then `os.replace`d (atomic) and the directory fsynced.
-    journal-rank<r>.jsonl  one line per chunk committed by rank r: {"chunk", "file", "sha256"}, appended and fsynced
-                           AFTER the chunk file is in place. A chunk counts as committed only when a journal line
-                           lists it and the file's SHA-256 matches that line.
+    journal-rank<r>.jsonl  one line per chunk committed by rank r: {"chunk", "file", "sha256"} (and "seconds" in the
+                           engine), appended and fsynced AFTER the chunk file is in place. A chunk counts as
+                           committed only when a journal line lists it and the file's SHA-256 matches that line.
 
 A kill before the journal line leaves an unlisted file (recomputed, overwritten atomically); a kill mid-line leaves
 an unparsable line (ignored); a listed file whose bytes changed (disk or user damage) is reported in one line,
@@ -97,31 +97,49 @@ class ChunkStore:
     def chunk_name(chunk: int) -> str:
         return f"chunk-{chunk:06d}.npz"
 
-    def commit(self, chunk: int, arrays: dict[str, np.ndarray], rank: int) -> None:
-        """Write chunk `chunk` atomically, then append its journal line (fsynced)."""
+    def commit(self, chunk: int, arrays: dict[str, np.ndarray], rank: int, seconds: float | None = None) -> None:
+        """Write chunk `chunk` atomically, then append its journal line (fsynced); `seconds`: its engine time."""
         buffer = io.BytesIO()
         np.savez(buffer, **{k: np.asarray(arrays[k]) for k in CHUNK_FIELDS})
         data = buffer.getvalue()
         name = self.chunk_name(chunk)
         atomic_write(self.root / name, data)
-        line = json.dumps({"chunk": chunk, "file": name, "sha256": hashlib.sha256(data).hexdigest()})
-        _append_line(self.root / f"journal-rank{rank}.jsonl", line)
+        entry = {"chunk": chunk, "file": name, "sha256": hashlib.sha256(data).hexdigest()}
+        if seconds is not None:
+            entry["seconds"] = float(seconds)
+        _append_line(self.root / f"journal-rank{rank}.jsonl", json.dumps(entry))
 
     def load(self, chunk: int) -> dict[str, np.ndarray]:
         with np.load(self.root / self.chunk_name(chunk), allow_pickle=False) as data:
             return {k: data[k] for k in CHUNK_FIELDS}
 
-    def listed(self) -> dict[int, str]:
-        """Chunk id -> SHA-256 from every journal line that parses (the last line for a chunk wins)."""
-        listed: dict[int, str] = {}
+    def journal(self) -> dict[int, dict[str, Any]]:
+        """Chunk id -> its entry, from every journal line that parses (the last line for a chunk wins)."""
+        entries: dict[int, dict[str, Any]] = {}
         for journal in sorted(self.root.glob("journal-*.jsonl")):
             for line in journal.read_text(errors="replace").splitlines():
                 try:
                     entry = json.loads(line)
-                    listed[int(entry["chunk"])] = str(entry["sha256"])
+                    entries[int(entry["chunk"])] = {**entry, "sha256": str(entry["sha256"])}
                 except (json.JSONDecodeError, KeyError, TypeError, ValueError):
                     continue  # a line cut by a kill
-        return listed
+        return entries
+
+    def listed(self) -> dict[int, str]:
+        """Chunk id -> SHA-256 from every journal line that parses (the last line for a chunk wins)."""
+        return {chunk: entry["sha256"] for chunk, entry in self.journal().items()}
+
+    def engine_seconds(self, num_chunks: int) -> float:
+        """Seconds in the engine summed over the journal's chunks `0..num_chunks-1`: every process's and every
+        earlier (resumed) run's, lines without seconds (older runs) counting 0."""
+        entries = self.journal()
+        total = 0.0
+        for chunk in range(num_chunks):
+            try:
+                total += float(entries.get(chunk, {}).get("seconds", 0.0))
+            except (TypeError, ValueError):
+                continue
+        return total
 
     def scan(self, num_chunks: int) -> ChunkScan:
         """Verify every listed chunk file against its checksum (read-only)."""

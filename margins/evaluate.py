@@ -1,35 +1,40 @@
-"""Margin evaluation at any scale: `evaluate_margins(...)` runs the (sample, subspace) grid through Lightning.
+"""Margin evaluation at any scale: `evaluate_margins(...)` runs the (sample, subspace) grid chunk by chunk.
 
 Rows are sample-major (`margins.sharding.row_grid`) and cut into chunks of `chunk_rows` rows that depend only on
-the settings, never on the number of processes. `Trainer.predict` (`inference_mode=False`) shares the pending
-chunks out with Lightning's unrepeated distributed sampler (no padded duplicates); each item of the predict
-dataset loads the distinct samples of one chunk through a DataLoader (workers, pinned memory on CUDA), the engine
-attacks that chunk alone (`SubspaceDeepFool.attack_rows`, its own chunked clean forward) and a
-`BasePredictionWriter` commits it atomically (`margins.chunks`). After a barrier rank 0 merges the chunks into the
-result folder (`margins.results.write_report`). Hence: results are bit-identical for 1 or k processes, peak memory
-is set by `chunk_rows`, and re-running an interrupted command resumes from the committed chunks.
+the settings, never on the number of processes. Each chunk is one item of `ChunkDataset` (the distinct samples of
+that chunk, loaded through a DataLoader: workers, pinned memory on CUDA), attacked alone by the engine
+(`SubspaceDeepFool.attack_rows`, its own chunked clean forward) and committed atomically (`margins.chunks`); then
+rank 0 merges the chunks into the result folder (`margins.results.write_report`). Hence: results are bit-identical
+for 1 or k processes, peak memory is set by `chunk_rows`, and re-running an interrupted command resumes from the
+committed chunks. `ChunkWork` holds these steps, once, for both drivers:
 
-Single process by default; `RunSettings(devices=2, accelerator="cpu")` spawns processes; under `torchrun` or
-SLURM `srun` Lightning's cluster environments supply the ranks.
+- one process (the default: `devices` 1, `num_nodes` 1, `strategy="auto"`, no torchrun/SLURM/LSF/MPI launcher):
+  this process runs the pending chunks itself (`run_in_process`) and never imports Lightning;
+- otherwise Lightning's `Trainer.predict` (`margins.predict`, `inference_mode=False`) shares the pending chunks
+  out with its unrepeated distributed sampler (no padded duplicates): `RunSettings(devices=2, accelerator="cpu")`
+  spawns processes, under `torchrun` or SLURM `srun` Lightning's cluster environments supply the ranks, and any
+  explicit `strategy` (e.g. "single_device") goes through Lightning too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
+import logging
 import os
+import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import BasePredictionWriter
-from lightning.pytorch.utilities.exceptions import MisconfigurationException, SIGTERMException
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -61,6 +66,7 @@ from margins.sharding import chunk_ranges, row_grid
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 CHUNK_DIR = "chunks"
+STOP_MESSAGE = "SIGTERM: stopping; committed chunks are kept, run the same command to resume"
 _VOLATILE_DATA_KEYS = ("data_dir", "batch_size", "eval_batch_size", "num_workers", "pin_memory", "download")
 
 
@@ -89,7 +95,8 @@ class AttackSettings:
 
 @dataclass
 class RunSettings:
-    """Lightning machinery and run policy. `devices`/`num_nodes` None: from torchrun's environment, else 1."""
+    """Processes and run policy. `devices`/`num_nodes` None: from torchrun's environment, else 1. One process
+    with `strategy="auto"` runs without Lightning (module docstring); otherwise these are Lightning's settings."""
 
     accelerator: str = "auto"
     devices: int | str | None = None
@@ -266,13 +273,20 @@ def _state_sha256(model: nn.Module) -> str:
 
 # ---- the run -----------------------------------------------------------------------------------------------
 def run_job(job: MarginJob, attack: AttackSettings, run: RunSettings) -> tuple[MarginReport | None, Path]:
-    """Check the folder, predict the pending chunks on every rank, merge on rank 0."""
-    start = time.perf_counter()
-    trainer = make_trainer(run, job.output_dir)  # bad --devices etc.: an error before anything is written
+    """Check the folder, attack the pending chunks (in this process, or on every rank through Lightning), merge
+    on rank 0."""
+    device = single_process_device(run)
+    predict = _lightning_path() if device is None else None
+    start = time.perf_counter()  # `seconds` of the report: from here (imports excluded) to the merge
+    trainer = None
+    if predict is not None:
+        trainer = predict.make_trainer(run, job.output_dir)  # bad --devices etc.: an error before anything is written
+        kind = predict.device_type(trainer)
+    else:
+        kind = device.type
     check_output_dir(job, run.overwrite)
-    device_type = type(trainer.accelerator).__name__.replace("Accelerator", "").lower()
-    job.fingerprint["device_type"] = job.settings["device_type"] = device_type
-    if device_type == "cpu":  # BLAS/oneDNN reductions are split by thread: the count changes the float bits
+    job.fingerprint["device_type"] = job.settings["device_type"] = kind
+    if kind == "cpu":  # BLAS/oneDNN reductions are split by thread: the count changes the float bits
         if run.threads < 1:
             raise InputError(f"--threads must be >= 1, got {run.threads}")
         job.fingerprint["cpu_threads"] = job.settings["cpu_threads"] = run.threads
@@ -281,20 +295,58 @@ def run_job(job: MarginJob, attack: AttackSettings, run: RunSettings) -> tuple[M
         store.check_compatible(job.fingerprint)
     chunks = chunk_ranges(len(job.indices) * len(job.subspaces), attack.chunk_rows)
     done = store.scan(len(chunks)) if not run.overwrite else None
-    module = None
     if done is None or done.problems or len(done.committed) < len(chunks):
-        module = MarginPredictor(job, attack, run, store, chunks)
-        writer = ChunkWriter(store)
-        trainer.callbacks.append(writer)
-        trainer.predict(module, return_predictions=False)
-        trainer.strategy.barrier("margins-merge")
-    if module is not None and module.progress is not None:
-        module.progress.close()
-    if _global_rank(trainer) != 0:
+        work = ChunkWork(job, attack, run, store, chunks)
+        if trainer is None:
+            run_in_process(work, device)
+        else:
+            predict.predict_chunks(trainer, work)
+    if trainer is not None and predict.global_rank(trainer) != 0:
         return None, job.output_dir
     report = merge_chunks(job, store, chunks, time.perf_counter() - start)
     write_report(job.output_dir, report, title=job.title)
     return report, job.output_dir
+
+
+def single_process_device(run: RunSettings) -> torch.device | None:
+    """The device if this process alone runs the evaluation without Lightning, else None (Lightning runs it).
+
+    Alone: `devices` 1 or None, `num_nodes` 1 or None, `strategy="auto"`, and no launcher that starts or manages
+    processes (`_cluster_launched`). Accelerator cpu; cuda/gpu (device 0); auto: cuda if available, else the CPU
+    (unless MPS is available: left to Lightning, which picks it). Anything else, or cuda missing: Lightning (and
+    its error message).
+    """
+    if run.strategy != "auto" or run.num_nodes not in (None, 1) or run.devices not in (None, 1) or _cluster_launched():
+        return None
+    accelerator = run.accelerator.lower()
+    if accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", 0) if torch.cuda.is_available() else None
+    if accelerator == "cpu" or (accelerator == "auto" and not torch.backends.mps.is_available()):
+        return torch.device("cpu")
+    return None
+
+
+def _lightning_path() -> ModuleType:
+    """`margins.predict`, imported (with Lightning) only for runs Lightning drives. Lightning's import sets its
+    loggers to INFO: levels chosen before (evaluate_margin.py silences the device banners) are kept."""
+    names = ("lightning.pytorch", "lightning.fabric")
+    levels = {name: logging.getLogger(name).level for name in names}
+    import margins.predict
+
+    for name, level in levels.items():
+        if level != logging.NOTSET:
+            logging.getLogger(name).setLevel(level)
+    return margins.predict
+
+
+def _cluster_launched() -> bool:
+    """Started by torchrun, SLURM (not an interactive job named bash/interactive), LSF's jsrun or MPI with several
+    processes: Lightning's cluster environments supply the ranks then (and under SLURM requeue on SIGUSR1)."""
+    env = os.environ
+    slurm = "SLURM_NTASKS" in env and env.get("SLURM_JOB_NAME") not in ("bash", "interactive")
+    lsf = {"LSB_JOBID", "JSM_NAMESPACE_SIZE"} <= env.keys()
+    mpi = int(env.get("OMPI_COMM_WORLD_SIZE", env.get("PMI_SIZE", "1"))) > 1
+    return "TORCHELASTIC_RUN_ID" in env or slurm or lsf or mpi
 
 
 def check_output_dir(job: MarginJob, overwrite: bool) -> None:
@@ -316,40 +368,45 @@ def check_output_dir(job: MarginJob, overwrite: bool) -> None:
         raise InputError(f"cannot write to the output folder {folder}: {err.strerror or err}") from err
 
 
-def make_trainer(run: RunSettings, folder: Path) -> L.Trainer:
-    """A predict-only Trainer; Lightning's configuration errors (devices, accelerator, ...) become InputError."""
-    elastic = "TORCHELASTIC_RUN_ID" in os.environ  # started by torchrun: its process counts are the defaults
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if elastic else 1
-    devices = run.devices if run.devices is not None else local
-    nodes = run.num_nodes
-    if nodes is None:
-        nodes = max(1, int(os.environ.get("WORLD_SIZE", 1)) // local) if elastic else 1
+def run_in_process(work: ChunkWork, device: torch.device) -> None:
+    """One process, no Lightning: the pending chunks in order, each committed as soon as it is attacked, under
+    `torch.no_grad()` like Lightning's predict loop (`inference_mode=False`). A SIGTERM stops at the next chunk
+    boundary, as under Lightning; the previous SIGTERM handler is restored after."""
+    work.model.to(device)
+    work.set_threads()
+    pending = work.prepare_folder()
+    work.start_progress(pending)
     try:
-        return L.Trainer(
-            accelerator=run.accelerator,
-            devices=devices,
-            num_nodes=nodes,
-            strategy=run.strategy,
-            inference_mode=False,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=str(folder / CHUNK_DIR),
-        )
-    except (MisconfigurationException, ValueError, TypeError, RuntimeError) as err:
-        raise InputError(
-            f"cannot run on --accelerator {run.accelerator} --devices {devices} --num-nodes {nodes} "
-            f"--strategy {run.strategy}: {' '.join(str(err).split())}"
-        ) from err
+        with _sigterm_flag() as received, torch.no_grad():
+            for batch in work.loader(pending, device):
+                work.commit(work.attack(batch, device), rank=0, sigterm=received.is_set())
+    finally:
+        work.close_progress()
 
 
-def _global_rank(trainer: L.Trainer) -> int:
-    env = getattr(trainer.strategy, "cluster_environment", None)
-    return trainer.global_rank if env is None else max(trainer.global_rank, env.global_rank())
+@contextlib.contextmanager
+def _sigterm_flag() -> Iterator[threading.Event]:
+    """An event set by SIGTERM while the block runs; a Python handler installed before is called too (as Lightning
+    does) and restored after. Outside the main thread no handler can be installed: the event is never set."""
+    received = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield received
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
+    def handler(signum: int, frame: Any) -> None:
+        received.set()
+        if callable(previous):
+            previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield received
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
-# ---- Lightning pieces --------------------------------------------------------------------------------------
+# ---- the steps of every process, whoever drives them -------------------------------------------------------
 class ChunkDataset(Dataset):
     """Item i = chunk `chunk_ids[i]`: its distinct samples `x: [n, C, H, W]`, labels `y: [n]`, and per row the
     position of its sample in x (`local`) and its subspace (`subspace`)."""
@@ -377,45 +434,34 @@ def _unwrap(batch: list[dict[str, Any]]) -> dict[str, Any]:
     return batch[0]
 
 
-class MarginPredictor(L.LightningModule):
-    """Attacks one chunk per predict step; rank 0 prepares the chunk folder in `setup` and broadcasts the plan."""
+class ChunkWork:
+    """The steps of a process on its chunks, the same whether this process drives them (`run_in_process`) or
+    Lightning does (`margins.predict`): thread count, folder preparation (rank 0), the chunk loader, the attack of
+    one chunk, its commit, the progress bar. The model is a copy cast to the attack's dtype (the caller's is left
+    as it is); the driver moves it to the device."""
 
     def __init__(
         self, job: MarginJob, attack: AttackSettings, run: RunSettings, store: ChunkStore, chunks: list[range]
     ):
-        super().__init__()
-        self.dtype_ = DTYPES[attack.dtype]
-        self.model = copy.deepcopy(job.model).to(self.dtype_)  # the caller's model is left as it is
-        self.job, self.run_settings, self.store, self.chunks = job, run, store, chunks
+        self.job, self.run, self.store, self.chunks = job, run, store, chunks
+        self.dtype = DTYPES[attack.dtype]
+        self.model = copy.deepcopy(job.model).to(self.dtype)
         self.engine = SubspaceDeepFool(
             overshoot=attack.overshoot,
             max_iter=attack.max_iter,
             num_candidates=attack.num_candidates,
             batch_size=attack.chunk_rows,
         )
-        self.pending: list[int] = []
         self.progress: _Progress | None = None
 
-    def setup(self, stage: str) -> None:
+    def set_threads(self) -> None:
         if self.job.settings["device_type"] == "cpu":
-            torch.set_num_threads(self.run_settings.threads)
-        plan: Any = None
-        if self.trainer.is_global_zero:
-            try:
-                plan = self._prepare_folder()
-            except InputError as err:
-                plan = f"error: {err}"
-        plan = self.trainer.strategy.broadcast(plan, src=0)
-        if isinstance(plan, str):
-            raise InputError(plan.removeprefix("error: "))
-        self.pending = plan
-        if self.trainer.is_global_zero and self.run_settings.progress:
-            self.progress = _Progress(self.store, self.chunks, plan)
+            torch.set_num_threads(self.run.threads)
 
-    def _prepare_folder(self) -> list[int]:
+    def prepare_folder(self) -> list[int]:
         """Rank 0: reset (--overwrite) or verify, write the manifest, report damaged chunks; the pending ids."""
         job, store = self.job, self.store
-        if self.run_settings.overwrite:
+        if self.run.overwrite:
             store.reset()
             for name in (*RESULT_FILES, *OPTIONAL_FILES):
                 (job.output_dir / name).unlink(missing_ok=True)
@@ -428,29 +474,40 @@ class MarginPredictor(L.LightningModule):
             print(f"warning: {problem}", file=sys.stderr)
         return [c for c in range(len(self.chunks)) if c not in scan.committed]
 
-    def predict_dataloader(self) -> DataLoader:
-        # Lightning's unrepeated sampler needs an item per rank: fewer pending chunks than ranks -> no-op items (-1)
-        ids = self.pending + [-1] * max(0, self.trainer.world_size - len(self.pending))
+    def start_progress(self, pending: list[int]) -> None:
+        """Rank 0's bar over all rows (`run.progress`)."""
+        if self.run.progress:
+            self.progress = _Progress(self.store, self.chunks, pending)
+
+    def close_progress(self) -> None:
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None
+
+    def loader(self, ids: list[int], device: torch.device) -> DataLoader:
+        """One item per chunk id (-1: a no-op item), read by `run.num_workers` workers."""
         data = ChunkDataset(self.job.dataset, self.job.indices, len(self.job.subspaces), self.chunks, ids)
-        workers = self.run_settings.num_workers
+        workers = self.run.num_workers
         return DataLoader(
             data,
             batch_size=1,
             shuffle=False,
             collate_fn=_unwrap,
             num_workers=workers,
-            pin_memory=self.device.type == "cuda",
+            pin_memory=device.type == "cuda",
             persistent_workers=False,
         )
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any] | None:
+    def attack(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any] | None:
+        """The engine on one chunk: `{"chunk", "arrays" (its rows, numpy), "seconds"}`; None for a no-op item."""
         if batch["chunk"] < 0:
             return None
-        x = batch["x"].to(self.device, self.dtype_)
+        x = batch["x"].to(device, self.dtype)
+        local, subspace = batch["local"].to(device), batch["subspace"].to(device)
         start = time.perf_counter()
-        out = self.engine.attack_rows(self.model, x, self.job.subspaces, batch["local"], batch["subspace"])
+        out = self.engine.attack_rows(self.model, x, self.job.subspaces, local, subspace)
         rows = self.chunks[batch["chunk"]]
-        y = batch["y"].cpu().numpy()[batch["local"].numpy()]
+        y = batch["y"].cpu().numpy()[batch["local"].cpu().numpy()]
         arrays = {
             "margins": out.margins.cpu().numpy(),
             "converged": out.converged.cpu().numpy(),
@@ -462,22 +519,16 @@ class MarginPredictor(L.LightningModule):
         }
         return {"chunk": int(batch["chunk"]), "arrays": arrays, "seconds": time.perf_counter() - start}
 
-
-class ChunkWriter(BasePredictionWriter):
-    """Commits each predicted chunk as soon as its batch ends (atomic file + journal line)."""
-
-    def __init__(self, store: ChunkStore):
-        super().__init__(write_interval="batch")
-        self.store = store
-
-    def write_on_batch_end(
-        self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
+    def commit(
+        self, prediction: dict[str, Any] | None, rank: int, sigterm: bool, stop: type[SystemExit] = SystemExit
     ) -> None:
+        """Commit an attacked chunk (atomic file + journal line); after a SIGTERM stop at this chunk boundary:
+        the message, then `stop` is raised (Lightning's predict loop would go on otherwise)."""
         if prediction is not None:
-            self.store.commit(prediction["chunk"], prediction["arrays"], trainer.global_rank)
-        if trainer.received_sigterm:  # Lightning's predict loop would go on: stop at this chunk boundary
-            print("SIGTERM: stopping; committed chunks are kept, run the same command to resume", file=sys.stderr)
-            raise SIGTERMException
+            self.store.commit(prediction["chunk"], prediction["arrays"], rank, seconds=prediction["seconds"])
+        if sigterm:
+            print(STOP_MESSAGE, file=sys.stderr)
+            raise stop
 
 
 class _Progress:
@@ -545,7 +596,11 @@ def merge_chunks(job: MarginJob, store: ChunkStore, chunks: list[range], seconds
         perturbed_labels=perturbed.T,
         predicted=predicted,
         targets=targets,
-        extra={**summary_extra(iterations, predicted, targets, seconds), "num_chunks": len(chunks)},
+        extra={
+            **summary_extra(iterations, predicted, targets, seconds),
+            "num_chunks": len(chunks),
+            "engine_seconds": store.engine_seconds(len(chunks)),
+        },
     )
 
 

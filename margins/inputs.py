@@ -1,6 +1,8 @@
-"""What a margin evaluation measures: model and datamodule from a checkpoint (+ flags), samples, subspaces.
+"""What a margin evaluation measures: model and data from a checkpoint (+ flags), samples, subspaces.
 
-Every function raises `common.errors.InputError` (one line naming the problem and the fix) on bad input.
+The data is the checkpoint's datamodule as its Lightning-free data class (`datamodules.FrequencyData`: same
+arguments, hparams, datasets and normalisation), so measuring imports no Lightning. Every function raises
+`common.errors.InputError` (one line naming the problem and the fix) on bad input.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 from torch import nn
 
 from common.errors import InputError
-from datamodules import DATASETS, FrequencyDataModule, build_datamodule
+from datamodules import DATA, FrequencyData, build_data
 from frequency import DCTBlockSubspaces, FullSpace
 from frequency.subspaces import SubspaceFamily
 from margins.measure import load_indices, select_indices
@@ -47,17 +49,18 @@ class ModelSource:
 
 @dataclass
 class LoadedSource:
-    """The eval-mode model `[B, C, H, W] -> logits`, its datamodule, hyperparameters and checkpoint facts."""
+    """The eval-mode model `[B, C, H, W] -> logits`, its data (the datamodule's Lightning-free class),
+    hyperparameters and checkpoint facts."""
 
     model: nn.Module
-    datamodule: FrequencyDataModule
+    datamodule: FrequencyData
     hparams: dict[str, Any]
     info: CheckpointInfo
     sha256: str
 
 
 def load_source(src: ModelSource) -> LoadedSource:
-    """Read the checkpoint once, build its datamodule and model (flags on top of what the checkpoint records)."""
+    """Read the checkpoint once, build its data and model (flags on top of what the checkpoint records)."""
     info = inspect_checkpoint(Path(src.checkpoint).expanduser(), src.trusted_pickle)
     net = resolve_net(src, info)
     dm = make_datamodule(src, info)
@@ -69,36 +72,38 @@ def load_source(src: ModelSource) -> LoadedSource:
 
 def load_model_and_data(
     checkpoint: str | Path, data_dir: str | None = None, trusted_pickle: bool = False
-) -> tuple[nn.Module, FrequencyDataModule]:
-    """The eval-mode model `[B, C, H, W] in the data's space -> logits` and the datamodule of this project's
-    checkpoint; `data_dir` overrides the recorded one. Raises InputError on bad input."""
+) -> tuple[nn.Module, FrequencyData]:
+    """The eval-mode model `[B, C, H, W] in the data's space -> logits` and the data of this project's
+    checkpoint (its datamodule's `FrequencyData`: datasets, normalisation, hparams; no dataloaders);
+    `data_dir` overrides the recorded one. Raises InputError on bad input."""
     loaded = load_source(ModelSource(checkpoint, data_dir=data_dir, trusted_pickle=trusted_pickle))
     return loaded.model, loaded.datamodule
 
 
-def make_datamodule(src: ModelSource, info: CheckpointInfo) -> FrequencyDataModule:
-    """The checkpoint's datamodule (same dataset and constructor arguments) with the explicit flags on top."""
+def make_datamodule(src: ModelSource, info: CheckpointInfo) -> FrequencyData:
+    """The checkpoint's datamodule as its data class (same dataset and constructor arguments, no Lightning) with
+    the explicit flags on top."""
     recorded = info.data_hparams.get("dataset")
     dataset = src.dataset or recorded
     if dataset is None:
         raise InputError(
             f"{info.path} records no dataset (a raw state_dict has no hyperparameters): pass --model and --dataset"
         )
-    if dataset not in DATASETS:
-        raise InputError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    accepted = DATASETS[dataset].argument_names()
+    if dataset not in DATA:
+        raise InputError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATA)}")
+    accepted = DATA[dataset].argument_names()
     kwargs = {k: v for k, v in info.data_hparams.items() if k in accepted} if dataset == recorded else {}
     for key, value in (("data_dir", src.data_dir), ("transform", src.transform), ("bandwidth", src.bandwidth)):
         if value is not None:
             kwargs[key] = value
     kwargs["download"] = False
     try:
-        return build_datamodule(dataset, **kwargs)
+        return build_data(dataset, **kwargs)
     except (ValueError, TypeError) as err:  # constructor validation of the recorded/flagged arguments
         raise InputError(f"cannot build the {dataset} datamodule: {' '.join(str(err).split())}") from err
 
 
-def margin_dataset(dm: FrequencyDataModule, data_dir_from_checkpoint: bool) -> Any:
+def margin_dataset(dm: FrequencyData, data_dir_from_checkpoint: bool) -> Any:
     """The margin dataset (test split); a missing dataset gets a hint on --data-dir."""
     try:
         return dm.margin_dataset()
@@ -124,7 +129,7 @@ def choose_indices(num_samples: int, seed: int, indices_file: str | None, size: 
 
 
 def make_subspaces(
-    kind: str, block: int | None, step: int | None, shape: tuple[int, int, int], dm: FrequencyDataModule
+    kind: str, block: int | None, step: int | None, shape: tuple[int, int, int], dm: FrequencyData
 ) -> SubspaceFamily:
     """DCT block subspaces (defaults per dataset) or the full space (one row)."""
     if kind == "full":
@@ -160,7 +165,7 @@ def resolve_net(src: ModelSource, info: CheckpointInfo) -> str:
     return net or src.model
 
 
-def model_hparams(src: ModelSource, info: CheckpointInfo, dm: FrequencyDataModule, net: str) -> dict[str, Any]:
+def model_hparams(src: ModelSource, info: CheckpointInfo, dm: FrequencyData, net: str) -> dict[str, Any]:
     """`{"net", "num_classes", "image_shape", ...}`: the checkpoint's record, or the flags and the dataset's."""
     recorded = info.model_hparams
     num_classes = recorded.get("num_classes")
@@ -177,7 +182,7 @@ def model_hparams(src: ModelSource, info: CheckpointInfo, dm: FrequencyDataModul
     return {**recorded, "net": net, "num_classes": int(num_classes), "image_shape": image_shape}
 
 
-def make_model(hp: dict[str, Any], info: CheckpointInfo, dm: FrequencyDataModule) -> nn.Module:
+def make_model(hp: dict[str, Any], info: CheckpointInfo, dm: FrequencyData) -> nn.Module:
     """NormalizedModel with the checkpoint's weights; its normalisation from the checkpoint or the datamodule."""
     shape = hp["image_shape"]
     net = build_model(hp["net"], num_classes=hp["num_classes"], in_channels=shape[0], image_size=shape[1:])
@@ -223,7 +228,7 @@ def check_forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
         )
 
 
-def default_output_dir(net: str, dm: FrequencyDataModule, checkpoint: Path) -> Path:
+def default_output_dir(net: str, dm: FrequencyData, checkpoint: Path) -> Path:
     """outputs/margins/<model>_<dataset>[_<transform>]_<run>, the run named after the checkpoint's place:
     logs/mnist_lenet/version_3/checkpoints/last.ckpt -> lenet_mnist_mnist_lenet-version_3-last."""
     transform = "" if dm.hparams.transform == "none" else f"_{dm.hparams.transform}"

@@ -45,8 +45,6 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-from margins.plot import plot_margins
-
 SCHEMA_VERSION = 2
 MARGINS_FILE = "margins.npy"
 CONVERGED_FILE = "converged.npy"
@@ -274,6 +272,8 @@ def _write_set(tmp: Path, arrays: dict[str, np.ndarray], payload: dict, figure: 
         _write_file(tmp / name, lambda f, a=array: np.save(f, a, allow_pickle=False))
     names = list(arrays)
     if figure is not None:
+        from margins.plot import plot_margins  # matplotlib only when a figure is drawn
+
         fig = plot_margins(**figure)
         _write_file(tmp / FIGURE_FILE, lambda f: fig.savefig(f, format="png", dpi=150))
         names.append(FIGURE_FILE)

@@ -1,9 +1,11 @@
-"""torchvision-based networks: ResNet-18 for MNIST (release layout) and ResNet-50 for ImageNet. Never downloads."""
+"""torchvision-based networks: ResNet-18 for MNIST (release layout) and ResNet-50 for ImageNet. Never downloads.
+
+torchvision (about 2 s to import, most of it torch._dynamo through torchvision.ops) is imported when one of these
+networks is built, not with the model zoo."""
 
 from __future__ import annotations
 
 from torch import nn
-from torchvision.models import resnet18, resnet50
 
 
 def _replace_stem(net: nn.Module, in_channels: int) -> None:
@@ -15,6 +17,8 @@ def resnet18_mnist(in_channels: int = 1, num_classes: int = 10) -> nn.Module:
 
     x: [B, in_channels, H, W] normalised (adaptive pooling: any H, W >= 1 after the stem, e.g. 28x28).
     """
+    from torchvision.models import resnet18
+
     net = resnet18(weights=None, num_classes=num_classes)
     _replace_stem(net, in_channels)
     return net
@@ -25,6 +29,8 @@ def resnet50_imagenet(in_channels: int = 3, num_classes: int = 1000) -> nn.Modul
 
     x: [B, in_channels, H, W] normalised (224x224 for ImageNet; smaller inputs work thanks to adaptive pooling).
     """
+    from torchvision.models import resnet50
+
     net = resnet50(weights=None, num_classes=num_classes)
     if in_channels != 3:
         _replace_stem(net, in_channels)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning as L
@@ -22,16 +24,21 @@ from torchvision.datasets import MNIST
 
 import frequency
 from datamodules import (
+    DATA,
     DATASETS,
     CIFAR10DataModule,
     DatasetNotFoundError,
+    FrequencyData,
     ImageNetDataModule,
+    MNISTData,
     MNISTDataModule,
     SyntheticDataModule,
+    build_data,
     build_datamodule,
     split_indices,
 )
-from datamodules.mnist import resolve_mnist_root
+from datamodules.mnist import read_mnist, resolve_mnist_root
+from tests.conftest import REPO
 
 
 # ---- independent references -----------------------------------------------------------------------------
@@ -457,6 +464,55 @@ def test_registry_and_hparams_record_dataset():
         with pytest.raises(ValueError, match="bandwidth"):
             MNISTDataModule(transform=kind, bandwidth=29)
         assert MNISTDataModule(transform=kind, bandwidth=28).hparams.transform == kind
+
+
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [
+        ("mnist", {}),
+        ("mnist", {"data_dir": "x", "transform": "low_pass", "bandwidth": 8, "val_split": 10}),
+        ("cifar10", {"transform": "flip", "batch_size": 7, "pin_memory": False}),
+        ("imagenet", {"data_dir": "d", "image_size": 32, "resize": 36, "transform": "high_pass"}),
+        ("synthetic", {"image_shape": [3, 16, 16], "direction_index": [2, 3], "seed": 4, "num_train": 8}),
+    ],
+)
+def test_data_classes_record_the_datamodules_hparams_without_lightning(name, kwargs):
+    """The Lightning-free data class (used by the margin evaluation) records the same hparams, in the same order,
+    as its DataModule does through Lightning's save_hyperparameters; it is the DataModule's base."""
+    data, dm = build_data(name, **kwargs), build_datamodule(name, **kwargs)
+    assert type(data) is DATA[name] and isinstance(dm, DATA[name]) and isinstance(dm, FrequencyData)
+    assert list(data.hparams.items()) == list(dm.hparams.items())
+    assert data.hparams.transform == dm.hparams.transform and data.image_shape == dm.image_shape
+    assert DATA[name].argument_names() == DATASETS[name].argument_names()
+    recorded = dict(dm.hparams)  # a checkpoint's datamodule_hyper_parameters, `dataset` included
+    assert list(DATA[name](**recorded).hparams.items()) == list(DATASETS[name](**recorded).hparams.items())
+
+
+def test_mnist_reader_equals_torchvision_on_raw_and_legacy_files(tiny_mnist, tmp_path):
+    root, _ = tiny_mnist
+    for train in (True, False):
+        images, labels = read_mnist(root, train)
+        reference = MNIST(str(root), train=train, download=False)
+        assert images.dtype == torch.uint8 and torch.equal(images, reference.data)
+        assert labels.dtype == torch.int64 and torch.equal(labels, reference.targets)
+    legacy = tmp_path / "legacy"
+    (legacy / "MNIST" / "processed").mkdir(parents=True)
+    for train, name in ((True, "training.pt"), (False, "test.pt")):  # torchvision's old layout, read first
+        torch.save(read_mnist(root, train), legacy / "MNIST" / "processed" / name)
+    assert torch.equal(MNISTData(data_dir=str(legacy)).test_tensors[0], MNISTData(data_dir=str(root)).test_tensors[0])
+    np.testing.assert_array_equal(MNISTDataModule(data_dir=str(legacy)).test_tensors[1], read_mnist(root, False)[1])
+
+
+def test_import_datamodules_loads_lightning_only_for_a_datamodule():
+    code = (
+        "import sys, datamodules;"
+        "from datamodules import DATA, TRANSFORMS, build_data, MNISTData, FrequencyTransform;"
+        "assert not {'lightning', 'torchmetrics', 'torchvision'} & set(sys.modules), 'eager import';"
+        "from datamodules import MNISTDataModule, FrequencyDataModule;"
+        "assert 'lightning' in sys.modules and issubclass(MNISTDataModule, FrequencyDataModule)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0, done.stderr
 
 
 class _TinyModel(L.LightningModule):

@@ -5,13 +5,16 @@ Independent reference: the engine called directly on each chunk of rows with onl
 
 from __future__ import annotations
 
+import signal
+
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
 from attacks.deepfool import SubspaceDeepFool
 from frequency import DCTBlockSubspaces
-from margins.evaluate import AttackSettings, RunSettings, evaluate_margins
+from margins.evaluate import AttackSettings, RunSettings, evaluate_margins, single_process_device
 from margins.results import read_report
 from margins.sharding import chunk_ranges, row_grid
 
@@ -37,6 +40,7 @@ def _reference(x, family, chunk, dtype, max_iter):
 
 
 def test_python_call_with_a_model_and_a_dataset_in_float64(tmp_path):
+    before = signal.getsignal(signal.SIGTERM)
     x = torch.rand(7, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     dataset = [(x[i], i % 5) for i in range(7)]
     family = DCTBlockSubspaces((1, 8, 8), 4, 2)
@@ -54,7 +58,38 @@ def test_python_call_with_a_model_and_a_dataset_in_float64(tmp_path):
     np.testing.assert_array_equal(report.margins, ref.astype(np.float32))  # float64 attack, stored as float32
     ref32 = _reference(x[[6, 0, 3, 2]], family, 5, torch.float32, 20)
     assert not np.array_equal(ref.astype(np.float32), ref32)  # the dtype really changed the computation
+    assert signal.getsignal(signal.SIGTERM) is before  # the run's SIGTERM handler is gone
     back = read_report(folder)
     assert back.settings["dtype"] == "float64" and back.settings["cpu_threads"] == 1
     np.testing.assert_array_equal(back.targets, [6 % 5, 0, 3, 2])
     np.testing.assert_array_equal(back.margins, report.margins)
+
+
+@pytest.mark.parametrize(
+    "run,env,expected",
+    [
+        (RunSettings(), {}, "cpu"),
+        (RunSettings(accelerator="cpu", devices=1, num_nodes=1), {}, "cpu"),
+        (RunSettings(accelerator="cpu", devices=2), {}, None),
+        (RunSettings(accelerator="cpu", num_nodes=2), {}, None),
+        (RunSettings(accelerator="cpu", strategy="single_device"), {}, None),
+        (RunSettings(accelerator="cpu"), {"TORCHELASTIC_RUN_ID": "x"}, None),
+        (RunSettings(accelerator="cpu"), {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "margins"}, None),
+        (RunSettings(accelerator="cpu"), {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "bash"}, "cpu"),
+        (RunSettings(accelerator="cpu"), {"OMPI_COMM_WORLD_SIZE": "2"}, None),
+    ],
+)
+def test_single_process_runs_without_lightning_only_when_alone(monkeypatch, run, env, expected):
+    """One process, strategy auto and no launcher: this process runs the chunks; else Lightning (None)."""
+    for name in ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_JOB_NAME", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    if (
+        expected == "cpu"
+        and run.accelerator == "auto"
+        and (torch.cuda.is_available() or torch.backends.mps.is_available())
+    ):
+        pytest.skip("auto picks an accelerator here")
+    device = single_process_device(run)
+    assert (device.type if device is not None else None) == expected

@@ -1,4 +1,5 @@
-"""evaluate_margin.py on Lightning's machinery: 1 vs 2 processes, kills and resumes, damaged chunks, bad input.
+"""evaluate_margin.py in one process (no Lightning) and on Lightning's machinery: 1 vs 2 processes, the single-process
+path vs Lightning's, kills and resumes, damaged chunks, bad input.
 
 Data: a generated MNIST in the raw idx layout (tests.conftest.write_idx_mnist), read back independently with numpy.
 Independent reference: the engine called directly (`SubspaceDeepFool.attack_rows`) on the same chunks of rows,
@@ -54,6 +55,24 @@ def _cli(argv: list[str], devices: int = 1, threads: int = 1) -> subprocess.Comp
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, str(REPO / "evaluate_margin.py"), *argv, "--devices", str(devices)]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+HEAVY = ("lightning", "torchmetrics", "torchvision", "matplotlib")
+
+
+def _cli_modules(argv: list[str]) -> tuple[subprocess.CompletedProcess, dict[str, bool]]:
+    """evaluate_margin.main(argv) in a fresh interpreter; which of HEAVY it had imported when it returned."""
+    code = (
+        "import json, sys, evaluate_margin\n"
+        "code = evaluate_margin.main(json.loads(sys.argv[1]))\n"
+        f"print(json.dumps({{m: m in sys.modules for m in {HEAVY!r}}}))\n"
+        "sys.exit(code)\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-c", code, json.dumps(argv)]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return proc, json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _test_images(data: Path, indices: np.ndarray) -> torch.Tensor:
@@ -114,6 +133,49 @@ def test_single_process_equals_the_engine_on_each_chunk(setup, single):
     assert result["summary"]["schema_version"] == 2
 
 
+def test_single_process_run_imports_no_lightning(setup, tmp_path):
+    """A Lightning checkpoint of this project (datamodule hparams recorded, flipped data) measured in one process:
+    neither lightning nor torchmetrics nor torchvision is imported; matplotlib only because the plot is drawn."""
+    from datamodules import MNISTData
+
+    state = {f"model.net.{k}": v for k, v in setup.state.items()}
+    data = dict(MNISTData(str(setup.data), transform="flip").hparams)
+    hparams = {"net": "lenet", "num_classes": 10, "image_shape": (1, 28, 28)}
+    recorded = {"_class_path": "datamodules.MNISTDataModule", **data}  # as LightningCLI records them
+    ckpt = tmp_path / "run.ckpt"
+    torch.save({"state_dict": state, "hyper_parameters": hparams, "datamodule_hyper_parameters": recorded}, ckpt)
+    out = tmp_path / "out"
+    argv = ["--checkpoint", str(ckpt), "--num-samples", "3", "--max-iter", "3", "--subspace-step", str(STEP),
+            "--no-progress", "--output-dir", str(out)]  # fmt: skip
+    proc, modules = _cli_modules(argv)
+    assert modules == {"lightning": False, "torchmetrics": False, "torchvision": False, "matplotlib": True}
+    settings = read_margin_results(out)["summary"]["settings"]
+    assert settings["transform"] == "flip" and settings["data"] == json.loads(json.dumps(data))
+    assert "lenet on mnist: 3 samples" in proc.stdout
+
+
+def test_single_process_path_equals_lightnings(setup, single, tmp_path):
+    """--strategy single_device runs the same single process through Lightning's Trainer.predict: the same result
+    files, chunk files and fingerprint, byte for byte, as the default path (which imports no Lightning)."""
+    out = tmp_path / "lightning"
+    proc, modules = _cli_modules([*_argv(setup, out), "--devices", "1", "--strategy", "single_device"])
+    assert modules["lightning"] and "GPU available" not in proc.stderr  # through Lightning, its banners silenced
+    _assert_same_files(single, out)
+    for name in ("predicted.npy", "targets.npy", "margins.png"):
+        assert (single / name).read_bytes() == (out / name).read_bytes(), name
+    chunks = sorted(p.name for p in (single / "chunks").glob("chunk-*.npz"))
+    assert chunks == sorted(p.name for p in (out / "chunks").glob("chunk-*.npz")) and len(chunks) == 5
+    for name in chunks:
+        assert (single / "chunks" / name).read_bytes() == (out / "chunks" / name).read_bytes(), name
+    manifests = [json.loads((d / "chunks" / "manifest.json").read_text()) for d in (single, out)]
+    assert manifests[0]["fingerprint"] == manifests[1]["fingerprint"]
+    summaries = [read_margin_results(d)["summary"] for d in (single, out)]
+    for summary in summaries:
+        del summary["settings"]["command"]  # the flags differ (output dir, --strategy)
+    assert summaries[0]["settings"] == summaries[1]["settings"] and summaries[0]["stats"] == summaries[1]["stats"]
+    assert all(0 < s["extra"]["engine_seconds"] <= s["extra"]["seconds"] for s in summaries)
+
+
 def test_two_processes_equal_one_and_share_the_chunks(setup, single):
     out = setup.root / "two"
     proc = _cli(_argv(setup, out), devices=2)
@@ -153,6 +215,8 @@ def test_killed_run_resumes_to_the_uninterrupted_result(setup, sig):
     proc.send_signal(sig)
     proc.wait(timeout=60)
     assert not (chunks.parent / "summary.json").exists(), "killed too late: the run had finished"
+    if sig == signal.SIGTERM:  # stopped at a chunk boundary, as under Lightning
+        assert "SIGTERM: stopping; committed chunks are kept" in proc.stderr.read().decode()
     committed_before = {p.name: p.read_bytes() for p in chunks.glob("chunk-*.npz")}
     assert committed_before
     resumed = _cli(argv)

@@ -12,7 +12,7 @@ import torch
 from matplotlib.collections import PathCollection
 from torch import nn
 
-import margins.results as results_module
+import margins.plot as plot_module
 from attacks.deepfool import SubspaceDeepFool
 from frequency.subspaces import DCTBlockSubspaces, FullSpace
 from margins import (
@@ -174,7 +174,7 @@ def test_failure_mid_write_leaves_previous_results_intact(tmp_path, monkeypatch)
     def broken_plot(*args, **kwargs):
         raise RuntimeError("plot failed")
 
-    monkeypatch.setattr(results_module, "plot_margins", broken_plot)
+    monkeypatch.setattr(plot_module, "plot_margins", broken_plot)  # results imports it when it draws
     margins2, converged2, indices2 = _example(seed=5)
     with pytest.raises(RuntimeError, match="plot failed"):
         write_margin_results(out, margins2, converged2, indices2, {"run": 2})
