@@ -1,6 +1,6 @@
 """Whole-process cost of `evaluate_margin.py` against a release-form process, LeNet on real MNIST (issue 11).
 
-(a) `python evaluate_margin.py --checkpoint CKPT --num-samples N --threads 1` as a subprocess, `--repeats` times:
+(a) `python evaluate_margin.py --checkpoint CKPT --num-samples N --threads T` as a subprocess, `--repeats` times:
     wall and CPU seconds (the child's rusage), the engine's seconds (`extra.engine_seconds` of the result's
     summary.json: time inside `SubspaceDeepFool.attack_rows`, summed over the chunks) and everything outside the
     engine (wall - engine). One more run of the same command with timestamps (the script's `main` called from a
@@ -10,13 +10,14 @@
     and `python -c pass` are timed alone next to it.
 (b) a release-form process: imports torch and torchvision (as the release does), loads the same checkpoint's model
     and the same N test samples (torchvision's MNIST, `margins.select_indices` with seed 0), builds the dense DCT
-    bases (`tests/deepfool_reference.dct_block_basis`) and runs `benchmarks/release_form.release_form_margins` on one
-    thread. `--release-samples M` runs it on the first M samples and scales its loop time by N/M (printed as scaled).
+    bases (`tests/deepfool_reference.dct_block_basis`) and runs `benchmarks/release_form.release_form_margins` on
+    `--threads` T threads (default 1; the release itself runs with torch's default, every core).
+    `--release-samples M` runs it on the first M samples and scales its loop time by N/M (printed as scaled).
 
 Prints the figures and the ratio (b)/(a) of whole-process wall times. Nothing is asserted.
 
     python benchmarks/bench_process.py --checkpoint logs/mnist_lenet/version_0/checkpoints/last.ckpt \\
-        [--data-dir ../shared/data] [--num-samples 100] [--release-samples 20] [--repeats 3]
+        [--data-dir ../shared/data] [--num-samples 100] [--release-samples 20] [--repeats 3] [--threads 1]
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ from models import Normalize, NormalizedModel, build_model, load_weights
 from tests.deepfool_reference import dct_block_basis
 t_imports = time.perf_counter()
 checkpoint, data_dir, num_samples, run_samples = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-torch.set_num_threads(1)
+torch.set_num_threads(int(sys.argv[5]))
 model = NormalizedModel(Normalize.identity((1, 28, 28)), build_model("lenet"))
 load_weights(model, checkpoint)
 test = MNIST(data_dir, train=False, download=False)
@@ -132,6 +133,7 @@ def main() -> None:
     p.add_argument("--num-samples", type=int, default=100, help="test samples (default 100)")
     p.add_argument("--release-samples", type=int, help="run the release form on this many samples and scale")
     p.add_argument("--repeats", type=int, default=3, help="plain runs of evaluate_margin.py (default 3)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads of both processes (default 1)")
     args = p.parse_args()
     if not args.checkpoint:
         sys.exit(
@@ -148,7 +150,7 @@ def main() -> None:
         out = Path(tmp) / "margins"
         argv = [
             "--checkpoint", args.checkpoint, "--data-dir", args.data_dir, "--num-samples", str(n),
-            "--threads", "1", "--output-dir", str(out), "--overwrite", "--no-progress",
+            "--threads", str(args.threads), "--output-dir", str(out), "--overwrite", "--no-progress",
         ]  # fmt: skip
 
         # (a) the whole process, plain
@@ -166,13 +168,13 @@ def main() -> None:
 
         # (b) the release-form process
         proc, rel_wall, rel_cpu = run(
-            [py, "-c", RELEASE, args.checkpoint, args.data_dir, str(n), str(m)], env_with_repo()
+            [py, "-c", RELEASE, args.checkpoint, args.data_dir, str(n), str(m), str(args.threads)], env_with_repo()
         )
         rel = json.loads(proc.stdout.strip().splitlines()[-1])
 
     best = min(range(len(walls)), key=walls.__getitem__)
     wall, engine = walls[best], engines[best]
-    print(f"LeNet / MNIST, {n} samples x 21 DCT subspaces, 1 thread; checkpoint {args.checkpoint}")
+    print(f"LeNet / MNIST, {n} samples x 21 DCT subspaces, {args.threads} thread(s); checkpoint {args.checkpoint}")
     print(f"\n(a) evaluate_margin.py, whole process ({args.repeats} runs; fastest shown, median in brackets)")
     median = statistics.median
     print(f"  wall {wall:6.2f} s [{median(walls):.2f}]   CPU {cpus[best]:6.2f} s [{median(cpus):.2f}]")

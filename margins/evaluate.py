@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from attacks.deepfool import SubspaceDeepFool
+from attacks.deepfool import SubspaceDeepFool, precision_record
 from common.errors import InputError
 from frequency.subspaces import SubspaceFamily
 from margins.chunks import ChunkStore
@@ -586,7 +586,8 @@ def merge_chunks(job: MarginJob, store: ChunkStore, chunks: list[range], seconds
         perturbed.reshape(-1)[sl] = data["perturbed_labels"]
         samples = np.arange(rows.start, rows.stop) // num_subspaces
         predicted[samples], targets[samples] = data["predicted"], data["targets"]
-    settings = {**job.settings, "device_name": _device_name(job.settings.get("device_type", "cpu"))}
+    precision = precision_record(job.settings.get("device_type", "cpu"), DTYPES[job.settings["dtype"]])
+    settings = {**job.settings, "device_name": precision["device"], "precision": precision}
     return MarginReport(
         margins=margins.T,
         converged=converged.T,
@@ -602,11 +603,3 @@ def merge_chunks(job: MarginJob, store: ChunkStore, chunks: list[range], seconds
             "engine_seconds": store.engine_seconds(len(chunks)),
         },
     )
-
-
-def _device_name(device_type: str) -> str:
-    if device_type == "cuda" and torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    import platform
-
-    return platform.processor() or platform.machine()

@@ -130,6 +130,9 @@ def test_single_process_equals_the_engine_on_each_chunk(setup, single):
     settings = result["summary"]["settings"]
     assert settings["dtype"] == "float32" and settings["torch_version"] == torch.__version__
     assert settings["device_type"] == "cpu" and settings["device_name"] and settings["chunk_rows"] == 8
+    precision = settings["precision"]  # what the arithmetic was: dtype, TF32, device, torch
+    assert precision["dtype"] == "float32" and precision["tf32"] is None and precision["device"].startswith("cpu: ")
+    assert precision["torch"] == torch.__version__ and precision["device"] == settings["device_name"]
     assert result["summary"]["schema_version"] == 2
 
 
