@@ -46,8 +46,10 @@ def fast_convolutions(model: nn.Module, stem_grad: bool, unroll_small: bool) -> 
 
 
 def _patchable(module: nn.Module) -> bool:
+    """A plain convolution: `nn.Conv2d`'s own forward (a subclass may transform its weight, e.g. standardise it)."""
     return (
         isinstance(module, nn.Conv2d)
+        and type(module).forward is nn.Conv2d.forward
         and module.padding_mode == "zeros"
         and not isinstance(module.padding, str)
         and "forward" not in vars(module)  # somebody else's patch: leave it alone

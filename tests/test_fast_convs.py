@@ -105,3 +105,21 @@ def test_switching_a_kernel_off_changes_nothing_but_rounding(kwargs):
     other = SubspaceDeepFool(batch_size=4, **kwargs)(model, x, family)
     torch.testing.assert_close(other.margins, base.margins, rtol=1e-10, atol=0)
     assert torch.equal(other.iterations, base.iterations)
+
+
+class StandardisedConv(nn.Conv2d):
+    """A convolution with its own forward (weight standardisation, as in BiT): must never be patched."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = (self.weight - self.weight.mean()) / self.weight.std()
+        return self._conv_forward(x, weight, self.bias)
+
+
+def test_convolutions_with_their_own_forward_are_left_alone():
+    torch.manual_seed(2)
+    model = nn.Sequential(StandardisedConv(1, 4, 3, padding=1), nn.Flatten(), nn.Linear(4, 10)).to(**F64)
+    x = torch.rand(3, 1, 1, 1, **F64)  # a 1x1 map: a plain Conv2d here would be unrolled
+    plain = model(x)
+    with fast_convolutions(model, stem_grad=True, unroll_small=True):
+        assert "forward" not in vars(model[0])
+        torch.testing.assert_close(model(x), plain, rtol=0, atol=0)
