@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     a("--overshoot", type=float, default=0.02, help="overshoot (default 0.02)")
     a("--chunk-rows", "--batch-size", type=int, help="rows per chunk: memory and resume unit (64 ImageNet, else 512)")
     a("--dtype", choices=tuple(DTYPES), default="float32", help="attack precision (default float32)")
+    a("--channels-last", action="store_true", help="channels-last model: faster for deep CNNs (ResNet-50) on CPU")
     a("--accelerator", default="auto", help="Lightning accelerator: cpu, gpu, auto (default)")
     a("--devices", help="devices (processes) per node (default 1; under torchrun: its nproc-per-node)")
     a("--num-nodes", type=int, help="nodes (default 1; under torchrun: from its environment)")
@@ -89,7 +90,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> tuple[MarginReport | None,
         args.checkpoint, args.model, args.dataset, args.transform, args.bandwidth, args.data_dir,
         args.num_classes, args.trusted_pickle,
     )  # fmt: skip
-    attack = AttackSettings(args.overshoot, args.max_iter, chunk_rows=args.chunk_rows, dtype=args.dtype)
+    attack = AttackSettings(
+        args.overshoot, args.max_iter, chunk_rows=args.chunk_rows, dtype=args.dtype, channels_last=args.channels_last
+    )
     runs = RunSettings(
         args.accelerator, _devices(args.devices), args.num_nodes, args.strategy, args.num_workers,
         args.overwrite, not args.no_progress, args.threads,

@@ -80,6 +80,7 @@ class AttackSettings:
     num_candidates: int = 10
     chunk_rows: int | None = None  # None: 64 for ImageNet, else 512
     dtype: str = "float32"
+    channels_last: bool = False  # the model in channels-last memory format: 1.4x on ResNet-50 on CPU, slower on LeNet
 
     def check(self) -> None:
         if (
@@ -253,6 +254,7 @@ def _job(
         "num_candidates": attack.num_candidates,
         "chunk_rows": attack.chunk_rows,
         "dtype": attack.dtype,
+        "channels_last": attack.channels_last,
         "torch_version": torch.__version__,
     }
     volatile = {"command", "checkpoint", "data_dir", "indices_file", "torch_version", "data", "source"}
@@ -451,6 +453,7 @@ class ChunkWork:
             max_iter=attack.max_iter,
             num_candidates=attack.num_candidates,
             batch_size=attack.chunk_rows,
+            channels_last=attack.channels_last,
         )
         self.progress: _Progress | None = None
 

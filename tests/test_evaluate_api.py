@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from attacks.deepfool import SubspaceDeepFool
+from common.errors import InputError
 from frequency import DCTBlockSubspaces
 from margins.evaluate import AttackSettings, RunSettings, evaluate_margins, single_process_device
 from margins.results import read_report
@@ -93,3 +94,21 @@ def test_single_process_runs_without_lightning_only_when_alone(monkeypatch, run,
         pytest.skip("auto picks an accelerator here")
     device = single_process_device(run)
     assert (device.type if device is not None else None) == expected
+
+
+def test_channels_last_is_passed_to_the_engine_and_part_of_the_fingerprint(tmp_path):
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 5)).eval()
+    x = torch.rand(4, 2, 8, 8, generator=torch.Generator().manual_seed(4))
+    family = DCTBlockSubspaces((2, 8, 8), 4, 4)
+    common = {"model": model, "dataset": [(x[i], 0) for i in range(4)], "subspaces": family, "indices": np.arange(4)}
+    run = RunSettings(accelerator="cpu", devices=1, progress=False)
+    attack = AttackSettings(max_iter=20, chunk_rows=8, dtype="float64", channels_last=True)
+    report, folder = evaluate_margins(**common, output_dir=tmp_path / "cl", attack=attack, run=run)
+    engine = SubspaceDeepFool(max_iter=20, batch_size=8, channels_last=True, dtype=torch.float64)(model, x, family)
+    np.testing.assert_array_equal(report.margins, engine.margins.numpy().astype(np.float32))
+    assert report.settings["channels_last"] is True
+    (folder / "summary.json").unlink()  # an unfinished folder: a resume with other settings must be refused
+    other = AttackSettings(max_iter=20, chunk_rows=8, dtype="float64", channels_last=False)
+    with pytest.raises(InputError, match="channels_last"):
+        evaluate_margins(**common, output_dir=folder, attack=other, run=run)
