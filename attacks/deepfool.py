@@ -35,6 +35,10 @@ from torch import nn
 from attacks.fast_convs import fast_convolutions
 from frequency.subspaces import FullSpace, SubspaceFamily
 
+# Bumped whenever a change moves the engine's float results (kernels, batching); result folders record it, and a
+# resume refuses chunks written by another version. 2: native stem gradient and unrolled small convolutions.
+ENGINE_VERSION = 2
+
 
 @dataclass
 class RowResult:

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from attacks.deepfool import SubspaceDeepFool, precision_record
+from attacks.deepfool import ENGINE_VERSION, SubspaceDeepFool, precision_record
 from common.errors import InputError
 from frequency.subspaces import SubspaceFamily
 from margins.chunks import ChunkStore
@@ -255,6 +255,7 @@ def _job(
         "chunk_rows": attack.chunk_rows,
         "dtype": attack.dtype,
         "channels_last": attack.channels_last,
+        "engine_version": ENGINE_VERSION,
         "torch_version": torch.__version__,
     }
     volatile = {"command", "checkpoint", "data_dir", "indices_file", "torch_version", "data", "source"}

@@ -112,3 +112,28 @@ def test_channels_last_is_passed_to_the_engine_and_part_of_the_fingerprint(tmp_p
     other = AttackSettings(max_iter=20, chunk_rows=8, dtype="float64", channels_last=False)
     with pytest.raises(InputError, match="channels_last"):
         evaluate_margins(**common, output_dir=folder, attack=other, run=run)
+
+
+def test_chunks_of_another_engine_version_are_not_resumed(tmp_path):
+    import json
+
+    from attacks.deepfool import ENGINE_VERSION
+
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    common = {
+        "model": _model(),
+        "dataset": [(x[i], 0) for i in range(3)],
+        "subspaces": DCTBlockSubspaces((1, 8, 8), 4, 4),
+        "indices": np.arange(3),
+        "attack": AttackSettings(max_iter=5, chunk_rows=4),
+        "run": RunSettings(accelerator="cpu", devices=1, progress=False),
+    }
+    report, folder = evaluate_margins(**common, output_dir=tmp_path / "out")
+    assert report.settings["engine_version"] == ENGINE_VERSION
+    (folder / "summary.json").unlink()  # unfinished, as if interrupted, with chunks from an older engine
+    manifest_path = folder / "chunks" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["fingerprint"]["engine_version"] = ENGINE_VERSION - 1
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(InputError, match=f"engine_version: {ENGINE_VERSION - 1} there, {ENGINE_VERSION} now"):
+        evaluate_margins(**common, output_dir=folder)
