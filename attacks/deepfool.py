@@ -245,20 +245,14 @@ class SubspaceDeepFool:
         sample_index = torch.as_tensor(sample_index, dtype=torch.long).flatten().to(device)
         subspace_index = torch.as_tensor(subspace_index, dtype=torch.long).flatten().to(device)
         _check_indices(sample_index, subspace_index, x.shape[0], len(subspaces))
-        with (
-            contextlib.ExitStack() as stack,
-            torch.inference_mode(False),
-            torch.enable_grad(),
-            _EvalMode(model),
-            _tf32_off(device),
-        ):
+        with torch.inference_mode(False), torch.enable_grad(), _EvalMode(model), _tf32_off(device):
             work_model, dtype = _working_model(model, self.dtype, x.dtype, self.channels_last)
-            stack.enter_context(fast_convolutions(work_model, self.native_stem_grad, self.unroll_small_convs))
             x = x.detach().to(device=device, dtype=dtype, copy=True)
             if not torch.isfinite(x).all():
                 raise ValueError("inputs contain NaN or infinite values; check the data pipeline")
             subspaces = subspaces.to(device)
-            return self._run(work_model, x, subspaces, sample_index, subspace_index, return_perturbations, progress)
+            with fast_convolutions(work_model, self.native_stem_grad, self.unroll_small_convs):
+                return self._run(work_model, x, subspaces, sample_index, subspace_index, return_perturbations, progress)
 
     def _run(
         self,
