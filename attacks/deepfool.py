@@ -16,6 +16,12 @@ Speed (each can be switched off for ablation, results equal to float rounding):
   passes stay full instead of a chunk running until its slowest row ends.
 - native_stem_grad (CPU) and unroll_small_convs: faster kernels for image-stem convolutions and for
   convolutions over maps no larger than their kernel (`attacks/fast_convs.py`).
+- stem_projection (CPU): when the logits depend on the input only through the first convolution, gradients stop
+  at its output and one matmul per subspace gives their subspace coordinates (`attacks/stem_projection.py`).
+- fold_batchnorm: batch norm folded into the convolution before it, on a copy of the model
+  (`attacks/fold_batchnorm.py`).
+- fast_batchnorm, fast_maxpool (CPU): eval-mode batch norm backward as a per-channel multiply and max-pooling in
+  channels-last layout or as strided maxima; bit-identical values and gradients (`attacks/fast_functions.py`).
 
 Precision: the attack runs in `dtype` (default: the model's own floating dtype, float32 for models as
 built or loaded) with TF32 disabled on CUDA during the call; `precision_record` describes the setting.
@@ -33,11 +39,15 @@ import torch
 from torch import nn
 
 from attacks.fast_convs import fast_convolutions
+from attacks.fast_functions import fast_functions
+from attacks.fold_batchnorm import fold_batchnorms
+from attacks.stem_projection import StemProjection, StemRecorder
 from frequency.subspaces import FullSpace, SubspaceFamily
 
 # Bumped whenever a change moves the engine's float results (kernels, batching); result folders record it, and a
 # resume refuses chunks written by another version. 2: native stem gradient and unrolled small convolutions.
-ENGINE_VERSION = 2
+# 3: stem projection, batch norm folding, channels-last max-pooling.
+ENGINE_VERSION = 3
 
 
 @dataclass
@@ -109,6 +119,7 @@ class PassStats:
     check_passes: int = 0
     check_rows: int = 0
     clean_passes: int = 0
+    stem_passes: int = 0  # gradient passes that stopped at the stem (stem_projection)
 
     @property
     def fill(self) -> float:
@@ -153,6 +164,16 @@ class SubspaceDeepFool:
             PyTorch's native kernel instead of oneDNN's (changes float rounding only; no effect on CUDA).
         unroll_small_convs: convolutions over an input map no larger than their kernel run as one matmul with
             the exact unrolled matrix (changes float rounding only).
+        stem_projection: on CPU, when the logits depend on the input only through the first convolution (after
+            the input normalisation), gradients stop at its output and a precomputed matrix per subspace gives
+            their coordinates (changes float rounding only; used where it saves work, see
+            `attacks/stem_projection.py`).
+        fold_batchnorm: run a copy of the model with each batch norm that follows a convolution or linear layer
+            folded into it (`attacks/fold_batchnorm.py`; changes float rounding only).
+        fast_batchnorm: on CPU, eval-mode batch norm backward (of those not folded) as a per-channel multiply
+            (same bits).
+        fast_maxpool: on CPU, max-pooling in channels-last layout (16 channels or more) or, without gradient,
+            as strided maxima (same values and gradients up to float summation order).
 
     Call: `attack(model, x, subspaces)` with `x: [N, C, H, W]` in the model's input space (pixels in
     [0, 1], normalisation inside the model) returns a `MarginResult` with `[S, N]` fields;
@@ -176,6 +197,10 @@ class SubspaceDeepFool:
         channels_last: bool = False,
         native_stem_grad: bool = True,
         unroll_small_convs: bool = True,
+        stem_projection: bool = True,
+        fold_batchnorm: bool = True,
+        fast_batchnorm: bool = True,
+        fast_maxpool: bool = True,
     ):
         if max_iter < 1 or num_candidates < 2 or batch_size < 1:
             raise ValueError("max_iter and batch_size must be >= 1 and num_candidates >= 2")
@@ -193,7 +218,12 @@ class SubspaceDeepFool:
         self.channels_last = bool(channels_last)
         self.native_stem_grad = bool(native_stem_grad)
         self.unroll_small_convs = bool(unroll_small_convs)
+        self.stem_projection = bool(stem_projection)
+        self.fold_batchnorm = bool(fold_batchnorm)
+        self.fast_batchnorm = bool(fast_batchnorm)
+        self.fast_maxpool = bool(fast_maxpool)
         self.last_stats = PassStats(self.batch_size)
+        self._stem: _StemState | None = None
 
     def __call__(
         self,
@@ -247,12 +277,26 @@ class SubspaceDeepFool:
         _check_indices(sample_index, subspace_index, x.shape[0], len(subspaces))
         with torch.inference_mode(False), torch.enable_grad(), _EvalMode(model), _tf32_off(device):
             work_model, dtype = _working_model(model, self.dtype, x.dtype, self.channels_last)
+            if self.fold_batchnorm:
+                work_model = fold_batchnorms(work_model)
             x = x.detach().to(device=device, dtype=dtype, copy=True)
             if not torch.isfinite(x).all():
                 raise ValueError("inputs contain NaN or infinite values; check the data pipeline")
             subspaces = subspaces.to(device)
-            with fast_convolutions(work_model, self.native_stem_grad, self.unroll_small_convs):
-                return self._run(work_model, x, subspaces, sample_index, subspace_index, return_perturbations, progress)
+            use_stem = self.stem_projection and device.type == "cpu"
+            self._stem = _StemState(work_model, subspaces, tuple(x.shape[1:]), dtype) if use_stem else None
+            try:
+                with (
+                    fast_convolutions(work_model, self.native_stem_grad, self.unroll_small_convs),
+                    fast_functions(self.fast_batchnorm, self.fast_maxpool, self.batched_grads),
+                ):
+                    return self._run(
+                        work_model, x, subspaces, sample_index, subspace_index, return_perturbations, progress
+                    )
+            finally:
+                if self._stem is not None:
+                    self._stem.close()
+                self._stem = None
 
     def _run(
         self,
@@ -285,6 +329,8 @@ class SubspaceDeepFool:
                 pool = _Rows.cat([pool, *pending.take(self.batch_size - len(pool))])
             if len(pool) == 0:
                 break
+            if self._stem is not None and self._stem.enabled:  # rows of a subspace together: no gathers
+                pool = pool.select(torch.argsort(pool.subspace, stable=True))
             pool = self._iterate(model, x, candidates, subspaces, pool, out, bar)
         bar.close()
         return out
@@ -331,8 +377,8 @@ class SubspaceDeepFool:
     ) -> _Rows:
         """Iteration 0 of rows sorted by sample: one gradient pass per distinct sample, projected per row."""
         samples, inverse = torch.unique_consecutive(rows.sample, return_inverse=True)
-        w, gaps = self._gradients(model, x[samples], candidates[samples])
-        step, stuck = self._project_step(w[inverse], gaps[inverse], rows.subspace, subspaces)
+        coords, gaps = self._gradients(model, x[samples], candidates[samples], inverse, rows.subspace, subspaces)
+        step, stuck = self._project_step(coords, gaps, rows.subspace, subspaces)
         rows.r, rows.iterations = step, rows.iterations + 1
         rows.stuck = stuck
         return rows
@@ -348,8 +394,9 @@ class SubspaceDeepFool:
         bar,
     ) -> _Rows:
         """One DeepFool step and stop test for every pool row; returns the rows still running."""
-        w, gaps = self._gradients(model, x[pool.sample] + pool.r, candidates[pool.sample])
-        step, stuck = self._project_step(w, gaps, pool.subspace, subspaces)
+        points = x[pool.sample] + pool.r
+        coords, gaps = self._gradients(model, points, candidates[pool.sample], None, pool.subspace, subspaces)
+        step, stuck = self._project_step(coords, gaps, pool.subspace, subspaces)
         pool.r, pool.iterations = pool.r + step, pool.iterations + 1
         pool.stuck = stuck
         return self._check(model, x, candidates, pool, out, bar)
@@ -377,49 +424,112 @@ class SubspaceDeepFool:
         return rows.select(~done)
 
     def _gradients(
-        self, model: nn.Module, point: torch.Tensor, candidates: torch.Tensor
+        self,
+        model: nn.Module,
+        point: torch.Tensor,
+        candidates: torch.Tensor,
+        row_sample: torch.Tensor | None,
+        row_subspace: torch.Tensor,
+        subspaces: SubspaceFamily,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """At `point: [A, C, H, W]`: `w_k = grad (f_k - f_0)`, [A, K-1, C, H, W], and gaps `f_k - f_0`, [A, K-1]."""
+        """At `point: [A, C, H, W]`, the gradients `w_k = grad (f_k - f_0)` and gaps `f_k - f_0`, [A, K-1], for
+        rows r of point `row_sample[r]` (None: point r) along subspace `row_subspace[r]`: the coordinates of
+        `P w_k`, [R, K-1, ...], and the gaps [R, K-1]. Gradients are taken at the input or, where the stem
+        projection applies, at the first convolution's output (`attacks/stem_projection.py`)."""
         point = point.detach().requires_grad_(True)
-        f = _logits(model, point).gather(1, candidates)  # [A, K]
+        stem = self._stem if self._stem is not None and self._stem.enabled else None
+        if stem is not None:
+            stem.recorder.start()
+        try:
+            f = _logits(model, point).gather(1, candidates)  # [A, K]
+        finally:
+            if stem is not None:
+                stem.recorder.stop()
+        projection = stem.projection(point, f) if stem is not None else None
         self.last_stats.gradient_passes += 1
         self.last_stats.gradient_rows += point.shape[0]
+        self.last_stats.stem_passes += projection is not None
+        num_other = f.shape[1] - 1
+        if projection is None:
+            target, sink, grads = point, None, []
+        else:
+            target, sink = stem.output, projection.plan(row_sample, row_subspace, num_other)
+        for k, g in enumerate(self._candidate_gradients(f, target)):
+            if sink is None:
+                grads.append(g)
+            else:
+                sink.add(k, g)  # one stem-sized gradient alive at a time
+        gaps = (f[:, 1:] - f[:, :1]).detach()
+        gaps = gaps if row_sample is None else gaps[row_sample]
+        if sink is not None:
+            return sink.result(), gaps
+        w = torch.stack(grads, dim=1)  # [A, K-1, C, H, W]
+        rows = w if row_sample is None else w[row_sample]
+        coords = subspaces.coordinates(rows.flatten(0, 1), row_subspace.repeat_interleave(num_other))
+        return coords.view(*rows.shape[:2], *coords.shape[1:]), gaps  # P w_k in subspace coordinates
+
+    def _candidate_gradients(self, f: torch.Tensor, target: torch.Tensor) -> Iterator[torch.Tensor]:
+        """`grad (f_k - f_0)` at `target` for k = 1..K-1, one at a time; `f: [A, K]` logits of the candidates."""
         num_other = f.shape[1] - 1
         if self.batched_grads:
             seeds = torch.eye(num_other + 1, dtype=f.dtype, device=f.device)[1:]
             seeds[:, 0] = -1.0  # seed k: +1 on candidate k, -1 on the reference
             seeds = seeds[:, None, :].expand(num_other, *f.shape)
-            (w,) = torch.autograd.grad(f, point, seeds, is_grads_batched=True)
-            w = w.transpose(0, 1)
-        else:
-            grads = []
-            for k in range(1, num_other + 1):
-                (g,) = torch.autograd.grad((f[:, k] - f[:, 0]).sum(), point, retain_graph=k < num_other)
-                grads.append(g)
-            w = torch.stack(grads, dim=1)
-        return w, (f[:, 1:] - f[:, :1]).detach()
+            (w,) = torch.autograd.grad(f, target, seeds, is_grads_batched=True)
+            yield from w.unbind(0)
+            return
+        for k in range(1, num_other + 1):
+            (g,) = torch.autograd.grad((f[:, k] - f[:, 0]).sum(), target, retain_graph=k < num_other)
+            yield g
 
     def _project_step(
-        self, w: torch.Tensor, gaps: torch.Tensor, subspace_index: torch.Tensor, subspaces: SubspaceFamily
+        self, coords: torch.Tensor, gaps: torch.Tensor, subspace_index: torch.Tensor, subspaces: SubspaceFamily
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The step `max(pert, min_step) P w_k / ||P w_k||` for the candidate with the smallest
-        `pert_k = |g_k| / ||P w_k||`; `w: [A, K-1, C, H, W]`, `gaps: [A, K-1]`. Returns the step [A, C, H, W]
-        and a bool [A] for rows whose projected gradients all vanish (they can never move)."""
-        num_rows, num_other = gaps.shape
-        coords = subspaces.coordinates(w.flatten(0, 1), subspace_index.repeat_interleave(num_other))
-        coords = coords.view(num_rows, num_other, *coords.shape[1:])  # P w_k in subspace coordinates
+        `pert_k = |g_k| / ||P w_k||`; `coords: [A, K-1, ...]` the subspace coordinates of the `w_k`, `gaps:
+        [A, K-1]`. Returns the step [A, C, H, W] and a bool [A] for rows whose projected gradients all vanish
+        (they can never move)."""
+        num_rows = gaps.shape[0]
         norms = coords.flatten(2).norm(dim=2)  # [A, K-1] = ||P w_k||
         # 0/0 (zero gap, zero projected gradient) would be NaN, which argmin picks; the release's strict '<'
         # never picks it, so it counts as +inf like any other vanishing projected gradient.
         pert = torch.where(norms > 0, gaps.abs() / norms, torch.inf)
         best = pert.argmin(dim=1)  # first minimum on ties, like the release's strict '<'
-        rows = torch.arange(num_rows, device=w.device)
+        rows = torch.arange(num_rows, device=coords.device)
         best_pert, best_norm = pert[rows, best], norms[rows, best]
         stuck = ~torch.isfinite(best_pert)
         length = best_pert.clamp(min=self.min_step).masked_fill(stuck, 0.0)
         scale = (length / best_norm.masked_fill(stuck, 1.0)).view(-1, *([1] * (coords.dim() - 2)))
         step = subspaces.embed(coords[rows, best] * scale, subspace_index)  # max(pert, 1e-4) P w / ||P w||
         return step.detach(), stuck
+
+
+class _StemState:
+    """One call's stem projection: the recorder on the working model and the projection once built. It switches
+    itself off for good when the projection would not save work (`StemProjection.worthwhile`)."""
+
+    def __init__(self, model: nn.Module, subspaces: SubspaceFamily, image_shape: tuple[int, ...], dtype: torch.dtype):
+        self.recorder = StemRecorder(model)
+        self.subspaces, self.image_shape, self.dtype = subspaces, image_shape, dtype
+        self.enabled = bool(self.recorder.handles)
+        self.built: StemProjection | None = None
+        self.output: torch.Tensor | None = None
+
+    def projection(self, point: torch.Tensor, logits: torch.Tensor) -> StemProjection | None:
+        """The projection for the pass just recorded (its stem output in `self.output`), or None."""
+        stem = self.recorder.stem(point, logits)
+        self.output = None if stem is None else stem.output
+        if stem is None:
+            return None
+        if self.built is None or not self.built.matches(stem):
+            if not StemProjection.worthwhile(stem, self.subspaces, self.dtype):
+                self.enabled = False
+                return None
+            self.built = StemProjection(stem, self.subspaces, self.image_shape, self.dtype)
+        return self.built
+
+    def close(self) -> None:
+        self.recorder.remove()
 
 
 def _sample_chunks(order: torch.Tensor, samples: torch.Tensor, size: int) -> Iterator[torch.Tensor]:

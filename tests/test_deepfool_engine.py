@@ -45,7 +45,12 @@ ABLATIONS = [
     {"channels_last": True},
     {"native_stem_grad": False},
     {"unroll_small_convs": False},
+    {"stem_projection": False},
+    {"fold_batchnorm": False},
+    {"fold_batchnorm": False, "fast_batchnorm": False, "fast_maxpool": False},
+    {"stem_projection": False, "batched_grads": True},
     {"share_first_step": False, "batched_grads": False, "refill": False, "native_stem_grad": False},
+    {"stem_projection": False, "fold_batchnorm": False, "fast_batchnorm": False, "fast_maxpool": False},
 ]
 
 
