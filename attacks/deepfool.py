@@ -173,7 +173,7 @@ class SubspaceDeepFool:
         fast_batchnorm: on CPU, eval-mode batch norm backward (of those not folded) as a per-channel multiply
             (same bits).
         fast_maxpool: on CPU, max-pooling in channels-last layout (16 channels or more) or, without gradient,
-            as strided maxima (same values and gradients up to float summation order).
+            as strided maxima, and `max_pool2d(relu(h))` as `relu(max_pool2d(h))` (same values and gradients).
 
     Call: `attack(model, x, subspaces)` with `x: [N, C, H, W]` in the model's input space (pixels in
     [0, 1], normalisation inside the model) returns a `MarginResult` with `[S, N]` fields;
@@ -329,8 +329,8 @@ class SubspaceDeepFool:
                 pool = _Rows.cat([pool, *pending.take(self.batch_size - len(pool))])
             if len(pool) == 0:
                 break
-            if self._stem is not None and self._stem.enabled:  # rows of a subspace together: no gathers
-                pool = pool.select(torch.argsort(pool.subspace, stable=True))
+            if self._stem is not None and self._stem.enabled and not _sorted(pool.subspace):
+                pool = pool.select(torch.argsort(pool.subspace, stable=True))  # rows of a subspace together
             pool = self._iterate(model, x, candidates, subspaces, pool, out, bar)
         bar.close()
         return out
@@ -445,15 +445,16 @@ class SubspaceDeepFool:
         finally:
             if stem is not None:
                 stem.recorder.stop()
-        projection = stem.projection(point, f) if stem is not None else None
+        at_stem = stem.projection(point, f) if stem is not None else None
         self.last_stats.gradient_passes += 1
         self.last_stats.gradient_rows += point.shape[0]
-        self.last_stats.stem_passes += projection is not None
+        self.last_stats.stem_passes += at_stem is not None
         num_other = f.shape[1] - 1
-        if projection is None:
+        if at_stem is None:
             target, sink, grads = point, None, []
         else:
-            target, sink = stem.output, projection.plan(row_sample, row_subspace, num_other)
+            target, projection = at_stem
+            sink = projection.plan(row_sample, row_subspace, num_other)
         for k, g in enumerate(self._candidate_gradients(f, target)):
             if sink is None:
                 grads.append(g)
@@ -513,12 +514,10 @@ class _StemState:
         self.subspaces, self.image_shape, self.dtype = subspaces, image_shape, dtype
         self.enabled = bool(self.recorder.handles)
         self.built: StemProjection | None = None
-        self.output: torch.Tensor | None = None
 
-    def projection(self, point: torch.Tensor, logits: torch.Tensor) -> StemProjection | None:
-        """The projection for the pass just recorded (its stem output in `self.output`), or None."""
+    def projection(self, point: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, StemProjection] | None:
+        """For the pass just recorded: the stem's output (where gradients stop) and the projection, or None."""
         stem = self.recorder.stem(point, logits)
-        self.output = None if stem is None else stem.output
         if stem is None:
             return None
         if self.built is None or not self.built.matches(stem):
@@ -526,10 +525,14 @@ class _StemState:
                 self.enabled = False
                 return None
             self.built = StemProjection(stem, self.subspaces, self.image_shape, self.dtype)
-        return self.built
+        return stem.output, self.built
 
     def close(self) -> None:
         self.recorder.remove()
+
+
+def _sorted(values: torch.Tensor) -> bool:
+    return bool((values[1:] >= values[:-1]).all())
 
 
 def _sample_chunks(order: torch.Tensor, samples: torch.Tensor, size: int) -> Iterator[torch.Tensor]:
