@@ -19,7 +19,8 @@ Speed (each can be switched off for ablation, results equal to float rounding):
 - stem_projection (CPU): when the logits depend on the input only through the first convolution, gradients stop
   at its output and one matmul per subspace gives their subspace coordinates (`attacks/stem_projection.py`).
 - fold_batchnorm: batch norm folded into the convolution before it, on a copy of the model
-  (`attacks/fold_batchnorm.py`).
+  (`attacks/rewrite_graph.py`).
+- channels_last_body (CPU): convolutions past the image stem run on channels-last maps (`attacks/rewrite_graph.py`).
 - fast_batchnorm, fast_maxpool (CPU): eval-mode batch norm backward as a per-channel multiply and max-pooling in
   channels-last layout or as strided maxima; bit-identical values and gradients (`attacks/fast_functions.py`).
 
@@ -40,14 +41,14 @@ from torch import nn
 
 from attacks.fast_convs import fast_convolutions
 from attacks.fast_functions import fast_functions
-from attacks.fold_batchnorm import fold_batchnorms
+from attacks.rewrite_graph import rewrite_for_attack
 from attacks.stem_projection import StemProjection, StemRecorder
 from frequency.subspaces import FullSpace, SubspaceFamily
 
 # Bumped whenever a change moves the engine's float results (kernels, batching); result folders record it, and a
 # resume refuses chunks written by another version. 2: native stem gradient and unrolled small convolutions.
-# 3: stem projection, batch norm folding, channels-last max-pooling.
-ENGINE_VERSION = 3
+# 3: stem projection, batch norm folding, channels-last max-pooling. 4: channels-last body on CPU.
+ENGINE_VERSION = 4
 
 
 @dataclass
@@ -169,11 +170,15 @@ class SubspaceDeepFool:
             their coordinates (changes float rounding only; used where it saves work, see
             `attacks/stem_projection.py`).
         fold_batchnorm: run a copy of the model with each batch norm that follows a convolution or linear layer
-            folded into it (`attacks/fold_batchnorm.py`; changes float rounding only).
+            folded into it (`attacks/rewrite_graph.py`; changes float rounding only).
         fast_batchnorm: on CPU, eval-mode batch norm backward (of those not folded) as a per-channel multiply
             (same bits).
+        channels_last_body: on CPU, a copy of the model whose convolutions reading at least 16 channels have
+            channels-last weights, so the body runs channels-last and the stem channels-first
+            (`attacks/rewrite_graph.py`; changes float rounding only). `channels_last` puts the whole model there.
         fast_maxpool: on CPU, max-pooling in channels-last layout (16 channels or more) or, without gradient,
-            as strided maxima, and `max_pool2d(relu(h))` as `relu(max_pool2d(h))` (same values and gradients).
+            as strided maxima, and `max_pool2d(relu(h))` as `relu(max_pool2d(h))`, in-place ReLUs included (on a
+            copy of the model where they run out of place, `attacks/rewrite_graph.py`; same values and gradients).
 
     Call: `attack(model, x, subspaces)` with `x: [N, C, H, W]` in the model's input space (pixels in
     [0, 1], normalisation inside the model) returns a `MarginResult` with `[S, N]` fields;
@@ -199,6 +204,7 @@ class SubspaceDeepFool:
         unroll_small_convs: bool = True,
         stem_projection: bool = True,
         fold_batchnorm: bool = True,
+        channels_last_body: bool = True,
         fast_batchnorm: bool = True,
         fast_maxpool: bool = True,
     ):
@@ -220,6 +226,7 @@ class SubspaceDeepFool:
         self.unroll_small_convs = bool(unroll_small_convs)
         self.stem_projection = bool(stem_projection)
         self.fold_batchnorm = bool(fold_batchnorm)
+        self.channels_last_body = bool(channels_last_body)
         self.fast_batchnorm = bool(fast_batchnorm)
         self.fast_maxpool = bool(fast_maxpool)
         self.last_stats = PassStats(self.batch_size)
@@ -277,8 +284,10 @@ class SubspaceDeepFool:
         _check_indices(sample_index, subspace_index, x.shape[0], len(subspaces))
         with torch.inference_mode(False), torch.enable_grad(), _EvalMode(model), _tf32_off(device):
             work_model, dtype = _working_model(model, self.dtype, x.dtype, self.channels_last)
-            if self.fold_batchnorm:
-                work_model = fold_batchnorms(work_model)
+            on_cpu = device.type == "cpu"
+            relu_before_pool = self.fast_maxpool and on_cpu and not self.batched_grads
+            body = self.channels_last_body and on_cpu
+            work_model = rewrite_for_attack(work_model, self.fold_batchnorm, relu_before_pool, body)
             x = x.detach().to(device=device, dtype=dtype, copy=True)
             if not torch.isfinite(x).all():
                 raise ValueError("inputs contain NaN or infinite values; check the data pipeline")
@@ -631,6 +640,7 @@ class _ChannelsLast(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
+        self.training = model.training  # an eval-mode model stays one (batch norms can then be folded)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x.contiguous(memory_format=torch.channels_last))

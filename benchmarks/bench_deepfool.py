@@ -22,6 +22,7 @@ optional (`pip install foolbox`).
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 import time
 from collections.abc import Callable
@@ -112,7 +113,7 @@ def loop_form(
     return margins, iterations
 
 
-# The engine before issue 11's ideas (ENGINE_VERSION 1), and the switches whose "off" gives ENGINE_VERSION 2.
+# The engine before issue 11's ideas (ENGINE_VERSION 1), and the ideas of versions 3 and 4 (all off: version 2).
 PREVIOUS_ENGINE = {
     "share_first_step": False,
     "refill": False,
@@ -120,10 +121,17 @@ PREVIOUS_ENGINE = {
     "unroll_small_convs": False,
     "stem_projection": False,
     "fold_batchnorm": False,
+    "channels_last_body": False,
     "fast_batchnorm": False,
     "fast_maxpool": False,
 }
-VERSION_3 = {"stem_projection": False, "fold_batchnorm": False, "fast_batchnorm": False, "fast_maxpool": False}
+SINCE_VERSION_2 = {
+    "stem_projection": False,
+    "fold_batchnorm": False,
+    "channels_last_body": False,
+    "fast_batchnorm": False,
+    "fast_maxpool": False,
+}
 
 
 def variants() -> dict[str, dict]:
@@ -137,9 +145,10 @@ def variants() -> dict[str, dict]:
         "unroll_small_convs=False": {"unroll_small_convs": False},
         "stem_projection=False": {"stem_projection": False},
         "fold_batchnorm=False": {"fold_batchnorm": False},
+        "channels_last_body=False (version 3)": {"channels_last_body": False},
         "fast_batchnorm=False": {"fast_batchnorm": False},
         "fast_maxpool=False": {"fast_maxpool": False},
-        "version 3 ideas off (version 2)": VERSION_3,
+        "version 3 and 4 ideas off (version 2)": SINCE_VERSION_2,
         "channels_last=True": {"channels_last": True},
         "all off (previous engine)": {**PREVIOUS_ENGINE, "channels_last": False},
     }
@@ -150,7 +159,7 @@ def relative(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 HEADER = (
-    f"{'variant':32s} {'cpu s':>8s} {'wall s':>8s} {'rows/s':>10s} {'x rel.':>7s} {'x loop':>7s} {'passes':>7s}"
+    f"{'variant':40s} {'cpu s':>8s} {'wall s':>8s} {'rows/s':>10s} {'x rel.':>7s} {'x loop':>7s} {'passes':>7s}"
     f" {'fill':>5s}  vs reference"
 )
 
@@ -159,7 +168,7 @@ def report(name: str, rows: int, cpu: float, wall: float, loops: dict, extra: st
     """One line; `loops`: CPU seconds of the release form ("release") and the lean loop ("loop") when timed."""
     ratios = " ".join(f"{loops[k] / cpu:7.1f}" if loops.get(k) else f"{'-':>7s}" for k in ("release", "loop"))
     passes = f"{stats.gradient_passes + stats.check_passes:7d} {stats.fill:5.2f}" if stats else f"{'-':>7s} {'-':>5s}"
-    print(f"{name:32s} {cpu:8.2f} {wall:8.2f} {rows / cpu:10.3g} {ratios} {passes}  {extra}", flush=True)
+    print(f"{name:40s} {cpu:8.2f} {wall:8.2f} {rows / cpu:10.3g} {ratios} {passes}  {extra}", flush=True)
 
 
 def compare(margins: torch.Tensor, iterations: torch.Tensor | None, ref: tuple[torch.Tensor, torch.Tensor]) -> str:
@@ -201,9 +210,11 @@ def run_case(
     chosen = {name: kwargs for name, kwargs in variants().items() if names is None or name in names}
     attacks = {name: SubspaceDeepFool(**kwargs) for name, kwargs in chosen.items()}
     runs = {name: [] for name in chosen}
+    order, shuffle = list(attacks), random.Random(0)
     for _ in range(repeats):  # round robin: a slow spell of a shared machine hits every variant alike
-        for name, attack in attacks.items():
-            runs[name].append(timed(lambda attack=attack: attack(model, x, family), device))
+        shuffle.shuffle(order)  # in a new order each round: the same neighbour can cost a variant up to 20%
+        for name in order:
+            runs[name].append(timed(lambda attack=attacks[name]: attack(model, x, family), device))
     for name, attack in attacks.items():
         result, cpu, wall = min(runs[name], key=lambda run: run[1])  # the least disturbed run
         if reference is None:
@@ -255,7 +266,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     device, cases = torch.device(args.device), set(args.cases.split(","))
     short = (
-        ["engine (defaults)", "version 3 ideas off (version 2)", "all off (previous engine)"]
+        ["engine (defaults)", "version 3 and 4 ideas off (version 2)", "all off (previous engine)"]
         if args.no_ablations
         else None
     )

@@ -102,13 +102,22 @@ def test_engine_with_stem_projection_equals_the_per_sample_loop_in_float64(batch
 
 
 @pytest.mark.parametrize(
-    "model",
-    [InputSkip().to(**F64).eval(), lenet_like(inplace=True), lenet_like(stem_channels=MAX_OUT_CHANNELS + 1)],
+    "model,kwargs",
+    [
+        (InputSkip().to(**F64).eval(), {}),
+        (lenet_like(inplace=True), {"fast_maxpool": False}),  # the in-place ReLU stays in place
+        (lenet_like(stem_channels=MAX_OUT_CHANNELS + 1), {}),
+    ],
     ids=["input_skip", "inplace_relu", "wide_stem"],
 )
-def test_engine_falls_back_to_input_gradients_with_the_same_margins(model):
-    _, stats = engine_and_loop(model)
+def test_engine_falls_back_to_input_gradients_with_the_same_margins(model, kwargs):
+    _, stats = engine_and_loop(model, **kwargs)
     assert stats.stem_passes == 0 and stats.gradient_passes > 0
+
+
+def test_an_inplace_relu_before_a_pool_is_made_out_of_place_and_the_projection_applies():
+    _, stats = engine_and_loop(lenet_like(inplace=True))  # attacks/rewrite_graph.py: ReLU out of place
+    assert stats.stem_passes == stats.gradient_passes > 0
 
 
 def test_hooks_are_removed_after_the_call():
