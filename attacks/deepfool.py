@@ -50,6 +50,22 @@ from frequency.subspaces import FullSpace, SubspaceFamily
 # 3: stem projection, batch norm folding, channels-last max-pooling. 4: channels-last body on CPU.
 ENGINE_VERSION = 4
 
+# Every speed switch set to turn its idea off (results equal up to float rounding): the engine before issue 11, the
+# baseline of benchmarks/bench_deepfool.py and of the tests.
+IDEAS_OFF = {
+    "share_first_step": False,
+    "batched_grads": False,
+    "refill": False,
+    "channels_last": False,
+    "native_stem_grad": False,
+    "unroll_small_convs": False,
+    "stem_projection": False,
+    "fold_batchnorm": False,
+    "channels_last_body": False,
+    "fast_batchnorm": False,
+    "fast_maxpool": False,
+}
+
 
 @dataclass
 class RowResult:

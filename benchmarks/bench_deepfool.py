@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from attacks.deepfool import SubspaceDeepFool, precision_record  # noqa: E402
+from attacks.deepfool import IDEAS_OFF, SubspaceDeepFool, precision_record  # noqa: E402
 from benchmarks.release_form import release_form_margins  # noqa: E402
 from frequency import DCTBlockSubspaces, FullSpace, SubspaceFamily  # noqa: E402
 from models import Normalize, NormalizedModel, build_model  # noqa: E402
@@ -113,18 +113,7 @@ def loop_form(
     return margins, iterations
 
 
-# The engine before issue 11's ideas (ENGINE_VERSION 1), and the ideas of versions 3 and 4 (all off: version 2).
-PREVIOUS_ENGINE = {
-    "share_first_step": False,
-    "refill": False,
-    "native_stem_grad": False,
-    "unroll_small_convs": False,
-    "stem_projection": False,
-    "fold_batchnorm": False,
-    "channels_last_body": False,
-    "fast_batchnorm": False,
-    "fast_maxpool": False,
-}
+# The ideas of engine versions 3 and 4, all off: version 2. (IDEAS_OFF: the engine before issue 11, version 1.)
 SINCE_VERSION_2 = {
     "stem_projection": False,
     "fold_batchnorm": False,
@@ -150,7 +139,7 @@ def variants() -> dict[str, dict]:
         "fast_maxpool=False": {"fast_maxpool": False},
         "version 3 and 4 ideas off (version 2)": SINCE_VERSION_2,
         "channels_last=True": {"channels_last": True},
-        "all off (previous engine)": {**PREVIOUS_ENGINE, "channels_last": False},
+        "all off (previous engine)": IDEAS_OFF,
     }
 
 

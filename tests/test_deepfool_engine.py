@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from attacks.deepfool import SubspaceDeepFool, _tf32_off, precision_record
+from attacks.deepfool import IDEAS_OFF, SubspaceDeepFool, _tf32_off, precision_record
 from frequency import DCTBlockSubspaces, FullSpace
 from tests.deepfool_reference import dct_block_basis, reference_deepfool
 
@@ -57,6 +57,7 @@ ABLATIONS = [
     {"share_first_step": False, "batched_grads": False, "refill": False, "native_stem_grad": False},
     {"stem_projection": False, "fold_batchnorm": False, "fast_batchnorm": False, "fast_maxpool": False},
     {"stem_projection": False, "fold_batchnorm": False, "fast_maxpool": False, "channels_last_body": False},
+    IDEAS_OFF,
 ]
 
 
@@ -198,18 +199,7 @@ def test_real_mnist_float32_margins_equal_the_previous_engine(mnist_root):
     x = test_images[:6].to(DEVICE)
     family = DCTBlockSubspaces((1, 28, 28), 8, 1)
     engine = SubspaceDeepFool(max_iter=20)(model, x, family)  # a few rows would crawl to 100 steps: bound the time
-    every_idea_off = {
-        "share_first_step": False,
-        "refill": False,
-        "native_stem_grad": False,
-        "unroll_small_convs": False,
-        "stem_projection": False,
-        "fold_batchnorm": False,
-        "channels_last_body": False,
-        "fast_batchnorm": False,
-        "fast_maxpool": False,
-    }
-    previous = SubspaceDeepFool(max_iter=20, **every_idea_off)(model, x, family)
+    previous = SubspaceDeepFool(max_iter=20, **IDEAS_OFF)(model, x, family)
     rel = (engine.margins - previous.margins).abs() / previous.margins
     assert rel.median() < 1e-5 and (engine.iterations == previous.iterations).float().mean() > 0.95
 
