@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     a("--strategy", default="auto", help="Lightning strategy: auto, ddp, ddp_spawn, ... (default auto)")
     a("--num-workers", type=int, default=0, help="DataLoader workers reading samples (default 0)")
     a("--threads", type=int, default=1, help="CPU threads per process (default 1; on CPU use --devices to scale)")
+    a(
+        "--return-freed-memory",
+        action="store_true",
+        help="let malloc hand freed blocks back to the OS at once (glibc's default; slower: page faults)",
+    )
     a("--output-dir", help="result folder (default outputs/margins/<model>_<dataset>_<transform>_<run>)")
     a("--overwrite", action="store_true", help="discard an earlier evaluation (finished or not) in --output-dir")
     a("--no-progress", action="store_true", help="no progress bar")
@@ -95,7 +100,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> tuple[MarginReport | None,
     )
     runs = RunSettings(
         args.accelerator, _devices(args.devices), args.num_nodes, args.strategy, args.num_workers,
-        args.overwrite, not args.no_progress, args.threads,
+        args.overwrite, not args.no_progress, args.threads, keep_freed_memory=not args.return_freed_memory,
     )  # fmt: skip
     return evaluate_margins(
         source, num_samples=args.num_samples, seed=args.seed, output_dir=args.output_dir, attack=attack, run=runs,

@@ -16,7 +16,7 @@ no loop). "all off" is the previous engine's algorithm (batched over rows, none 
 optional (`pip install foolbox`).
 
     python benchmarks/bench_deepfool.py [--quick] [--no-ablations] [--threads 1] [--repeats 2] [--device cpu]
-        [--cases lenet,resnet18,full,resnet50] [--data-dir ../shared/data]
+        [--cases lenet,resnet18,full,resnet50] [--data-dir ../shared/data] [--keep-freed-memory]
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from attacks.deepfool import IDEAS_OFF, SubspaceDeepFool, precision_record  # noqa: E402
 from benchmarks.release_form import release_form_margins  # noqa: E402
+from common.memory import keep_freed_memory  # noqa: E402
 from frequency import DCTBlockSubspaces, FullSpace, SubspaceFamily  # noqa: E402
 from models import Normalize, NormalizedModel, build_model  # noqa: E402
 from tests.deepfool_reference import dct_block_basis, reference_deepfool  # noqa: E402
@@ -249,17 +250,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="runs per engine variant; the fastest is shown")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: shared cores)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--keep-freed-memory", action="store_true", help="glibc keeps freed blocks, for every variant (common.memory)"
+    )
     parser.add_argument("--cases", default="lenet,resnet18,full,resnet50", help="comma-separated subset")
     parser.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    kept = keep_freed_memory() if args.keep_freed_memory else False
     device, cases = torch.device(args.device), set(args.cases.split(","))
     short = (
         ["engine (defaults)", "version 3 and 4 ideas off (version 2)", "all off (previous engine)"]
         if args.no_ablations
         else None
     )
-    print(f"{precision_record(device, torch.float32)}, {torch.get_num_threads()} threads")
+    print(f"{precision_record(device, torch.float32)}, {torch.get_num_threads()} threads, keep freed memory: {kept}")
     mnist = DCTBlockSubspaces((1, 28, 28), block=8, step=1, device=device)
     n_lenet, n_resnet, n_full = (20, 3, 200) if args.quick else (100, 20, 1000)
     common = {"device": device, "names": short, "repeats": args.repeats}

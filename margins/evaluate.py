@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from attacks.deepfool import ENGINE_VERSION, SubspaceDeepFool, precision_record
 from common.errors import InputError
+from common.memory import keep_freed_memory
 from frequency.subspaces import SubspaceFamily
 from margins.chunks import ChunkStore
 from margins.inputs import (
@@ -107,6 +108,7 @@ class RunSettings:
     overwrite: bool = False
     progress: bool = True
     threads: int = 1  # CPU intra-op threads per process: float bits depend on it, so it is part of a CPU run
+    keep_freed_memory: bool = False  # glibc keeps freed blocks for reuse (`common.memory`; process-wide, CLI default)
 
 
 @dataclass
@@ -293,6 +295,7 @@ def run_job(job: MarginJob, attack: AttackSettings, run: RunSettings) -> tuple[M
         if run.threads < 1:
             raise InputError(f"--threads must be >= 1, got {run.threads}")
         job.fingerprint["cpu_threads"] = job.settings["cpu_threads"] = run.threads
+    job.settings["keep_freed_memory"] = run.keep_freed_memory  # speed only: a resume may differ
     store = ChunkStore(job.output_dir / CHUNK_DIR)
     if not run.overwrite:
         store.check_compatible(job.fingerprint)
@@ -376,7 +379,7 @@ def run_in_process(work: ChunkWork, device: torch.device) -> None:
     `torch.no_grad()` like Lightning's predict loop (`inference_mode=False`). A SIGTERM stops at the next chunk
     boundary, as under Lightning; the previous SIGTERM handler is restored after."""
     work.model.to(device)
-    work.set_threads()
+    work.prepare_process()
     pending = work.prepare_folder()
     work.start_progress(pending)
     try:
@@ -458,9 +461,12 @@ class ChunkWork:
         )
         self.progress: _Progress | None = None
 
-    def set_threads(self) -> None:
+    def prepare_process(self) -> None:
+        """Thread count (CPU) and, when asked, glibc's malloc keeping freed blocks (`common.memory`)."""
         if self.job.settings["device_type"] == "cpu":
             torch.set_num_threads(self.run.threads)
+        if self.run.keep_freed_memory:
+            keep_freed_memory()
 
     def prepare_folder(self) -> list[int]:
         """Rank 0: reset (--overwrite) or verify, write the manifest, report damaged chunks; the pending ids."""

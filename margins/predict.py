@@ -81,7 +81,7 @@ class MarginPredictor(L.LightningModule):
         self.pending: list[int] = []
 
     def setup(self, stage: str) -> None:
-        self.work.set_threads()
+        self.work.prepare_process()
         plan: Any = None
         if self.trainer.is_global_zero:
             try:

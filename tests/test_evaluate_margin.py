@@ -141,6 +141,7 @@ def test_release_state_dict_defaults_and_lightning_checkpoint_alone(trained, tmp
     assert (settings["overshoot"], settings["max_iter"], settings["indices_file"]) == (0.02, 100, None)
     assert settings["device_type"] == "cpu" and settings["torch_version"] == torch.__version__
     assert settings["checkpoint_sha256"] and settings["dtype"] == "float32"
+    assert settings["keep_freed_memory"] is True  # the command's default (common.memory)
     expected_accuracy = float((direct.labels == y).float().mean())
     assert summary["extra"]["clean_accuracy"] == pytest.approx(expected_accuracy)
     assert summary["extra"]["seconds"] > 0
@@ -159,10 +160,11 @@ def test_release_state_dict_defaults_and_lightning_checkpoint_alone(trained, tmp
 
     # explicit flags with the checkpoint, coarser subspaces: rows = blocks starting at 0 and 20 of the step-1 run
     argv = [*explicit[:4], "--checkpoint", trained.ckpt, "--num-samples", 5, "--subspace-step", 20]
-    code, _, _ = _run([*argv, "--output-dir", out_coarse, "--no-progress"], capsys)
+    code, _, _ = _run([*argv, "--output-dir", out_coarse, "--no-progress", "--return-freed-memory"], capsys)
     assert code == 0
     coarse = read_margin_results(out_coarse)
     assert coarse["summary"]["settings"]["subspace_step"] == 20
+    assert coarse["summary"]["settings"]["keep_freed_memory"] is False
     np.testing.assert_allclose(coarse["margins"], margins[[0, 20]], rtol=1e-5, atol=1e-7)
 
 
