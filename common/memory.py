@@ -4,7 +4,7 @@ glibc's malloc serves large blocks (above 128 KiB-32 MiB, adaptively) with `mmap
 so every new large tensor costs fresh page faults, one per 4 KiB page on first touch. An attack allocates the
 same large activation and gradient maps at every step: on ResNet-50 at 224x224 (1 CPU thread) a fifth of the
 run was kernel time in those faults (`benchmarks/bench_deepfool.py --cases resnet50 --keep-freed-memory`:
-104.6 -> 84.8 s, system time 43 -> 3.5 s). With `keep_freed_memory()` large blocks come from the heap and stay
+104.6 -> 82.6 s, system time 43 -> 3.5 s). With `keep_freed_memory()` large blocks come from the heap and stay
 there once freed, to be reused: the process keeps its peak footprint until it exits (what a margin run reaches
 anyway), values are unchanged. Process-wide and not undone: for command-line runs, not for library calls.
 """
@@ -12,6 +12,7 @@ anyway), values are unchanged. Process-wide and not undone: for command-line run
 from __future__ import annotations
 
 import ctypes
+import functools
 import sys
 
 # glibc's mallopt parameters (malloc.h)
@@ -20,6 +21,7 @@ NEVER_TRIM = 2**31 - 1  # mallopt takes an int: free heap top kept up to 2 GiB
 TOP_PAD = 64 << 20  # grow the heap 64 MiB at a time
 
 
+@functools.cache  # once per process: later calls only report
 def keep_freed_memory() -> bool:
     """Large blocks from the heap, never unmapped; freed heap memory kept (glibc on Linux). Returns whether the
     settings took effect (False elsewhere: macOS, Windows, musl; nothing changes there)."""

@@ -295,7 +295,9 @@ def run_job(job: MarginJob, attack: AttackSettings, run: RunSettings) -> tuple[M
         if run.threads < 1:
             raise InputError(f"--threads must be >= 1, got {run.threads}")
         job.fingerprint["cpu_threads"] = job.settings["cpu_threads"] = run.threads
-    job.settings["keep_freed_memory"] = run.keep_freed_memory  # speed only: a resume may differ
+    # speed only, so not in the fingerprint; applied here and in each worker (`ChunkWork.prepare_process`) and
+    # recorded as it took effect (glibc only)
+    job.settings["keep_freed_memory"] = run.keep_freed_memory and keep_freed_memory()
     store = ChunkStore(job.output_dir / CHUNK_DIR)
     if not run.overwrite:
         store.check_compatible(job.fingerprint)
