@@ -1,25 +1,32 @@
 """Attacks as small objects independent of training code (pure PyTorch).
 
-- `SubspaceDeepFool`: margins along subspaces (the paper's measurement), batched over samples and subspaces;
-  `precision_record` describes its arithmetic for result files; `model_device` is the device of a model.
+- `SubspaceDeepFool`: margins along subspaces (the paper's measurement), batched over samples and subspaces; its
+  device-specific kernels live in `attacks.kernels` (`prepare_model`).
+- `RowResult`, `MarginResult`: what margin estimators return; `precision_record` describes their arithmetic for
+  result files; `model_device` is the device of a model.
 - `L2PGD`: L2 projected gradient ascent for adversarial training and robust accuracy.
 - `dykstra_projection`, `Projection`: exact projection onto {L2 ball} ∩ {valid images} (also after a flip).
 """
 
-from attacks.deepfool import MarginResult, PassStats, RowResult, SubspaceDeepFool, model_device, precision_record
+from attacks.common import MarginResult, RowResult, model_device, precision_record
+from attacks.deepfool import PassStats, SubspaceDeepFool
 from attacks.dykstra import Projection, dykstra_projection, project_box, project_flipped_box, project_l2_ball
+from attacks.kernels import KERNELS, PreparedModel, prepare_model
 from attacks.pgd import L2PGD
 
 __all__ = [
+    "KERNELS",
     "L2PGD",
     "MarginResult",
     "PassStats",
+    "PreparedModel",
     "Projection",
     "RowResult",
     "SubspaceDeepFool",
     "dykstra_projection",
     "model_device",
     "precision_record",
+    "prepare_model",
     "project_box",
     "project_flipped_box",
     "project_l2_ball",

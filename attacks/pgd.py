@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks.deepfool import _EvalMode
+from attacks.common import EvalMode as _EvalMode
 from attacks.dykstra import BoxProjection, Projection, project_box, project_flipped_box
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

@@ -1,4 +1,4 @@
-"""The paper's margin plot (REFERENCE §1): every sample's margin per subspace plus the per-subspace median.
+"""The paper's margin plot : every sample's margin per subspace plus the per-subspace median.
 
 Pure matplotlib object API (`matplotlib.figure.Figure`), no pyplot state and no global backend change, so
 it is safe in scripts, notebooks, Lightning callbacks and headless servers alike.

@@ -1,15 +1,18 @@
-"""The margin chunks through Lightning's `Trainer.predict`: several processes (spawned, torchrun, SLURM, ...), or an
-explicit `strategy`. `margins.evaluate.run_job` imports this module only for those runs.
+"""The margin chunks through Lightning's `Trainer.predict`, for one process as for many (spawned, torchrun, SLURM).
 
-Every step is `margins.evaluate.ChunkWork`'s, as in the single-process loop: `MarginPredictor.setup` prepares the
-folder on rank 0 and broadcasts the pending chunk ids, Lightning's unrepeated distributed sampler shares the chunk
-items out (no padded duplicates), `predict_step` attacks one chunk and `ChunkWriter` commits it when its batch
-ends (and stops at that chunk boundary after a SIGTERM); a barrier precedes rank 0's merge.
+Every step is `margins.work.ChunkWork`'s: `MarginPredictor.setup` prepares the model for the process's device and,
+on rank 0, the folder, then broadcasts the pending chunk ids; Lightning's unrepeated distributed sampler shares
+the chunk items out (no padded duplicates); `predict_step` attacks one chunk and `ChunkWriter` commits it when its
+batch ends (and stops at that chunk boundary after a SIGTERM); a barrier precedes rank 0's merge.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +22,14 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException, SI
 from torch.utils.data import DataLoader
 
 from common.errors import InputError
-from margins.evaluate import CHUNK_DIR, ChunkWork, RunSettings
+from margins.work import CHUNK_DIR, ChunkWork, RunSettings
+
+_LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
 
 
 def make_trainer(run: RunSettings, folder: Path) -> L.Trainer:
-    """A predict-only Trainer; Lightning's configuration errors (devices, accelerator, ...) become InputError."""
+    """A predict-only Trainer; Lightning's configuration errors (devices, accelerator, ...) become InputError.
+    Lightning's device banners ("GPU available: ...") are not printed."""
     elastic = "TORCHELASTIC_RUN_ID" in os.environ  # started by torchrun: its process counts are the defaults
     local = int(os.environ.get("LOCAL_WORLD_SIZE", 1)) if elastic else 1
     devices = run.devices if run.devices is not None else local
@@ -31,28 +37,41 @@ def make_trainer(run: RunSettings, folder: Path) -> L.Trainer:
     if nodes is None:
         nodes = max(1, int(os.environ.get("WORLD_SIZE", 1)) // local) if elastic else 1
     try:
-        return L.Trainer(
-            accelerator=run.accelerator,
-            devices=devices,
-            num_nodes=nodes,
-            strategy=run.strategy,
-            inference_mode=False,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            default_root_dir=str(folder / CHUNK_DIR),
-        )
+        with _quiet_lightning():
+            return L.Trainer(
+                accelerator=run.accelerator,
+                devices=devices,
+                num_nodes=nodes,
+                strategy=run.strategy,
+                inference_mode=False,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+                default_root_dir=str(folder / CHUNK_DIR),
+            )
     except (MisconfigurationException, ValueError, TypeError, RuntimeError) as err:
         raise InputError(
-            f"cannot run on --accelerator {run.accelerator} --devices {devices} --num-nodes {nodes} "
-            f"--strategy {run.strategy}: {' '.join(str(err).split())}"
+            f"cannot run on accelerator {run.accelerator!r}, devices {devices!r}, num_nodes {nodes!r}, "
+            f"strategy {run.strategy!r}: {' '.join(str(err).split())}"
         ) from err
 
 
+@contextlib.contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    levels = {name: logging.getLogger(name).level for name in _LIGHTNING_LOGGERS}
+    for name in _LIGHTNING_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)
+
+
 def device_type(trainer: L.Trainer) -> str:
-    """The trainer's accelerator as "cpu", "cuda", "mps", ..."""
-    return type(trainer.accelerator).__name__.replace("Accelerator", "").lower()
+    """The trainer's device type: "cpu", "cuda", "mps", ..."""
+    return trainer.strategy.root_device.type
 
 
 def global_rank(trainer: L.Trainer) -> int:
@@ -65,23 +84,26 @@ def predict_chunks(trainer: L.Trainer, work: ChunkWork) -> None:
     module = MarginPredictor(work)
     trainer.callbacks.append(ChunkWriter(work))
     try:
-        trainer.predict(module, return_predictions=False)
+        with _quiet_lightning(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*(LeafSpec|does not have many workers).*")
+            trainer.predict(module, return_predictions=False)
         trainer.strategy.barrier("margins-merge")
     finally:
         work.close_progress()
 
 
 class MarginPredictor(L.LightningModule):
-    """Attacks one chunk per predict step; rank 0 prepares the chunk folder in `setup` and broadcasts the plan."""
+    """Attacks one chunk per predict step; `setup` prepares the process (`ChunkWork.process`) and, on rank 0, the
+    chunk folder, and broadcasts the plan."""
 
     def __init__(self, work: ChunkWork):
         super().__init__()
         self.work = work
-        self.model = work.model  # a submodule: Lightning moves it to the device
         self.pending: list[int] = []
+        self._process = contextlib.ExitStack()
 
     def setup(self, stage: str) -> None:
-        self.work.prepare_process()
+        self._process.enter_context(self.work.process(self.trainer.strategy.root_device))
         plan: Any = None
         if self.trainer.is_global_zero:
             try:
@@ -95,12 +117,16 @@ class MarginPredictor(L.LightningModule):
         if self.trainer.is_global_zero:
             self.work.start_progress(plan)
 
+    def teardown(self, stage: str) -> None:
+        self._process.close()
+
     def predict_dataloader(self) -> DataLoader:
         # Lightning's unrepeated sampler needs an item per rank: fewer pending chunks than ranks -> no-op items (-1)
-        return self.work.loader(self.pending + [-1] * max(0, self.trainer.world_size - len(self.pending)), self.device)
+        padding = [-1] * max(0, self.trainer.world_size - len(self.pending))
+        return self.work.loader(self.pending + padding, self.trainer.strategy.root_device)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any] | None:
-        return self.work.attack(batch, self.device)
+        return self.work.attack(batch, self.trainer.strategy.root_device)
 
 
 class ChunkWriter(BasePredictionWriter):

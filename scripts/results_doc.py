@@ -36,7 +36,7 @@ def render(summary: dict) -> str:
         f"Written by `python scripts/reproduce_mnist.py --docs` on {dt.date.today().isoformat()} "
         f"(torch {summary['torch']}, CPU, {summary['seconds'] / 60:.0f} minutes in all): {settings['epochs']} "
         f"training epochs per model (the release trains 30), margins of {settings['num_samples']} random test "
-        f"samples (seed {settings['seed']}) along the 21 DCT subspaces of REFERENCE §3 (8x8 blocks, step 1; 13 "
+        f"samples (seed {settings['seed']}) along the paper's 21 DCT subspaces (8x8 blocks, step 1; 13 "
         "subspaces of the 32x32 synthetic images), subspace-constrained DeepFool with the release's settings "
         "(overshoot 0.02, at most 100 iterations). Rerun it to regenerate this page; numbers vary slightly with "
         "the hardware's floating point.",
@@ -66,7 +66,7 @@ def render(summary: dict) -> str:
         "",
         "## The paper's claims",
         "",
-        "| claim (REFERENCE §8) | measured | value | holds? |",
+        "| the paper's claim | measured | value | holds? |",
         "|---|---|---|---|",
     ]
     for key, claim, measured, threshold in CLAIMS:

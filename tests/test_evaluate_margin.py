@@ -26,7 +26,7 @@ from margins import gather_samples, read_margin_results, select_indices
 from models import Normalize, NormalizedModel, build_model
 from tests.conftest import MNIST_RAW, SHARED_DATA
 
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # REFERENCE §5
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # the release's constants
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -235,7 +235,7 @@ def test_synthetic_checkpoint(tmp_path, capsys):
     xt, yt = fresh.test_tensors
     with torch.no_grad():
         assert float((module.model(xt).argmax(1) == yt).float().mean()) > 0.75
-    # the discriminative DCT atom (1, 1) lies in blocks 0 and 1 only: margins there are the small ones (REFERENCE §8)
+    # the discriminative DCT atom (1, 1) lies in blocks 0 and 1 only: margins there are the small ones (the paper's claims)
     medians = np.median(result["margins"], axis=1)
     assert medians[:2].max() < medians[2:].min()
 
