@@ -24,7 +24,7 @@ loaded) with TF32 disabled on CUDA during the call; `attacks.common.precision_re
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -69,8 +69,9 @@ class _Rows:
 
 @dataclass
 class PassStats:
-    """Counts of the last call's model passes: `gradient_passes` (forward + backward) and `check_passes`
-    (no-grad forwards of the stop test), with the images they ran; `fill` = images per pass / batch_size."""
+    """Counts of the last call's model passes: `gradient_passes` (forward + K-1 input-gradient backward passes) and
+    `check_passes` (no-grad forwards of the stop test), with the images they ran, and every pass in order
+    (`passes`, what `benchmarks/bench_deepfool.py` replays as the floor); `fill` = images per pass / batch_size."""
 
     batch_size: int
     gradient_passes: int = 0
@@ -79,6 +80,7 @@ class PassStats:
     check_rows: int = 0
     clean_passes: int = 0
     stem_passes: int = 0  # gradient passes that stopped at the stem (stem_projection)
+    passes: list[tuple[str, int]] = field(default_factory=list)  # ("clean" | "gradient" | "check", images) in order
 
     @property
     def fill(self) -> float:
@@ -255,6 +257,7 @@ class _Run:
                 logits = _logits(self.model, x[start : start + size])
                 chunks.append(logits.argsort(dim=1, descending=True)[:, : self.attack.num_candidates])
                 self.stats.clean_passes += 1
+                self.stats.passes.append(("clean", logits.shape[0]))
         return torch.cat(chunks) if chunks else torch.empty(0, 1, dtype=torch.long, device=x.device)
 
     def _entering(
@@ -303,6 +306,7 @@ class _Run:
             labels = _logits(self.model, x[rows.sample] + total).argmax(dim=1)
         self.stats.check_passes += 1
         self.stats.check_rows += len(rows)
+        self.stats.passes.append(("check", len(rows)))
         flipped = labels != self.candidates[rows.sample, 0]
         done = flipped | rows.stuck | (rows.iterations >= attack.max_iter)
         index = rows.index[done]
@@ -331,6 +335,7 @@ class _Run:
             f = _logits(self.model.stem.body, target.requires_grad_(True)).gather(1, candidates)
         self.stats.gradient_passes += 1
         self.stats.gradient_rows += point.shape[0]
+        self.stats.passes.append(("gradient", point.shape[0]))
         self.stats.stem_passes += self.projection is not None
         num_other = f.shape[1] - 1
         gaps = (f[:, 1:] - f[:, :1]).detach()

@@ -27,8 +27,8 @@ from collections.abc import Collection
 import torch
 from torch import nn
 
-from attacks.kernels.convolutions import patch_convolutions
-from attacks.kernels.graph import StemSplit, fold_batchnorms, rewrite_max_pools, split_stem, trace
+from attacks.kernels.convolutions import STEM_CHANNELS, patch_convolutions
+from attacks.kernels.graph import StemSplit, count_batchnorms, fold_batchnorms, rewrite_max_pools, split_stem, trace
 from attacks.kernels.stem import StemProjection
 from frequency.subspaces import SubspaceFamily
 
@@ -46,8 +46,9 @@ _GRAPH_KERNELS = {"fold_batchnorm", "fast_maxpool", "pool_then_relu", "stem_proj
 class PreparedModel(nn.Module):
     """The engine's working copy of a classifier `[B, C, H, W] -> logits [B, num_classes]` (module docstring).
 
-    `dtype`, `device`: those of its tensors; `kernels`: the kernel names applied; `stem`: the stem split when
-    `stem_projection` applies to the model (else None).
+    `dtype`, `device`: those of its tensors; `kernels`: the names of the kernels that apply to this model (a kernel
+    asked for but without a layer to act on is left out; `unroll_small_convs` acts where a map is small, at run
+    time); `stem`: the stem split when `stem_projection` applies to the model (else None).
     """
 
     def __init__(
@@ -116,18 +117,26 @@ def prepare_model(
     dtype = dtype or (floats[0].dtype if floats else torch.float32)
     names = resolve_kernels(kernels, device)
     work = copy.deepcopy(model).to(device=device, dtype=dtype).eval().requires_grad_(False)
-    stem = None
+    applied, stem = set(), None
     graph = trace(work) if names & _GRAPH_KERNELS else None
     if graph is not None:
         if "fold_batchnorm" in names:
+            before = count_batchnorms(graph)
             graph = fold_batchnorms(graph)
+            applied |= {"fold_batchnorm"} if count_batchnorms(graph) < before else set()
         if names & {"fast_maxpool", "pool_then_relu"}:
-            rewrite_max_pools(graph, fast="fast_maxpool" in names, merge_relus="pool_then_relu" in names)
+            fast, merge = "fast_maxpool" in names, "pool_then_relu" in names
+            pools, merged = rewrite_max_pools(graph, fast=fast, merge_relus=merge)
+            applied |= ({"fast_maxpool"} if fast and pools else set()) | ({"pool_then_relu"} if merged else set())
         work = graph.eval()
-    patch_convolutions(work, "native_stem_grad" in names, "unroll_small_convs" in names)
+    convs = patch_convolutions(work, "native_stem_grad" in names, "unroll_small_convs" in names)
+    if "native_stem_grad" in names and any(c.in_channels <= STEM_CHANNELS for c in convs):
+        applied.add("native_stem_grad")
+    applied |= {"unroll_small_convs"} & names if convs else set()
     if graph is not None and "stem_projection" in names:
         stem = split_stem(graph)
-    return PreparedModel(work, device, dtype, names, stem)
+        applied |= {"stem_projection"} if stem is not None else set()
+    return PreparedModel(work, device, dtype, frozenset(applied), stem)
 
 
 def _model_device(model: nn.Module) -> torch.device:

@@ -27,17 +27,17 @@ from torch import nn
 STEM_CHANNELS = 4  # convolutions reading at most this many channels count as the image stem
 
 
-def patch_convolutions(model: nn.Module, native_stem_grad: bool, unroll_small: bool) -> int:
+def patch_convolutions(model: nn.Module, native_stem_grad: bool, unroll_small: bool) -> list[nn.Conv2d]:
     """Give `model`'s plain `nn.Conv2d` layers (zero padding, numeric padding) the kernels switched on, for good;
-    returns how many layers were patched."""
+    returns the patched layers."""
     if not (native_stem_grad or unroll_small):
-        return 0
-    count = 0
+        return []
+    patched = []
     for module in model.modules():
         if is_plain_conv(module) and "forward" not in vars(module):
             module.forward = functools.partial(_forward, module, native_stem_grad, unroll_small, {})
-            count += 1
-    return count
+            patched.append(module)
+    return patched
 
 
 def is_plain_conv(module: nn.Module) -> bool:

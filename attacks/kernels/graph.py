@@ -48,9 +48,11 @@ class _Tracer(fx.Tracer):
 def trace(model: nn.Module) -> fx.GraphModule | None:
     """The graph of eval-mode `model` (sharing its submodules), or None when `torch.fx` cannot trace it."""
     try:
-        return fx.GraphModule(model, _Tracer().trace(model))
+        graph = fx.GraphModule(model, _Tracer().trace(model))
     except Exception:  # untraceable (control flow on values, unsupported ops): no graph rewrites
         return None
+    graph.training = model.training  # the new root module's own flag; the submodules are the model's
+    return graph
 
 
 def count_batchnorms(model: nn.Module) -> int:
@@ -58,20 +60,21 @@ def count_batchnorms(model: nn.Module) -> int:
 
 
 def fold_batchnorms(graph: fx.GraphModule) -> fx.GraphModule:
-    """`graph` with every batch norm that directly follows a `Conv1d/2d/3d` or `Linear` folded into it."""
-    if count_batchnorms(graph) == 0:
+    """`graph` with every batch norm that directly follows a `Conv1d/2d/3d` or `Linear` folded into it; a graph with
+    a module in training mode (batch norms then use batch statistics) is returned as it is."""
+    if count_batchnorms(graph) == 0 or any(m.training for m in graph.modules() if type(m) in _BATCHNORMS):
         return graph
     from torch.fx.experimental.optimization import fuse
 
     return fuse(graph, inplace=True, no_trace=True)
 
 
-def rewrite_max_pools(graph: fx.GraphModule, fast: bool, merge_relus: bool) -> int:
+def rewrite_max_pools(graph: fx.GraphModule, fast: bool, merge_relus: bool) -> tuple[int, int]:
     """`fast`: every 2-d max-pool of `graph` runs `pooling.max_pool2d`; `merge_relus`: a ReLU only a max-pool reads
-    runs inside it (`pooling.max_pool2d_relu`, on the fast pooling path or not). Returns the number of pools
-    rewritten."""
+    runs inside it (`pooling.max_pool2d_relu`, on the fast pooling path or not). Returns the numbers of pools
+    rewritten and of ReLUs merged."""
     modules = dict(graph.named_modules())
-    count = 0
+    count = merged = 0
     for node in list(graph.graph.nodes):
         arguments = _pool_call(node, modules)
         if arguments is None:
@@ -90,9 +93,10 @@ def rewrite_max_pools(graph: fx.GraphModule, fast: bool, merge_relus: bool) -> i
         graph.graph.erase_node(node)
         if relu is not None:
             graph.graph.erase_node(relu)
+            merged += 1
         count += 1
     graph.recompile()
-    return count
+    return count, merged
 
 
 def _pool_call(node: fx.Node, modules: dict[str, nn.Module]) -> tuple[fx.Node, dict] | None:

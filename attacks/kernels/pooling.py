@@ -1,4 +1,4 @@
-"""Faster CPU max-pooling under attack: the same values and gradients as `F.max_pool2d`, bit for bit.
+"""Faster CPU max-pooling under attack: the values and gradients of `F.max_pool2d`, bit for bit (but one sign of zero).
 
 DeepFool runs a frozen eval-mode model through nine input-gradient passes and one label check per step. PyTorch's
 channels-first CPU max-pool kernels are slow for that work (`benchmarks/bench_deepfool.py`, docs/ENGINE.md):
@@ -11,7 +11,7 @@ channels-first CPU max-pool kernels are slow for that work (`benchmarks/bench_de
 - `max_pool2d_relu` (`pool_then_relu`): `max_pool2d(relu(h))` computed as `relu(max_pool2d(h))` when a gradient is
   needed, so the ReLU's forward and backward run on the pooled map (LeNet's first ReLU: 6x14x14 instead of
   6x28x28). Max and ReLU commute, and a window's first maximum of `relu(h)` is that of `h` wherever it is
-  positive (the gradient is zero elsewhere), so values and gradients are PyTorch's, bit for bit.
+  positive (the gradient is zero elsewhere).
 
 Both take `F.max_pool2d`'s arguments and fall back to it wherever their paths do not apply (indices asked for,
 `ceil_mode`, dilation, not a CPU batch of floating maps). `attacks/kernels/graph.py` puts them into the model's
