@@ -2,6 +2,7 @@
 
 - `SubspaceDeepFool`: margins along subspaces (the paper's measurement), batched over samples and subspaces; its
   device-specific kernels live in `attacks.kernels` (`prepare_model`).
+- `SubspaceFMN`: a second margin estimator, the minimum-norm attack FMN constrained to each subspace (same interface).
 - `RowResult`, `MarginResult`: what margin estimators return; `precision_record` describes their arithmetic for
   result files; `model_device` is the device of a model.
 - `L2PGD`: L2 projected gradient ascent for adversarial training and robust accuracy.
@@ -11,6 +12,7 @@
 from attacks.common import MarginResult, RowResult, model_device, precision_record
 from attacks.deepfool import PassStats, SubspaceDeepFool
 from attacks.dykstra import Projection, dykstra_projection, project_box, project_flipped_box, project_l2_ball
+from attacks.fmn import SubspaceFMN
 from attacks.kernels import KERNELS, PreparedModel, prepare_model
 from attacks.pgd import L2PGD
 
@@ -23,6 +25,7 @@ __all__ = [
     "Projection",
     "RowResult",
     "SubspaceDeepFool",
+    "SubspaceFMN",
     "dykstra_projection",
     "model_device",
     "precision_record",

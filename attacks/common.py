@@ -4,7 +4,7 @@
   estimators return.
 - `EvalMode(model)`: every submodule in eval mode inside the block, each one's own flag restored after.
 - `tf32_off(device)`: TF32 off for CUDA matmuls and cuDNN convolutions inside the block.
-- `model_device(model)`, `precision_record(device, dtype)`.
+- `model_device(model)`, `precision_record(device, dtype)`, `check_indices`, `checked_logits`, `progress_bar`.
 """
 
 from __future__ import annotations
@@ -103,3 +103,40 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return platform.processor() or platform.machine() or "cpu"
+
+
+def check_indices(sample_index: torch.Tensor, subspace_index: torch.Tensor, num_samples: int, count: int) -> None:
+    """ValueError unless the row indices `sample_index`, `subspace_index` ([R] each) lie in range."""
+    if sample_index.shape != subspace_index.shape:
+        raise ValueError("sample_index and subspace_index must have the same length (one entry per row)")
+    if sample_index.numel() and (int(sample_index.min()) < 0 or int(sample_index.max()) >= num_samples):
+        raise ValueError(f"sample_index must lie in [0, {num_samples})")
+    if subspace_index.numel() and (int(subspace_index.min()) < 0 or int(subspace_index.max()) >= count):
+        raise ValueError(f"subspace_index must lie in [0, {count})")
+
+
+def checked_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """`model(x)`, checked: logits [N, num_classes >= 2], finite (ValueError naming the problem otherwise)."""
+    logits = model(x)
+    if logits.dim() != 2 or logits.shape[1] < 2:
+        raise ValueError(f"model must return logits [N, num_classes >= 2], got shape {tuple(logits.shape)}")
+    if not torch.isfinite(logits).all():
+        raise ValueError("model returned NaN or infinite logits; check the checkpoint and the inputs")
+    return logits
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, enabled: bool, description: str):
+    """A tqdm bar over `total` rows, or a bar that does nothing."""
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, unit="row")

@@ -29,7 +29,15 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from attacks.common import MarginResult, RowResult, model_device, tf32_off
+from attacks.common import (
+    MarginResult,
+    RowResult,
+    check_indices,
+    checked_logits,
+    model_device,
+    progress_bar,
+    tf32_off,
+)
 from attacks.kernels import PreparedModel, prepare_model
 from attacks.kernels.stem import StemProjection
 from frequency.subspaces import FullSpace, SubspaceFamily
@@ -196,7 +204,7 @@ class SubspaceDeepFool:
             device = model.device
             sample_index = torch.as_tensor(sample_index, dtype=torch.long).flatten().to(device)
             subspace_index = torch.as_tensor(subspace_index, dtype=torch.long).flatten().to(device)
-            _check_indices(sample_index, subspace_index, x.shape[0], len(subspaces))
+            check_indices(sample_index, subspace_index, x.shape[0], len(subspaces))
             projection = model.stem_projection(subspaces, tuple(x.shape[1:]))
             x = x.detach().to(device=device, dtype=model.dtype, copy=True)
             if not torch.isfinite(x).all():
@@ -236,7 +244,7 @@ class _Run:
             if return_perturbations
             else None,
         )
-        bar = _progress_bar(total, progress)
+        bar = progress_bar(total, progress, "DeepFool (sample, subspace) rows")
         pending, pool = _Pending(self._entering(sample_index, subspace_index, out, bar)), _empty_rows(x)
         while True:
             if attack.refill or len(pool) == 0:  # without refill a batch runs until its last row ends
@@ -254,7 +262,7 @@ class _Run:
         x, size, chunks = self.x, self.attack.batch_size, []
         with torch.no_grad():
             for start in range(0, x.shape[0], size):
-                logits = _logits(self.model, x[start : start + size])
+                logits = checked_logits(self.model, x[start : start + size])
                 chunks.append(logits.argsort(dim=1, descending=True)[:, : self.attack.num_candidates])
                 self.stats.clean_passes += 1
                 self.stats.passes.append(("clean", logits.shape[0]))
@@ -303,7 +311,7 @@ class _Run:
         attack, x = self.attack, self.x
         total = (1.0 + attack.overshoot) * rows.r
         with torch.no_grad():
-            labels = _logits(self.model, x[rows.sample] + total).argmax(dim=1)
+            labels = checked_logits(self.model, x[rows.sample] + total).argmax(dim=1)
         self.stats.check_passes += 1
         self.stats.check_rows += len(rows)
         self.stats.passes.append(("check", len(rows)))
@@ -328,11 +336,11 @@ class _Run:
         projection, at the first convolution's output (`attacks/kernels/stem.py`)."""
         if self.projection is None:
             target = point.detach().requires_grad_(True)
-            f = _logits(self.model, target).gather(1, candidates)  # [A, K]
+            f = checked_logits(self.model, target).gather(1, candidates)  # [A, K]
         else:
             with torch.no_grad():
                 target = self.model.stem.stem(point)
-            f = _logits(self.model.stem.body, target.requires_grad_(True)).gather(1, candidates)
+            f = checked_logits(self.model.stem.body, target.requires_grad_(True)).gather(1, candidates)
         self.stats.gradient_passes += 1
         self.stats.gradient_rows += point.shape[0]
         self.stats.passes.append(("gradient", point.shape[0]))
@@ -430,37 +438,3 @@ def _zeros_like_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def _zero_long(index: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(index)
-
-
-def _check_indices(sample_index: torch.Tensor, subspace_index: torch.Tensor, num_samples: int, count: int) -> None:
-    if sample_index.shape != subspace_index.shape:
-        raise ValueError("sample_index and subspace_index must have the same length (one entry per row)")
-    if sample_index.numel() and (int(sample_index.min()) < 0 or int(sample_index.max()) >= num_samples):
-        raise ValueError(f"sample_index must lie in [0, {num_samples})")
-    if subspace_index.numel() and (int(subspace_index.min()) < 0 or int(subspace_index.max()) >= count):
-        raise ValueError(f"subspace_index must lie in [0, {count})")
-
-
-def _logits(model, x: torch.Tensor) -> torch.Tensor:
-    logits = model(x)
-    if logits.dim() != 2 or logits.shape[1] < 2:
-        raise ValueError(f"model must return logits [N, num_classes >= 2], got shape {tuple(logits.shape)}")
-    if not torch.isfinite(logits).all():
-        raise ValueError("model returned NaN or infinite logits; check the checkpoint and the inputs")
-    return logits
-
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-def _progress_bar(total: int, enabled: bool):
-    if not enabled:
-        return _NoBar()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="DeepFool (subspace, sample) pairs", unit="pair")
