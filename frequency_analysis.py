@@ -60,7 +60,7 @@ from margins.cli import (
     source_from_args,
 )
 from margins.evaluate import evaluate_margins
-from margins.inputs import SubspaceSpec, choose_indices, default_output_dir, load_source
+from margins.inputs import SubspaceSpec, choose_indices, default_output_dir, load_source, make_subspaces
 from margins.results import MarginReport
 
 DEFAULT_VALID = {"none": "box", "flip": "flipped_box"}  # other transforms (low/high pass) have no box: "none"
@@ -133,11 +133,11 @@ def margins_of(
     )  # fmt: skip
 
 
-def run_map2d(args: argparse.Namespace, argv: list[str]) -> Path:
+def run_map2d(args: argparse.Namespace, argv: list[str]) -> Path | None:
     spec = SubspaceSpec("grid", args.subspace_dim, args.subspace_step)
     report, folder = margins_of(args, argv, spec, Path(args.output_dir) if args.output_dir else None)
-    if report is None:  # ranks > 0
-        return folder
+    if report is None:  # ranks > 0: rank 0 reports
+        return None
     s = report.settings
     family = DCTGridSubspaces(tuple(s["model"]["image_shape"]), s["subspace_block"], s["subspace_step"])
     grid = median_map(report.margins, family)
@@ -148,16 +148,18 @@ def run_map2d(args: argparse.Namespace, argv: list[str]) -> Path:
     return folder
 
 
-def run_random(args: argparse.Namespace, argv: list[str]) -> Path:
-    out = Path(args.output_dir) if args.output_dir else _default_folder(args, "random")
+def run_random(args: argparse.Namespace, argv: list[str]) -> Path | None:
+    loaded = load_source(source_from_args(args))
+    out = Path(args.output_dir) if args.output_dir else _default_folder(args, "random", loaded)
     kind = "basis" if args.bases else "random"
     dct_spec = SubspaceSpec("dct", args.subspace_dim, args.subspace_step)
     control = SubspaceSpec(kind, None if args.bases else args.subspace_dim, None if args.bases else args.subspace_step,
                            args.count, args.subspace_seed, args.method, list(args.bases or []))  # fmt: skip
+    make_subspaces(control, loaded.datamodule)  # bad --count, --bases, ...: an error before the DCT family is measured
     dct, _ = margins_of(args, argv, dct_spec, out / "dct")
     ctl, _ = margins_of(args, argv, control, out / kind)
-    if dct is None or ctl is None:  # ranks > 0
-        return out
+    if dct is None or ctl is None:  # ranks > 0: rank 0 reports
+        return None
     spreads = {"dct": spread_ratio(dct.margins), kind: spread_ratio(ctl.margins)}
     analysis = {"spread_max_over_min_median": spreads, "command": ["frequency_analysis.py", *argv]}
     (out / "analysis.json").write_text(json.dumps(analysis, indent=2) + "\n")
@@ -238,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.manual_seed(args.seed)
         start = time.perf_counter()
         out = {"map2d": run_map2d, "random": run_random, "heatmap": run_heatmap}[args.command](args, argv)
-        print(f"time: {time.perf_counter() - start:.1f} s; results: {out.resolve()}")
+        if out is not None:  # rank 0 (ranks > 0 of map2d / random return None)
+            print(f"time: {time.perf_counter() - start:.1f} s; results: {out.resolve()}")
     except InputError as err:  # anything else is a bug: its traceback is shown
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2

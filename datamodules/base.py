@@ -163,6 +163,9 @@ class FrequencyDataModule(L.LightningDataModule):
             raise TypeError(f"{type(self).__name__} got unexpected arguments {sorted(unknown)}")
         super().__init__()
         self.save_hyperparameters()
+        # a rebuild from a checkpoint passes `dataset` among the base's arguments: drop it so that it comes last again
+        # (hparams are updated in place), as in a fresh datamodule
+        self.hparams.pop("dataset", None)
         self.save_hyperparameters(self._recorded_hparams())
         check_transform(transform)
         if transform in FILTERS and not 0 < bandwidth <= min(self.image_shape[1:]):

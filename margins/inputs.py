@@ -207,7 +207,7 @@ def _family_sha256(family: SubspaceFamily) -> str:
 
 def tensor_bytes(tensor: torch.Tensor) -> bytes:
     """The bytes of a tensor's values in row-major order (any strides, any dtype)."""
-    dense = torch.empty(tensor.shape, dtype=tensor.dtype).copy_(tensor.detach().cpu())
+    dense = torch.empty(tensor.shape, dtype=tensor.dtype).copy_(tensor.detach().cpu()).reshape(-1)  # 0-d: 1-d
     return dense.view(torch.uint8).numpy().tobytes() if dense.numel() else b""
 
 

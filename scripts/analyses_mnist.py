@@ -199,7 +199,7 @@ def write_docs(summary: dict, out: Path) -> None:
 TOOLS = """## Tools and design choices
 
 ```
-python frequency_analysis.py map2d   --checkpoint CKPT [--block 8 --stride 4]        # 2-D margin map
+python frequency_analysis.py map2d   --checkpoint CKPT [--subspace-dim 8 --subspace-step 4]  # 2-D margin map
 python frequency_analysis.py random  --checkpoint CKPT [--count 21 --method auto]    # DCT vs random subspaces
 python frequency_analysis.py random  --checkpoint CKPT --bases B.npy [C.pt ...]      # DCT vs user bases
 python frequency_analysis.py heatmap --checkpoint CKPT --eps 10 [--radius 15]        # Fourier heat map
@@ -229,8 +229,9 @@ python compare_margins.py --export-csv RUN_DIR [--output FILE.csv]              
   indices (columns aligned by index), otherwise an empty p-value with a note. Medians and tests use all samples,
   converged or not, like the release's plot.
 - **Per-sample CSV** (`analysis/export.py`): columns sample_index, label, predicted, subspace, margin, converged,
-  iterations, perturbed_label; the last four optional ones come from labels.npy, predicted.npy, iterations.npy
-  and perturbed_labels.npy (written by frequency_analysis.py) and are empty where a folder lacks them.
+  iterations, perturbed_label; the last four come from targets.npy (labels.npy in folders of older versions),
+  predicted.npy, iterations.npy and perturbed_labels.npy (written by every margin command) and are empty where a
+  folder lacks them.
 - This page is separate from RESULTS.md (which scripts/results_doc.py regenerates whole); RESULTS.md links here.
 """
 

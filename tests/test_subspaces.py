@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from frequency import BasisSubspaces, DCTBlockSubspaces, FullSpace, num_dct_blocks
 from attacks.reference import dct_block_basis
+from frequency import BasisSubspaces, DCTBlockSubspaces, FullSpace, num_dct_blocks
 
 
 def explicit_block_basis(shape: tuple[int, int, int], start: int, block: int) -> np.ndarray:
