@@ -34,6 +34,7 @@ from margins.cli import (
     add_subspace_arguments,
     attack_from_args,
     deprecated,
+    input_error,
     run_from_args,
     source_from_args,
 )
@@ -42,7 +43,6 @@ from margins.inputs import load_model_and_data
 from margins.results import MarginReport, summarize
 
 __all__ = ["build_parser", "load_model_and_data", "main"]
-EXIT_BAD_INPUT = 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,8 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         report, folder = run(args, argv)
     except InputError as err:
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return input_error(err)
     if report is not None:
         print_summary(report, folder)
     return 0

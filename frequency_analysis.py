@@ -56,11 +56,13 @@ from margins.cli import (
     add_subspace_arguments,
     attack_from_args,
     deprecated,
+    input_error,
     run_from_args,
     source_from_args,
 )
 from margins.evaluate import evaluate_margins
 from margins.inputs import SubspaceSpec, choose_indices, default_output_dir, load_source, make_subspaces
+from margins.plot import describe_run, describe_settings
 from margins.results import MarginReport
 
 DEFAULT_VALID = {"none": "box", "flip": "flipped_box"}  # other transforms (low/high pass) have no box: "none"
@@ -142,8 +144,8 @@ def run_map2d(args: argparse.Namespace, argv: list[str]) -> Path | None:
     family = DCTGridSubspaces(tuple(s["model"]["image_shape"]), s["subspace_block"], s["subspace_step"])
     grid = median_map(report.margins, family)
     np.save(folder / "map2d.npy", grid)
-    title = f"{_describe(report)}: median margin per {family.block}x{family.block} DCT block, stride {family.stride}"
-    save_figure(plot_margin_maps({title: grid}, family), folder / "map2d.png")
+    figure = plot_margin_maps({describe_settings(s): grid}, family, num_samples=report.margins.shape[1])
+    save_figure(figure, folder / "map2d.png")
     print(f"2-D map {family.grid_shape}: median margin from {np.nanmin(grid):.3g} to {np.nanmax(grid):.3g}")
     return folder
 
@@ -164,7 +166,7 @@ def run_random(args: argparse.Namespace, argv: list[str]) -> Path | None:
     analysis = {"spread_max_over_min_median": spreads, "command": ["frequency_analysis.py", *argv]}
     (out / "analysis.json").write_text(json.dumps(analysis, indent=2) + "\n")
     dim = dct.settings["subspace_dims"]
-    title = f"{_describe(dct)}: DCT vs {kind} subspaces of dimension {dim}"
+    title = f"{describe_settings(dct.settings)}: DCT vs {kind} subspaces of dimension {dim}"
     save_figure(plot_dct_vs_random({title: (dct.margins, ctl.margins)}), out / "dct_vs_random.png")
     print(f"max/min of per-subspace median margins: DCT {spreads['dct']:.3g}, {kind} {spreads[kind]:.3g}")
     return out
@@ -187,7 +189,7 @@ def run_heatmap(args: argparse.Namespace, argv: list[str]) -> Path:
                 "checkpoint": str(Path(args.checkpoint).resolve()), "checkpoint_sha256": loaded.sha256,
                 "seed": args.seed, "num_samples": len(indices), "indices": indices.tolist(), "device": str(device),
                 "torch_version": torch.__version__}  # fmt: skip
-    title = f"{loaded.hparams['net']} on {_data_name(dm.name, dm.hparams.transform)}, {len(indices)} samples"
+    title = describe_run(loaded.hparams["net"], dm.name, dm.hparams.transform)
     _heatmap_report(heat, out, title, settings)
     print(f"heat map: error rate from {np.nanmin(heat.error):.3f} to {np.nanmax(heat.error):.3f} (eps {args.eps})")
     return out
@@ -221,15 +223,6 @@ def _default_folder(args: argparse.Namespace, command: str, loaded=None) -> Path
     )
 
 
-def _describe(report: MarginReport) -> str:
-    s = report.settings
-    return f"{s['model']['net']} on {_data_name(s['dataset'], s['transform'])}, {s['num_samples']} samples"
-
-
-def _data_name(dataset: str, transform: str) -> str:
-    return dataset if transform == "none" else f"{dataset} ({transform})"
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     warnings.filterwarnings("ignore", message=r".*(LeafSpec|does not have many workers).*")
@@ -243,8 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         if out is not None:  # rank 0 (ranks > 0 of map2d / random return None)
             print(f"time: {time.perf_counter() - start:.1f} s; results: {out.resolve()}")
     except InputError as err:  # anything else is a bug: its traceback is shown
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+        return input_error(err)
     return 0
 
 

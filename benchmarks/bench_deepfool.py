@@ -11,9 +11,10 @@ Lines per case (float32; CUDA when present):
 - `floor`: the same model forward and input-gradient passes, at the same batch sizes as the engine's run (its
   `PassStats.passes`), run outside the engine on the plain model: what any batched implementation of the release's
   algorithm pays for its passes alone. "/floor" divides a line's time by it.
-- `baseline` (--baseline DIR): the engine of the checkout DIR, timed in a fresh process (`benchmarks/engine_timer.py`)
-  on the same model and inputs; with --subprocess-memory, this checkout's engine too, in fresh processes with glibc's
-  default malloc and with `keep_freed_memory` (ResNet-50's case).
+- `baseline (subprocess)` (--baseline DIR): the engine of the checkout DIR, timed in a fresh process
+  (`benchmarks/engine_timer.py`) on the same model and inputs, beside `engine (subprocess)`, this checkout's engine
+  timed the same way. --subprocess-memory: fresh processes with `keep_freed_memory` (glibc keeps freed memory) and
+  with glibc's default malloc, to measure what keeping freed memory buys (ResNet-50's case).
 Cases: LeNet briefly trained on real MNIST, 100 samples x 21 DCT subspaces (8x8, step 1); ResNet-18-MNIST
 (BatchNorm, briefly trained) 20 x 21; full space, LeNet, 1000 samples (with foolbox's batched L2DeepFool when
 installed); ResNet-50 at 224x224, random weights, 2 x 14 subspaces (16x16, step 16). Times are CPU seconds of the
@@ -248,11 +249,14 @@ def run_case(title: str, model, x, family, family_spec: list, args, with_loop: b
 
 def subprocess_variants(args) -> list[tuple[str, Path, bool]]:
     out = []
-    if args.baseline:
+    if args.baseline:  # both engines in fresh processes, the same way
+        out.append(("engine (subprocess)", REPO, args.subprocess_memory))
         out.append(("baseline (subprocess)", Path(args.baseline).resolve(), args.subprocess_memory))
-    if args.subprocess_memory:
-        out += [("engine, glibc malloc (subprocess)", REPO, False), ("engine, kept memory (subprocess)", REPO, True)]
-        if args.baseline:
+    if args.subprocess_memory:  # with --baseline, kept memory is the setting of the two lines above
+        out.append(("engine, glibc malloc (subprocess)", REPO, False))
+        if not args.baseline:
+            out.append(("engine, kept memory (subprocess)", REPO, True))
+        else:
             out.append(("baseline, glibc malloc (subprocess)", Path(args.baseline).resolve(), False))
     return out
 
@@ -302,6 +306,7 @@ def main() -> None:
         help="also time the engine in fresh processes with glibc's malloc and with keep_freed_memory",
     )
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--ablations", help="comma-separated kernels to switch off one at a time (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device, cases = torch.device(args.device), set(args.cases.split(","))
@@ -328,10 +333,11 @@ def main() -> None:
         resnet50 = NormalizedModel(norm, build_model("resnet50")).to(device).eval()
         x = torch.rand(1 if args.quick else 2, 3, 224, 224, device=device)
         family = DCTBlockSubspaces((3, 224, 224), block=16, step=16)
-        kernels = ["fold_batchnorm", "fast_maxpool", "pool_then_relu", "native_stem_grad"]  # those that apply
+        kernels = ["fold_batchnorm", "fast_maxpool", "pool_then_relu", "native_stem_grad", "channels_last_body"]
         args.repeats = 1 if not args.quick else args.repeats
+        chosen = args.ablations.split(",") if args.ablations else kernels
         run_case("ResNet-50 random weights, 224x224", resnet50, x, family, ["dct", (3, 224, 224), 16, 16], args,
-                 False, kernels)  # fmt: skip
+                 False, chosen)  # fmt: skip
 
 
 if __name__ == "__main__":

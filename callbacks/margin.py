@@ -20,7 +20,6 @@ TensorBoard view (rank 0, the first TensorBoardLogger of the trainer), all at th
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +32,19 @@ from frequency import DCTBlockSubspaces
 from margins import figure_to_array, plot_margins, select_indices, write_report
 from margins.chunks import ChunkStore
 from margins.evaluate import make_job, state_sha256
+from margins.guard import Watchdog, remove_markers
 from margins.plot import plot_margin_evolution
 from margins.sharding import chunk_ranges, shard_range
-from margins.work import CHUNK_DIR, AttackSettings, ChunkWork, MarginJob, RunSettings, merge_chunks, record_device
+from margins.work import (
+    CHUNK_DIR,
+    AttackSettings,
+    ChunkWork,
+    MarginJob,
+    RunSettings,
+    merge_chunks,
+    record_device,
+    wait_for_chunks,
+)
 
 MARGIN_LAYOUT = {
     "margin": {
@@ -176,21 +185,23 @@ class MarginCallback(L.Callback):
         chunks = chunk_ranges(len(job.indices) * len(job.subspaces), self.attack.chunk_rows)
         run = RunSettings(threads=self.threads, progress=self.progress and trainer.is_global_zero)
         work = ChunkWork(job, self.attack, run, store, chunks)
-        start = time.perf_counter()
-        with torch.inference_mode(False), work.process(device):
+        rank = trainer.global_rank
+        with torch.inference_mode(False), work.process(device), Watchdog(store.root, rank, trainer.world_size) as dog:
             pending = trainer.strategy.broadcast(self._pending(work) if trainer.is_global_zero else None, src=0)
-            mine = [pending[i] for i in shard_range(len(pending), trainer.global_rank, trainer.world_size)]
+            mine = [pending[i] for i in shard_range(len(pending), rank, trainer.world_size)]
             if trainer.is_global_zero:
                 work.start_progress(pending, f"margins {run_name}")
             try:
                 for batch in work.loader(mine, device):
-                    work.commit(work.attack(batch, device), trainer.global_rank, sigterm=False)
+                    work.commit(work.attack(batch, device), rank)
             finally:
                 work.close_progress()
-        trainer.strategy.barrier("margins-merge")
-        if not trainer.is_global_zero:
-            return None
-        report = merge_chunks(job, store, chunks, time.perf_counter() - start)
+            dog.done()
+            if not trainer.is_global_zero:
+                return None  # no collective: this rank goes on training, rank 0 merges what every rank committed
+            wait_for_chunks(store, chunks, work.fingerprint)
+        remove_markers(store.root)
+        report = merge_chunks(job, store, chunks)
         if epoch is not None:
             self.history[epoch] = np.median(report.margins, axis=1).tolist()
         write_report(out_dir, report, title=job.title)

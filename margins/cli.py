@@ -18,6 +18,7 @@ from typing import Any
 
 from common.errors import InputError
 from datamodules import DATASETS, TRANSFORMS
+from margins.guard import EXIT_BAD_INPUT, STOPPED, env_rank
 from margins.inputs import ModelSource
 from margins.work import DTYPES, AttackSettings, RunSettings
 from models import MODEL_NAMES
@@ -121,3 +122,11 @@ def devices(value: str | None) -> int | str | None:
         return int(value)
     except ValueError:
         raise InputError(f"--devices {value!r} is not a number, a list like 0,1 or 'auto'") from None
+
+
+def input_error(err: InputError) -> int:
+    """Print `error: ...` for a user's error (one line, on the main process; another rank prints it only when it
+    could not hand it to the main process through the run's stop file) and return the exit status 2."""
+    if env_rank() == 0 or not STOPPED:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+    return EXIT_BAD_INPUT

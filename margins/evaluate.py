@@ -10,9 +10,10 @@ command resumes from the committed chunks.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-import threading
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,16 @@ from common.errors import InputError
 from common.memory import keep_freed_memory
 from frequency.subspaces import FullSpace, SubspaceFamily
 from margins.chunks import ChunkStore
+from margins.guard import (
+    EXIT_BAD_INPUT,
+    EXIT_BUG,
+    FolderLock,
+    Watchdog,
+    disk_full,
+    disk_full_error,
+    env_rank,
+    remove_markers,
+)
 from margins.inputs import (
     ModelSource,
     SubspaceSpec,
@@ -40,10 +51,19 @@ from margins.inputs import (
     tensor_bytes,
 )
 from margins.measure import gather_samples
-from margins.predict import device_type, global_rank, make_trainer, predict_chunks
-from margins.results import SUMMARY_FILE, MarginReport, json_safe, write_report
+from margins.predict import device_type, make_trainer, predict_chunks
+from margins.results import SUMMARY_FILE, MarginReport, json_safe, remove_stale_tmp_dirs, write_report
 from margins.sharding import chunk_ranges
-from margins.work import CHUNK_DIR, AttackSettings, ChunkWork, MarginJob, RunSettings, merge_chunks, record_device
+from margins.work import (
+    CHUNK_DIR,
+    AttackSettings,
+    ChunkWork,
+    MarginJob,
+    RunSettings,
+    merge_chunks,
+    record_device,
+    wait_for_chunks,
+)
 
 # settings that do not change a row's bits: left out of the fingerprint a resume must match
 _VOLATILE = {"command", "checkpoint", "data_dir", "indices_file", "torch_version", "data", "source", "bases"}
@@ -83,8 +103,12 @@ def evaluate_margins(
     `title` heads the figure (default: model, dataset and transform). Raises InputError on bad input, naming the
     parameter.
     """
+    started = time.perf_counter()
     attack, run = attack or AttackSettings(), run or RunSettings()
     attack.check()
+    run.check()
+    if seed < 0:
+        raise InputError(f"seed must be >= 0 (--seed), got {seed}")
     if not isinstance(subspace, SubspaceSpec):
         subspace = SubspaceSpec(subspace, subspace_dim, subspace_step)
     if checkpoint is not None:
@@ -107,6 +131,7 @@ def evaluate_margins(
         if indices is None and indices_file is not None and dataset is not None:
             indices = choose_indices(num_samples, seed, str(indices_file), len(dataset), "given dataset")
         job = job_from_model(model, dataset, subspaces, indices, num_samples, seed, output_dir, attack, title)
+    job.started = started
     return run_job(job, attack, run)
 
 
@@ -238,30 +263,75 @@ def state_sha256(model: nn.Module) -> str:
 # ---- the run -----------------------------------------------------------------------------------------------
 def run_job(job: MarginJob, attack: AttackSettings, run: RunSettings) -> tuple[MarginReport | None, Path]:
     """Check the folder, attack the pending chunks on every rank through Lightning's `Trainer.predict`, merge on
-    rank 0."""
-    start = time.perf_counter()  # `seconds` of the report: from here to the merge
+    rank 0. The main process holds the folder's lock (`guard.FolderLock`); every process runs a watchdog
+    (`guard.Watchdog`), so an error, a signal or a lost process on any rank ends them all within seconds. A folder
+    this call created is removed again when the run fails before committing anything."""
     trainer = make_trainer(run, job.output_dir)  # bad devices etc.: an error before anything is written
-    kind = device_type(trainer)
-    check_output_dir(job, run.overwrite)
-    record_device(job, kind, run.threads)
+    record_device(job, device_type(trainer), run.threads)
     # speed only, so not in the fingerprint; recorded as it took effect (glibc only), applied in every process
     job.settings["keep_freed_memory"] = run.keep_freed_memory and keep_freed_memory()
+    check_output_dir(job, run.overwrite)
+    rank, created = env_rank(), not job.output_dir.exists()
+    try:
+        with FolderLock(job.output_dir) if rank == 0 else contextlib.nullcontext():
+            return _run_locked(job, attack, run, trainer, rank)
+    except BaseException:
+        if created and rank == 0:
+            remove_if_unused(job.output_dir)
+        raise
+
+
+def _run_locked(
+    job: MarginJob, attack: AttackSettings, run: RunSettings, trainer, rank: int
+) -> tuple[MarginReport | None, Path]:
     store = ChunkStore(job.output_dir / CHUNK_DIR)
     if not run.overwrite:
         store.check_compatible(job.fingerprint)
+    if rank == 0:  # under the lock no other run writes here: what a killed writer left goes
+        remove_stale_tmp_dirs(job.output_dir, older_than=0.0)
     chunks = chunk_ranges(len(job.indices) * len(job.subspaces), attack.chunk_rows)
-    done = store.scan(len(chunks)) if not run.overwrite else None
-    if done is None or done.problems or len(done.committed) < len(chunks):
-        predict_chunks(trainer, ChunkWork(job, attack, run, store, chunks))
-    if global_rank(trainer) != 0:
-        return None, job.output_dir
-    report = merge_chunks(job, store, chunks, time.perf_counter() - start)
-    write_report(job.output_dir, report, figure=job.figure, title=job.title)
+    work = ChunkWork(job, attack, run, store, chunks)
+    with Watchdog(store.root, rank, trainer.world_size) as watchdog:
+        try:
+            done = store.scan(chunks, work.fingerprint) if not run.overwrite else None
+            if done is None or done.problems or len(done.committed) < len(chunks):
+                predict_chunks(trainer, work, watchdog)
+            watchdog.done()
+            if rank != 0:
+                return None, job.output_dir
+            wait_for_chunks(store, chunks, work.fingerprint)
+            report = merge_chunks(job, store, chunks)
+            _write(job, report, work)
+        except InputError as err:
+            watchdog.write_stop(EXIT_BAD_INPUT, f"error: {' '.join(str(err).split())}")
+            raise
+        except BaseException as err:
+            watchdog.write_stop(EXIT_BUG, f"rank {rank} failed: {type(err).__name__}: {' '.join(str(err).split())}")
+            raise
+    remove_markers(store.root)
     return report, job.output_dir
 
 
+def _write(job: MarginJob, report: MarginReport, work: ChunkWork) -> None:
+    try:
+        write_report(job.output_dir, report, figure=job.figure, title=job.title)
+    except OSError as err:
+        if disk_full(err):
+            raise disk_full_error(job.output_dir, work.bytes_needed()) from err
+        raise
+
+
+def remove_if_unused(folder: Path) -> None:
+    """Remove a result folder that holds no committed chunk and no result (what a failed start leaves)."""
+    chunks = folder / CHUNK_DIR
+    if (folder / SUMMARY_FILE).exists() or any(chunks.glob("chunk-*.npz")):
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def check_output_dir(job: MarginJob, overwrite: bool) -> None:
-    """Read-only checks every process makes: a directory we can write, no finished evaluation to overwrite."""
+    """Read-only checks every process makes, before anything is written: a folder (not a file) under a writable
+    parent, no finished evaluation in it unless `overwrite`."""
     folder = job.output_dir
     if folder.exists() and not folder.is_dir():
         raise InputError(f"output folder {folder} exists and is not a directory; choose another output folder")
@@ -270,10 +340,6 @@ def check_output_dir(job: MarginJob, overwrite: bool) -> None:
             f"{folder.resolve()} already holds a finished evaluation ({SUMMARY_FILE}); overwrite it (overwrite=True, "
             "--overwrite) or choose another output folder"
         )
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-probe-{os.getpid()}-{threading.get_ident()}"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as err:
-        raise InputError(f"cannot write to the output folder {folder}: {err.strerror or err}") from err
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write to the output folder {folder}: {existing} is not writable")

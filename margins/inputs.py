@@ -115,7 +115,8 @@ def margin_dataset(dm: FrequencyDataModule, data_dir_from_checkpoint: bool) -> A
 
 
 def choose_indices(num_samples: int, seed: int, indices_file: str | None, size: int, name: str) -> np.ndarray:
-    """int64 [N] dataset indices: the file's (in order) or `num_samples` drawn with `seed` (sorted)."""
+    """int64 [N] dataset indices: the file's (in order) or `num_samples` drawn with `seed` (sorted). Errors name
+    the parameter and its flag: `num_samples=500 (--num-samples) is not in [1, 100]`."""
     if indices_file is not None:
         try:
             return load_indices(indices_file, size)
@@ -123,8 +124,7 @@ def choose_indices(num_samples: int, seed: int, indices_file: str | None, size: 
             raise InputError(" ".join(str(err).split())) from err
     if not 0 < num_samples <= size:
         raise InputError(
-            f"--num-samples {num_samples} is not in [1, {size}]: the {name} test split has {size} samples; "
-            f"pass --num-samples <= {size}"
+            f"num_samples={num_samples} (--num-samples) is not in [1, {size}]: the {name} test split has {size} samples"
         )
     return select_indices(size, num_samples, seed)
 
@@ -153,20 +153,26 @@ def make_subspaces(spec: SubspaceSpec, dm: FrequencyDataModule) -> SubspaceFamil
     """The family `spec` names for the images of `dm` (defaults per dataset); InputError on bad settings."""
     shape = tuple(dm.image_shape)
     if spec.kind not in FAMILY_KINDS:
-        raise InputError(f"unknown subspace kind {spec.kind!r}; choose one of {', '.join(FAMILY_KINDS)}")
+        raise InputError(
+            f"unknown subspace kind {spec.kind!r} for subspace (--subspace); choose one of {', '.join(FAMILY_KINDS)}"
+        )
     if spec.kind in ("full", "basis") and (spec.dim is not None or spec.step is not None):
-        raise InputError(f"--subspace-dim/--subspace-step do not apply to {spec.kind} subspaces; drop them")
+        raise InputError(
+            f"subspace_dim/subspace_step (--subspace-dim/--subspace-step) do not apply to {spec.kind} subspaces; "
+            "leave them unset"
+        )
     block = dm.subspace_block if spec.dim is None else spec.dim
     step = spec.step if spec.step is not None else (max(1, block // 2) if spec.kind == "grid" else dm.subspace_step)
     side = min(shape[1:])
     if spec.kind not in ("full", "basis") and not 1 <= block <= side:
         raise InputError(
-            f"--subspace-dim {block} does not fit the {shape[1]}x{shape[2]} images of {dm.name}: use 1..{side}"
+            f"subspace_dim={block} (--subspace-dim) does not fit the {shape[1]}x{shape[2]} images of {dm.name}: use "
+            f"1..{side}"
         )
     if step < 1:
-        raise InputError(f"--subspace-step must be >= 1, got {step}")
+        raise InputError(f"subspace_step={step} (--subspace-step) must be >= 1")
     if spec.count is not None and spec.count < 1:
-        raise InputError(f"the number of random subspaces must be >= 1, got {spec.count}")
+        raise InputError(f"count={spec.count} (--count): the number of random subspaces must be >= 1")
     return build_subspace_family(
         spec.kind, shape, block, step, count=spec.count, seed=spec.seed, method=spec.method, bases=spec.bases or None
     )

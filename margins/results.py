@@ -221,11 +221,14 @@ def _read_summary(output_dir: Path) -> dict:
 
 
 def _figure_arguments(report: MarginReport, margins: np.ndarray, converged: np.ndarray, title: str) -> dict:
-    """`plot_margins` arguments: misclassified samples marked when the labels are known, the sample count shown."""
+    """`plot_margins` arguments: misclassified samples marked when the labels are known; the title names the run
+    (default: model, dataset and transform of `report.settings`), the subtitle the sample and subspace counts."""
+    from margins.plot import describe_settings
+
     known = report.predicted is not None and report.targets is not None
     wrong = np.asarray(report.predicted) != np.asarray(report.targets) if known else None
-    subtitle = f"{margins.shape[1]} samples x {margins.shape[0]} subspaces"
-    return {"margins": margins, "converged": converged, "title": title, "misclassified": wrong, "subtitle": subtitle}
+    title = title or describe_settings(report.settings)
+    return {"margins": margins, "converged": converged, "title": title, "misclassified": wrong}
 
 
 def _write_set(tmp: Path, arrays: dict[str, np.ndarray], payload: dict, figure: dict | None) -> list[str]:

@@ -12,6 +12,7 @@ resumes from its committed chunks.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 import threading
 import time
@@ -31,14 +32,15 @@ from attacks.kernels import KERNELS, PreparedModel
 from common.errors import InputError
 from common.memory import keep_freed_memory
 from frequency.subspaces import SubspaceFamily
-from margins.chunks import ChunkStore
+from margins.chunks import ChunkStore, fingerprint_digest
+from margins.guard import disk_full, disk_full_error
 from margins.measure import gather_samples
 from margins.results import OPTIONAL_FILES, RESULT_FILES, MarginReport, json_safe, remove_stale_tmp_dirs
 from margins.sharding import row_grid
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 CHUNK_DIR = "chunks"
-STOP_MESSAGE = "SIGTERM: stopping; committed chunks are kept, run the same command to resume"
+BYTES_PER_ROW = 64  # a committed chunk's bytes per row, about (arrays, npz and journal overhead included)
 
 
 @dataclass
@@ -98,6 +100,15 @@ class RunSettings:
     threads: int = 1
     keep_freed_memory: bool = False
 
+    def check(self) -> None:
+        """InputError naming the parameter (and its flag) when a setting is out of range."""
+        if self.num_workers < 0:
+            raise InputError(f"num_workers (--num-workers) must be >= 0, got {self.num_workers}")
+        if self.threads < 1:
+            raise InputError(f"threads (--threads) must be >= 1, got {self.threads}")
+        if self.num_nodes is not None and self.num_nodes < 1:
+            raise InputError(f"num_nodes (--num-nodes) must be >= 1, got {self.num_nodes}")
+
 
 @dataclass
 class MarginJob:
@@ -112,6 +123,7 @@ class MarginJob:
     fingerprint: dict[str, Any]  # the settings a resume must share
     title: str
     figure: bool = True  # the paper's plot in the result folder (not for 2-D grids)
+    started: float = dataclasses.field(default_factory=time.perf_counter)  # `seconds` of the report count from here
 
 
 class ChunkDataset(Dataset):
@@ -150,6 +162,7 @@ class ChunkWork:
         self, job: MarginJob, attack: AttackSettings, run: RunSettings, store: ChunkStore, chunks: list[range]
     ):
         self.job, self.attack_settings, self.run, self.store, self.chunks = job, attack, run, store, chunks
+        self.fingerprint = fingerprint_digest(job.fingerprint)  # every committed chunk carries it
         self.engine = attack.engine()
         self.prepared: PreparedModel | None = None
         self.progress: _Progress | None = None
@@ -185,9 +198,9 @@ class ChunkWork:
         manifest = {"fingerprint": job.fingerprint, "settings": job.settings, "num_chunks": len(self.chunks)}
         store.initialise(json_safe(manifest, "manifest"))
         remove_stale_tmp_dirs(job.output_dir, older_than=0.0)
-        scan = store.scan(len(self.chunks))
-        for problem in scan.problems:
-            print(f"warning: {problem}", file=sys.stderr)
+        scan = store.scan(self.chunks, self.fingerprint)
+        for line in scan.warnings():
+            print(f"warning: {line}", file=sys.stderr)
         return [c for c in range(len(self.chunks)) if c not in scan.committed]
 
     def start_progress(self, pending: list[int], description: str = "margins (sample, subspace) rows") -> None:
@@ -237,16 +250,23 @@ class ChunkWork:
         }
         return {"chunk": int(batch["chunk"]), "arrays": arrays, "seconds": time.perf_counter() - start}
 
-    def commit(
-        self, prediction: dict[str, Any] | None, rank: int, sigterm: bool, stop: type[BaseException] = SystemExit
-    ) -> None:
-        """Commit an attacked chunk (atomic file + journal line); after a SIGTERM stop at this chunk boundary:
-        the message, then `stop` is raised."""
-        if prediction is not None:
-            self.store.commit(prediction["chunk"], prediction["arrays"], rank, seconds=prediction["seconds"])
-        if sigterm:
-            print(STOP_MESSAGE, file=sys.stderr)
-            raise stop
+    def commit(self, prediction: dict[str, Any] | None, rank: int) -> None:
+        """Commit an attacked chunk (atomic file + journal line); a full disk is an InputError naming the folder
+        and the space the run still needs."""
+        if prediction is None:
+            return
+        try:
+            self.store.commit(prediction["chunk"], prediction["arrays"], rank, self.fingerprint, prediction["seconds"])
+        except OSError as err:
+            if disk_full(err):
+                raise disk_full_error(self.store.root, self.bytes_needed()) from err
+            raise
+
+    def bytes_needed(self) -> int:
+        """About how many bytes the run still writes: its uncommitted chunks and the result files."""
+        pending = [c for c in range(len(self.chunks)) if not (self.store.root / self.store.chunk_name(c)).is_file()]
+        rows = self.chunks[-1].stop if self.chunks else 0
+        return BYTES_PER_ROW * (sum(len(self.chunks[c]) for c in pending) + rows) + 2**20
 
 
 class _Progress:
@@ -308,18 +328,28 @@ def summary_extra(
     }
 
 
-def merge_chunks(job: MarginJob, store: ChunkStore, chunks: list[range], seconds: float) -> MarginReport:
-    """Rank 0: every committed chunk into `[S, N]` arrays (float32 margins) and the report."""
+def wait_for_chunks(store: ChunkStore, chunks: list[range], fingerprint: str, poll: float = 0.5) -> None:
+    """Rank 0, its own share done: wait until every chunk is committed by some rank (the other ranks' progress is
+    read from their journals; the watchdog ends the process if a rank is lost or the run stops)."""
+    while len(set(store.listed()) & set(range(len(chunks)))) < len(chunks):
+        time.sleep(poll)
+    scan = store.scan(chunks, fingerprint)
+    if len(scan.committed) < len(chunks):
+        raise RuntimeError(f"chunks of {store.root} failed their check after the run: {'; '.join(scan.warnings())}")
+
+
+def merge_chunks(job: MarginJob, store: ChunkStore, chunks: list[range]) -> MarginReport:
+    """Rank 0: every committed chunk into `[S, N]` arrays (float32 margins) and the report; its `seconds` count
+    from the job's start (loading included) to now."""
     num_subspaces, num_samples = len(job.subspaces), len(job.indices)
     grid = (num_samples, num_subspaces)  # sample-major rows
     margins = np.zeros(grid, np.float32)
     converged = np.zeros(grid, bool)
     iterations, perturbed = np.zeros(grid, np.int64), np.zeros(grid, np.int64)
     predicted, targets = np.zeros(num_samples, np.int64), np.zeros(num_samples, np.int64)
+    fingerprint = fingerprint_digest(job.fingerprint)
     for c, rows in enumerate(chunks):
-        data = store.load(c)
-        if tuple(data["rows"]) != (rows.start, rows.stop):
-            raise RuntimeError(f"chunk {c} holds rows {tuple(data['rows'])}, expected {(rows.start, rows.stop)}")
+        data = store.load(c, rows, fingerprint)
         sl = slice(rows.start, rows.stop)
         margins.reshape(-1)[sl] = data["margins"].astype(np.float32)
         converged.reshape(-1)[sl], iterations.reshape(-1)[sl] = data["converged"], data["iterations"]
@@ -338,7 +368,7 @@ def merge_chunks(job: MarginJob, store: ChunkStore, chunks: list[range], seconds
         predicted=predicted,
         targets=targets,
         extra={
-            **summary_extra(iterations, predicted, targets, seconds),
+            **summary_extra(iterations, predicted, targets, time.perf_counter() - job.started),
             "num_chunks": len(chunks),
             "engine_seconds": store.engine_seconds(len(chunks)),
         },

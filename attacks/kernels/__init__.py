@@ -14,6 +14,9 @@ rounding; `KERNELS`):
 - `unroll_small_convs`: convolutions over maps no larger than their kernel as one matmul (`convolutions.py`).
 - `stem_projection`: gradients stopped at the first convolution and mapped to subspace coordinates by one matmul
   per subspace (`stem.py`, `graph.py: split_stem`).
+- `channels_last_body`: convolutions reading at least `CHANNELS_LAST_BODY` channels keep their weights in
+  channels-last layout, so they and what follows them run on channels-last maps (oneDNN's faster kernels there for
+  deep networks such as ResNet-50), while the image stem stays channels-first.
 
 On CUDA (and any device but the CPU) `auto` applies none: the model runs as written. `kernels="off"` applies none
 anywhere; a collection of names applies those (CPU only; for ablations).
@@ -29,7 +32,7 @@ from torch import nn
 
 from attacks.kernels.convolutions import STEM_CHANNELS, patch_convolutions
 from attacks.kernels.graph import StemSplit, count_batchnorms, fold_batchnorms, rewrite_max_pools, split_stem, trace
-from attacks.kernels.stem import StemProjection
+from attacks.kernels.stem import MAX_OUT_CHANNELS, StemProjection
 from frequency.subspaces import SubspaceFamily
 
 KERNELS = (
@@ -39,7 +42,9 @@ KERNELS = (
     "native_stem_grad",
     "unroll_small_convs",
     "stem_projection",
+    "channels_last_body",
 )
+CHANNELS_LAST_BODY = 16  # convolutions reading at least this many channels run channels-last (channels_last_body)
 _GRAPH_KERNELS = {"fold_batchnorm", "fast_maxpool", "pool_then_relu", "stem_projection"}
 
 
@@ -135,8 +140,20 @@ def prepare_model(
     applied |= {"unroll_small_convs"} & names if convs else set()
     if graph is not None and "stem_projection" in names:
         stem = split_stem(graph)
-        applied |= {"stem_projection"} if stem is not None else set()
+        narrow = stem is not None and stem.conv.out_channels <= MAX_OUT_CHANNELS and device.type == "cpu"
+        applied |= {"stem_projection"} if narrow else set()
+    if "channels_last_body" in names and _channels_last_body(work):
+        applied.add("channels_last_body")
     return PreparedModel(work, device, dtype, frozenset(applied), stem)
+
+
+def _channels_last_body(model: nn.Module) -> int:
+    """Channels-last weights for the convolutions reading at least `CHANNELS_LAST_BODY` channels (a convolution's
+    output takes its weight's layout, so the maps after them are channels-last too); returns how many."""
+    body = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.in_channels >= CHANNELS_LAST_BODY]
+    for conv in body:
+        conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last)
+    return len(body)
 
 
 def _model_device(model: nn.Module) -> torch.device:
