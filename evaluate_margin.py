@@ -82,7 +82,9 @@ def print_summary(report: MarginReport, folder: Path) -> None:
     print(f"not converged: {stats['num_not_converged_total']} of {report.margins.size} (subspace, sample) pairs")
     total = len(report.targets)
     print(f"clean accuracy on these samples: {100.0 * correct / total:.1f}% ({correct}/{total})")
-    print(f"time: {report.extra['seconds']:.1f} s on {s['device_type']} ({s['dtype']})")
+    engine, seconds = report.extra["engine_seconds"], report.extra["seconds"]
+    print(f"time: {engine:.1f} s in the engine over all runs into this folder ({seconds:.1f} s this run, "
+          f"{s['device_type']}, {s['dtype']})")  # fmt: skip
     print(f"results: {folder.resolve()}")
 
 

@@ -10,9 +10,11 @@ network; checkpoints keep both the model's and the datamodule's hyperparameters 
 
 from __future__ import annotations
 
+import shutil
 import sys
 from pathlib import Path
 
+import lightning as L
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
@@ -22,6 +24,24 @@ from datamodules import FrequencyDataModule
 from lightning_modules import ClassifierModule
 
 ROOT_DIR = "${trainer.default_root_dir}"  # logger save_dir placeholder, replaced by the run's default_root_dir
+
+
+class RunFolder(L.Callback):
+    """The version folder this process reserved, and whether a stage ever started in it: a run that fails before
+    (a missing data directory, a bad setting) leaves no empty folder for TensorBoard to list (`remove_if_unused`)."""
+
+    reserved: Path | None = None
+    started = False
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        RunFolder.started = True
+
+    on_validation_start = on_test_start = on_predict_start = on_fit_start
+
+    @classmethod
+    def remove_if_unused(cls) -> None:
+        if cls.reserved is not None and not cls.started and not any(cls.reserved.rglob("*.ckpt")):
+            shutil.rmtree(cls.reserved, ignore_errors=True)
 
 
 def reserve_version(folder: Path) -> int:
@@ -57,7 +77,9 @@ class HoldMeTightCLI(LightningCLI):
         init.save_dir = init.save_dir.replace(ROOT_DIR, str(config.trainer.default_root_dir))
         versioned = logger.class_path.endswith(("TensorBoardLogger", "CSVLogger")) and init.get("version") is None
         if self.subcommand and versioned and rank_zero_only.rank == 0:
-            init.version = reserve_version(Path(init.save_dir, init.get("name") or "").expanduser())
+            folder = Path(init.save_dir, init.get("name") or "").expanduser()
+            init.version = reserve_version(folder)
+            RunFolder.reserved = folder / f"version_{init.version}"
 
 
 def main(args: list[str] | None = None, run: bool = True) -> HoldMeTightCLI:
@@ -69,6 +91,8 @@ def main(args: list[str] | None = None, run: bool = True) -> HoldMeTightCLI:
         subclass_mode_data=True,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
+        parser_kwargs={"allow_abbrev": False},  # `--margin.num_sample` is a typo, not `num_samples`
+        trainer_defaults={"callbacks": [RunFolder()]},
         args=args,
         run=run,
     )
@@ -80,8 +104,12 @@ def cli() -> int:
     try:
         main()
     except InputError as err:
+        RunFolder.remove_if_unused()
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+    except BaseException:
+        RunFolder.remove_if_unused()
+        raise
     return 0
 
 

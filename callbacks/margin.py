@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from common.errors import InputError
 from frequency import DCTBlockSubspaces
 from margins import figure_to_array, plot_margins, select_indices, write_report
 from margins.chunks import ChunkStore
@@ -103,8 +104,10 @@ class MarginCallback(L.Callback):
         progress: bool = True,
         enabled: bool = True,
     ):
-        if every_n_epochs < 1 or num_samples < 1 or band_width < 1 or threads < 1:
-            raise ValueError("every_n_epochs, num_samples, band_width and threads must be >= 1")
+        for name, value in (("num_samples", num_samples), ("every_n_epochs", every_n_epochs),
+                            ("band_width", band_width), ("threads", threads)):  # fmt: skip
+            if value < 1:
+                raise InputError(f"margin.{name} must be >= 1, got {value} (--margin.{name})")
         self.num_samples, self.seed, self.every_n_epochs, self.on_test = num_samples, seed, every_n_epochs, on_test
         self.measure_at_fit_end, self.band_width = measure_at_fit_end, band_width
         self.subspace_dim, self.subspace_step = subspace_dim, subspace_step

@@ -289,6 +289,8 @@ def _run_locked(
         store.check_compatible(job.fingerprint)
     if rank == 0:  # under the lock no other run writes here: what a killed writer left goes
         remove_stale_tmp_dirs(job.output_dir, older_than=0.0)
+        if "LOCAL_RANK" not in os.environ and "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
+            remove_markers(store.root)  # the other ranks, if any, are not started yet
     chunks = chunk_ranges(len(job.indices) * len(job.subspaces), attack.chunk_rows)
     work = ChunkWork(job, attack, run, store, chunks)
     with Watchdog(store.root, rank, trainer.world_size) as watchdog:

@@ -10,8 +10,9 @@ and, on the main process, one line saying which rank and why. So a signal to one
 or a full disk found on any rank ends every process within seconds (`PEER_TIMEOUT` for a rank that vanished without
 a word), and the exit code says what happened (`EXIT_CODES`). Committed chunks are kept: the same command resumes.
 
-A stop file counts when it was written after this process started (an earlier run's is ignored); heartbeats are
-compared on the folder's own filesystem clock (file modification times), so ranks on several nodes agree. Where this
+A stop file counts for the run that wrote it (`run_id`: shared by the ranks of one launch, new for the next);
+heartbeats count when written after this process started, and are compared on the folder's own filesystem clock
+(file modification times), so ranks on several nodes agree. Where this
 process started the others itself (Lightning's launcher for `--devices 2`), it also watches them directly and
 names a child that died (`watch_children`). `FolderLock` keeps a second run out of a folder in use (fcntl; a dead
 holder's lock is released by the kernel).
@@ -30,6 +31,7 @@ import socket
 import sys
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +53,9 @@ PEER_TIMEOUT = 60.0  # a peer silent this long is lost
 START_TIMEOUT = 600.0  # a peer that never started within this time is lost (imports, data, rendezvous)
 LOCK_WAIT = 30.0  # seconds a run waits for a folder another run holds
 STOP_FILE, LOCK_FILE = ".stop", ".lock"
+RESUME = "committed chunks are kept; run the same command to resume"
 _CHILDREN: list = []  # the subprocess.Popen of the ranks this process started (watch_children)
-STOPPED: list[int] = []  # the exit code, once this process wrote the stop file (it then ends on its own)
+STOPPED: list[int] = []  # the exit code, once this process wrote the run's stop file (it then ends on its own)
 
 
 class RunStopped(SystemExit):
@@ -73,6 +76,22 @@ def env_rank() -> int:
         local = int(os.environ.get("LOCAL_RANK", 0))
         return int(os.environ.get("NODE_RANK", 0)) * int(os.environ.get("LOCAL_WORLD_SIZE", 1)) + local
     return 0
+
+
+def run_id() -> str:
+    """What the ranks of one launch share and the next launch does not: torchrun's run id and restart count,
+    SLURM's job, step and restart count, else a fresh id this process hands to the ranks it starts (environment
+    variable MARGINS_RUN_ID, inherited by Lightning's launcher's children)."""
+    env = os.environ
+    if "MARGINS_RUN_ID" not in env:
+        if "TORCHELASTIC_RUN_ID" in env:
+            env["MARGINS_RUN_ID"] = f"torchrun-{env['TORCHELASTIC_RUN_ID']}-{env.get('TORCHELASTIC_RESTART_COUNT', 0)}"
+        elif "SLURM_JOB_ID" in env:
+            step, restart = env.get("SLURM_STEP_ID", "-"), env.get("SLURM_RESTART_COUNT", "0")
+            env["MARGINS_RUN_ID"] = f"slurm-{env['SLURM_JOB_ID']}-{step}-{restart}"
+        else:
+            env["MARGINS_RUN_ID"] = uuid.uuid4().hex
+    return env["MARGINS_RUN_ID"]
 
 
 def process_start_time() -> float:
@@ -98,11 +117,13 @@ class Watchdog:
 
     def __init__(self, folder: Path, rank: int, world_size: int, poll: float = 0.5):
         self.folder, self.rank, self.world_size, self.poll = Path(folder), rank, world_size, poll
-        self.start = process_start_time() - 2.0  # files written since (clock slack) belong to this run
+        self.run = run_id()
+        self.start = process_start_time() - 2.0  # heartbeats written since (clock slack) belong to this run
         self._finished = threading.Event()
         self._thread: threading.Thread | None = None
 
     def __enter__(self) -> Watchdog:
+        STOPPED.clear()  # a new run of this process (the Python API may run several)
         self.folder.mkdir(parents=True, exist_ok=True)
         self._touch(f".alive-rank{self.rank}")
         self._thread = threading.Thread(target=self._watch, name=f"margins-watchdog-{self.rank}", daemon=True)
@@ -122,7 +143,7 @@ class Watchdog:
         """The stop file: every other rank ends with `code` within a poll; the caller ends this process (this
         process's watchdog no longer acts)."""
         STOPPED.append(code)
-        record = json.dumps({"code": code, "message": message, "rank": self.rank})
+        record = json.dumps({"code": code, "message": message, "rank": self.rank, "run": self.run})
         tmp = self.folder / f"{STOP_FILE}.tmp-{os.getpid()}"
         try:
             tmp.write_text(record)
@@ -138,7 +159,7 @@ class Watchdog:
             raise RunStopped(*stop)
         code, lost = self._dead_child() or (EXIT_PEER_LOST, self._lost_peer())
         if lost is not None:
-            message = f"{lost}; committed chunks are kept, run the same command to resume"
+            message = f"{lost}; {RESUME}"
             if code == EXIT_BAD_INPUT:
                 message = f"error: {lost} (its message is above)"
             self.write_stop(code, message)
@@ -162,13 +183,14 @@ class Watchdog:
         """The stop file's (code, message) when another rank wrote it during this run."""
         path = self.folder / STOP_FILE
         try:
-            if path.stat().st_mtime < self.start:
-                return None  # left by an earlier run
+            mtime = path.stat().st_mtime
             record = json.loads(path.read_text() or "{}")
         except FileNotFoundError:
             return None
-        except (OSError, json.JSONDecodeError):
-            record = {}
+        except (OSError, json.JSONDecodeError):  # a full disk left it empty: trust it if written since we started
+            record = {} if mtime >= self.start else {"run": None}
+        if record.get("run", self.run) != self.run:
+            return None  # left by an earlier run
         if record.get("rank") == self.rank:
             return None  # written by this process, which ends itself
         code = int(record.get("code", EXIT_BAD_INPUT))
@@ -231,8 +253,8 @@ def end_process(code: int, message: str, rank: int) -> None:
 
 
 def remove_markers(folder: Path) -> None:
-    """After a finished run: the heartbeats, done marks and clock files of its ranks, and a stop file of an earlier
-    (stopped) run."""
+    """Before a run's ranks start, and after a finished run: heartbeats, done marks and clock files, and the stop
+    file of an earlier (stopped) run."""
     for pattern in (".alive-rank*", ".done-rank*", ".clock-rank*", STOP_FILE, f"{STOP_FILE}.tmp-*"):
         for path in Path(folder).glob(pattern):
             with contextlib.suppress(OSError):
@@ -253,7 +275,7 @@ def install_signal_handlers(watchdog: Watchdog, requeue: bool) -> dict:
         requeued = ""
         if signum == signal.SIGUSR1 and requeue and watchdog.rank == 0:
             requeued = " and requeued the job" if _slurm_requeue() else " (requeueing the job failed)"
-        message = f"rank {watchdog.rank} received {name}{requeued}; committed chunks are kept, rerun to resume"
+        message = f"rank {watchdog.rank} received {name}{requeued}; {RESUME}"
         watchdog.write_stop(code, message)
         end_process(code, message, watchdog.rank)
 
