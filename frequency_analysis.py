@@ -166,8 +166,11 @@ def run_random(args: argparse.Namespace, argv: list[str]) -> Path | None:
     analysis = {"spread_max_over_min_median": spreads, "command": ["frequency_analysis.py", *argv]}
     (out / "analysis.json").write_text(json.dumps(analysis, indent=2) + "\n")
     dim = dct.settings["subspace_dims"]
-    title = f"{describe_settings(dct.settings)}: DCT vs {kind} subspaces of dimension {dim}"
-    save_figure(plot_dct_vs_random({title: (dct.margins, ctl.margins)}), out / "dct_vs_random.png")
+    figure = plot_dct_vs_random(
+        {describe_settings(dct.settings): (dct.margins, ctl.margins)},
+        f"DCT blocks vs {kind} subspaces of dimension {dim}",
+    )
+    save_figure(figure, out / "dct_vs_random.png")
     print(f"max/min of per-subspace median margins: DCT {spreads['dct']:.3g}, {kind} {spreads[kind]:.3g}")
     return out
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.ticker import MaxNLocator
 from scipy.stats import wilcoxon
 
 from analysis.export import read_run
 from common.errors import InputError
+from margins.plot import describe_settings, frequency_axis, plain_log_axis
 
 COLUMNS = (
     "subspace", "run", "median", "q25", "q75", "ratio_to_reference", "wilcoxon_statistic", "wilcoxon_p",
@@ -33,6 +33,7 @@ class Run:
     margins: np.ndarray  # [S, N] float
     converged: np.ndarray  # [S, N] bool
     indices: np.ndarray  # [N] int64 dataset indices
+    description: str = ""  # "lenet on mnist (transform flip)", from the folder's settings
 
 
 def load_runs(run_dirs: list[str | Path], names: list[str] | None = None) -> list[Run]:
@@ -43,7 +44,7 @@ def load_runs(run_dirs: list[str | Path], names: list[str] | None = None) -> lis
     for i, path in enumerate(run_dirs):
         report = read_run(Path(path))
         name = names[i] if names else Path(path).resolve().name
-        runs.append(Run(name, report.margins, report.converged, report.indices))
+        runs.append(Run(name, report.margins, report.converged, report.indices, describe_settings(report.settings)))
     shapes = {r.margins.shape[0] for r in runs}
     if len(shapes) > 1:
         raise InputError(f"runs have different numbers of subspaces {sorted(shapes)}; compare runs of one family")
@@ -101,26 +102,39 @@ def write_csv(rows: list[dict], path: str | Path) -> Path:
     return path
 
 
-def plot_comparison(runs: list[Run], rows: list[dict], title: str = "") -> Figure:
-    """Median margin per subspace with interquartile band for each run (log axis); subspaces whose paired
-    Wilcoxon p-value vs the reference is below 0.01 get a star above the plot in that run's colour."""
-    fig = Figure(figsize=(8, 4.2), layout="constrained")
+def plot_comparison(runs: list[Run], rows: list[dict], title: str = "", alpha: float = 0.01) -> Figure:
+    """Median margin per subspace with interquartile band for each run (log axis), legend below the axes naming each
+    run and its sample count. Where a paired Wilcoxon test ran (`rows`), subspaces with p < `alpha` vs the
+    reference get a star above the data in that run's colour; the title says which test ran, or that none did."""
+    fig = Figure(figsize=(8, 4.8), layout="constrained")
     ax = fig.add_subplot()
     colors = [f"C{i}" for i in range(len(runs))]
     for color, run in zip(colors, runs):
         x = np.arange(run.margins.shape[0])
         q25, med, q75 = np.percentile(run.margins.astype(np.float64), [25, 50, 75], axis=1)
         ax.fill_between(x, q25, q75, color=color, alpha=0.2)
-        ax.plot(x, med, ".-", color=color, label=f"{run.name} (median, interquartile band)")
+        described = f"{run.description}, " if run.description else ""
+        ax.plot(x, med, ".-", color=color, label=f"{run.name}: {described}{run.margins.shape[1]} samples")
     top = max(np.percentile(r.margins, 75, axis=1).max() for r in runs)
     for k, (color, run) in enumerate(zip(colors, runs)):
-        significant = [r["subspace"] for r in rows if r["run"] == run.name and r["wilcoxon_p"] < 0.01]
+        significant = [r["subspace"] for r in rows if r["run"] == run.name and r["wilcoxon_p"] < alpha]
         if k and significant:
             ax.plot(significant, [top * 1.3**k] * len(significant), "*", color=color, ms=6)
-    ax.set_yscale("log")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("subspace index (DCT blocks: low -> high frequency)")
+    plain_log_axis(ax)
+    frequency_axis(ax, runs[0].margins.shape[0], "DCT subspace (frequency)")
     ax.set_ylabel("margin (L2, input-space units)")
-    ax.set_title(title or "Margins per subspace; * = paired Wilcoxon p < 0.01 vs the first run", fontsize="medium")
-    ax.legend(fontsize="small", loc="best")
+    heading = [title] if title else []
+    heading += ["Median margin per subspace, interquartile band", significance_line(runs, rows, alpha)]
+    ax.set_title("\n".join(heading), fontsize="medium")
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=min(len(runs), 2), fontsize="small")
     return fig
+
+
+def significance_line(runs: list[Run], rows: list[dict], alpha: float = 0.01) -> str:
+    """What the stars mean, or that no paired test ran (and why)."""
+    tested = [r for r in rows if not np.isnan(r["wilcoxon_p"])]
+    if tested:
+        paired = max(r["paired_samples"] for r in tested)
+        return f"* = paired Wilcoxon signed-rank p < {alpha:g} vs {runs[0].name} ({paired} paired samples)"
+    reasons = sorted({r["note"].split(":")[0] for r in rows if r["run"] != runs[0].name})
+    return "no paired test: " + "; ".join(reasons) if reasons else "no paired test: one run"

@@ -18,7 +18,7 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
-from matplotlib.ticker import LogFormatter
+from matplotlib.ticker import FuncFormatter, LogFormatter
 
 SAMPLE_COLOR = "tab:blue"
 NOT_CONVERGED_COLOR = "red"
@@ -119,7 +119,7 @@ def plot_margins(
     frequency_axis(ax, num_subspaces)
     ax.set_ylabel("Margin (L2)")
     if log_scale:
-        ax.set_yscale("log")
+        plain_log_axis(ax)
     title = title or describe_run(model, dataset, transform)
     subtitle = subtitle or _counts(num_samples, num_subspaces, num_wrong, missed)
     ax.set_title("\n".join(t for t in (title, subtitle) if t), fontsize="medium")
@@ -149,8 +149,19 @@ def shared_legend(fig: Figure, axes: Sequence[Axes]) -> None:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(re.sub(r" \(\d+( of \d+ samples)?\)$", "", label), handle)
     fig.legend(
-        handles.values(), handles.keys(), loc="outside lower center", ncol=min(len(handles), 5), fontsize="small"
+        handles.values(),
+        handles.keys(),
+        loc="outside lower center",
+        ncol=min(len(handles), 5, 2 * len(axes)),
+        fontsize="small",
     )
+
+
+def plain_log_axis(ax: Axes) -> None:
+    """A logarithmic y axis labelled with plain numbers: the powers of ten and their 2x and 5x multiples."""
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: f"{value:g}" if f"{value:.0e}"[0] in "25" else ""))
 
 
 def grid_shape(count: int, max_columns: int = 3) -> tuple[int, int]:

@@ -35,10 +35,11 @@ from frequency.families import build_subspace_family  # noqa: E402
 from margins import gather_samples, read_report, save_figure, select_indices  # noqa: E402
 from margins.evaluate import evaluate_margins  # noqa: E402
 from margins.inputs import ModelSource, load_model_and_data  # noqa: E402
+from margins.plot import describe_run  # noqa: E402
 from margins.work import RunSettings  # noqa: E402
 
-MODELS = {"standard": ("mnist_lenet", "MNIST, LeNet", "box"),
-          "flipped": ("mnist_flipped_lenet", "Flipped MNIST, LeNet", "flipped_box")}  # fmt: skip
+MODELS = {"standard": ("mnist_lenet", describe_run("lenet", "mnist", "none"), "box"),
+          "flipped": ("mnist_flipped_lenet", describe_run("lenet", "mnist", "flip"), "flipped_box")}  # fmt: skip
 
 
 def train(config: str, args: argparse.Namespace) -> Path:
@@ -160,23 +161,27 @@ def figures(results: dict, out: Path) -> None:
         flp["title"]: flp["map"],
         f"{flp['title']}, point-reflected": flp["map"][::-1, ::-1],
     }
+    num_samples = std["margins"]["grid"].shape[1]
     save_figure(
-        plot_margin_maps(maps, std["grid"], "Median margin per 8x8 DCT block (stride 4)"),
+        plot_margin_maps(maps, std["grid"], "2-D margin maps", num_samples=num_samples),
         out / "analysis_maps.png",
         dpi=90,
     )
     panels = {r["title"]: (r["margins"]["dct"], r["margins"]["random"]) for r in results.values()}
     save_figure(
-        plot_dct_vs_random(panels, "21 DCT blocks (8x8, step 1) vs 21 random 64-dim subspaces"),
+        plot_dct_vs_random(panels, "Margins along 8x8 DCT blocks (step 1) vs random 64-dimensional subspaces"),
         out / "analysis_random.png",
         dpi=90,
     )
     heats = {r["title"]: r["heat"] for r in results.values()}
-    save_figure(plot_fourier_heatmaps(heats, "Fourier heat maps"), out / "analysis_heatmaps.png", dpi=90)
+    save_figure(
+        plot_fourier_heatmaps(heats, "Fourier heat maps (Yin et al. 2019)"), out / "analysis_heatmaps.png", dpi=90
+    )
     runs = load_runs([out / "standard" / "dct", out / "flipped" / "dct"], ["standard", "flipped"])
+    title = "LeNet on MNIST vs flipped MNIST, 8x8 DCT blocks (step 1)"
     rows = compare_runs(runs)
     write_csv(rows, out / "comparison.csv")
-    save_figure(plot_comparison(runs, rows), out / "analysis_compare.png", dpi=90)
+    save_figure(plot_comparison(runs, rows, title), out / "analysis_compare.png", dpi=90)
 
 
 def significance(out: Path) -> dict:

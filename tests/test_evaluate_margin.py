@@ -338,7 +338,10 @@ def _bad_cases(b: SimpleNamespace) -> dict[str, tuple[list, str]]:
             ["--model", "resnet18_mnist", *lenet[2:]],
             "does not fit --model resnet18_mnist.*missing.*Likely fix: --model lenet",
         ),
-        "subspace larger than image": ([*lenet, "--subspace-dim", 29], "--subspace-dim 29 does not fit the 28x28"),
+        "subspace larger than image": (
+            [*lenet, "--subspace-dim", 29],
+            r"subspace_dim=29 \(--subspace-dim\) does not fit the 28x28",
+        ),
         "too many samples": ([*lenet, "--num-samples", 65], "mnist test split has 64 samples"),
         "indices out of range": ([*lenet, "--indices", b.root / "outside.npy"], r"outside \[0, 64\)"),
         "duplicate indices": ([*lenet, "--indices", b.root / "dupes.npy"], r"duplicates: \[3\]"),
@@ -352,7 +355,7 @@ def _bad_cases(b: SimpleNamespace) -> dict[str, tuple[list, str]]:
         "pickled checkpoint": ([*lenet[:4], "--checkpoint", b.root / "pickled.pt"], "pass --trusted-pickle"),
         "full space with block": (
             [*lenet, "--subspace", "full", "--subspace-dim", 4],
-            "--subspace-dim/--subspace-step do not apply to full subspaces",
+            r"subspace_dim/subspace_step \(--subspace-dim/--subspace-step\) do not apply to full subspaces",
         ),
         "channels-last is gone": ([*lenet, "--channels-last"], "unrecognized arguments: --channels-last"),
         "bad kernels": ([*lenet, "--kernels", "fast"], "invalid choice: 'fast'"),

@@ -327,7 +327,10 @@ def test_default_folders_are_named_after_command_model_dataset_and_run(trained, 
 
 def test_bad_input_is_one_line_and_writes_nothing(trained, tmp_path, capsys):
     cases = {
-        "block too large": (["map2d", "--subspace-dim", 17], "--subspace-dim 17 does not fit the 16x16 images"),
+        "block too large": (
+            ["map2d", "--subspace-dim", 17],
+            "subspace_dim=17 (--subspace-dim) does not fit the 16x16 images",
+        ),
         "no random subspaces": (["random", "--count", 0], "number of random subspaces must be >= 1"),
         "missing bases": (["random", "--bases", tmp_path / "nope.npy"], "does not exist"),
         "bad threads": (["map2d", "--threads", 0], "--threads must be >= 1"),

@@ -268,7 +268,7 @@ def test_plot_artists_match_data():
     labels = [t.get_text() for t in ax.get_xticklabels()]
     assert labels == ["Low", "High"] and ax.get_xlabel() == "Frequency" and ax.get_ylabel() == "Margin (L2)"
     legend_texts = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert f"not converged ({missed})" in legend_texts and ax.get_title() == "MNIST"
+    assert f"not converged ({missed})" in legend_texts and ax.get_title().startswith("MNIST\n9 samples")
 
 
 def test_plot_all_converged_log_scale_and_raster(tmp_path):

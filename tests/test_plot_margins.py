@@ -1,14 +1,29 @@
-"""The margin figure's new elements (subspace ticks, title, IQR band, misclassified samples) and the
-evolution heat map."""
+"""The margin figure's elements (subspace ticks, title, IQR band, misclassified samples), the evolution heat map, and
+what makes a figure fit for a paper: complete titles, legends off the data, axes ending at the last subspace,
+colour scales spanning the data, grids without blank panels."""
 
 from __future__ import annotations
 
 import matplotlib.colors as mcolors
 import numpy as np
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import PathCollection, PolyCollection
+from matplotlib.figure import Figure
 
-from margins.plot import IQR_LABEL, MISCLASSIFIED_COLOR, figure_to_array, plot_margin_evolution, plot_margins
+from margins.plot import (
+    EVOLUTION_LABEL,
+    IQR_LABEL,
+    MISCLASSIFIED_COLOR,
+    describe_run,
+    describe_settings,
+    figure_to_array,
+    grid_shape,
+    panel_axes,
+    plot_margin_evolution,
+    plot_margins,
+    shared_legend,
+)
 
 
 def example(num_subspaces: int = 6, num_samples: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -68,7 +83,77 @@ def test_evolution_heat_map_has_log_colours_a_colour_bar_and_labelled_axes():
     assert image.get_array().shape == (2, 3)
     assert [t.get_text() for t in ax.get_xticklabels()] == ["0", "4", "9"]
     assert ax.get_xlabel() == "Epoch" and "Subspace" in ax.get_ylabel()
-    assert colorbar_ax.get_ylabel() == "median margin (L2)" and ax.get_title() == "lenet on mnist"
+    assert colorbar_ax.get_ylabel() == f"{EVOLUTION_LABEL}, 0.5 to 8" and ax.get_title() == "lenet on mnist"
     assert figure_to_array(fig, dpi=40).shape[2] == 3
     with pytest.raises(ValueError, match="E=2"):
         plot_margin_evolution([0, 1], medians)
+
+
+def drawn(fig: Figure) -> Figure:
+    """`fig` laid out and drawn (Agg), so that artists have their final window extents."""
+    FigureCanvasAgg(fig).draw()
+    return fig
+
+
+def test_title_names_model_dataset_transform_and_counts():
+    margins, converged, wrong = example(num_subspaces=21)
+    ax = plot_margins(margins, converged, misclassified=wrong, model="lenet", dataset="mnist", transform="flip").axes[0]
+    assert (
+        ax.get_title() == "lenet on mnist (transform flip)\n8 samples, 21 subspaces, 2 misclassified, 1 not converged"
+    )
+    titled = plot_margins(margins, title="my run").axes[0]  # a caller's own title keeps the sample count
+    assert titled.get_title() == "my run\n8 samples, 21 subspaces"
+    settings = {"model": {"net": "resnet18"}, "dataset": "cifar10", "transform": "low_pass"}
+    assert describe_settings(settings) == describe_run("resnet18", "cifar10", "low_pass")
+    assert describe_settings({"model": "Sequential"}) == "Sequential"
+
+
+@pytest.mark.parametrize("num_subspaces", [3, 13, 21, 64])
+def test_legend_stays_off_the_data_and_the_axis_ends_at_the_last_subspace(num_subspaces):
+    margins, converged, wrong = example(num_subspaces=num_subspaces, num_samples=30)
+    fig = drawn(plot_margins(margins, converged, misclassified=wrong, model="lenet", dataset="mnist"))
+    ax = fig.axes[0]
+    assert not ax.get_legend().get_window_extent().overlaps(ax.get_window_extent())
+    last = num_subspaces - 1
+    assert ax.get_xlim() == (-0.5, last + 0.5)
+    ticks = [t for t in ax.get_xticks(minor=True)] + list(ax.get_xticks())
+    assert max(ticks) <= last and min(ticks) >= 0
+
+
+def test_evolution_title_states_the_sample_count():
+    fig = plot_margin_evolution([0, 1], np.array([[1.0, 2.0]]), title="lenet on mnist (transform none)", num_samples=30)
+    assert fig.axes[0].get_title() == "lenet on mnist (transform none)\nmedian margin per subspace of 30 samples"
+
+
+@pytest.mark.parametrize(
+    ("count", "shape"), [(1, (1, 1)), (2, (1, 2)), (3, (1, 3)), (4, (2, 2)), (5, (2, 3)), (7, (3, 3))]
+)
+def test_panel_grid_has_one_axes_per_panel_and_no_blank_space(count, shape):
+    fig = Figure(figsize=(9, 6), layout="constrained")
+    axes = panel_axes(fig, count)
+    assert len(fig.axes) == count == len(axes) and grid_shape(count) == shape
+    assert len({ax.get_subplotspec().rowspan.start for ax in axes}) == shape[0]
+    spans = {}
+    for ax in axes:
+        spec = ax.get_subplotspec()
+        spans.setdefault(spec.rowspan.start, []).append(spec.colspan)
+    width = spec.get_gridspec().ncols
+    for row in spans.values():  # every row is filled from its first to its last grid column
+        assert sorted(c.start for c in row)[0] == 0 and sum(len(c) for c in row) == width
+    with pytest.raises(ValueError, match="count"):
+        panel_axes(fig, 0)
+
+
+def test_shared_legend_below_the_panels_lists_each_label_once():
+    fig = Figure(figsize=(9, 6), layout="constrained")
+    axes = panel_axes(fig, 2)
+    for k, ax in enumerate(axes):
+        margins, converged, _ = example(num_samples=6 + k)
+        plot_margins(margins, converged, ax=ax, legend=False)
+    shared_legend(fig, axes)
+    drawn(fig)
+    (legend,) = fig.legends
+    labels = [t.get_text() for t in legend.get_texts()]
+    assert sorted(labels) == sorted(["samples", "not converged", IQR_LABEL, "median"])
+    assert all(ax.get_legend() is None for ax in axes)
+    assert not any(legend.get_window_extent().overlaps(ax.get_window_extent()) for ax in axes)
