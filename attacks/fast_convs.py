@@ -122,7 +122,12 @@ class _StemConv(torch.autograd.Function):
         stride, padding, dilation, groups = ctx.conv
         grad_input = None
         if ctx.needs_input_grad[0]:
-            grad_output, x, weight = grad_output.contiguous(), x.contiguous(), weight.contiguous()
+            # under autocast the forward ran in low precision: the gradient comes in the input's dtype
+            grad_output, x, weight = (
+                grad_output.to(x.dtype).contiguous(),
+                x.contiguous(),
+                weight.to(x.dtype).contiguous(),
+            )
             with _onednn_off():  # the native kernel wants contiguous (not channels-last) tensors
                 grad_input = torch.ops.aten.convolution_backward(
                     grad_output, x, weight, None, stride, padding, dilation, False, [0, 0], groups, [True, False, False]
