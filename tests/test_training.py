@@ -165,7 +165,7 @@ def test_every_config_instantiates_its_experiment(config, tmp_path):
     assert isinstance(cli.model, AdversarialModule) == ("robust" in name)
     if "robust" in name:
         assert hp.eps == {"mnist": 2.0, "cifar10": 1.0, "imagenet": 3.0}[dhp.dataset]
-        assert hp.projection == ("dykstra" if "flipped" in name else "ball_box") and hp.flipped == ("flipped" in name)
+        assert hp.projection == ("exact" if "flipped" in name else "ball_box") and hp.flipped == ("flipped" in name)
     expected_net = {"lenet": "lenet", "resnet18": "resnet18", "vgg19": "vgg19", "densenet121": "densenet121"}
     net_word = name.split("_")[-1]
     if dhp.dataset == "mnist" and net_word == "resnet18":
