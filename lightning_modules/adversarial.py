@@ -23,12 +23,14 @@ class AdversarialModule(ClassifierModule):
         projection: how iterates return to {L2 ball} ∩ {valid images}: `ball_box` (ball then box: standard PGD,
             MadryLab's; not the nearest feasible point), `exact` (the Euclidean projection onto the intersection
             in closed form, two flips per projection on flipped data) or `dykstra` (the same projection by
-            Dykstra's algorithm to a 1e-6 tolerance, the paper's release; about twice the step time of `exact`
-            on flipped data).
+            Dykstra's algorithm to a 1e-6 tolerance, the paper's release; a LeNet step on flipped MNIST takes
+            1.75x as long as with `exact` on CPU, `benchmarks/bench_training.py`).
         flipped: the data is frequency-flipped, so the box is {z : flip(z) in [0, 1]^d} (valid original images).
         clip: keep adversarial examples valid images; False projects onto the ball only (e.g. synthetic data).
         eval_attack: also attack the validation/test batches and log robust accuracy.
     The attack runs with the model in eval mode (MadryLab) and the loss is taken on the adversarial batch only.
+    Under a mixed-precision trainer (`bf16-mixed`, `16-mixed`) the attack's model passes run under autocast, its
+    projections and norms in float32 (`attacks.pgd`).
     """
 
     def __init__(

@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def claims(results: dict) -> dict:
-    """The paper's qualitative claims (REFERENCE §8) as ratios of band medians, for whichever experiments ran."""
+    """The paper's qualitative claims as ratios of band medians, for whichever experiments ran."""
     r, out = results, {}
     ratio = {  # name: (numerator experiment, band, denominator experiment, band)
         "standard_high_over_low": ("mnist_lenet", "high", "mnist_lenet", "low"),

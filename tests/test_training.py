@@ -195,7 +195,7 @@ class StopAfterEpochs(L.Callback):
 
 
 def test_resume_keeps_the_schedule_of_the_interrupted_run(tmp_path):
-    """Reference: the uninterrupted 4-epoch triangular schedule by np.interp (REFERENCE §5), per step."""
+    """Reference: the uninterrupted 4-epoch triangular schedule by np.interp (the release's recipe), per step."""
     ckpt = tmp_path / "interrupted.ckpt"
     L.seed_everything(0)
     first = tiny_trainer(tmp_path, max_epochs=4, callbacks=[StopAfterEpochs(2)], limit_val_batches=0)
