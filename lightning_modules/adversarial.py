@@ -24,7 +24,7 @@ class AdversarialModule(ClassifierModule):
             MadryLab's; not the nearest feasible point), `exact` (the Euclidean projection onto the intersection
             in closed form, two flips per projection on flipped data) or `dykstra` (the same projection by
             Dykstra's algorithm to a 1e-6 tolerance, the paper's release; a LeNet step on flipped MNIST takes
-            1.75x as long as with `exact` on CPU, `benchmarks/bench_training.py`).
+            1.8x as long as with `exact` on CPU, `benchmarks/bench_training.py`).
         flipped: the data is frequency-flipped, so the box is {z : flip(z) in [0, 1]^d} (valid original images).
         clip: keep adversarial examples valid images; False projects onto the ball only (e.g. synthetic data).
         eval_attack: also attack the validation/test batches and log robust accuracy.

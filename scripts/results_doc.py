@@ -123,7 +123,7 @@ def projection_note(results: dict, claims: dict) -> list[str]:
         f"algorithm as in the release: exact {figures(exact, '')}; Dykstra {figures(dykstra, '_dykstra')}. The two "
         "projections agree to Dykstra's tolerance (1e-6), which over thousands of steps still sends training along "
         "another path; what the choice changes is the time (`benchmarks/bench_training.py`: a 7-step PGD step "
-        "costs 1.13x its floor of 8 standard steps with the exact projection, 1.98x with Dykstra's, LeNet on CPU).",
+        "costs 1.14x its floor of 8 standard steps with the exact projection, 2.01x with Dykstra's, LeNet on CPU).",
     ]
 
 
