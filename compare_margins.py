@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from analysis.compare import compare_runs, load_runs, plot_comparison, write_csv
-from analysis.export import export_per_sample_csv
+from analysis.export import DEFAULT_NAME, export_per_sample_csv
 from common.cli import ArgumentParser
 from common.errors import InputError
 from margins.plot import save_figure
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--title", default="", help="figure title")
     parser.add_argument("--export-csv", action="store_true", help="export each run's per-sample CSV instead")
     parser.add_argument("--output", help="with --export-csv and one RUN_DIR: the CSV path")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier comparison or CSV")
     return parser
 
 
@@ -53,6 +54,7 @@ def compare(args: argparse.Namespace) -> Path:
     runs = load_runs(args.run_dirs, args.names)
     rows = compare_runs(runs)
     out = Path(args.output_dir)
+    refuse_overwrite(out / "comparison.csv", args.overwrite, "--output-dir")
     write_csv(rows, out / "comparison.csv")
     save_figure(plot_comparison(runs, rows, args.title), out / "comparison.png")
     for row in rows:
@@ -67,7 +69,13 @@ def export(args: argparse.Namespace) -> None:
     if args.output and len(args.run_dirs) != 1:
         raise InputError("--output takes one RUN_DIR; without it each CSV goes into its RUN_DIR")
     for run_dir in args.run_dirs:
+        refuse_overwrite(Path(args.output or Path(run_dir) / DEFAULT_NAME), args.overwrite, "--output")
         print(export_per_sample_csv(run_dir, args.output))
+
+
+def refuse_overwrite(path: Path, overwrite: bool, flag: str) -> None:
+    if path.exists() and not overwrite:
+        raise InputError(f"{path} exists; pass --overwrite to replace it or choose another {flag}")
 
 
 def main(argv: list[str] | None = None) -> int:

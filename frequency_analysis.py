@@ -1,8 +1,8 @@
 """Frequency analyses of a trained model: 2-D margin maps, random-subspace controls, Fourier heat maps.
 
-    # margins along K x K DCT blocks on a 2-D grid of the spectrum (default: the dataset's block, stride block/2;
+    # margins along K x K DCT blocks on a 2-D grid of the spectrum (default: the dataset's block, stride K/2;
     # MNIST: 8x8 blocks, stride 4, 6 x 6 = 36 subspaces) and the map of the median margin per block
-    python frequency_analysis.py map2d --checkpoint last.ckpt --data-dir ../shared/data [--block 8 --stride 4]
+    python frequency_analysis.py map2d --checkpoint last.ckpt --data-dir ../shared/data [--subspace-dim 8]
 
     # the DCT family of the paper beside random orthonormal subspaces of the same dimension (seeded), or beside
     # user bases (--bases FILE.npy/.pt ...: [D, k], [S, D, k] or a list, checked for orthonormality)
@@ -11,16 +11,17 @@
     # Fourier heat map (Yin et al. 2019): error rate under x + r * eps * U(i, j) for every 2-D frequency
     python frequency_analysis.py heatmap --checkpoint last.ckpt --eps 10 [--num-samples 1000 --radius 15]
 
-Samples: --num-samples test samples drawn with --seed (as evaluate_margin.py), or --indices FILE.npy. The model is
-loaded with `evaluate_margin.load_model_and_data` (a Lightning checkpoint of this project). Everything runs in the
-model's input space: for frequency-flipped data, the flipped representation (margins and heat map perturbations
-alike; the heat map makes flipped inputs valid as flip(clamp(flip(z), 0, 1))).
+map2d and random measure margins exactly as evaluate_margin.py does (the same flags, chunks, processes, resume and
+result files: `--accelerator cpu --devices 2` or torchrun share the rows out, rerunning an interrupted command
+resumes). The model and data come from any checkpoint evaluate_margin.py reads (--checkpoint, --model, --dataset,
+...). Everything runs in the model's input space: for frequency-flipped data, the flipped representation (margins
+and heat map perturbations alike; the heat map makes flipped inputs valid as flip(clamp(flip(z), 0, 1))).
 
-Writes to --output-dir (default outputs/frequency_analysis/<command>_<dataset>[_<transform>]_<checkpoint>):
-  map2d:   margins.npy [S, N], converged.npy, indices.npy, summary.json (settings), iterations.npy [S, N],
-           labels.npy [N] (ground truth), predicted.npy [N], perturbed_labels.npy [S, N], map2d.npy [A, B] (median
-           margin per block), map2d.png.
-  random:  dct/ and random/ (or basis/): one such result folder per family, dct_vs_random.png, analysis.json
+Writes to --output-dir (default outputs/frequency_analysis/<command>/<model>_<dataset>[_<transform>]_<run>):
+  map2d:   a result folder (margins.npy [S, N], converged.npy, iterations.npy, perturbed_labels.npy, indices.npy,
+           predicted.npy, targets.npy, summary.json, chunks/) plus map2d.npy [A, B] (median margin per block) and
+           map2d.png.
+  random:  dct/ and random/ (or basis/): one result folder per family, dct_vs_random.png, analysis.json
            (spread = max/min of the per-subspace medians of each family).
   heatmap: heatmap.npy [H, W] (error rate, unshifted FFT order), heatmap.json (eps, clean error, ...), heatmap.png.
 Result folders work with `compare_margins.py` (comparison, per-sample CSV). Bad input: exit 2, `error: ...`.
@@ -30,28 +31,42 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from analysis.fourier_heatmap import VALID_RANGES, FourierHeatmap, fourier_heatmap
 from analysis.maps import median_map, spread_ratio
 from analysis.plots import plot_dct_vs_random, plot_fourier_heatmaps, plot_margin_maps
-from attacks.deepfool import SubspaceDeepFool
 from common.cli import ArgumentParser
 from common.errors import InputError
-from frequency.families import build_subspace_family
 from frequency.grid import DCTGridSubspaces
-from frequency.subspaces import SubspaceFamily
-from margins import gather_samples, measure_margins, save_figure, save_margin_report
-from margins.inputs import choose_indices, load_model_and_data
+from margins import gather_samples, save_figure
+from margins.cli import (
+    add_attack_arguments,
+    add_run_arguments,
+    add_sample_arguments,
+    add_source_arguments,
+    add_subspace_arguments,
+    attack_from_args,
+    deprecated,
+    input_error,
+    run_from_args,
+    source_from_args,
+)
+from margins.evaluate import evaluate_margins
+from margins.inputs import SubspaceSpec, choose_indices, default_output_dir, load_source, make_subspaces
+from margins.plot import describe_run, describe_settings
+from margins.results import MarginReport
 
 DEFAULT_VALID = {"none": "box", "flip": "flipped_box"}  # other transforms (low/high pass) have no box: "none"
+OUTPUT_ROOT = "outputs/frequency_analysis"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,77 +74,128 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(prog="frequency_analysis.py", description=__doc__, formatter_class=raw)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
     for name, text in (("map2d", "2-D margin map"), ("random", "DCT vs random subspaces"), ("heatmap", "heat map")):
-        sub = commands.add_parser(name, help=text)
-        _common(sub, default_samples=1000 if name == "heatmap" else 100)
-        if name == "map2d":
-            sub.add_argument("--block", type=int, help="block side K (default: the dataset's, 8 on MNIST)")
-            sub.add_argument("--stride", type=int, help="grid stride (default K // 2)")
-        elif name == "random":
-            sub.add_argument("--block", type=int, help="DCT block side (default: the dataset's)")
-            sub.add_argument("--step", type=int, help="DCT block step (default: the dataset's)")
+        sub = commands.add_parser(name, help=text, description=text)
+        add_source_arguments(sub)
+        add_sample_arguments(sub, default_samples=1000 if name == "heatmap" else 100)
+        if name == "heatmap":
+            _heatmap_arguments(sub)
+            continue
+        add_subspace_arguments(sub, "grid stride (default: k // 2)" if name == "map2d" else "DCT block step")
+        add_attack_arguments(sub)
+        add_run_arguments(sub, f"{OUTPUT_ROOT}/{name}/<model>_<dataset>_<transform>_<run>")
+        _aliases(sub, name)
+        if name == "random":
             sub.add_argument("--count", type=int, help="random subspaces (default: as many as DCT blocks)")
             sub.add_argument("--subspace-seed", type=int, default=0, help="seed of the random subspaces")
             sub.add_argument("--method", choices=("auto", "qr", "hartley"), default="auto", help="random generator")
             sub.add_argument("--bases", nargs="+", help="user bases (.npy/.pt) instead of random subspaces")
-        else:
-            sub.add_argument("--eps", type=float, required=True, help="L2 norm of the perturbation (MNIST LeNet: 10)")
-            sub.add_argument("--radius", type=int, help="only frequencies with |i|, |j| <= radius (default all)")
-            sub.add_argument("--valid", choices=VALID_RANGES, help="valid range (default: from the transform)")
     return parser
 
 
-def _common(sub: argparse.ArgumentParser, default_samples: int) -> None:
-    sub.add_argument("--checkpoint", required=True, help="Lightning checkpoint of this project")
-    sub.add_argument("--data-dir", help="dataset directory (default: the checkpoint's)")
-    sub.add_argument("--trusted-pickle", action="store_true", help="allow pickled objects (trusted files only)")
-    sub.add_argument(
-        "--num-samples", type=int, default=default_samples, help=f"test samples (default {default_samples})"
-    )
-    sub.add_argument("--seed", type=int, default=0, help="seed of the sample draw and of the heat map signs")
-    sub.add_argument("--indices", help="FILE.npy of test-set indices (overrides the draw)")
-    sub.add_argument("--device", help="torch device (default: cuda if available)")
-    sub.add_argument("--batch-size", type=int, default=512, help="rows per chunk (DeepFool) / 4x images (heat map)")
-    sub.add_argument("--max-iter", type=int, default=100, help="DeepFool iterations (default 100)")
-    sub.add_argument("--overshoot", type=float, default=0.02, help="DeepFool overshoot (default 0.02)")
-    sub.add_argument("--output-dir", help="where results go")
-    sub.add_argument("--no-progress", action="store_true", help="no progress bar")
+def _heatmap_arguments(sub: argparse.ArgumentParser) -> None:
+    a = sub.add_argument
+    a("--eps", type=float, required=True, help="L2 norm of the perturbation (MNIST LeNet: 10)")
+    a("--radius", type=int, help="only frequencies with |i|, |j| <= radius (default all)")
+    a("--valid", choices=VALID_RANGES, help="valid range (default: from the transform)")
+    a("--batch-size", type=int, default=2048, help="perturbed images per forward pass (default 2048)")
+    a("--accelerator", default="auto", help="cpu, gpu or auto (default: gpu when available); one device")
+    a("--device", dest="accelerator", action=deprecated("--accelerator"), help=argparse.SUPPRESS)
+    a("--output-dir", help=f"where results go (default {OUTPUT_ROOT}/heatmap/<model>_<dataset>_<transform>_<run>)")
+    a("--overwrite", action="store_true", help="replace an earlier heat map in --output-dir")
+    a("--no-progress", action="store_true", help="no progress bar")
 
 
-# ---- Python API ----------------------------------------------------------------------------------------------
-def measure_family(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    indices: np.ndarray,
-    family: SubspaceFamily,
-    attack: SubspaceDeepFool,
-    output_dir: Path,
-    settings: dict[str, Any],
-    device: torch.device | str | None = None,
-    progress: bool = False,
-) -> np.ndarray:
-    """Margins of `x: [N, C, H, W]` along `family`, written as a result folder with the optional per-sample
-    arrays (iterations, labels, predicted, perturbed labels); returns margins [S, N] float32."""
-    run = measure_margins(model, x, family, attack, device=device, progress=progress)
-    r = run.result
-    settings = {**settings, "family": repr(family), "num_subspaces": len(family), "subspace_dims": family.dims}
-    save_margin_report(output_dir, r.margins, r.converged, r.iterations, indices, r.labels, y, settings, run.seconds,
-                       figure=not isinstance(family, DCTGridSubspaces))  # fmt: skip
-    for name, value in (("iterations", r.iterations), ("labels", y), ("predicted", r.labels)):
-        np.save(output_dir / f"{name}.npy", value.cpu().numpy().astype(np.int64))
-    np.save(output_dir / "perturbed_labels.npy", r.perturbed_labels.cpu().numpy().astype(np.int64))
-    return r.margins.cpu().numpy().astype(np.float32)
+def _aliases(sub: argparse.ArgumentParser, name: str) -> None:
+    """The flag names of earlier versions, each with a deprecation line."""
+    a, hidden = sub.add_argument, argparse.SUPPRESS
+    a("--block", dest="subspace_dim", type=int, action=deprecated("--subspace-dim", int), help=hidden)
+    step = "--stride" if name == "map2d" else "--step"
+    a(step, dest="subspace_step", type=int, action=deprecated("--subspace-step", int), help=hidden)
+    a("--batch-size", dest="chunk_rows", type=int, action=deprecated("--chunk-rows", int), help=hidden)
+    a("--device", dest="accelerator", action=deprecated("--accelerator/--devices", _accelerator), help=hidden)
 
 
-def margin_map(margins: np.ndarray, family: DCTGridSubspaces, output_dir: Path, title: str) -> np.ndarray:
-    """Median-margin map [A, B]: map2d.npy and map2d.png in `output_dir`."""
-    grid = median_map(margins, family)
-    np.save(output_dir / "map2d.npy", grid)
-    save_figure(plot_margin_maps({title: grid}, family), output_dir / "map2d.png")
-    return grid
+def _accelerator(device: str) -> str:
+    """The accelerator of an old `--device` value: cpu, cuda, cuda:N -> cpu or gpu."""
+    if device.split(":")[0] not in ("cpu", "cuda"):
+        raise InputError(f"--device {device!r}: use --accelerator cpu or --accelerator gpu (--devices N)")
+    return "gpu" if device.startswith("cuda") else "cpu"
 
 
-def heatmap_report(heat: FourierHeatmap, output_dir: Path, title: str, extra: dict[str, Any]) -> None:
+# ---- commands ------------------------------------------------------------------------------------------------
+def margins_of(
+    args: argparse.Namespace, argv: list[str], spec: SubspaceSpec, folder: Path | None
+) -> tuple[MarginReport | None, Path]:
+    """evaluate_margins with the command's flags along the family `spec`, into `folder` (None: a folder named
+    after the model and run under outputs/frequency_analysis/<command>/)."""
+    return evaluate_margins(
+        source_from_args(args), subspace=spec, indices_file=args.indices, num_samples=args.num_samples,
+        seed=args.seed, output_dir=folder, output_root=f"{OUTPUT_ROOT}/{args.command}", attack=attack_from_args(args),
+        run=run_from_args(args), command=["frequency_analysis.py", *argv],
+    )  # fmt: skip
+
+
+def run_map2d(args: argparse.Namespace, argv: list[str]) -> Path | None:
+    spec = SubspaceSpec("grid", args.subspace_dim, args.subspace_step)
+    report, folder = margins_of(args, argv, spec, Path(args.output_dir) if args.output_dir else None)
+    if report is None:  # ranks > 0: rank 0 reports
+        return None
+    s = report.settings
+    family = DCTGridSubspaces(tuple(s["model"]["image_shape"]), s["subspace_block"], s["subspace_step"])
+    grid = median_map(report.margins, family)
+    np.save(folder / "map2d.npy", grid)
+    figure = plot_margin_maps({describe_settings(s): grid}, family, num_samples=report.margins.shape[1])
+    save_figure(figure, folder / "map2d.png")
+    print(f"2-D map {family.grid_shape}: median margin from {np.nanmin(grid):.3g} to {np.nanmax(grid):.3g}")
+    return folder
+
+
+def run_random(args: argparse.Namespace, argv: list[str]) -> Path | None:
+    loaded = load_source(source_from_args(args))
+    out = Path(args.output_dir) if args.output_dir else _default_folder(args, "random", loaded)
+    kind = "basis" if args.bases else "random"
+    dct_spec = SubspaceSpec("dct", args.subspace_dim, args.subspace_step)
+    control = SubspaceSpec(kind, None if args.bases else args.subspace_dim, None if args.bases else args.subspace_step,
+                           args.count, args.subspace_seed, args.method, list(args.bases or []))  # fmt: skip
+    make_subspaces(control, loaded.datamodule)  # bad --count, --bases, ...: an error before the DCT family is measured
+    dct, _ = margins_of(args, argv, dct_spec, out / "dct")
+    ctl, _ = margins_of(args, argv, control, out / kind)
+    if dct is None or ctl is None:  # ranks > 0: rank 0 reports
+        return None
+    spreads = {"dct": spread_ratio(dct.margins), kind: spread_ratio(ctl.margins)}
+    analysis = {"spread_max_over_min_median": spreads, "command": ["frequency_analysis.py", *argv]}
+    (out / "analysis.json").write_text(json.dumps(analysis, indent=2) + "\n")
+    dim = dct.settings["subspace_dims"]
+    title = f"{describe_settings(dct.settings)}: DCT vs {kind} subspaces of dimension {dim}"
+    save_figure(plot_dct_vs_random({title: (dct.margins, ctl.margins)}), out / "dct_vs_random.png")
+    print(f"max/min of per-subspace median margins: DCT {spreads['dct']:.3g}, {kind} {spreads[kind]:.3g}")
+    return out
+
+
+def run_heatmap(args: argparse.Namespace, argv: list[str]) -> Path:
+    device = _heatmap_device(args.accelerator)
+    loaded = load_source(source_from_args(args))
+    dm = loaded.datamodule
+    out = Path(args.output_dir) if args.output_dir else _default_folder(args, "heatmap", loaded)
+    if (out / "heatmap.json").is_file() and not args.overwrite:
+        raise InputError(f"{out} already holds a heat map; pass --overwrite or choose another --output-dir")
+    dataset = dm.margin_dataset()
+    indices = choose_indices(args.num_samples, args.seed, args.indices, len(dataset), dm.name)
+    x, y = gather_samples(dataset, indices)
+    valid = args.valid or DEFAULT_VALID.get(dm.hparams.transform, "none")
+    model = loaded.model.to(device)
+    heat = fourier_heatmap(model, x, y, args.eps, valid, args.seed, args.batch_size, args.radius)
+    settings = {"command": ["frequency_analysis.py", *argv], "dataset": dm.name, "transform": dm.hparams.transform,
+                "checkpoint": str(Path(args.checkpoint).resolve()), "checkpoint_sha256": loaded.sha256,
+                "seed": args.seed, "num_samples": len(indices), "indices": indices.tolist(), "device": str(device),
+                "torch_version": torch.__version__}  # fmt: skip
+    title = describe_run(loaded.hparams["net"], dm.name, dm.hparams.transform)
+    _heatmap_report(heat, out, title, settings)
+    print(f"heat map: error rate from {np.nanmin(heat.error):.3f} to {np.nanmax(heat.error):.3f} (eps {args.eps})")
+    return out
+
+
+def _heatmap_report(heat: FourierHeatmap, output_dir: Path, title: str, extra: dict[str, Any]) -> None:
     """heatmap.npy (unshifted), heatmap.json (settings + extra) and heatmap.png in `output_dir`."""
     output_dir.mkdir(parents=True, exist_ok=True)
     np.save(output_dir / "heatmap.npy", heat.error)
@@ -137,89 +203,40 @@ def heatmap_report(heat: FourierHeatmap, output_dir: Path, title: str, extra: di
     save_figure(plot_fourier_heatmaps({title: heat}), output_dir / "heatmap.png")
 
 
-# ---- command line --------------------------------------------------------------------------------------------
-def resolve_device(name: str | None) -> torch.device:
-    """`--device`: cuda when available by default; an unknown or unavailable device is an InputError."""
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise InputError(f"--device {name!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"--device {name} requested but CUDA is not available; use --device cpu")
-    return device
+def _heatmap_device(accelerator: str) -> torch.device:
+    """The heat map's one device: cpu, or the first GPU (gpu/cuda; auto when CUDA is available)."""
+    name = accelerator.lower()
+    if name in ("gpu", "cuda") or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise InputError(f"--accelerator {accelerator} requested but CUDA is not available; use cpu")
+        return torch.device("cuda", 0)
+    if name in ("cpu", "auto"):
+        return torch.device("cpu")
+    raise InputError(f"--accelerator {accelerator!r}: the heat map runs on cpu or gpu")
 
 
-def load(args: argparse.Namespace) -> tuple[nn.Module, Any, torch.Tensor, torch.Tensor, np.ndarray, torch.device]:
-    """Model, datamodule, samples x [N, C, H, W] and labels y [N], indices [N], device."""
-    if args.batch_size < 1 or args.max_iter < 1 or not args.overshoot >= 0:
-        raise InputError("--batch-size and --max-iter must be >= 1 and --overshoot >= 0")
-    device = resolve_device(args.device)
-    model, dm = load_model_and_data(args.checkpoint, args.data_dir, args.trusted_pickle)
-    dataset = dm.margin_dataset()
-    indices = choose_indices(args.num_samples, args.seed, args.indices, len(dataset), dm.name)
-    x, y = gather_samples(dataset, indices)
-    return model.to(device), dm, x, y, indices, device
-
-
-def _settings(args: argparse.Namespace, dm: Any, argv: list[str]) -> dict[str, Any]:
-    return {"source": "frequency_analysis", "command": ["frequency_analysis.py", *argv], "dataset": dm.name,
-            "transform": dm.hparams.transform, "checkpoint": str(Path(args.checkpoint).resolve()), "seed": args.seed,
-            "overshoot": args.overshoot, "max_iter": args.max_iter, "torch_version": torch.__version__}  # fmt: skip
-
-
-def _title(dm: Any) -> str:
-    return dm.name + ("" if dm.hparams.transform == "none" else f" ({dm.hparams.transform})")
-
-
-def run(args: argparse.Namespace, argv: list[str]) -> Path:
-    model, dm, x, y, indices, device = load(args)
-    transform = "" if dm.hparams.transform == "none" else f"_{dm.hparams.transform}"
-    default = Path("outputs/frequency_analysis") / f"{args.command}_{dm.name}{transform}_{Path(args.checkpoint).stem}"
-    out = Path(args.output_dir or default)
-    settings, progress = _settings(args, dm, argv), not args.no_progress
-    attack = SubspaceDeepFool(overshoot=args.overshoot, max_iter=args.max_iter, batch_size=args.batch_size)
-    start = time.perf_counter()
-    if args.command == "map2d":
-        block = args.block or dm.subspace_block
-        family = build_subspace_family("grid", dm.image_shape, block, args.stride or max(1, block // 2))
-        margins = measure_family(model, x, y, indices, family, attack, out, settings, device, progress)
-        grid = margin_map(margins, family, out, f"{_title(dm)}: median margin per DCT block")
-        print(f"2-D map {family.grid_shape}: median margin from {grid.min():.3g} to {grid.max():.3g}")
-    elif args.command == "random":
-        block, step = args.block or dm.subspace_block, args.step or dm.subspace_step
-        dct = build_subspace_family("dct", dm.image_shape, block, step)
-        kind = "basis" if args.bases else "random"
-        control = build_subspace_family(kind, dm.image_shape, block, step, count=args.count, seed=args.subspace_seed,
-                                        method=args.method, bases=args.bases)  # fmt: skip
-        dct_margins = measure_family(model, x, y, indices, dct, attack, out / "dct", settings, device, progress)
-        ctl_margins = measure_family(model, x, y, indices, control, attack, out / kind, settings, device, progress)
-        spreads = {"dct": spread_ratio(dct_margins), kind: spread_ratio(ctl_margins)}
-        (out / "analysis.json").write_text(json.dumps({"spread_max_over_min_median": spreads, **settings}, indent=2))
-        fig = plot_dct_vs_random(
-            {f"{_title(dm)}: DCT vs {kind} subspaces of dim {dct.dims[0]}": (dct_margins, ctl_margins)}
-        )
-        save_figure(fig, out / "dct_vs_random.png")
-        print(f"max/min of per-subspace median margins: DCT {spreads['dct']:.3g}, {kind} {spreads[kind]:.3g}")
-    else:
-        valid = args.valid or DEFAULT_VALID.get(dm.hparams.transform, "none")
-        heat = fourier_heatmap(model, x, y, args.eps, valid, args.seed, 4 * args.batch_size, args.radius)
-        heatmap_report(heat, out, _title(dm), {**settings, "indices": indices.tolist()})
-        print(f"heat map: error rate from {np.nanmin(heat.error):.3f} to {np.nanmax(heat.error):.3f} (eps {args.eps})")
-    print(f"time: {time.perf_counter() - start:.1f} s on {device}; results: {out.resolve()}")
-    return out
+def _default_folder(args: argparse.Namespace, command: str, loaded=None) -> Path:
+    """outputs/frequency_analysis/<command>/<model>_<dataset>[_<transform>]_<run>."""
+    loaded = loaded or load_source(source_from_args(args))
+    return default_output_dir(
+        loaded.hparams["net"], loaded.datamodule, loaded.info.path, root=f"{OUTPUT_ROOT}/{command}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    warnings.filterwarnings("ignore", message=r".*(LeafSpec|does not have many workers).*")
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     try:
         args = build_parser().parse_args(argv)
         torch.manual_seed(args.seed)
-        run(args, argv)
+        start = time.perf_counter()
+        out = {"map2d": run_map2d, "random": run_random, "heatmap": run_heatmap}[args.command](args, argv)
+        if out is not None:  # rank 0 (ranks > 0 of map2d / random return None)
+            print(f"time: {time.perf_counter() - start:.1f} s; results: {out.resolve()}")
     except InputError as err:  # anything else is a bug: its traceback is shown
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
+        return input_error(err)
     return 0
 
 

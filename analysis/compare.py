@@ -1,6 +1,6 @@
 """Compare margin runs: per-subspace medians, interquartile ranges, ratios and paired Wilcoxon tests.
 
-Runs are result folders read with `margins.results.read_margin_results` (margins [S, N], converged, indices [N]).
+Runs are result folders read with `margins.results.read_report` (margins [S, N], converged, indices [N]).
 The first run is the reference: ratios are `median(run) / median(reference)` per subspace, and the paired
 Wilcoxon signed-rank test (`scipy.stats.wilcoxon`, two-sided, on all samples, converged or not, as the medians)
 compares each run with the reference per subspace - only when both hold the SAME samples (the same set of dataset
@@ -18,8 +18,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from scipy.stats import wilcoxon
 
+from analysis.export import read_run
 from common.errors import InputError
-from margins.results import read_margin_results
 
 COLUMNS = (
     "subspace", "run", "median", "q25", "q75", "ratio_to_reference", "wilcoxon_statistic", "wilcoxon_p",
@@ -41,12 +41,9 @@ def load_runs(run_dirs: list[str | Path], names: list[str] | None = None) -> lis
         raise InputError(f"{len(names)} names for {len(run_dirs)} runs; give one name per run")
     runs = []
     for i, path in enumerate(run_dirs):
-        try:
-            data = read_margin_results(path)
-        except (FileNotFoundError, ValueError) as err:
-            raise InputError(f"cannot read margin results in {path}: {' '.join(str(err).split())}") from err
+        report = read_run(Path(path))
         name = names[i] if names else Path(path).resolve().name
-        runs.append(Run(name, data["margins"], data["converged"], data["indices"]))
+        runs.append(Run(name, report.margins, report.converged, report.indices))
     shapes = {r.margins.shape[0] for r in runs}
     if len(shapes) > 1:
         raise InputError(f"runs have different numbers of subspaces {sorted(shapes)}; compare runs of one family")

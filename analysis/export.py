@@ -1,10 +1,10 @@
 """Per-sample CSV export of a margin result folder: one row per (subspace, sample).
 
-Columns: sample_index, label, predicted, subspace, margin, converged, iterations, perturbed_label. The first,
-`subspace`, `margin` and `converged` come from the folder's set (read with `read_margin_results`); the others from
-optional files written beside it - labels.npy [N] (ground truth), predicted.npy [N] (clean prediction),
-iterations.npy [S, N], perturbed_labels.npy [S, N] - and are written EMPTY where the folder lacks the file (older
-folders). Rows are ordered subspace-major (all samples of subspace 0, then subspace 1, ...).
+Columns: sample_index, label, predicted, subspace, margin, converged, iterations, perturbed_label, read with
+`margins.results.read_report`: `label` is the true label (targets.npy), `predicted` the clean prediction; columns a
+folder has no file for (folders of older versions) are written EMPTY; folders of older frequency_analysis.py
+versions hold their true labels in labels.npy, which is read instead. Rows are ordered subspace-major (all samples of
+subspace 0, then subspace 1, ...).
 """
 
 from __future__ import annotations
@@ -15,43 +15,47 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import InputError
-from margins.results import read_margin_results
+from margins.results import MarginReport, read_report
 
 COLUMNS = ("sample_index", "label", "predicted", "subspace", "margin", "converged", "iterations", "perturbed_label")
-OPTIONAL_FILES = {  # column -> (file, per subspace?)
-    "label": ("labels.npy", False),
-    "predicted": ("predicted.npy", False),
-    "iterations": ("iterations.npy", True),
-    "perturbed_label": ("perturbed_labels.npy", True),
-}
 DEFAULT_NAME = "margins_per_sample.csv"
+LEGACY_LABELS = "labels.npy"  # true labels in folders of older frequency_analysis.py versions
 
 
-def read_optional(run_dir: Path, shape: tuple[int, int]) -> dict[str, np.ndarray | None]:
-    """Optional per-sample arrays broadcast to [S, N] (None where the file is absent); InputError on a bad shape."""
+def read_run(run_dir: Path) -> MarginReport:
+    """The folder's report; InputError when it cannot be read."""
+    try:
+        return read_report(run_dir)
+    except (FileNotFoundError, ValueError) as err:
+        raise InputError(f"cannot read margin results in {run_dir}: {' '.join(str(err).split())}") from err
+
+
+def optional_columns(report: MarginReport, run_dir: Path) -> dict[str, np.ndarray | None]:
+    """label, predicted, iterations, perturbed_label as [S, N] arrays (None where the folder lacks them)."""
+    shape = report.margins.shape
+    targets = report.targets
+    if targets is None and (run_dir / LEGACY_LABELS).is_file():
+        targets = np.load(run_dir / LEGACY_LABELS, allow_pickle=False)
+    columns = {
+        "label": targets,
+        "predicted": report.predicted,
+        "iterations": report.iterations,
+        "perturbed_label": report.perturbed_labels,
+    }
     out = {}
-    for column, (name, per_subspace) in OPTIONAL_FILES.items():
-        path = run_dir / name
-        if not path.is_file():
-            out[column] = None
-            continue
-        values = np.load(path, allow_pickle=False)
-        expected = shape if per_subspace else shape[1:]
-        if values.shape != expected:
-            raise InputError(f"{path} has shape {values.shape}, expected {expected} for margins of shape {shape}")
-        out[column] = np.broadcast_to(values, shape)
+    for name, values in columns.items():
+        if values is not None and np.shape(values) not in (shape, shape[1:]):
+            raise InputError(f"{run_dir}: {name} has shape {np.shape(values)}, margins {shape}")
+        out[name] = None if values is None else np.broadcast_to(values, shape)
     return out
 
 
 def export_per_sample_csv(run_dir: str | Path, output: str | Path | None = None) -> Path:
     """Write the per-sample CSV of `run_dir` (default `<run_dir>/margins_per_sample.csv`); returns its path."""
     run_dir = Path(run_dir)
-    try:
-        data = read_margin_results(run_dir)
-    except (FileNotFoundError, ValueError) as err:
-        raise InputError(f"cannot read margin results in {run_dir}: {' '.join(str(err).split())}") from err
-    margins, converged, indices = data["margins"], data["converged"], data["indices"]
-    optional = read_optional(run_dir, margins.shape)
+    report = read_run(run_dir)
+    margins, converged, indices = report.margins, report.converged, report.indices
+    optional = optional_columns(report, run_dir)
     output = Path(output) if output is not None else run_dir / DEFAULT_NAME
     output.parent.mkdir(parents=True, exist_ok=True)
     with output.open("w", newline="") as handle:

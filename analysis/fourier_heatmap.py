@@ -1,4 +1,4 @@
-"""Fourier heat map of a classifier (Yin et al., NeurIPS 2019; REFERENCE §10).
+"""Fourier heat map of a classifier (Yin et al., NeurIPS 2019).
 
 For every 2-D frequency (i, j) of an H x W image, `U(i, j)` is the real Fourier basis image
 `cos(2 pi (i y / H + j x / W))` scaled to unit L2 norm (its FFT is non-zero only at (i, j) and its conjugate twin

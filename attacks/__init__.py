@@ -1,13 +1,17 @@
 """Attacks as small objects independent of training code (pure PyTorch).
 
-- `SubspaceDeepFool`: margins along subspaces (the paper's measurement), batched over samples and subspaces;
-  `precision_record` describes its arithmetic for result files; `model_device` is the device of a model.
+- `SubspaceDeepFool`: margins along subspaces (the paper's measurement), batched over samples and subspaces; its
+  device-specific kernels live in `attacks.kernels` (`prepare_model`).
+- `SubspaceFMN`: a second margin estimator, the minimum-norm attack FMN constrained to each subspace (same interface).
+- `RowResult`, `MarginResult`: what margin estimators return; `precision_record` describes their arithmetic for
+  result files; `model_device` is the device of a model.
 - `L2PGD`: L2 projected gradient ascent for adversarial training and robust accuracy.
 - `exact_projection` (closed form), `dykstra_projection` (Dykstra's algorithm), `Projection`: the projection onto
   {L2 ball} ∩ {valid images} (also after a flip).
 """
 
-from attacks.deepfool import MarginResult, PassStats, RowResult, SubspaceDeepFool, model_device, precision_record
+from attacks.common import MarginResult, RowResult, model_device, precision_record
+from attacks.deepfool import PassStats, SubspaceDeepFool
 from attacks.dykstra import (
     Projection,
     dykstra_projection,
@@ -16,19 +20,25 @@ from attacks.dykstra import (
     project_flipped_box,
     project_l2_ball,
 )
+from attacks.fmn import SubspaceFMN
+from attacks.kernels import KERNELS, PreparedModel, prepare_model
 from attacks.pgd import L2PGD
 
 __all__ = [
+    "KERNELS",
     "L2PGD",
     "MarginResult",
     "PassStats",
+    "PreparedModel",
     "Projection",
     "RowResult",
     "SubspaceDeepFool",
+    "SubspaceFMN",
     "dykstra_projection",
     "exact_projection",
     "model_device",
     "precision_record",
+    "prepare_model",
     "project_box",
     "project_flipped_box",
     "project_l2_ball",

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks.deepfool import _EvalMode
+from attacks.common import EvalMode as _EvalMode
 from attacks.dykstra import BoxProjection, Projection, project_box, project_flipped_box
-from attacks.fast_convs import fast_convolutions
+from attacks.kernels.convolutions import native_stem_gradients
 from frequency.transforms import flip
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -56,8 +56,8 @@ class L2PGD:
         use_best: return, per sample, the iterate with the highest loss (MadryLab's `use_best`) instead of the last.
         generator: default `torch.Generator` for the random start (same device as the inputs).
         native_stem_grad: on CPU, input gradients of image-stem convolutions (at most 4 input channels) come from
-            PyTorch's native kernel instead of oneDNN's, 4x faster there (`attacks.fast_convs`; LeNet's PGD step
-            takes half the time). Values equal up to float rounding.
+            PyTorch's native kernel instead of oneDNN's, 4x faster there (`attacks.kernels.convolutions`; LeNet's
+            PGD step takes half the time). Values equal up to float rounding.
 
     Call: `attack(model, x, y, generator=None) -> x_adv` with `x: [B, C, H, W]` in the model's input space (pixels
     in [0, 1], or their flip when `flipped=True`; normalisation is inside the model) and `y: [B]` int64 labels.
@@ -116,7 +116,7 @@ class L2PGD:
             torch.inference_mode(False),
             torch.enable_grad(),
             _EvalMode(model),
-            fast_convolutions(model, stem_grad, False),
+            native_stem_gradients(model, stem_grad),
         ):
             x, y = x.detach().clone(), y.detach().clone()
             self._check_clean_input(x)

@@ -1,57 +1,80 @@
-"""Margin engine vs the release's per-sample loop, foolbox, and itself with each speed idea switched off.
+"""The margin engine against the release's per-sample loop, its own floor, its kernels switched off one at a time,
+foolbox, and (with --baseline) another checkout's engine, all in one run.
 
-Two per-sample loops are timed: the release's cost structure (`benchmarks/release_form.py`: one `.backward()` per
-candidate logit, parameter gradients included, dense bases; what "x release" divides) and the lean loop the tests
-use (`tests/deepfool_reference.py`: input gradients only; "x loop"). Both give the same margins.
+Lines per case (float32; CUDA when present):
+- `release form`: the per-sample loop with the release's cost structure (`attacks.reference`, `release_cost=True`:
+  one `.backward()` per candidate logit, parameter gradients included, dense bases): "x release" divides its time.
+  `lean loop`: the same loop with input gradients only (the tests' reference): "x loop".
+- `engine`: `SubspaceDeepFool()` (kernels "auto"); `kernels off`: the model as written; `-name`: every kernel but
+  `name` (its own gain, the ablation of docs/ENGINE.md); `share_first_step off`, `refill off`: the two algorithmic
+  ideas switched off.
+- `floor`: the same model forward and input-gradient passes, at the same batch sizes as the engine's run (its
+  `PassStats.passes`), run outside the engine on the plain model: what any batched implementation of the release's
+  algorithm pays for its passes alone. "/floor" divides a line's time by it.
+- `baseline (subprocess)` (--baseline DIR): the engine of the checkout DIR, timed in a fresh process
+  (`benchmarks/engine_timer.py`) on the same model and inputs, beside `engine (subprocess)`, this checkout's engine
+  timed the same way. --subprocess-memory: fresh processes with `keep_freed_memory` (glibc keeps freed memory) and
+  with glibc's default malloc, to measure what keeping freed memory buys (ResNet-50's case).
+Cases: LeNet briefly trained on real MNIST, 100 samples x 21 DCT subspaces (8x8, step 1); ResNet-18-MNIST
+(BatchNorm, briefly trained) 20 x 21; full space, LeNet, 1000 samples (with foolbox's batched L2DeepFool when
+installed); ResNet-50 at 224x224, random weights, 2 x 14 subspaces (16x16, step 16). Times are CPU seconds of the
+process that ran them (`time.process_time`, robust to other processes sharing the cores; wall seconds on CUDA); the
+variants of a case run round robin, in a new shuffled order each round, and the fastest run of each is shown. One
+thread by default. `fill` = images per model pass / batch size. Margin differences are relative to the lean loop
+(to the engine where there is no loop).
 
-Cases (float32, CUDA when present): LeNet trained briefly on real MNIST, 100 samples x 21 DCT subspaces
-(block 8, step 1); ResNet-18-MNIST (BatchNorm, briefly trained) 20 x 21; full space, LeNet, 1000 samples
-(with foolbox's batched L2DeepFool when installed); ResNet-50 at 224x224 with random weights, 2 x 14
-subspaces (block 16, step 16) for scale. Times are CPU seconds of this process (`time.process_time`,
-robust to other processes sharing the cores; on CUDA, wall seconds) and wall seconds; speed-ups and rows/s
-use the former, within this run. One thread by default: with two, the batch-1 ops of the loop lose time to
-OpenMP overhead (measured: loop wall time 112 s -> 207 s on LeNet), which inflates speed-ups. `fill` = images per model
-pass / batch_size. Margin differences are relative to the loop (to the engine's defaults where there is
-no loop). "all off" is the previous engine's algorithm (batched over rows, none of the ideas). foolbox is
-optional (`pip install foolbox`).
-
-    python benchmarks/bench_deepfool.py [--quick] [--no-ablations] [--threads 1] [--repeats 2] [--device cpu]
-        [--cases lenet,resnet18,full,resnet50] [--data-dir ../shared/data] [--keep-freed-memory]
+    python benchmarks/bench_deepfool.py [--quick] [--no-ablations] [--repeats 2] [--threads 1] [--device cpu]
+        [--cases lenet,resnet18,full,resnet50] [--baseline ../old-checkout] [--subprocess-memory] [--data-dir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import random
+import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-from attacks.deepfool import IDEAS_OFF, SubspaceDeepFool, precision_record  # noqa: E402
-from benchmarks.release_form import release_form_margins  # noqa: E402
-from common.memory import keep_freed_memory  # noqa: E402
+from attacks.common import precision_record  # noqa: E402
+from attacks.deepfool import PassStats, SubspaceDeepFool  # noqa: E402
+from attacks.kernels import KERNELS  # noqa: E402
+from attacks.reference import dct_block_basis, reference_margins  # noqa: E402
 from frequency import DCTBlockSubspaces, FullSpace, SubspaceFamily  # noqa: E402
 from models import Normalize, NormalizedModel, build_model  # noqa: E402
-from tests.deepfool_reference import dct_block_basis, reference_deepfool  # noqa: E402
 
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+@dataclass
+class Timing:
+    cpu: float  # CPU seconds (wall seconds on CUDA)
+    wall: float
+    margins: torch.Tensor | None = None
+    iterations: torch.Tensor | None = None
+    stats: PassStats | None = None
+
+
+# ---- models and data ------------------------------------------------------------------------------------------
 def mnist_tensors(data_dir: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """MNIST images [N, 1, 28, 28] in [0, 1] and labels [N], or None when absent."""
-    from torchvision.datasets import MNIST
+    """MNIST images [N, 1, 28, 28] in [0, 1] and labels [N] from the raw idx files, or None when absent."""
+    from datamodules.mnist import read_mnist, resolve_mnist_root
 
     try:
-        ds = MNIST(root=str(data_dir), train=train, download=False)
-    except RuntimeError:
+        images, labels = read_mnist(resolve_mnist_root(data_dir), train)
+    except (FileNotFoundError, RuntimeError):
         return None
-    return ds.data.unsqueeze(1).float() / 255.0, ds.targets
+    return images.unsqueeze(1).float() / 255.0, labels
 
 
 def mnist_model(
@@ -80,6 +103,7 @@ def mnist_model(
     return model, images
 
 
+# ---- timed things ---------------------------------------------------------------------------------------------
 def timed(fn: Callable[[], object], device: torch.device) -> tuple[object, float, float]:
     """`(fn(), seconds, wall_seconds)`: seconds are CPU seconds of this process, wall seconds on CUDA."""
     if device.type == "cuda":
@@ -89,7 +113,48 @@ def timed(fn: Callable[[], object], device: torch.device) -> tuple[object, float
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    return out, (wall if device.type == "cuda" else cpu), wall  # CPU time means little while a GPU works
+    return out, (wall if device.type == "cuda" else cpu), wall
+
+
+def engine_run(attack: SubspaceDeepFool, model, x, family, device) -> Timing:
+    result, cpu, wall = timed(lambda: attack(model, x, family), device)
+    return Timing(cpu, wall, result.margins, result.iterations, attack.last_stats)
+
+
+def floor_run(model: torch.nn.Module, x: torch.Tensor, passes: list[tuple[str, int]], candidates: int, device):
+    """The passes of an engine run, replayed on the plain model: clean and check passes as no-grad forwards,
+    gradient passes as a forward and `candidates - 1` input-gradient backward passes, on images of `x`."""
+
+    def replay() -> None:
+        for kind, size in passes:
+            points = x[torch.arange(size, device=x.device) % x.shape[0]]
+            if kind != "gradient":
+                with torch.no_grad():
+                    model(points)
+                continue
+            points = points.detach().requires_grad_(True)
+            f = model(points)[:, :candidates]
+            for k in range(1, candidates):
+                torch.autograd.grad((f[:, k] - f[:, 0]).sum(), points, retain_graph=k < candidates - 1)
+
+    _, cpu, wall = timed(replay, device)
+    return Timing(cpu, wall)
+
+
+def subprocess_run(repo: Path, case_file: Path, engine: dict, threads: int, keep_freed: bool) -> Timing:
+    """One engine call of the checkout `repo` in a fresh process (`benchmarks/engine_timer.py`)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "margins.pt"
+        timer = str(REPO / "benchmarks" / "engine_timer.py")
+        cmd = [sys.executable, timer, "--repo", str(repo), "--case", str(case_file), "--engine", json.dumps(engine),
+               "--out", str(out), "--threads", str(threads)]  # fmt: skip
+        if keep_freed:
+            cmd.append("--keep-freed-memory")
+        done = subprocess.run(cmd, capture_output=True, text=True, cwd=repo)
+        if done.returncode:
+            raise RuntimeError(f"engine_timer.py failed in {repo}:\n{done.stderr[-2000:]}")
+        timing = json.loads(done.stdout.strip().splitlines()[-1])
+        return Timing(timing["cpu"], timing["wall"], torch.load(out))
 
 
 def dense_bases(family: SubspaceFamily, x: torch.Tensor) -> list[torch.Tensor | None]:
@@ -100,127 +165,114 @@ def dense_bases(family: SubspaceFamily, x: torch.Tensor) -> list[torch.Tensor | 
     return [dct_block_basis(shape, s * family.step, family.block).to(x) for s in range(len(family))]
 
 
-def loop_form(
-    model: torch.nn.Module, x: torch.Tensor, bases: list[torch.Tensor | None]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The lean per-sample loop: one DeepFool run per (subspace, sample) with a dense basis; margins and
-    iterations [S, N]."""
-    margins = torch.empty(len(bases), len(x), dtype=torch.float64)
-    iterations = torch.empty(len(bases), len(x), dtype=torch.long)
-    for s, basis in enumerate(bases):
-        for n in range(len(x)):
-            pert, iters, _ = reference_deepfool(model, x[n], basis)
-            margins[s, n], iterations[s, n] = pert.norm().item(), iters
-    return margins, iterations
-
-
-# The ideas of engine versions 3 and 4, all off: version 2. (IDEAS_OFF: the engine before issue 11, version 1.)
-SINCE_VERSION_2 = {
-    "stem_projection": False,
-    "fold_batchnorm": False,
-    "channels_last_body": False,
-    "fast_batchnorm": False,
-    "fast_maxpool": False,
-}
-
-
-def variants() -> dict[str, dict]:
-    """The engine's defaults, then each idea switched to its other setting, then every idea off."""
-    return {
-        "engine (defaults)": {},
-        "share_first_step=False": {"share_first_step": False},
-        "batched_grads=True": {"batched_grads": True},
-        "refill=False": {"refill": False},
-        "native_stem_grad=False": {"native_stem_grad": False},
-        "unroll_small_convs=False": {"unroll_small_convs": False},
-        "stem_projection=False": {"stem_projection": False},
-        "fold_batchnorm=False": {"fold_batchnorm": False},
-        "channels_last_body=False (version 3)": {"channels_last_body": False},
-        "fast_batchnorm=False": {"fast_batchnorm": False},
-        "fast_maxpool=False": {"fast_maxpool": False},
-        "version 3 and 4 ideas off (version 2)": SINCE_VERSION_2,
-        "channels_last=True": {"channels_last": True},
-        "all off (previous engine)": IDEAS_OFF,
+# ---- one case -------------------------------------------------------------------------------------------------
+def variants(ablations: bool, names: list[str] | None) -> dict[str, Callable[[], SubspaceDeepFool]]:
+    """The in-process engine variants: defaults, kernels off, and (ablations) each kernel of `names` (None: all, and
+    the two algorithmic ideas) switched off."""
+    out: dict[str, Callable[[], SubspaceDeepFool]] = {
+        "engine": SubspaceDeepFool,
+        "kernels off": lambda: SubspaceDeepFool(kernels="off"),
     }
+    if ablations:
+        for name in names or KERNELS:
+            out[f"-{name}"] = lambda name=name: SubspaceDeepFool(kernels=[k for k in KERNELS if k != name])
+        for idea in ("share_first_step", "refill") if names is None else ():
+            out[f"{idea} off"] = lambda idea=idea: _without(idea)
+    return out
 
 
-def relative(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a.double().cpu() - b.double().cpu()).abs() / b.double().cpu().clamp_min(1e-12)
+def _without(idea: str) -> SubspaceDeepFool:
+    attack = SubspaceDeepFool()
+    setattr(attack, idea, False)
+    return attack
 
 
 HEADER = (
-    f"{'variant':40s} {'cpu s':>8s} {'wall s':>8s} {'rows/s':>10s} {'x rel.':>7s} {'x loop':>7s} {'passes':>7s}"
-    f" {'fill':>5s}  vs reference"
+    f"{'variant':34s} {'cpu s':>8s} {'wall s':>8s} {'rows/s':>9s} {'x rel.':>7s} {'x loop':>7s} {'/floor':>7s}"
+    f" {'passes':>7s} {'fill':>5s}  vs reference"
 )
 
 
-def report(name: str, rows: int, cpu: float, wall: float, loops: dict, extra: str, stats=None) -> None:
-    """One line; `loops`: CPU seconds of the release form ("release") and the lean loop ("loop") when timed."""
-    ratios = " ".join(f"{loops[k] / cpu:7.1f}" if loops.get(k) else f"{'-':>7s}" for k in ("release", "loop"))
+def report(name: str, rows: int, run: Timing, loops: dict, floor: float | None, extra: str) -> None:
+    ratios = " ".join(f"{loops[k] / run.cpu:7.1f}" if loops.get(k) else f"{'-':>7s}" for k in ("release", "loop"))
+    per_floor = f"{run.cpu / floor:7.2f}" if floor else f"{'-':>7s}"
+    stats = run.stats
     passes = f"{stats.gradient_passes + stats.check_passes:7d} {stats.fill:5.2f}" if stats else f"{'-':>7s} {'-':>5s}"
-    print(f"{name:40s} {cpu:8.2f} {wall:8.2f} {rows / cpu:10.3g} {ratios} {passes}  {extra}", flush=True)
+    line = f"{name:34s} {run.cpu:8.2f} {run.wall:8.2f} {rows / run.cpu:9.3g} {ratios} {per_floor} {passes}  {extra}"
+    print(line, flush=True)
 
 
-def compare(margins: torch.Tensor, iterations: torch.Tensor | None, ref: tuple[torch.Tensor, torch.Tensor]) -> str:
-    rel = relative(margins, ref[0])
+def compare(margins: torch.Tensor, iterations: torch.Tensor | None, ref: Timing) -> str:
+    rel = (margins.double().cpu() - ref.margins.double().cpu()).abs() / ref.margins.double().cpu().clamp_min(1e-12)
     text = f"margin rel. diff median {rel.median():.1e} max {rel.max():.1e}"
-    if iterations is not None:
-        text += f", iterations equal {float((iterations.cpu() == ref[1]).float().mean()):.3f}"
+    if iterations is not None and ref.iterations is not None:
+        text += f", iterations equal {float((iterations.cpu() == ref.iterations.cpu()).float().mean()):.3f}"
     return text
 
 
-def run_case(
-    title: str,
-    model: torch.nn.Module,
-    x: torch.Tensor,
-    family: SubspaceFamily,
-    device: torch.device,
-    with_loop: bool,
-    names: list[str] | None = None,
-    foolbox: bool = False,
-    repeats: int = 2,
-) -> None:
-    rows = x.shape[0] * len(family)
-    print(f"\n== {title}: {x.shape[0]} samples x {len(family)} subspaces = {rows} rows ==")
-    print(HEADER)
+def run_case(title: str, model, x, family, family_spec: list, args, with_loop: bool, ablations: list[str] | None):
+    device, rows = torch.device(args.device), x.shape[0] * len(family)
+    print(f"\n== {title}: {x.shape[0]} samples x {len(family)} subspaces = {rows} rows ==\n{HEADER}")
     loops, reference = {}, None
     if with_loop:
         bases = dense_bases(family, x)  # built once, outside both timings
-        reference, loops["loop"], wall = timed(lambda: loop_form(model, x, bases), device)
-        release, loops["release"], release_wall = timed(lambda: release_form_margins(model, x, bases), device)
-        report(
-            "release form (per-sample loop)",
-            rows,
-            loops["release"],
-            release_wall,
-            loops,
-            compare(release, None, reference),
-        )
-        report("lean per-sample loop (tests)", rows, loops["loop"], wall, loops, "reference")
-    chosen = {name: kwargs for name, kwargs in variants().items() if names is None or name in names}
-    attacks = {name: SubspaceDeepFool(**kwargs) for name, kwargs in chosen.items()}
-    runs = {name: [] for name in chosen}
-    order, shuffle = list(attacks), random.Random(0)
-    for _ in range(repeats):  # round robin: a slow spell of a shared machine hits every variant alike
-        shuffle.shuffle(order)  # in a new order each round: the same neighbour can cost a variant up to 20%
-        for name in order:
-            runs[name].append(timed(lambda attack=attacks[name]: attack(model, x, family), device))
-    for name, attack in attacks.items():
-        result, cpu, wall = min(runs[name], key=lambda run: run[1])  # the least disturbed run
-        if reference is None:
-            reference = (result.margins, result.iterations)  # no loop: later variants compare to the engine
-            iterations, converged = result.iterations.float().mean(), result.converged.float().mean()
-            extra = f"iterations mean {iterations:.2f}, converged {converged:.3f}"
+        (margins, iterations), loops["loop"], wall = timed(lambda: reference_margins(model, x, bases), device)
+        reference = Timing(loops["loop"], wall, margins, iterations)
+        (release, _), loops["release"], release_wall = timed(lambda: reference_margins(model, x, bases, True), device)
+        report("release form (per-sample loop)", rows, Timing(loops["release"], release_wall), loops, None,
+               compare(release, None, reference))  # fmt: skip
+        report("lean per-sample loop", rows, reference, loops, None, "reference")
+    chosen = variants(not args.no_ablations and ablations != [], ablations)
+    probe = SubspaceDeepFool()
+    probe(model, x, family)  # the engine's passes, replayed by the floor; warms caches for everybody
+    plain = model.eval().requires_grad_(False)
+    runners: dict[str, Callable[[], Timing]] = {
+        name: (lambda make=make: engine_run(make(), model, x, family, device)) for name, make in chosen.items()
+    }
+    runners["floor"] = lambda: floor_run(plain, x, probe.last_stats.passes, probe.num_candidates, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        case_file = Path(tmp) / "case.pt"
+        torch.save({"model": model, "x": x, "family": family_spec}, case_file)
+        for label, repo, keep in subprocess_variants(args):
+            runners[label] = lambda repo=repo, keep=keep: subprocess_run(repo, case_file, {}, args.threads, keep)
+        runs = round_robin(runners, args.repeats)
+    floor = runs["floor"].cpu
+    for name, run in runs.items():
+        if reference is None and run.margins is not None:
+            reference = run  # no loop: the other lines compare to the engine
+            extra = "reference"
         else:
-            extra = compare(result.margins, result.iterations, reference)
-        report(name, rows, cpu, wall, loops, extra, attack.last_stats)
-        if name.startswith("engine"):
-            engine, engine_cpu = result, cpu
-    if foolbox:
-        run_foolbox(model, x, device, engine, engine_cpu)
+            extra = compare(run.margins, run.iterations, reference) if run.margins is not None else ""
+        report(name, rows, run, loops, None if name == "floor" else floor, extra)
+    return runs
 
 
-def run_foolbox(model: torch.nn.Module, x: torch.Tensor, device: torch.device, engine, engine_cpu: float) -> None:
+def subprocess_variants(args) -> list[tuple[str, Path, bool]]:
+    out = []
+    if args.baseline:  # both engines in fresh processes, the same way
+        out.append(("engine (subprocess)", REPO, args.subprocess_memory))
+        out.append(("baseline (subprocess)", Path(args.baseline).resolve(), args.subprocess_memory))
+    if args.subprocess_memory:  # with --baseline, kept memory is the setting of the two lines above
+        out.append(("engine, glibc malloc (subprocess)", REPO, False))
+        if not args.baseline:
+            out.append(("engine, kept memory (subprocess)", REPO, True))
+        else:
+            out.append(("baseline, glibc malloc (subprocess)", Path(args.baseline).resolve(), False))
+    return out
+
+
+def round_robin(runners: dict[str, Callable[[], Timing]], repeats: int) -> dict[str, Timing]:
+    """Every runner `repeats` times, in a new shuffled order each round; the fastest run of each."""
+    runs: dict[str, list[Timing]] = {name: [] for name in runners}
+    order, shuffle = list(runners), random.Random(0)
+    for _ in range(repeats):
+        shuffle.shuffle(order)
+        for name in order:
+            runs[name].append(runners[name]())
+    return {name: min(timings, key=lambda t: t.cpu) for name, timings in runs.items()}
+
+
+def run_foolbox(model: torch.nn.Module, x: torch.Tensor, device: torch.device, engine: Timing, labels) -> None:
     """foolbox's batched L2DeepFool with the release's settings (10 candidates, overshoot 0.02, 100 steps, logit
     loss). It clips to [0, 1] and runs every sample until all are adversarial, so margins differ slightly."""
     try:
@@ -230,62 +282,62 @@ def run_foolbox(model: torch.nn.Module, x: torch.Tensor, device: torch.device, e
         return
     fmodel = fb.PyTorchModel(model, bounds=(0, 1), device=device)
     attack = fb.attacks.L2DeepFoolAttack(steps=100, candidates=10, overshoot=0.02, loss="logits")
-    criterion = fb.criteria.Misclassification(engine.labels)
+    criterion = fb.criteria.Misclassification(labels)
     (_, clipped, success), cpu, wall = timed(lambda: attack(fmodel, x, criterion, epsilons=None), device)
     margins = (clipped - x).flatten(1).norm(dim=1)[None]
-    rel = relative(margins, engine.margins)
-    extra = (
-        f"engine {cpu / engine_cpu:.1f}x faster; vs engine: margin rel. diff median {rel.median():.1e}; "
-        f"success {success.float().mean():.3f}"
+    extra = f"engine {cpu / engine.cpu:.1f}x faster; success {success.float().mean():.3f}; " + compare(
+        margins, None, engine
     )
-    report("foolbox L2DeepFoolAttack", x.shape[0], cpu, wall, {}, extra)
+    report("foolbox L2DeepFoolAttack", x.shape[0], Timing(cpu, wall), {}, None, extra)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes, a smoke run of every case")
-    parser.add_argument(
-        "--no-ablations", action="store_true", help="only the engine, channels_last=True and every idea off"
-    )
-    parser.add_argument("--repeats", type=int, default=2, help="runs per engine variant; the fastest is shown")
+    parser.add_argument("--no-ablations", action="store_true", help="no kernel / idea ablation lines")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per variant; the fastest is shown")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: shared cores)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument(
-        "--keep-freed-memory", action="store_true", help="glibc keeps freed blocks, for every variant (common.memory)"
-    )
     parser.add_argument("--cases", default="lenet,resnet18,full,resnet50", help="comma-separated subset")
-    parser.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
+    parser.add_argument("--baseline", help="another checkout whose engine is timed beside this one")
+    parser.add_argument(
+        "--subprocess-memory",
+        action="store_true",
+        help="also time the engine in fresh processes with glibc's malloc and with keep_freed_memory",
+    )
+    parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
+    parser.add_argument("--ablations", help="comma-separated kernels to switch off one at a time (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    kept = keep_freed_memory() if args.keep_freed_memory else False
     device, cases = torch.device(args.device), set(args.cases.split(","))
-    short = (
-        ["engine (defaults)", "version 3 and 4 ideas off (version 2)", "all off (previous engine)"]
-        if args.no_ablations
-        else None
-    )
-    print(f"{precision_record(device, torch.float32)}, {torch.get_num_threads()} threads, keep freed memory: {kept}")
-    mnist = DCTBlockSubspaces((1, 28, 28), block=8, step=1, device=device)
+    print(f"{precision_record(device, torch.float32)}, {torch.get_num_threads()} threads")
+    mnist = DCTBlockSubspaces((1, 28, 28), block=8, step=1)
+    mnist_spec = ["dct", (1, 28, 28), 8, 1]
     n_lenet, n_resnet, n_full = (20, 3, 200) if args.quick else (100, 20, 1000)
-    common = {"device": device, "names": short, "repeats": args.repeats}
     if "lenet" in cases or "full" in cases:
         lenet, images = mnist_model("lenet", args.data_dir, 100 if args.quick else 300, device)
     if "lenet" in cases:
-        run_case("LeNet / MNIST", lenet, images[:n_lenet], mnist, with_loop=True, **common)
+        run_case("LeNet / MNIST", lenet, images[:n_lenet], mnist, mnist_spec, args, True, None)
     if "resnet18" in cases:
         resnet, images18 = mnist_model("resnet18_mnist", args.data_dir, 20 if args.quick else 30, device)
-        run_case("ResNet-18 / MNIST", resnet, images18[:n_resnet], mnist, with_loop=True, **common)
+        run_case("ResNet-18 / MNIST", resnet, images18[:n_resnet], mnist, mnist_spec, args, True, None)
     if "full" in cases:
-        full = FullSpace((1, 28, 28))
-        run_case("full space, LeNet / MNIST", lenet, images[:n_full], full, with_loop=False, foolbox=True, **common)
+        full, x = FullSpace((1, 28, 28)), images[:n_full]
+        runs = run_case("full space, LeNet / MNIST", lenet, x, full, ["full", (1, 28, 28)], args, False, [])
+        with torch.no_grad():
+            labels = lenet(x).argmax(1)
+        run_foolbox(lenet, x, device, runs["engine"], labels)
     if "resnet50" in cases:
         torch.manual_seed(0)
         norm = Normalize(IMAGENET_MEAN, IMAGENET_STD, (3, 224, 224))
         resnet50 = NormalizedModel(norm, build_model("resnet50")).to(device).eval()
         x = torch.rand(1 if args.quick else 2, 3, 224, 224, device=device)
-        family = DCTBlockSubspaces((3, 224, 224), block=16, step=16, device=device)
-        names = ["engine (defaults)"] if args.quick else ["engine (defaults)", "channels_last=True"]
-        run_case("ResNet-50 random weights, 224x224", resnet50, x, family, device, False, names, repeats=1)
+        family = DCTBlockSubspaces((3, 224, 224), block=16, step=16)
+        kernels = ["fold_batchnorm", "fast_maxpool", "pool_then_relu", "native_stem_grad", "channels_last_body"]
+        args.repeats = 1 if not args.quick else args.repeats
+        chosen = args.ablations.split(",") if args.ablations else kernels
+        run_case("ResNet-50 random weights, 224x224", resnet50, x, family, ["dct", (3, 224, 224), 16, 16], args,
+                 False, chosen)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ TensorBoard view (rank 0, the first TensorBoardLogger of the trainer), all at th
 
 from __future__ import annotations
 
-import time
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -28,11 +28,23 @@ import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from attacks.deepfool import SubspaceDeepFool
 from frequency import DCTBlockSubspaces
-from margins import figure_to_array, gather_samples, plot_margins, save_margin_report, select_indices
+from margins import figure_to_array, plot_margins, select_indices, write_report
+from margins.chunks import ChunkStore
+from margins.evaluate import make_job, state_sha256
+from margins.guard import Watchdog, remove_markers
 from margins.plot import plot_margin_evolution
-from margins.sharding import chunk_ranges, row_grid, shard_range
+from margins.sharding import chunk_ranges, shard_range
+from margins.work import (
+    CHUNK_DIR,
+    AttackSettings,
+    ChunkWork,
+    MarginJob,
+    RunSettings,
+    merge_chunks,
+    record_device,
+    wait_for_chunks,
+)
 
 MARGIN_LAYOUT = {
     "margin": {
@@ -41,7 +53,6 @@ MARGIN_LAYOUT = {
         "clean accuracy and not-converged rows": ["Multiline", [r"margin/clean_acc", r"margin/not_converged"]],
     }
 }
-FIELDS = ("margins", "converged", "iterations", "predicted", "targets")  # rows of the gathered [5, R] buffer
 
 
 class MarginCallback(L.Callback):
@@ -54,18 +65,23 @@ class MarginCallback(L.Callback):
         measure_at_fit_end: also measure the final model when `fit` ends (last epoch, EarlyStopping, max_time),
             unless the last validation already measured it.
         on_test: also measure at the end of `test` runs.
-        subspace_block, subspace_step: DCT block settings (default: the datamodule's, REFERENCE §3).
+        subspace_dim, subspace_step: DCT block side and step (default: the datamodule's, the paper's settings).
         max_iter, overshoot: DeepFool settings (release: 100, 0.02).
-        batch_size: rows (sample, subspace) per attack batch; also the chunk shared out under DDP.
+        chunk_rows: (sample, subspace) rows per chunk, attacked as one batch: the unit shared out under DDP.
+        threads: CPU threads while measuring (float bits depend on them: pinned, so 1 and k processes agree).
+        kernels: the engine's kernels, "auto" or "off" (`attacks.kernels`).
         band_width: subspaces in the low and in the high band (capped at half the subspaces).
         log_figure: log the paper's plot `margin/distribution` and the history image `margin/evolution`.
+        progress: a progress bar on rank 0 while measuring.
         enabled: False turns the callback off (`--margin.enabled false`).
 
-    Work is split in chunks of `batch_size` sample-major rows (`margins.sharding`); each rank attacks its
-    contiguous share of chunks, each chunk alone with only its own samples, so results are bit-identical for
-    any number of processes (a rank may get no chunk). Every rank makes the same fixed-size all_gather calls.
-    Only rank 0 writes `<log_dir>/margins/epoch_XXX/` (`test_epoch_XXX` in test runs) and logs to TensorBoard.
-    The median history (`margin/evolution`) is part of `state_dict`, so a resumed run keeps it.
+    The measurement runs the chunk work of `evaluate_margin.py` (`margins.work.ChunkWork`): the rows are cut into
+    chunks of `chunk_rows` sample-major rows, each rank attacks its contiguous share of the pending chunks (each
+    chunk alone, with only its own samples) and commits them to `<log_dir>/margins/<run>/chunks/`, and rank 0
+    merges them into the same result files, so results are bit-identical for any number of processes and equal
+    `evaluate_margin.py` on the same weights. The margins are computed in float32 whatever the trainer's precision
+    (mixed-precision autocast is switched off around the attack). Only rank 0 writes the report and logs to
+    TensorBoard. The median history (`margin/evolution`) is part of `state_dict`, so a resumed run keeps it.
     """
 
     def __init__(
@@ -75,22 +91,26 @@ class MarginCallback(L.Callback):
         every_n_epochs: int = 1,
         measure_at_fit_end: bool = True,
         on_test: bool = True,
-        subspace_block: int | None = None,
+        subspace_dim: int | None = None,
         subspace_step: int | None = None,
         max_iter: int = 100,
         overshoot: float = 0.02,
-        batch_size: int = 512,
+        chunk_rows: int = 512,
+        threads: int = 1,
+        kernels: str = "auto",
         band_width: int = 3,
         log_figure: bool = True,
+        progress: bool = True,
         enabled: bool = True,
     ):
-        if every_n_epochs < 1 or num_samples < 1 or band_width < 1:
-            raise ValueError("every_n_epochs, num_samples and band_width must be >= 1")
+        if every_n_epochs < 1 or num_samples < 1 or band_width < 1 or threads < 1:
+            raise ValueError("every_n_epochs, num_samples, band_width and threads must be >= 1")
         self.num_samples, self.seed, self.every_n_epochs, self.on_test = num_samples, seed, every_n_epochs, on_test
         self.measure_at_fit_end, self.band_width = measure_at_fit_end, band_width
-        self.subspace_block, self.subspace_step = subspace_block, subspace_step
-        self.attack = SubspaceDeepFool(overshoot=overshoot, max_iter=max_iter, batch_size=batch_size)
-        self.log_figure, self.enabled = log_figure, enabled
+        self.subspace_dim, self.subspace_step = subspace_dim, subspace_step
+        self.attack = AttackSettings(overshoot=overshoot, max_iter=max_iter, chunk_rows=chunk_rows, kernels=kernels)
+        self.attack.check()
+        self.threads, self.log_figure, self.progress, self.enabled = threads, log_figure, progress, enabled
         self.history: dict[int, list[float]] = {}  # epoch -> median margin per subspace
         self._reset_fit_state()
 
@@ -140,7 +160,8 @@ class MarginCallback(L.Callback):
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.on_test and self.enabled:
-            self.measure(trainer, pl_module, f"test_epoch_{trainer.current_epoch:03d}", log_step(trainer))
+            epoch = trainer.current_epoch
+            self.measure(trainer, pl_module, f"test_epoch_{epoch:03d}", log_step(trainer), None, epoch)
 
     # ---- work --------------------------------------------------------------------------------------------
     def measure(
@@ -150,89 +171,82 @@ class MarginCallback(L.Callback):
         run_name: str,
         step: int | None = None,
         epoch: int | None = None,
+        folder_epoch: int | None = None,
     ) -> Path | None:
-        """Measure this rank's chunks, gather on every rank, write and log on rank 0 at `step` (default: the
-        current Lightning log step); `epoch` given: record the medians in the history. Must be called on every
+        """Measure on every rank (each its share of the chunks), merge, write and log on rank 0 at `step` (default:
+        the current Lightning log step); `epoch` given: record the medians in the history. Must be called on every
         rank. Returns the output dir on rank 0."""
         step = log_step(trainer) if step is None else step
+        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "margins" / run_name  # a broadcast: all ranks
+        job = self._job(trainer, pl_module, out_dir, run_name, epoch if epoch is not None else folder_epoch)
+        device = pl_module.device
+        record_device(job, device.type, self.threads)
+        store = ChunkStore(out_dir / CHUNK_DIR)
+        chunks = chunk_ranges(len(job.indices) * len(job.subspaces), self.attack.chunk_rows)
+        run = RunSettings(threads=self.threads, progress=self.progress and trainer.is_global_zero)
+        work = ChunkWork(job, self.attack, run, store, chunks)
+        rank = trainer.global_rank
+        with torch.inference_mode(False), work.process(device), Watchdog(store.root, rank, trainer.world_size) as dog:
+            pending = trainer.strategy.broadcast(self._pending(work) if trainer.is_global_zero else None, src=0)
+            mine = [pending[i] for i in shard_range(len(pending), rank, trainer.world_size)]
+            if trainer.is_global_zero:
+                work.start_progress(pending, f"margins {run_name}")
+            try:
+                for batch in work.loader(mine, device):
+                    work.commit(work.attack(batch, device), rank)
+            finally:
+                work.close_progress()
+            dog.done()
+            if not trainer.is_global_zero:
+                return None  # no collective: this rank goes on training, rank 0 merges what every rank committed
+            wait_for_chunks(store, chunks, work.fingerprint)
+        remove_markers(store.root)
+        report = merge_chunks(job, store, chunks)
+        if epoch is not None:
+            self.history[epoch] = np.median(report.margins, axis=1).tolist()
+        write_report(out_dir, report, title=job.title)
+        logger = _tensorboard_logger(trainer)
+        if logger is not None:
+            wrong = report.predicted != report.targets
+            self._log_tensorboard(trainer, pl_module, logger, report.margins, report.converged, wrong, run_name, step)
+        return out_dir
+
+    def _job(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, out_dir: Path, run_name: str, epoch: int | None
+    ) -> MarginJob:
         datamodule = trainer.datamodule
         dataset = datamodule.margin_dataset()
         indices = select_indices(len(dataset), min(self.num_samples, len(dataset)), self.seed)
         subspaces = DCTBlockSubspaces(
             datamodule.image_shape,
-            self.subspace_block or datamodule.subspace_block,
+            self.subspace_dim or datamodule.subspace_block,
             self.subspace_step or datamodule.subspace_step,
         )
-        start = time.perf_counter()
-        rows = self._attack_shard(pl_module, dataset, indices, subspaces, trainer.global_rank, trainer.world_size)
-        elapsed = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
-        full = _gather_rows(pl_module, rows, self._shard_sizes(len(indices) * len(subspaces), trainer.world_size))
-        seconds = float(_all_gather(pl_module, elapsed.reshape(1, 1), trainer.world_size).max())
-        margins, converged, iterations, predicted, targets = _unpack(full, len(indices), len(subspaces))
-        if epoch is not None:
-            self.history[epoch] = np.median(margins.numpy(), axis=1).tolist()
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "margins" / run_name  # a broadcast: all ranks
-        if not trainer.is_global_zero:
-            return None
-        settings = self._settings(trainer, pl_module, subspaces, run_name)
-        save_margin_report(
-            out_dir, margins, converged, iterations, indices, predicted, targets, settings, seconds, title=run_name
-        )
-        logger = _tensorboard_logger(trainer)
-        if logger is not None:
-            wrong = (predicted != targets).numpy()
-            self._log_tensorboard(trainer, pl_module, logger, margins, converged, wrong, run_name, step)
-        return out_dir
-
-    def _shard_sizes(self, total_rows: int, world: int) -> list[int]:
-        """Rows attacked by each rank: its contiguous share of the chunks."""
-        chunks = chunk_ranges(total_rows, self.attack.batch_size)
-        return [sum(len(chunks[c]) for c in shard_range(len(chunks), r, world)) for r in range(world)]
-
-    def _attack_shard(
-        self, model: L.LightningModule, dataset: Any, indices: np.ndarray, subspaces: DCTBlockSubspaces, rank, world
-    ) -> torch.Tensor:
-        """This rank's rows as a float64 CPU buffer [5, R] (FIELDS), R possibly 0."""
-        chunks = chunk_ranges(len(indices) * len(subspaces), self.attack.batch_size)
-        parts = [
-            self._attack_chunk(model, dataset, indices, subspaces, chunks[c])
-            for c in shard_range(len(chunks), rank, world)
-        ]
-        return torch.cat(parts, dim=1) if parts else torch.empty(len(FIELDS), 0, dtype=torch.float64)
-
-    def _attack_chunk(
-        self, model: L.LightningModule, dataset: Any, indices: np.ndarray, subspaces: DCTBlockSubspaces, rows: range
-    ) -> torch.Tensor:
-        """Rows `rows` (sample-major) attacked as one batch holding only their own samples: [5, len(rows)]."""
-        samples, subs = row_grid(len(indices), len(subspaces), rows)
-        used = sorted(set(samples))
-        position = {n: i for i, n in enumerate(used)}
-        local = torch.tensor([position[n] for n in samples], dtype=torch.long)
-        x, y = gather_samples(dataset, indices[used])
-        result = self.attack.attack_rows(model, x, subspaces, local, torch.tensor(subs, dtype=torch.long))
-        values = (result.margins, result.converged, result.iterations, result.labels, y[local])
-        return torch.stack([v.detach().cpu().to(torch.float64) for v in values])
-
-    def _settings(self, trainer: L.Trainer, pl_module: L.LightningModule, subspaces: DCTBlockSubspaces, run: str):
-        return {
+        model = pl_module.model
+        settings = {
             "source": "MarginCallback",
-            "run": run,
-            "epoch": trainer.current_epoch,
+            "run": run_name,
+            "epoch": epoch,
             "global_step": trainer.global_step,
             "world_size": trainer.world_size,
-            "num_samples": self.num_samples,
+            "trainer_precision": str(trainer.precision),
+            "model": _public(pl_module.hparams),
+            "data": _public(datamodule.hparams),
+            "checkpoint_sha256": state_sha256(model),
+            "dataset": getattr(datamodule, "name", type(datamodule).__name__),
+            "transform": datamodule.hparams.get("transform", "none"),
             "seed": self.seed,
-            "subspace": "dct",
-            "subspace_block": subspaces.block,
-            "subspace_step": subspaces.step,
-            "num_subspaces": len(subspaces),
-            "overshoot": self.attack.overshoot,
-            "max_iter": self.attack.max_iter,
-            "num_candidates": self.attack.num_candidates,
-            "chunk_rows": self.attack.batch_size,
-            "model": dict(pl_module.hparams),
-            "data": dict(trainer.datamodule.hparams),
         }
+        title = _describe(pl_module, datamodule)
+        return make_job(model, dataset, indices, subspaces, out_dir, self.attack, settings, title)
+
+    def _pending(self, work: ChunkWork) -> list[int]:
+        """Rank 0: the chunk ids still to attack; a folder left by other weights or settings starts again."""
+        manifest = work.store.read_manifest()
+        if manifest is not None and manifest.get("fingerprint") != work.job.fingerprint:
+            print(f"note: {work.job.output_dir} held another measurement; measuring again", file=sys.stderr)
+            work.store.reset()
+        return work.prepare_folder()
 
     # ---- TensorBoard (rank 0 only: no collectives below) -------------------------------------------------
     def _log_tensorboard(
@@ -240,8 +254,8 @@ class MarginCallback(L.Callback):
         trainer: L.Trainer,
         pl_module: L.LightningModule,
         logger: TensorBoardLogger,
-        margins: torch.Tensor,
-        converged: torch.Tensor,
+        margins: np.ndarray,
+        converged: np.ndarray,
         misclassified: np.ndarray,
         run: str,
         step: int,
@@ -250,7 +264,7 @@ class MarginCallback(L.Callback):
         if self._layout_dir != logger.log_dir:
             writer.add_custom_scalars(MARGIN_LAYOUT)
             self._layout_dir = logger.log_dir
-        values = margins.numpy()
+        values = margins
         medians = np.median(values, axis=1)  # the same medians as summary.json's median_margin_all
         low, high = band_medians(values, self.band_width)
         for s in range(values.shape[0]):
@@ -260,7 +274,7 @@ class MarginCallback(L.Callback):
         writer.add_scalar("margin/band_median/high", high, step)
         writer.add_scalar("margin/not_converged", int((~converged).sum()), step)
         if self.log_figure:
-            self._log_figures(writer, pl_module, trainer, values, converged.numpy(), misclassified, run, step)
+            self._log_figures(writer, pl_module, trainer, values, converged, misclassified, run, step)
         metrics = {"margin/high_over_low": high / low if low > 0 else float("nan")}
         metrics["margin/clean_acc"] = float(1.0 - misclassified.mean())
         if run.startswith("test_"):
@@ -292,7 +306,7 @@ class MarginCallback(L.Callback):
             "every_n_epochs": self.every_n_epochs,
             "max_iter": self.attack.max_iter,
             "overshoot": self.attack.overshoot,
-            "subspace_block": self.subspace_block or trainer.datamodule.subspace_block,
+            "subspace_dim": self.subspace_dim or trainer.datamodule.subspace_block,
             "subspace_step": self.subspace_step or trainer.datamodule.subspace_step,
             "band_width": self.band_width,
         }
@@ -330,30 +344,6 @@ def _describe(pl_module: L.LightningModule, datamodule: Any) -> str:
 
 def _tensorboard_logger(trainer: L.Trainer) -> TensorBoardLogger | None:
     return next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
-
-
-def _all_gather(pl_module: L.LightningModule, value: torch.Tensor, world: int) -> torch.Tensor:
-    """[world, *value.shape] on the CPU; no collective when world == 1."""
-    if world == 1:
-        return value.unsqueeze(0)
-    return pl_module.all_gather(value.to(pl_module.device)).cpu()
-
-
-def _gather_rows(pl_module: L.LightningModule, own: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-    """All ranks' row buffers `[5, sizes[rank]]`, padded to `max(sizes)` for one fixed-size all_gather, then
-    concatenated in rank order: [5, sum(sizes)], the rows in sample-major order."""
-    width = max(sizes)
-    padded = torch.nn.functional.pad(own, (0, width - own.shape[1]))
-    gathered = _all_gather(pl_module, padded, len(sizes))
-    return torch.cat([gathered[r, :, : sizes[r]] for r in range(len(sizes))], dim=1)
-
-
-def _unpack(rows: torch.Tensor, num_samples: int, num_subspaces: int) -> tuple[torch.Tensor, ...]:
-    """Sample-major rows [5, N * S] -> margins [S, N] float64, converged [S, N] bool, iterations [S, N] int64,
-    predicted [N] and targets [N] int64."""
-    grid = rows.view(len(FIELDS), num_samples, num_subspaces)
-    margins, converged, iterations = grid[0].T.contiguous(), grid[1].T.bool(), grid[2].T.long()
-    return margins, converged, iterations, grid[3, :, 0].long(), grid[4, :, 0].long()
 
 
 __all__ = ["MARGIN_LAYOUT", "MarginCallback", "band_medians", "log_step"]

@@ -1,12 +1,12 @@
-"""The datasets behind the datamodules, without Lightning: frequency transforms, normalisation, splits.
+"""The base LightningDataModules: frequency transforms, normalisation, splits, seeded dataloaders.
 
-`FrequencyData` (and `TensorData` for in-memory datasets) describe a dataset completely: its hyperparameters
-(`hparams`), image shape, classes, DCT subspace settings, normalisation and train/val/test datasets. Each dataset
-subclasses them once (`datamodules.mnist.MNISTData`, ...); the LightningDataModules (`datamodules.modules`) add
-Lightning's hyperparameter recording, dataloaders and downloads on top of these classes, so the margin evaluation
-can build the same test data without importing Lightning.
+`FrequencyDataModule` (and `TensorDataModule` for in-memory datasets) describe a dataset completely: its
+hyperparameters (`hparams`, Lightning's `save_hyperparameters`), image shape, classes, DCT subspace settings,
+normalisation, train/val/test datasets and dataloaders. Each dataset subclasses them once
+(`datamodules.mnist.MNISTDataModule`, ...) and adds its download in `prepare_data`.
 
-Frequency transforms (REFERENCE §4), applied to images `[C, H, W]` (or batches) in the model's input space:
+Frequency transforms (the paper's and its supplementary material's), applied to images `[C, H, W]` (or batches)
+in the model's input space:
 
 - ``none``: pixels in [0, 1].
 - ``flip``: `IDCT(reverse(DCT(x)))` over both frequency axes (`frequency.flip`).
@@ -34,12 +34,12 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
+import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from common.errors import InputError
 from frequency import FILTERS, DCTBlockSubspaces, flip
@@ -111,39 +111,6 @@ def split_indices(n: int, val_split: int, seed: int) -> tuple[torch.Tensor, torc
     return perm[val_split:].sort().values, perm[:val_split].sort().values
 
 
-class HParams(dict):
-    """Hyperparameters with attribute access (`hp.transform`), like Lightning's `AttributeDict`."""
-
-    def __getattr__(self, key: str) -> Any:
-        try:
-            return self[key]
-        except KeyError as err:
-            raise AttributeError(f"no hyperparameter {key!r}") from err
-
-    def __setattr__(self, key: str, value: Any) -> None:
-        self[key] = value
-
-
-def constructor_arguments(frame: FrameType | None, obj: object) -> dict[str, Any]:
-    """The arguments of every `__init__` of `obj` on the stack from `frame` outwards, in signature order with
-    `**kwargs` spread, a subclass's value winning over its base's: what Lightning's `save_hyperparameters`
-    collects (a test checks both agree), without Lightning."""
-    arguments: dict[str, Any] = {}
-    while frame is not None and frame.f_code.co_name == "__init__" and frame.f_locals.get("self") is obj:
-        local = frame.f_locals
-        if "__class__" not in local:
-            break
-        for name, parameter in inspect.signature(local["__class__"].__init__).parameters.items():
-            if name == "self" or parameter.kind is parameter.VAR_POSITIONAL:
-                continue
-            if parameter.kind is parameter.VAR_KEYWORD:
-                arguments.update(local[name])
-            else:
-                arguments[name] = local[name]
-        frame = frame.f_back
-    return arguments
-
-
 def build_from(registry: Mapping[str, type], dataset: str, kwargs: Mapping[str, Any]) -> Any:
     """`registry[dataset](**kwargs)`; keys starting with "_" (LightningCLI's `_class_path`, `_instantiator` in
     checkpoint hparams) are ignored. ValueError for an unknown name."""
@@ -153,10 +120,11 @@ def build_from(registry: Mapping[str, type], dataset: str, kwargs: Mapping[str, 
     return registry[key](**{k: v for k, v in kwargs.items() if not k.startswith("_")})
 
 
-class FrequencyData:
-    """A dataset in the model's input space, without Lightning; base of the datamodules. Subclasses set `name`
-    (registry key), `MEAN`/`STD` (per channel), `subspace_block`/`subspace_step` (REFERENCE §3), and implement
-    `image_shape`, `num_classes` and datasets. `hparams` records `dataset` and every constructor argument.
+class FrequencyDataModule(L.LightningDataModule):
+    """A dataset in the model's input space; base of the datamodules (LightningCLI's `--data` base class).
+    Subclasses set `name` (registry key), `MEAN`/`STD` (per channel), `subspace_block`/`subspace_step` (the paper's
+    DCT block settings), and implement `image_shape`, `num_classes` and datasets. `hparams` records `dataset` and
+    every constructor argument.
 
     Args:
         data_dir: directory holding the dataset (layout per subclass).
@@ -194,7 +162,11 @@ class FrequencyData:
         if unknown:
             raise TypeError(f"{type(self).__name__} got unexpected arguments {sorted(unknown)}")
         super().__init__()
-        self._save_hparams(inspect.currentframe())
+        self.save_hyperparameters()
+        # a rebuild from a checkpoint passes `dataset` among the base's arguments: drop it so that it comes last again
+        # (hparams are updated in place), as in a fresh datamodule
+        self.hparams.pop("dataset", None)
+        self.save_hyperparameters(self._recorded_hparams())
         check_transform(transform)
         if transform in FILTERS and not 0 < bandwidth <= min(self.image_shape[1:]):
             raise ValueError(
@@ -210,19 +182,6 @@ class FrequencyData:
         self.frequency_transform = FrequencyTransform(transform, bandwidth)
         self._norm_stats: tuple[Any, Any] | None = None
 
-    @property
-    def hparams(self) -> HParams:
-        """`dataset` and the constructor arguments (the DataModules keep Lightning's `hparams` instead)."""
-        if "_hparams" not in vars(self):
-            self._hparams = HParams()
-        return self._hparams
-
-    def _save_hparams(self, frame: FrameType | None) -> None:
-        """Record the constructor arguments found from `frame` (the base `__init__`) as `hparams`, then
-        `_recorded_hparams` on top. The DataModules do this through Lightning's `save_hyperparameters`."""
-        self.hparams.update(constructor_arguments(frame, self))
-        self.hparams.update(self._recorded_hparams())
-
     def _recorded_hparams(self) -> dict[str, Any]:
         """The registry name (so checkpoints, which store dict(hparams), say which dataset was used) and the
         canonical values of the constructor arguments."""
@@ -233,9 +192,10 @@ class FrequencyData:
         """Every constructor argument, including those a subclass forwards to its bases through `**kwargs`."""
         names: set[str] = set()
         for klass in cls.__mro__:
-            if isinstance(klass, type) and issubclass(klass, FrequencyData) and "__init__" in vars(klass):
-                names |= set(inspect.signature(klass.__init__).parameters)
-        return names - {"self", "kwargs"}
+            if isinstance(klass, type) and issubclass(klass, FrequencyDataModule) and "__init__" in vars(klass):
+                parameters = inspect.signature(klass.__init__).parameters.values()
+                names |= {p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)}
+        return names - {"self"}
 
     def _canonical_hparams(self, hparams: dict[str, Any]) -> dict[str, Any]:
         """Hook: canonical types of hyperparameters (e.g. CLI lists -> tuples), so they compare equal to the
@@ -264,7 +224,7 @@ class FrequencyData:
         return self.NUM_CLASSES
 
     def subspaces(self, device: torch.device | str = "cpu") -> DCTBlockSubspaces:
-        """The DCT block subspace family of REFERENCE §3 for this dataset's images."""
+        """The DCT block subspace family of the paper for this dataset's images."""
         return DCTBlockSubspaces(self.image_shape, self.subspace_block, self.subspace_step, device)
 
     # ---- normalisation -----------------------------------------------------------------------------------
@@ -303,8 +263,47 @@ class FrequencyData:
         """Test split in the model's input space (transformed, unnormalised, eval transforms); items (x, y)."""
         return self.test_set
 
+    # ---- Lightning -----------------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        """Load (never download) what `stage` needs; raises DatasetNotFoundError if the files are missing."""
+        if stage in (None, "fit"):
+            _ = self.train_set, self.val_set
+        if stage == "validate":
+            _ = self.val_set
+        if stage in (None, "test", "predict"):
+            _ = self.test_set
 
-class TensorData(FrequencyData):
+    def _loader(self, dataset: Dataset, train: bool) -> DataLoader:
+        hp = self.hparams
+        pin = torch.cuda.is_available() if hp.pin_memory is None else hp.pin_memory
+        # seeded shuffle (single device; under DDP Lightning's DistributedSampler replaces it). The generator
+        # advances across epochs; if loaders are rebuilt every epoch, the epoch keeps the orders distinct.
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        generator = torch.Generator().manual_seed(int(hp.seed) + 1_000_003 * epoch) if train else None
+        return DataLoader(
+            dataset,
+            batch_size=hp.batch_size if train else (hp.eval_batch_size or hp.batch_size),
+            shuffle=train,
+            generator=generator,
+            num_workers=hp.num_workers,
+            pin_memory=pin,
+            persistent_workers=hp.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+
+class TensorDataModule(FrequencyDataModule):
     """Datasets held in memory as float tensors `[N, C, H, W]`, frequency-transformed once at load time.
 
     Subclasses implement `_load_split(train) -> (x: [N, C, H, W] float32, y: [N] int64)` (untransformed).

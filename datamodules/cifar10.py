@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from datamodules.base import DatasetNotFoundError, TensorData
+from datamodules.base import DatasetNotFoundError, TensorDataModule
 
 FOLDER = "cifar-10-batches-py"  # torchvision's CIFAR10.base_folder
 FILES = (*(f"data_batch_{i}" for i in range(1, 6)), "test_batch", "batches.meta")  # its train, test and meta files
@@ -34,8 +34,9 @@ def resolve_cifar10_root(data_dir: str | Path) -> Path:
     )
 
 
-class CIFAR10Data(TensorData):
-    """CIFAR-10 as in-memory float tensors `[N, 3, 32, 32]` in [0, 1] (before the frequency transform).
+class CIFAR10DataModule(TensorDataModule):
+    """CIFAR-10 as in-memory float tensors `[N, 3, 32, 32]` in [0, 1] (before the frequency transform); downloads
+    with download=True.
 
     50000 training / 10000 test images. Files are md5-checked by torchvision. Subspaces: 8x8 blocks, step 2 (13).
     """
@@ -62,3 +63,10 @@ class CIFAR10Data(TensorData):
             ) from err
         x = torch.from_numpy(np.ascontiguousarray(dataset.data)).permute(0, 3, 1, 2).contiguous().float().div_(255.0)
         return x, torch.as_tensor(dataset.targets, dtype=torch.long)
+
+    def prepare_data(self) -> None:
+        """Download (only with download=True) into `<data_dir>/cifar-10-batches-py`."""
+        if self.hparams.download:
+            from torchvision.datasets import CIFAR10
+
+            CIFAR10(root=str(self.data_path), train=True, download=True)

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import Dataset, Subset
 
-from datamodules.base import DatasetNotFoundError, FrequencyData, split_indices
+from datamodules.base import DatasetNotFoundError, FrequencyDataModule, split_indices
 
 HOW_TO_GET = (
     "Expected image folders <data_dir>/train/<class>/*.JPEG and <data_dir>/val/<class>/*.JPEG (validation images "
@@ -28,7 +29,7 @@ HOW_TO_GET = (
 )
 
 
-class ImageNetData(FrequencyData):
+class ImageNetDataModule(FrequencyDataModule):
     """ImageNet (3 x image_size x image_size). Train: RandomResizedCrop(image_size) + RandomHorizontalFlip;
     eval: Resize(resize) + CenterCrop(image_size); then ToTensor ([0, 1]) and the frequency transform.
     Subspaces: 16x16 DCT blocks, step 16 (14 for 224)."""
@@ -48,7 +49,7 @@ class ImageNetData(FrequencyData):
     ):
         if image_size < 1 or resize < image_size:
             raise ValueError(f"need 1 <= image_size <= resize, got image_size={image_size}, resize={resize}")
-        super().__init__(data_dir=data_dir, **kwargs)  # FrequencyData arguments
+        super().__init__(data_dir=data_dir, **kwargs)  # FrequencyDataModule arguments
         self._classes: list[str] | None = None
         self._datasets: dict[str, Dataset] = {}
 
@@ -126,3 +127,7 @@ class ImageNetData(FrequencyData):
     @property
     def test_set(self) -> Dataset:
         return self._folder("val", False)
+
+    def prepare_data(self) -> None:
+        if self.hparams.download:
+            rank_zero_warn(f"download=True is ignored for ImageNet. {HOW_TO_GET}")

@@ -1,5 +1,5 @@
 """MNIST (1x28x28, 10 classes) in memory, read from torchvision's raw idx files (or its legacy processed files);
-no augmentation (release). Reading needs no torchvision (only the download in `MNISTDataModule` does)."""
+no augmentation (release). Reading needs no torchvision (only the download in `prepare_data` does)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from datamodules.base import DatasetNotFoundError, TensorData
+from datamodules.base import DatasetNotFoundError, TensorDataModule
 
 RAW_FILES = (
     "train-images-idx3-ubyte",
@@ -74,10 +74,9 @@ def read_mnist(root: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
     return read_idx(raw / f"{prefix}-images-idx3-ubyte"), read_idx(raw / f"{prefix}-labels-idx1-ubyte").long()
 
 
-class MNISTData(TensorData):
-    """MNIST as in-memory float tensors `[N, 1, 28, 28]` in [0, 1] (before the frequency transform).
-
-    60000 training / 10000 test images. Subspaces: DCT blocks 8x8, step 1 (21 subspaces).
+class MNISTDataModule(TensorDataModule):
+    """MNIST as in-memory float tensors `[N, 1, 28, 28]` in [0, 1] (before the frequency transform); downloads with
+    download=True. 60000 training / 10000 test images. Subspaces: DCT blocks 8x8, step 1 (21 subspaces).
     """
 
     name = "mnist"
@@ -92,3 +91,11 @@ class MNISTData(TensorData):
         images, labels = read_mnist(resolve_mnist_root(self.data_path), train)
         x = images.unsqueeze(1).float().div_(255.0)  # uint8 [N, 28, 28] -> [N, 1, 28, 28] in [0, 1]
         return x, torch.as_tensor(labels, dtype=torch.long)
+
+    def prepare_data(self) -> None:
+        """Download (only with download=True) into `<data_dir>/MNIST/raw`."""
+        if self.hparams.download:
+            from torchvision.datasets import MNIST
+
+            for train in (True, False):
+                MNIST(root=str(self.data_path), train=train, download=True)

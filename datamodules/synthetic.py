@@ -1,4 +1,4 @@
-"""Synthetic linearly separable data with one discriminative direction (REFERENCE §8).
+"""Synthetic linearly separable data with one discriminative direction (the generator of the authors' follow-up work).
 
 `x = y * (eps / 2) * v + w` with `y = 2 * label - 1` in {-1, +1}, `v` a unit vector of shape `image_shape`, and
 `w ~ N(0, sigma^2 (I - v v^T))` (Gaussian noise with its component along `v` removed), so `<x, v> = y * eps / 2`
@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from datamodules.base import TensorData, channel_stats, derived_seed
+from datamodules.base import TensorDataModule, channel_stats, derived_seed
 from frequency import idct2
 
 DIRECTIONS = ("dct", "random")
@@ -60,7 +60,7 @@ def generate(n: int, v: torch.Tensor, eps: float, sigma: float, seed: int) -> tu
     return x.float().reshape(n, *v.shape), labels.long()
 
 
-class SyntheticData(TensorData):
+class SyntheticDataModule(TensorDataModule):
     """Synthetic two-class data of `image_shape` (module docstring); `direction: [C, H, W]` is the unit vector v.
 
     Subspaces: 8x8 DCT blocks with step 2 (the CIFAR-10 setting, 13 subspaces for 32x32); for images with a side
@@ -90,7 +90,7 @@ class SyntheticData(TensorData):
                 f"need num_train, num_test >= 2 and eps, sigma >= 0; got num_train={num_train}, "
                 f"num_test={num_test}, eps={eps}, sigma={sigma}"
             )
-        super().__init__(data_dir=data_dir, **kwargs)  # FrequencyData arguments
+        super().__init__(data_dir=data_dir, **kwargs)  # FrequencyDataModule arguments
         shape = self.image_shape
         if direction == "dct":
             row, col = (int(i) for i in direction_index)

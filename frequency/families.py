@@ -32,7 +32,7 @@ def build_subspace_family(
 ) -> SubspaceFamily:
     """The subspace family `kind` for images `image_shape = (C, H, W)`.
 
-    dct: diagonal DCT blocks `block x block`, step `step` (REFERENCE §3). full: the whole space (1 subspace).
+    dct: diagonal DCT blocks `block x block`, step `step` (the paper's). full: the whole space (1 subspace).
     grid: `block x block` DCT blocks on a 2-D grid with stride `step` (`DCTGridSubspaces`).
     random: `count` seeded random subspaces of the DCT blocks' dimension `block*block*C` (default count: the
     number of diagonal DCT blocks for `block`, `step`); `method` "auto" | "qr" | "hartley" (`RandomSubspaces`).

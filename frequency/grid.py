@@ -5,7 +5,7 @@
 (dimension `k*k*C`). Subspace number `s = a * grid_shape[1] + b` (row-major). Like `DCTBlockSubspaces` it never forms
 dense bases: the block's basis is separable, `coords = D_h[rows] g D_w[cols]^T`. On 28x28 MNIST, 8x8 blocks with
 stride 4 give a 6 x 6 grid (36 subspaces). The point reflection of the spectrum (both frequency axes reversed, the
-frequency flip of REFERENCE §4) maps grid position `(a, b)` to `(A-1-a, B-1-b)` exactly when `(H - k) % stride == 0`
+frequency flip of the paper) maps grid position `(a, b)` to `(A-1-a, B-1-b)` exactly when `(H - k) % stride == 0`
 and `(W - k) % stride == 0`.
 """
 

@@ -1,4 +1,4 @@
-"""Linear subspaces of the input space and their orthogonal projectors (REFERENCE §3).
+"""Linear subspaces of the input space and their orthogonal projectors (the paper's DCT subspaces).
 
 A `SubspaceFamily` holds S subspaces of the space of images `[C, H, W]` and projects a batch of
 vectors, each onto its own subspace: `project(g: [B, C, H, W], index: [B]) -> [B, C, H, W]`, as
@@ -114,7 +114,7 @@ class SeparableBlockFamily(SubspaceFamily):
 
 class DCTBlockSubspaces(SeparableBlockFamily):
     """The diagonal DCT block family: subspace s spans the atoms in `[i, i+k) x [i, i+k)`, `i = s*step`,
-    for every channel; dimension `k*k*C`. REFERENCE settings: MNIST k=8 step=1 (21), CIFAR-10 k=8 step=2
+    for every channel; dimension `k*k*C`. The paper's settings: MNIST k=8 step=1 (21), CIFAR-10 k=8 step=2
     (13), ImageNet k=16 step=16 (14)."""
 
     def __init__(self, image_shape: tuple[int, int, int], block: int, step: int, device: torch.device | str = "cpu"):

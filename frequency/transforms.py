@@ -1,4 +1,4 @@
-"""Frequency transforms of images in the DCT domain (REFERENCE §4).
+"""Frequency transforms of images in the DCT domain (the paper's frequency flip and filters).
 
 Filters keep the DCT coefficients of `x: [..., H, W]` where a bool mask `[H, W]` is True (every channel and batch
 item alike) and transform back: `IDCT(mask * DCT(x))`. Row index = vertical frequency, column = horizontal.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def triangular_lr(step: int, total_steps: int, peak_lr: float, peak_fraction: float = 0.4) -> float:
-    """Learning rate of optimizer step `step` (0-based) out of `total_steps` (release recipe, REFERENCE §5).
+    """Learning rate of optimizer step `step` (0-based) out of `total_steps` (the original release's recipe).
 
     Piecewise linear in training progress `t = (step + 1) / total_steps`: 0 at t = 0, `peak_lr` at
     t = `peak_fraction`, 0 at t = 1. Like the release, step `i` uses the rate at the end of its own batch.

@@ -1,56 +1,27 @@
-"""Margin experiments shared by `evaluate_margin.py` and the Lightning margin callback (pure Python/PyTorch).
+"""Margin experiments: one driver for every margin command (evaluate_margin.py, frequency_analysis.py, the
+Lightning margin callback).
 
-- measure: choose samples (`select_indices`, `load_indices`, `gather_samples`) and run the attack
-  (`measure_margins` -> `MarginRun`).
-- results: `summarize`, atomic `write_margin_results`, `read_margin_results`.
-- report: `save_margin_report`, the one writer used by evaluate_margin.py and the callback.
+- measure: choose samples (`select_indices`, `load_indices`, `gather_samples`).
+- inputs: model and data from a checkpoint (`ModelSource`, `load_model_and_data`), subspaces (`SubspaceSpec`).
+- work: the chunk work shared by every driver (`ChunkWork`, `AttackSettings`, `RunSettings`, `merge_chunks`).
+- evaluate: `evaluate_margins`, the Python entry point (through Lightning's `Trainer.predict`).
+- results: the report schema `MarginReport`, its one writer `write_report`, `read_report`, `summarize`.
 - plot: the paper's plot `plot_margins`, `save_figure`, `figure_to_array`.
-
-The names of plot, report and results are imported on first use (module `__getattr__`), and results imports
-matplotlib only when it draws a figure, so `import margins` for measuring does not load matplotlib.
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import Any
-
-from margins.measure import MarginRun, gather_samples, load_indices, measure_margins, select_indices
-
-_LAZY = {
-    "figure_to_array": "margins.plot",
-    "plot_margins": "margins.plot",
-    "save_figure": "margins.plot",
-    "save_margin_report": "margins.report",
-    "read_margin_results": "margins.results",
-    "summarize": "margins.results",
-    "write_margin_results": "margins.results",
-}
+from margins.measure import gather_samples, load_indices, select_indices
+from margins.plot import figure_to_array, plot_margins, save_figure
+from margins.results import MarginReport, read_report, summarize, write_report
 
 __all__ = [
-    "MarginRun",
+    "MarginReport",
     "figure_to_array",
     "gather_samples",
     "load_indices",
-    "measure_margins",
     "plot_margins",
-    "read_margin_results",
+    "read_report",
     "save_figure",
-    "save_margin_report",
     "select_indices",
     "summarize",
-    "write_margin_results",
+    "write_report",
 ]
-
-
-def __getattr__(name: str) -> Any:
-    """Load the plotting/report names on first access (PEP 562)."""
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'margins' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))

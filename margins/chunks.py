@@ -4,15 +4,19 @@ Layout of `<output_dir>/chunks/`:
     manifest.json          every setting of the run and the checkpoint's SHA-256; written once (atomically) by
                            rank 0 before any work. A resume compares its `fingerprint` with the new run's.
     chunk-000012.npz       the rows of chunk 12 (`margins`, `converged`, `iterations`, `perturbed_labels`,
-                           `predicted`, `targets`, `rows` = [start, stop)); written to `.chunk-000012.npz.tmp-<uuid>`,
-                           fsynced, then `os.replace`d (atomic) and the directory fsynced.
-    journal-rank<r>.jsonl  one line per chunk committed by rank r: {"chunk", "file", "sha256"} (and "seconds" in the
-                           engine), appended and fsynced AFTER the chunk file is in place. A chunk counts as
-                           committed only when a journal line lists it and the file's SHA-256 matches that line.
+                           `predicted`, `targets`), which rows they are (`rows` = [start, stop)) and which run wrote
+                           them (`fingerprint`, the SHA-256 of the run's settings: `fingerprint_digest`); written to
+                           `.chunk-000012.npz.tmp-<uuid>`, fsynced, then `os.replace`d (atomic) and the directory
+                           fsynced.
+    journal-rank<r>.jsonl  one line per chunk committed by rank r: {"chunk", "file", "sha256", "fingerprint"} (and
+                           "seconds" in the engine), appended and fsynced AFTER the chunk file is in place.
+A chunk counts as committed only when a journal line lists it, the file's SHA-256 matches that line, and the file
+itself says it holds the expected rows of this run (its fingerprint). So a chunk of another run (other settings,
+other checkpoint, other samples: a folder whose manifest was deleted, a file copied in) is never merged.
 
 A kill before the journal line leaves an unlisted file (recomputed, overwritten atomically); a kill mid-line leaves
-an unparsable line (ignored); a listed file whose bytes changed (disk or user damage) is reported in one line,
-deleted and recomputed. Nothing else is ever deleted, except by `reset` (`--overwrite`).
+an unparsable line (ignored); a listed file whose bytes changed (disk or user damage) or that belongs to another
+run is reported in one line and recomputed. Nothing else is ever deleted, except by `reset` (overwrite).
 """
 
 from __future__ import annotations
@@ -33,18 +37,46 @@ from common.errors import InputError
 
 MANIFEST = "manifest.json"
 CHUNK_FIELDS = ("margins", "converged", "iterations", "perturbed_labels", "predicted", "targets", "rows")
+ROW_FIELDS = CHUNK_FIELDS[:-1]  # one value per row
+
+
+def fingerprint_digest(fingerprint: dict[str, Any]) -> str:
+    """SHA-256 of a run's fingerprint (its canonical JSON): what every chunk of the run carries."""
+    return hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
 
 
 class ResumeMismatchError(InputError):
     """The folder holds a run with other settings or another checkpoint."""
 
 
+class ChunkError(ValueError):
+    """A chunk file that cannot be merged: `reason` says why (no path)."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path} {reason}")
+        self.reason = reason
+
+
 @dataclass
 class ChunkScan:
-    """What is on disk: committed chunk ids (file verified), and one-line notes about damaged chunks."""
+    """What is on disk: committed chunk ids (file verified), and the damaged ones as (path, what is wrong)."""
 
     committed: set[int]
-    problems: list[str]
+    problems: list[tuple[Path, str]]
+
+    def warnings(self) -> list[str]:
+        """One line per kind of damage, naming the chunks ("recomputing" them)."""
+        kinds: dict[str, list[Path]] = {}
+        for path, reason in self.problems:
+            kinds.setdefault(reason, []).append(path)
+        lines = []
+        for reason, paths in kinds.items():
+            if len(paths) == 1:
+                lines.append(f"{paths[0]} {reason}; recomputing it")
+            else:
+                names = ", ".join(p.name for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
+                lines.append(f"{len(paths)} chunks in {paths[0].parent} ({names}): each {reason}; recomputing them")
+        return lines
 
 
 class ChunkStore:
@@ -55,13 +87,20 @@ class ChunkStore:
 
     # ---- manifest --------------------------------------------------------------------------------------
     def read_manifest(self) -> dict[str, Any] | None:
+        """The manifest (a dict with a "fingerprint" dict), None when there is none; ResumeMismatchError when the
+        file is not one."""
         path = self.root / MANIFEST
         if not path.is_file():
             return None
         try:
-            return json.loads(path.read_text())
+            manifest = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ResumeMismatchError(f"{path} is not valid JSON ({err}); pass --overwrite to start again") from err
+            raise ResumeMismatchError(f"{path} is not valid JSON ({err}); overwrite the folder to start again") from err
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("fingerprint"), dict):
+            raise ResumeMismatchError(
+                f"{path} is not a manifest of a margin run (no settings in it); overwrite the folder to start again"
+            )
+        return manifest
 
     def check_compatible(self, fingerprint: dict[str, Any]) -> None:
         """Raise ResumeMismatchError naming the first differing settings if the folder holds another run."""
@@ -76,7 +115,7 @@ class ChunkStore:
             more = f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else ""
             raise ResumeMismatchError(
                 f"{self.root.parent} holds an evaluation with other settings ({shown}{more}); "
-                "pass --overwrite to start again, or choose another --output-dir"
+                "overwrite it (--overwrite, overwrite=True) to start again, or choose another output folder"
             )
 
     def initialise(self, manifest: dict[str, Any]) -> None:
@@ -97,21 +136,38 @@ class ChunkStore:
     def chunk_name(chunk: int) -> str:
         return f"chunk-{chunk:06d}.npz"
 
-    def commit(self, chunk: int, arrays: dict[str, np.ndarray], rank: int, seconds: float | None = None) -> None:
-        """Write chunk `chunk` atomically, then append its journal line (fsynced); `seconds`: its engine time."""
+    def commit(
+        self, chunk: int, arrays: dict[str, np.ndarray], rank: int, fingerprint: str, seconds: float | None = None
+    ) -> None:
+        """Write chunk `chunk` (its rows' arrays and `rows`) with the run's `fingerprint` digest atomically, then
+        append its journal line (fsynced); `seconds`: its engine time."""
         buffer = io.BytesIO()
-        np.savez(buffer, **{k: np.asarray(arrays[k]) for k in CHUNK_FIELDS})
+        np.savez(buffer, fingerprint=np.asarray(fingerprint), **{k: np.asarray(arrays[k]) for k in CHUNK_FIELDS})
         data = buffer.getvalue()
         name = self.chunk_name(chunk)
         atomic_write(self.root / name, data)
-        entry = {"chunk": chunk, "file": name, "sha256": hashlib.sha256(data).hexdigest()}
+        entry = {"chunk": chunk, "file": name, "sha256": hashlib.sha256(data).hexdigest(), "fingerprint": fingerprint}
         if seconds is not None:
             entry["seconds"] = float(seconds)
         _append_line(self.root / f"journal-rank{rank}.jsonl", json.dumps(entry))
 
-    def load(self, chunk: int) -> dict[str, np.ndarray]:
-        with np.load(self.root / self.chunk_name(chunk), allow_pickle=False) as data:
-            return {k: data[k] for k in CHUNK_FIELDS}
+    def load(self, chunk: int, rows: range, fingerprint: str) -> dict[str, np.ndarray]:
+        """The arrays of chunk `chunk`, checked to hold `rows` of the run `fingerprint` (ChunkError otherwise, also
+        for a file numpy cannot read)."""
+        path = self.root / self.chunk_name(chunk)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {k: data[k] for k in (*CHUNK_FIELDS, "fingerprint") if k in data.files}
+        except (OSError, ValueError, EOFError, KeyError) as err:
+            raise ChunkError(path, f"cannot be read ({' '.join(str(err).split())})") from err
+        if str(arrays.get("fingerprint", "")) != fingerprint:
+            raise ChunkError(path, "was written by another run (other settings, checkpoint or samples)")
+        missing = [k for k in CHUNK_FIELDS if k not in arrays]
+        if missing or tuple(arrays["rows"].tolist()) != (rows.start, rows.stop):
+            raise ChunkError(path, f"does not hold its rows [{rows.start}, {rows.stop}) of this run")
+        if any(arrays[k].shape != (len(rows),) for k in ROW_FIELDS):
+            raise ChunkError(path, f"holds arrays of the wrong length for its {len(rows)} rows")
+        return arrays
 
     def journal(self) -> dict[int, dict[str, Any]]:
         """Chunk id -> its entry, from every journal line that parses (the last line for a chunk wins)."""
@@ -141,19 +197,26 @@ class ChunkStore:
                 continue
         return total
 
-    def scan(self, num_chunks: int) -> ChunkScan:
-        """Verify every listed chunk file against its checksum (read-only)."""
+    def scan(self, chunks: list[range], fingerprint: str) -> ChunkScan:
+        """Verify every listed chunk file (read-only): its checksum, and that it holds its rows of the run
+        `fingerprint`."""
         committed, problems = set(), []
         for chunk, digest in sorted(self.listed().items()):
-            if not 0 <= chunk < num_chunks:
+            if not 0 <= chunk < len(chunks):
                 continue
             path = self.root / self.chunk_name(chunk)
             if not path.is_file():
-                problems.append(f"{path} is listed as committed but missing; recomputing it")
-            elif _sha256(path) != digest:
-                problems.append(f"{path} is corrupt (its SHA-256 differs from the journal); recomputing it")
-            else:
-                committed.add(chunk)
+                problems.append((path, "listed as committed but missing"))
+                continue
+            if _sha256(path) != digest:
+                problems.append((path, "corrupt (its SHA-256 differs from the journal)"))
+                continue
+            try:
+                self.load(chunk, chunks[chunk], fingerprint)
+            except ChunkError as err:
+                problems.append((path, err.reason))
+                continue
+            committed.add(chunk)
         return ChunkScan(committed, problems)
 
     def count_present(self) -> set[int]:

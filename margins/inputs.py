@@ -1,13 +1,14 @@
-"""What a margin evaluation measures: model and data from a checkpoint (+ flags), samples, subspaces.
+"""What a margin evaluation measures: model and data from a checkpoint (+ overrides), samples, subspaces.
 
-The data is the checkpoint's datamodule as its Lightning-free data class (`datamodules.FrequencyData`: same
-arguments, hparams, datasets and normalisation), so measuring imports no Lightning. Every function raises
-`common.errors.InputError` (one line naming the problem and the fix) on bad input.
+The data is the checkpoint's datamodule (`datamodules.FrequencyDataModule`: same arguments, hparams, datasets and
+normalisation). Every function raises `common.errors.InputError` (one line naming the problem and the fix) on bad
+input.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,11 @@ import torch
 from torch import nn
 
 from common.errors import InputError
-from datamodules import DATA, FrequencyData, build_data
-from frequency import DCTBlockSubspaces, FullSpace
-from frequency.subspaces import SubspaceFamily
+from datamodules import DATASETS, FrequencyDataModule, build_datamodule
+from frequency.families import FAMILY_KINDS, build_subspace_family
+from frequency.grid import DCTGridSubspaces
+from frequency.random_subspaces import RandomSubspaces
+from frequency.subspaces import BasisSubspaces, DCTBlockSubspaces, FullSpace, SubspaceFamily
 from margins.measure import load_indices, select_indices
 from models import (
     MODEL_NAMES,
@@ -49,11 +52,10 @@ class ModelSource:
 
 @dataclass
 class LoadedSource:
-    """The eval-mode model `[B, C, H, W] -> logits`, its data (the datamodule's Lightning-free class),
-    hyperparameters and checkpoint facts."""
+    """The eval-mode model `[B, C, H, W] -> logits`, its datamodule, hyperparameters and checkpoint facts."""
 
     model: nn.Module
-    datamodule: FrequencyData
+    datamodule: FrequencyDataModule
     hparams: dict[str, Any]
     info: CheckpointInfo
     sha256: str
@@ -72,38 +74,37 @@ def load_source(src: ModelSource) -> LoadedSource:
 
 def load_model_and_data(
     checkpoint: str | Path, data_dir: str | None = None, trusted_pickle: bool = False
-) -> tuple[nn.Module, FrequencyData]:
-    """The eval-mode model `[B, C, H, W] in the data's space -> logits` and the data of this project's
-    checkpoint (its datamodule's `FrequencyData`: datasets, normalisation, hparams; no dataloaders);
-    `data_dir` overrides the recorded one. Raises InputError on bad input."""
+) -> tuple[nn.Module, FrequencyDataModule]:
+    """The eval-mode model `[B, C, H, W] in the data's space -> logits` and the datamodule of this project's
+    checkpoint (datasets, normalisation, hparams); `data_dir` overrides the recorded one. Raises InputError on bad
+    input."""
     loaded = load_source(ModelSource(checkpoint, data_dir=data_dir, trusted_pickle=trusted_pickle))
     return loaded.model, loaded.datamodule
 
 
-def make_datamodule(src: ModelSource, info: CheckpointInfo) -> FrequencyData:
-    """The checkpoint's datamodule as its data class (same dataset and constructor arguments, no Lightning) with
-    the explicit flags on top."""
+def make_datamodule(src: ModelSource, info: CheckpointInfo) -> FrequencyDataModule:
+    """The checkpoint's datamodule (same dataset and constructor arguments) with the explicit overrides on top."""
     recorded = info.data_hparams.get("dataset")
     dataset = src.dataset or recorded
     if dataset is None:
         raise InputError(
             f"{info.path} records no dataset (a raw state_dict has no hyperparameters): pass --model and --dataset"
         )
-    if dataset not in DATA:
-        raise InputError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATA)}")
-    accepted = DATA[dataset].argument_names()
+    if dataset not in DATASETS:
+        raise InputError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    accepted = DATASETS[dataset].argument_names()
     kwargs = {k: v for k, v in info.data_hparams.items() if k in accepted} if dataset == recorded else {}
     for key, value in (("data_dir", src.data_dir), ("transform", src.transform), ("bandwidth", src.bandwidth)):
         if value is not None:
             kwargs[key] = value
     kwargs["download"] = False
     try:
-        return build_data(dataset, **kwargs)
+        return build_datamodule(dataset, **kwargs)
     except (ValueError, TypeError) as err:  # constructor validation of the recorded/flagged arguments
         raise InputError(f"cannot build the {dataset} datamodule: {' '.join(str(err).split())}") from err
 
 
-def margin_dataset(dm: FrequencyData, data_dir_from_checkpoint: bool) -> Any:
+def margin_dataset(dm: FrequencyDataModule, data_dir_from_checkpoint: bool) -> Any:
     """The margin dataset (test split); a missing dataset gets a hint on --data-dir."""
     try:
         return dm.margin_dataset()
@@ -114,7 +115,8 @@ def margin_dataset(dm: FrequencyData, data_dir_from_checkpoint: bool) -> Any:
 
 
 def choose_indices(num_samples: int, seed: int, indices_file: str | None, size: int, name: str) -> np.ndarray:
-    """int64 [N] dataset indices: the file's (in order) or `num_samples` drawn with `seed` (sorted)."""
+    """int64 [N] dataset indices: the file's (in order) or `num_samples` drawn with `seed` (sorted). Errors name
+    the parameter and its flag: `num_samples=500 (--num-samples) is not in [1, 100]`."""
     if indices_file is not None:
         try:
             return load_indices(indices_file, size)
@@ -122,30 +124,97 @@ def choose_indices(num_samples: int, seed: int, indices_file: str | None, size: 
             raise InputError(" ".join(str(err).split())) from err
     if not 0 < num_samples <= size:
         raise InputError(
-            f"--num-samples {num_samples} is not in [1, {size}]: the {name} test split has {size} samples; "
-            f"pass --num-samples <= {size}"
+            f"num_samples={num_samples} (--num-samples) is not in [1, {size}]: the {name} test split has {size} samples"
         )
     return select_indices(size, num_samples, seed)
 
 
-def make_subspaces(
-    kind: str, block: int | None, step: int | None, shape: tuple[int, int, int], dm: FrequencyData
-) -> SubspaceFamily:
-    """DCT block subspaces (defaults per dataset) or the full space (one row)."""
-    if kind == "full":
-        if block is not None or step is not None:
-            raise InputError("--subspace-dim/--subspace-step only apply to --subspace dct; drop them with full")
-        return FullSpace(shape)
-    block = dm.subspace_block if block is None else block
-    step = dm.subspace_step if step is None else step
-    side = min(shape[1:])
-    if not 1 <= block <= side:
+@dataclass
+class SubspaceSpec:
+    """Which subspace family to measure along, resolved against a dataset by `make_subspaces`.
+
+    kind: "dct" (diagonal DCT blocks, the paper's), "full" (the whole input space, one row), "grid" (DCT blocks on a
+    2-D grid of the spectrum), "random" (seeded random subspaces of the DCT blocks' dimension) or "basis" (bases
+    from files). dim: block side k (default: the dataset's); step: block step, or the grid's stride (default: the
+    dataset's step; for grids k // 2); count, seed, method: random subspaces (default count: as many as DCT
+    blocks); bases: .npy/.pt files of [D, k] orthonormal bases.
+    """
+
+    kind: str = "dct"
+    dim: int | None = None
+    step: int | None = None
+    count: int | None = None
+    seed: int = 0
+    method: str = "auto"
+    bases: list[str] = field(default_factory=list)
+
+
+def make_subspaces(spec: SubspaceSpec, dm: FrequencyDataModule) -> SubspaceFamily:
+    """The family `spec` names for the images of `dm` (defaults per dataset); InputError on bad settings."""
+    shape = tuple(dm.image_shape)
+    if spec.kind not in FAMILY_KINDS:
         raise InputError(
-            f"--subspace-dim {block} does not fit the {shape[1]}x{shape[2]} images of {dm.name}: use 1..{side}"
+            f"unknown subspace kind {spec.kind!r} for subspace (--subspace); choose one of {', '.join(FAMILY_KINDS)}"
+        )
+    if spec.kind in ("full", "basis") and (spec.dim is not None or spec.step is not None):
+        raise InputError(
+            f"subspace_dim/subspace_step (--subspace-dim/--subspace-step) do not apply to {spec.kind} subspaces; "
+            "leave them unset"
+        )
+    block = dm.subspace_block if spec.dim is None else spec.dim
+    step = spec.step if spec.step is not None else (max(1, block // 2) if spec.kind == "grid" else dm.subspace_step)
+    side = min(shape[1:])
+    if spec.kind not in ("full", "basis") and not 1 <= block <= side:
+        raise InputError(
+            f"subspace_dim={block} (--subspace-dim) does not fit the {shape[1]}x{shape[2]} images of {dm.name}: use "
+            f"1..{side}"
         )
     if step < 1:
-        raise InputError(f"--subspace-step must be >= 1, got {step}")
-    return DCTBlockSubspaces(shape, block, step)
+        raise InputError(f"subspace_step={step} (--subspace-step) must be >= 1")
+    if spec.count is not None and spec.count < 1:
+        raise InputError(f"count={spec.count} (--count): the number of random subspaces must be >= 1")
+    return build_subspace_family(
+        spec.kind, shape, block, step, count=spec.count, seed=spec.seed, method=spec.method, bases=spec.bases or None
+    )
+
+
+def describe_family(family: SubspaceFamily) -> dict[str, Any]:
+    """What a result folder records about its subspaces: kind, block side and step (or stride), count, the
+    family's repr and the SHA-256 of its tensors (equal families, equal digests)."""
+    kinds = {
+        DCTBlockSubspaces: "dct",
+        DCTGridSubspaces: "grid",
+        RandomSubspaces: "random",
+        BasisSubspaces: "basis",
+        FullSpace: "full",
+    }
+    dims = family.dims
+    return {
+        "subspace": kinds.get(type(family), type(family).__name__),
+        "subspace_block": getattr(family, "block", None),
+        "subspace_step": getattr(family, "step", getattr(family, "stride", None)),
+        "num_subspaces": len(family),
+        "subspace_dims": dims[0] if len(set(dims)) == 1 else dims,
+        "subspace_family": repr(family),
+        "subspace_sha256": _family_sha256(family),
+    }
+
+
+def _family_sha256(family: SubspaceFamily) -> str:
+    digest = hashlib.sha256(type(family).__name__.encode())
+    for name, value in sorted(vars(family).items()):
+        tensors = value if isinstance(value, (list, tuple)) else [value]
+        for tensor in tensors:
+            if isinstance(tensor, torch.Tensor):
+                digest.update(name.encode())
+                digest.update(tensor_bytes(tensor))
+    return digest.hexdigest()
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """The bytes of a tensor's values in row-major order (any strides, any dtype)."""
+    dense = torch.empty(tensor.shape, dtype=tensor.dtype).copy_(tensor.detach().cpu()).reshape(-1)  # 0-d: 1-d
+    return dense.view(torch.uint8).numpy().tobytes() if dense.numel() else b""
 
 
 def resolve_net(src: ModelSource, info: CheckpointInfo) -> str:
@@ -165,7 +234,7 @@ def resolve_net(src: ModelSource, info: CheckpointInfo) -> str:
     return net or src.model
 
 
-def model_hparams(src: ModelSource, info: CheckpointInfo, dm: FrequencyData, net: str) -> dict[str, Any]:
+def model_hparams(src: ModelSource, info: CheckpointInfo, dm: FrequencyDataModule, net: str) -> dict[str, Any]:
     """`{"net", "num_classes", "image_shape", ...}`: the checkpoint's record, or the flags and the dataset's."""
     recorded = info.model_hparams
     num_classes = recorded.get("num_classes")
@@ -182,7 +251,7 @@ def model_hparams(src: ModelSource, info: CheckpointInfo, dm: FrequencyData, net
     return {**recorded, "net": net, "num_classes": int(num_classes), "image_shape": image_shape}
 
 
-def make_model(hp: dict[str, Any], info: CheckpointInfo, dm: FrequencyData) -> nn.Module:
+def make_model(hp: dict[str, Any], info: CheckpointInfo, dm: FrequencyDataModule) -> nn.Module:
     """NormalizedModel with the checkpoint's weights; its normalisation from the checkpoint or the datamodule."""
     shape = hp["image_shape"]
     net = build_model(hp["net"], num_classes=hp["num_classes"], in_channels=shape[0], image_size=shape[1:])
@@ -228,9 +297,11 @@ def check_forward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
         )
 
 
-def default_output_dir(net: str, dm: FrequencyData, checkpoint: Path) -> Path:
-    """outputs/margins/<model>_<dataset>[_<transform>]_<run>, the run named after the checkpoint's place:
-    logs/mnist_lenet/version_3/checkpoints/last.ckpt -> lenet_mnist_mnist_lenet-version_3-last."""
+def default_output_dir(
+    net: str, dm: FrequencyDataModule, checkpoint: Path, kind: str = "dct", root: str = "outputs/margins"
+) -> Path:
+    """<root>/<model>_<dataset>[_<transform>][_<kind>]_<run>, the run named after the checkpoint's place:
+    logs/mnist_lenet/version_3/checkpoints/last.ckpt -> lenet_mnist_mnist_lenet-version_3-last (DCT blocks)."""
     transform = "" if dm.hparams.transform == "none" else f"_{dm.hparams.transform}"
     path = checkpoint.expanduser().resolve()
     if path.parent.name == "checkpoints":
@@ -238,4 +309,5 @@ def default_output_dir(net: str, dm: FrequencyData, checkpoint: Path) -> Path:
     else:
         run = [path.parent.name, path.stem]
     name = "-".join(part for part in run if part)
-    return Path("outputs") / "margins" / f"{net}_{dm.name}{transform}_{name}"
+    family = "" if kind == "dct" else f"_{kind}"
+    return Path(root) / f"{net}_{dm.name}{transform}{family}_{name}"

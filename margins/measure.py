@@ -1,19 +1,13 @@
-"""Choosing samples and measuring their margins: the data side of a margin experiment (no Lightning)."""
+"""Choosing samples and reading them: the data side of a margin experiment."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
-
-from attacks.deepfool import MarginResult, SubspaceDeepFool, model_device
-from frequency.subspaces import SubspaceFamily
 
 
 def select_indices(dataset_size: int, num_samples: int, seed: int) -> np.ndarray:
@@ -102,46 +96,3 @@ def gather_samples(dataset: Any, indices: Sequence[int] | np.ndarray) -> tuple[t
     if len(shapes) > 1:
         raise ValueError(f"dataset images have different shapes {sorted(shapes)}; resize/crop them to one shape")
     return torch.stack(images), torch.tensor(labels, dtype=torch.long)
-
-
-@dataclass
-class MarginRun:
-    """`measure_margins` output: the attack's `MarginResult` (tensors on the device used) and the wall-clock
-    seconds the attack took."""
-
-    result: MarginResult
-    seconds: float
-
-
-def measure_margins(
-    model: nn.Module,
-    x: torch.Tensor,
-    subspaces: SubspaceFamily | None,
-    attack: SubspaceDeepFool | None = None,
-    device: torch.device | str | None = None,
-    progress: bool = False,
-) -> MarginRun:
-    """Run `attack` (default `SubspaceDeepFool()`, the release settings) on `x: [N, C, H, W]` (model input
-    space, pixels in [0, 1]) along every subspace and time it.
-
-    device: if given, the model is moved there IN PLACE (and left there) and `x` is copied there; if None the
-    model stays where it is and `x` goes to the model's device. The attack handles train/eval modes itself.
-    subspaces None means the full input space. Returns `MarginRun(result, seconds)`.
-    """
-    attack = attack if attack is not None else SubspaceDeepFool()
-    if device is not None:
-        device = torch.device(device)
-        model.to(device)
-    else:
-        device = model_device(model, x.device)
-    x = x.to(device)
-    _synchronize(device)
-    start = time.perf_counter()
-    result = attack(model, x, subspaces, progress=progress)
-    _synchronize(device)
-    return MarginRun(result=result, seconds=time.perf_counter() - start)
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

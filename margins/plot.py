@@ -1,4 +1,4 @@
-"""The paper's margin plot (REFERENCE §1): every sample's margin per subspace plus the per-subspace median.
+"""The paper's margin plot : every sample's margin per subspace plus the per-subspace median.
 
 Pure matplotlib object API (`matplotlib.figure.Figure`), no pyplot state and no global backend change, so
 it is safe in scripts, notebooks, Lightning callbacks and headless servers alike.
@@ -7,8 +7,11 @@ it is safe in scripts, notebooks, Lightning callbacks and headless servers alike
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+import math
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import matplotlib.image
 import numpy as np
@@ -23,6 +26,22 @@ MISCLASSIFIED_COLOR = "tab:orange"
 MEDIAN_COLOR = "black"
 IQR_COLOR = "tab:gray"
 IQR_LABEL = "interquartile range (25-75%)"
+EVOLUTION_LABEL = "median margin (L2)"
+
+
+def describe_run(model: str = "", dataset: str = "", transform: str = "") -> str:
+    """ "lenet on mnist (transform flip)": the run a figure shows; empty parts are left out."""
+    text = " on ".join(part for part in (model, dataset) if part)
+    if transform:
+        text = f"{text} (transform {transform})" if text else f"transform {transform}"
+    return text
+
+
+def describe_settings(settings: Mapping[str, Any]) -> str:
+    """`describe_run` of a result folder's settings (`MarginReport.settings`): model, dataset, transform."""
+    model = settings.get("model", "")
+    net = model.get("net", "") if isinstance(model, Mapping) else str(model or "")
+    return describe_run(net, str(settings.get("dataset") or ""), str(settings.get("transform") or ""))
 
 
 def plot_margins(
@@ -35,6 +54,11 @@ def plot_margins(
     jitter: float = 0.1,
     misclassified: np.ndarray | None = None,
     subtitle: str = "",
+    *,
+    model: str = "",
+    dataset: str = "",
+    transform: str = "",
+    legend: bool = True,
 ) -> Figure:
     """Scatter of `margins: [S, N]` (x = subspace index, low to high frequency) with the median line.
 
@@ -45,12 +69,15 @@ def plot_margins(
     a grey band spans the 25th to 75th percentile of each subspace.
     `misclassified: [N]` bool (clean prediction != ground truth): those samples' converged points are drawn
     as orange triangles, legend "misclassified (m of N samples)" (their margin is the distance to leave a
-    WRONG label). The x axis shows every subspace index (a subset beyond 30), "Low"/"High" under the ends.
+    WRONG label). The x axis shows every subspace index (a subset beyond 30), "Low"/"High" under the ends,
+    and ends at the last subspace.
 
     Artists (stable, tests rely on them): one PathCollection labelled "samples" holding the converged
     (correctly classified) points, one labelled "not converged (k)" only when k > 0, one labelled
     "misclassified (m of N samples)" only when m > 0, one Line2D labelled "median", one filled band labelled
-    IQR_LABEL. Title: `title`, plus `subtitle` on a second line.
+    IQR_LABEL. Title: `title` (default `describe_run(model, dataset, transform)`), then `subtitle` (default
+    "N samples, S subspaces" and the misclassified / not-converged counts) on a second line. The legend sits
+    outside the axes, right of the data (`legend=False`: none, e.g. for a grid with `shared_legend`).
     `ax`: draw into this Axes (its figure is returned); otherwise a new standalone Figure is created.
     `log_scale`: logarithmic y axis (zero margins are then not shown).
     """
@@ -89,14 +116,64 @@ def plot_margins(
     low, high = np.percentile(margins, [25, 75], axis=1)
     ax.fill_between(subspaces, low, high, color=IQR_COLOR, alpha=0.3, lw=0, label=IQR_LABEL)
     ax.plot(subspaces, np.median(margins, axis=1), ".-", color=MEDIAN_COLOR, lw=2, label="median")
-    _frequency_axis(ax, num_subspaces)
+    frequency_axis(ax, num_subspaces)
     ax.set_ylabel("Margin (L2)")
     if log_scale:
         ax.set_yscale("log")
-    if title or subtitle:
-        ax.set_title("\n".join(t for t in (title, subtitle) if t), fontsize="medium")
-    ax.legend(loc="upper left", fontsize="small")
+    title = title or describe_run(model, dataset, transform)
+    subtitle = subtitle or _counts(num_samples, num_subspaces, num_wrong, missed)
+    ax.set_title("\n".join(t for t in (title, subtitle) if t), fontsize="medium")
+    if legend:
+        outside_legend(ax)
     return fig
+
+
+def _counts(num_samples: int, num_subspaces: int, num_wrong: int, missed: int) -> str:
+    """ "100 samples, 21 subspaces, 2 misclassified, 1 not converged" (zero counts left out)."""
+    parts = [f"{num_samples} samples", f"{num_subspaces} subspaces"]
+    parts += [f"{num_wrong} misclassified"] if num_wrong else []
+    parts += [f"{missed} not converged"] if missed else []
+    return ", ".join(parts)
+
+
+def outside_legend(ax: Axes, fontsize: str = "small") -> None:
+    """The axes' legend right of its data area (never over the data); constrained layout makes room for it."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0, fontsize=fontsize)
+
+
+def shared_legend(fig: Figure, axes: Sequence[Axes]) -> None:
+    """One legend below the panels of `fig` (constrained layout) with every label of `axes` once; counts in
+    parentheses are dropped ("not converged (3)" -> "not converged"), the panels' subtitles state them."""
+    handles: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(re.sub(r" \(\d+( of \d+ samples)?\)$", "", label), handle)
+    fig.legend(
+        handles.values(), handles.keys(), loc="outside lower center", ncol=min(len(handles), 5), fontsize="small"
+    )
+
+
+def grid_shape(count: int, max_columns: int = 3) -> tuple[int, int]:
+    """(rows, columns) of `count` panels: as few rows as `max_columns` allows, the panels spread evenly over them."""
+    if count < 1:
+        raise ValueError(f"count must be >= 1 panels, got {count}")
+    rows = -(-count // max_columns)
+    return rows, -(-count // rows)
+
+
+def panel_axes(fig: Figure, count: int, max_columns: int = 3) -> list[Axes]:
+    """`count` axes on the rows of `grid_shape`, no blank panel: a shorter last row gets wider panels (one grid of
+    `lcm` columns, each panel spanning its row's share)."""
+    rows, columns = grid_shape(count, max_columns)
+    last = count - columns * (rows - 1)
+    width = math.lcm(columns, last)
+    grid = fig.add_gridspec(rows, width)
+    axes = []
+    for i in range(count):
+        row, col = divmod(i, columns)
+        span = width // (last if row == rows - 1 else columns)
+        axes.append(fig.add_subplot(grid[row, col * span : (col + 1) * span]))
+    return axes
 
 
 def _bool_mask(mask: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -118,9 +195,10 @@ def _misclassified_mask(misclassified: np.ndarray | None, shape: tuple[int, int]
     return np.broadcast_to(misclassified[None, :], shape)
 
 
-def _frequency_axis(ax: Axes, num_subspaces: int) -> None:
+def frequency_axis(ax: Axes, num_subspaces: int, label: str = "Frequency") -> None:
     """Major ticks "Low"/"High" at the first and last subspace (set below the numbers), minor ticks labelled
-    with the subspace indices (every k-th beyond 30 subspaces); x label "Frequency"."""
+    with the subspace indices (every k-th beyond 30 subspaces); the axis ends half a step past the first and the
+    last subspace."""
     low, high = (0.0, num_subspaces - 1.0) if num_subspaces > 1 else (-0.5, 0.5)
     ax.set_xticks([low, high], ["Low", "High"])
     every = max(1, int(np.ceil(num_subspaces / 30)))
@@ -129,14 +207,18 @@ def _frequency_axis(ax: Axes, num_subspaces: int) -> None:
     ax.tick_params(axis="x", which="minor", labelsize="small")
     ax.tick_params(axis="x", which="major", length=0, pad=16)
     ax.xaxis.remove_overlapping_locs = False  # keep the numbers under "Low"/"High"
-    ax.set_xlim(low - 0.6, high + 0.6)
-    ax.set_xlabel("Frequency")
+    ax.set_xlim(low - 0.5, high + 0.5)
+    ax.set_xlabel(label)
 
 
-def plot_margin_evolution(epochs: Sequence[int], medians: np.ndarray, title: str = "") -> Figure:
+def plot_margin_evolution(
+    epochs: Sequence[int], medians: np.ndarray, title: str = "", *, num_samples: int | None = None
+) -> Figure:
     """Heat map of the median margin of each subspace (rows, low frequency at the top) at each measured
-    epoch (columns): `medians: [S, E]` for `epochs: [E]`. Log colour scale (non-positive medians are shown
-    at the smallest positive value) with a colour bar labelled "median margin (L2)"; both axes labelled.
+    epoch (columns): `medians: [S, E]` for `epochs: [E]`. Log colour scale from the smallest positive to the
+    largest median (non-positive medians are shown at the smallest positive value), stated in the colour bar's
+    label "median margin (L2), a to b"; both axes labelled. Title: `title`, then "median margin per subspace of
+    `num_samples` samples" (when given).
     """
     medians = np.asarray(medians, dtype=np.float64)
     if medians.ndim != 2 or medians.size == 0 or medians.shape[1] != len(epochs):
@@ -153,12 +235,19 @@ def plot_margin_evolution(epochs: Sequence[int], medians: np.ndarray, title: str
     rows = np.arange(0, medians.shape[0], max(1, int(np.ceil(medians.shape[0] / 12))))
     ax.set_yticks(rows, [str(r) for r in rows])
     ax.set_ylabel("Subspace (low → high frequency)")
-    colorbar = fig.colorbar(image, ax=ax, label="median margin (L2)")
+    colorbar = fig.colorbar(image, ax=ax, label=f"{EVOLUTION_LABEL}, {value_range(floor, values.max())}")
     colorbar.ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))  # plain numbers, not 10^x
     colorbar.ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
-    if title:
-        ax.set_title(title, fontsize="medium")
+    detail = f"median margin per subspace of {num_samples} samples" if num_samples else ""
+    heading = "\n".join(t for t in (title, detail) if t)
+    if heading:
+        ax.set_title(heading, fontsize="medium")
     return fig
+
+
+def value_range(low: float, high: float) -> str:
+    """ "0.12 to 34.5": the range a colour scale spans, for its label."""
+    return f"{low:.3g} to {high:.3g}"
 
 
 def save_figure(fig: Figure, path: str | Path, dpi: int = 150) -> Path:

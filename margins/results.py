@@ -22,9 +22,9 @@ Atomicity: everything (arrays, plot, JSON) is first written and fsynced into a t
     renames on one filesystem) is detected as an inconsistent set instead of being read silently.
     Stale optional files (figure, iterations, labels) of a previous set are removed after the commit.
 
-Schema: `MarginReport` (schema_version 2) written by `write_report` and read by `read_report`; folders written by
-earlier versions (summary.json with `format_version` 1, no optional arrays) still read. `write_margin_results` /
-`read_margin_results` are the array-level wrappers kept for existing callers.
+Schema: `MarginReport` (schema_version 2) written by `write_report` (the one writer of every command) and read by
+`read_report`; folders written by earlier versions (summary.json with `format_version` 1, no optional arrays) still
+read.
 """
 
 from __future__ import annotations
@@ -108,33 +108,6 @@ def summarize(margins: np.ndarray, converged: np.ndarray) -> dict:
         "num_not_converged": [int(v) for v in missed],
         "num_not_converged_total": int(missed.sum()),
     }
-
-
-def write_margin_results(
-    output_dir: str | Path,
-    margins: np.ndarray | torch.Tensor,
-    converged: np.ndarray | torch.Tensor,
-    indices: np.ndarray | torch.Tensor,
-    settings: dict,
-    figure: bool = True,
-    extra: dict | None = None,
-    title: str = "",
-) -> Path:
-    """Validate and atomically write one margin experiment to `output_dir` (see the module docstring).
-
-    margins: [S, N] finite, >= 0 (stored as float32); converged: [S, N] bool; indices: [N] integer dataset
-    indices (stored as int64). settings / extra go to summary.json after JSON-safe conversion (numpy/torch
-    values, Path, tuples, dataclasses; non-finite floats become null); unsupported values raise TypeError naming
-    their key. figure: also write margins.png (with `title`). Returns `output_dir` as a Path.
-    """
-    report = MarginReport(
-        margins=_to_numpy(margins, "margins"),
-        converged=_to_numpy(converged, "converged"),
-        indices=_to_numpy(indices, "indices"),
-        settings=settings,
-        extra=dict(extra or {}),
-    )
-    return write_report(output_dir, report, figure=figure, title=title)
 
 
 def write_report(output_dir: str | Path, report: MarginReport, figure: bool = True, title: str = "") -> Path:
@@ -232,17 +205,6 @@ def read_report(output_dir: str | Path) -> MarginReport:
     )
 
 
-def read_margin_results(output_dir: str | Path) -> dict:
-    """`read_report` as a dict {"margins", "converged", "indices", "summary", ...optional arrays present}.
-
-    `summary` is the parsed summary.json.
-    """
-    report = read_report(output_dir)
-    out = {"margins": report.margins, "converged": report.converged, "indices": report.indices}
-    out.update({k: getattr(report, k) for k in OPTIONAL_ARRAYS if getattr(report, k) is not None})
-    return {**out, "summary": _read_summary(Path(output_dir))}
-
-
 def _read_summary(output_dir: Path) -> dict:
     summary_path = output_dir / SUMMARY_FILE
     if not summary_path.is_file():
@@ -259,11 +221,14 @@ def _read_summary(output_dir: Path) -> dict:
 
 
 def _figure_arguments(report: MarginReport, margins: np.ndarray, converged: np.ndarray, title: str) -> dict:
-    """`plot_margins` arguments: misclassified samples marked when the labels are known, the sample count shown."""
+    """`plot_margins` arguments: misclassified samples marked when the labels are known; the title names the run
+    (default: model, dataset and transform of `report.settings`), the subtitle the sample and subspace counts."""
+    from margins.plot import describe_settings
+
     known = report.predicted is not None and report.targets is not None
     wrong = np.asarray(report.predicted) != np.asarray(report.targets) if known else None
-    subtitle = f"{margins.shape[1]} samples x {margins.shape[0]} subspaces"
-    return {"margins": margins, "converged": converged, "title": title, "misclassified": wrong, "subtitle": subtitle}
+    title = title or describe_settings(report.settings)
+    return {"margins": margins, "converged": converged, "title": title, "misclassified": wrong}
 
 
 def _write_set(tmp: Path, arrays: dict[str, np.ndarray], payload: dict, figure: dict | None) -> list[str]:

@@ -57,6 +57,10 @@ def read_checkpoint(path: str | Path, trusted_pickle: bool = False, map_location
     """`torch.load` of `path` with one-line errors: FileNotFoundError-like InputError, CheckpointReadError,
     UntrustedCheckpointError."""
     path = Path(path)
+    if path.is_dir():
+        inside = sorted(p.name for p in path.iterdir() if p.suffix in (".ckpt", ".t7", ".pt", ".pth"))[:3]
+        hint = f" (it holds {', '.join(inside)})" if inside else ""
+        raise CheckpointNotFoundError(f"checkpoint {path} is a directory{hint}; pass the checkpoint file itself")
     if not path.is_file():
         raise CheckpointNotFoundError(f"checkpoint file not found: {path} (resolved: {path.resolve()})")
     what = _what_file_is_not(path)

@@ -31,11 +31,11 @@ from analysis.compare import compare_runs, load_runs, plot_comparison, write_csv
 from analysis.fourier_heatmap import FourierHeatmap, fourier_heatmap  # noqa: E402
 from analysis.maps import median_map, reflection_correlations, spread_ratio  # noqa: E402
 from analysis.plots import plot_dct_vs_random, plot_fourier_heatmaps, plot_margin_maps  # noqa: E402
-from attacks.deepfool import SubspaceDeepFool  # noqa: E402
 from frequency.families import build_subspace_family  # noqa: E402
-from frequency_analysis import measure_family  # noqa: E402
-from margins import gather_samples, read_margin_results, save_figure, select_indices  # noqa: E402
-from margins.inputs import load_model_and_data  # noqa: E402
+from margins import gather_samples, read_report, save_figure, select_indices  # noqa: E402
+from margins.evaluate import evaluate_margins  # noqa: E402
+from margins.inputs import ModelSource, load_model_and_data  # noqa: E402
+from margins.work import RunSettings  # noqa: E402
 
 MODELS = {"standard": ("mnist_lenet", "MNIST, LeNet", "box"),
           "flipped": ("mnist_flipped_lenet", "Flipped MNIST, LeNet", "flipped_box")}  # fmt: skip
@@ -63,16 +63,17 @@ def analyse(name: str, checkpoint: Path, args: argparse.Namespace) -> dict:
     dataset = dm.margin_dataset()
     indices = select_indices(len(dataset), args.num_samples, 0)
     x, y = gather_samples(dataset, indices)
-    attack = SubspaceDeepFool(batch_size=512)
-    settings = {"source": "scripts/analyses_mnist.py", "checkpoint": str(checkpoint), "dataset": "mnist",
-                "transform": dm.hparams.transform}  # fmt: skip
     out, shape, seconds = args.out / name, dm.image_shape, {}
     families = {"grid": build_subspace_family("grid", shape, 8, 4), "dct": build_subspace_family("dct", shape, 8, 1),
                 "random": build_subspace_family("random", shape, 8, 1, seed=0)}  # fmt: skip
     margins = {}
     for kind, family in families.items():
         start = time.perf_counter()
-        margins[kind] = measure_family(model, x, y, indices, family, attack, out / kind, settings)
+        source = ModelSource(checkpoint, data_dir=str(args.data_dir))
+        run = RunSettings(progress=False, overwrite=True)
+        report, _ = evaluate_margins(source, subspaces=family, indices=indices, output_dir=out / kind, run=run,
+                                     title=title, command=["scripts/analyses_mnist.py"])  # fmt: skip
+        margins[kind] = report.margins
         seconds[kind] = time.perf_counter() - start
     hx, hy = gather_samples(dataset, select_indices(len(dataset), args.heatmap_samples, 0))
     start = time.perf_counter()
@@ -142,7 +143,7 @@ def load_results(out: Path, summary: dict) -> dict:
     grid, numbers = build_subspace_family("grid", (1, 28, 28), 8, 4), summary["numbers"]
     results = {}
     for name, (_, title, valid) in MODELS.items():
-        margins = {k: read_margin_results(out / name / k)["margins"] for k in ("grid", "dct", "random")}
+        margins = {k: read_report(out / name / k).margins for k in ("grid", "dct", "random")}
         settings = summary["settings"]
         clean = numbers["heatmap_clean_error"][name]
         error = np.load(out / name / "heatmap.npy")
@@ -198,7 +199,7 @@ def write_docs(summary: dict, out: Path) -> None:
 TOOLS = """## Tools and design choices
 
 ```
-python frequency_analysis.py map2d   --checkpoint CKPT [--block 8 --stride 4]        # 2-D margin map
+python frequency_analysis.py map2d   --checkpoint CKPT [--subspace-dim 8 --subspace-step 4]  # 2-D margin map
 python frequency_analysis.py random  --checkpoint CKPT [--count 21 --method auto]    # DCT vs random subspaces
 python frequency_analysis.py random  --checkpoint CKPT --bases B.npy [C.pt ...]      # DCT vs user bases
 python frequency_analysis.py heatmap --checkpoint CKPT --eps 10 [--radius 15]        # Fourier heat map
@@ -228,8 +229,9 @@ python compare_margins.py --export-csv RUN_DIR [--output FILE.csv]              
   indices (columns aligned by index), otherwise an empty p-value with a note. Medians and tests use all samples,
   converged or not, like the release's plot.
 - **Per-sample CSV** (`analysis/export.py`): columns sample_index, label, predicted, subspace, margin, converged,
-  iterations, perturbed_label; the last four optional ones come from labels.npy, predicted.npy, iterations.npy
-  and perturbed_labels.npy (written by frequency_analysis.py) and are empty where a folder lacks them.
+  iterations, perturbed_label; the last four come from targets.npy (labels.npy in folders of older versions),
+  predicted.npy, iterations.npy and perturbed_labels.npy (written by every margin command) and are empty where a
+  folder lacks them.
 - This page is separate from RESULTS.md (which scripts/results_doc.py regenerates whole); RESULTS.md links here.
 """
 

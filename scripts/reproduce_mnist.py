@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from attacks.pgd import L2PGD  # noqa: E402
-from margins import plot_margins, read_margin_results  # noqa: E402
+from margins import plot_margins, read_report  # noqa: E402
 from margins.inputs import load_model_and_data  # noqa: E402
 
 
@@ -178,19 +178,19 @@ def main(argv: list[str] | None = None) -> dict:
         ckpt, train_seconds = train(exp, args)
         print(f"[{time.perf_counter() - start:7.0f} s] {exp.name}: margins", flush=True)
         margin_dir = measure(exp, ckpt, args)
-        saved = read_margin_results(margin_dir)
+        saved = read_report(margin_dir)
         eps = 1.0 if exp.synthetic else 2.0
         acc = accuracies(ckpt, args, eps)
-        low, high = band_medians(saved["margins"])
+        low, high = band_medians(saved.margins)
         results[exp.name] = {
             **asdict(exp),
             "checkpoint": str(ckpt),
             "margin_dir": str(margin_dir),
             "train_seconds": train_seconds,
-            "margin_seconds": saved["summary"]["extra"]["seconds"],
+            "margin_seconds": saved.extra["seconds"],
             **acc,
-            "median_margin": saved["summary"]["stats"]["median_margin_all"],
-            "not_converged": saved["summary"]["stats"]["num_not_converged_total"],
+            "median_margin": saved.stats["median_margin_all"],
+            "not_converged": saved.stats["num_not_converged_total"],
             "low_band_median": low,
             "high_band_median": high,
         }
@@ -250,9 +250,9 @@ def figure(results: dict, path: Path) -> None:
     rows = (len(names) + cols - 1) // cols
     fig = Figure(figsize=(4.2 * cols, 3.0 * rows), layout="constrained")
     for i, name in enumerate(names):
-        saved = read_margin_results(results[name]["margin_dir"])
+        saved = read_report(results[name]["margin_dir"])
         ax = fig.add_subplot(rows, cols, i + 1)
-        plot_margins(saved["margins"], saved["converged"], title=results[name]["title"], ax=ax)
+        plot_margins(saved.margins, saved.converged, title=results[name]["title"], ax=ax)
         ax.title.set_fontsize(9)
         if ax.get_legend() is not None:
             ax.get_legend().remove()

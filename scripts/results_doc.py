@@ -70,7 +70,7 @@ def render(summary: dict) -> str:
         "",
         "## The paper's claims",
         "",
-        "| claim (the paper's) | measured | value | holds? |",
+        "| the paper's claim | measured | value | holds? |",
         "|---|---|---|---|",
     ]
     for key, claim, measured, threshold in CLAIMS:

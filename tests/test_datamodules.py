@@ -5,11 +5,10 @@ References are independent of the code under test: raw idx files parsed with num
 
 from __future__ import annotations
 
+import inspect
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning as L
@@ -24,21 +23,18 @@ from torchvision.datasets import MNIST
 
 import frequency
 from datamodules import (
-    DATA,
     DATASETS,
     CIFAR10DataModule,
     DatasetNotFoundError,
-    FrequencyData,
+    FrequencyDataModule,
     ImageNetDataModule,
-    MNISTData,
     MNISTDataModule,
     SyntheticDataModule,
-    build_data,
+    TensorDataModule,
     build_datamodule,
     split_indices,
 )
 from datamodules.mnist import read_mnist, resolve_mnist_root
-from tests.conftest import REPO
 
 
 # ---- independent references -----------------------------------------------------------------------------
@@ -466,26 +462,64 @@ def test_registry_and_hparams_record_dataset():
         assert MNISTDataModule(transform=kind, bandwidth=28).hparams.transform == kind
 
 
-@pytest.mark.parametrize(
-    "name,kwargs",
-    [
-        ("mnist", {}),
-        ("mnist", {"data_dir": "x", "transform": "low_pass", "bandwidth": 8, "val_split": 10}),
-        ("cifar10", {"transform": "flip", "batch_size": 7, "pin_memory": False}),
-        ("imagenet", {"data_dir": "d", "image_size": 32, "resize": 36, "transform": "high_pass"}),
-        ("synthetic", {"image_shape": [3, 16, 16], "direction_index": [2, 3], "seed": 4, "num_train": 8}),
-    ],
-)
-def test_data_classes_record_the_datamodules_hparams_without_lightning(name, kwargs):
-    """The Lightning-free data class (used by the margin evaluation) records the same hparams, in the same order,
-    as its DataModule does through Lightning's save_hyperparameters; it is the DataModule's base."""
-    data, dm = build_data(name, **kwargs), build_datamodule(name, **kwargs)
-    assert type(data) is DATA[name] and isinstance(dm, DATA[name]) and isinstance(dm, FrequencyData)
-    assert list(data.hparams.items()) == list(dm.hparams.items())
-    assert data.hparams.transform == dm.hparams.transform and data.image_shape == dm.image_shape
-    assert DATA[name].argument_names() == DATASETS[name].argument_names()
-    recorded = dict(dm.hparams)  # a checkpoint's datamodule_hyper_parameters, `dataset` included
-    assert list(DATA[name](**recorded).hparams.items()) == list(DATASETS[name](**recorded).hparams.items())
+def signature_arguments(cls: type) -> dict[str, object]:
+    """Constructor arguments and defaults in signature order: the base's (FrequencyDataModule) first, then each
+    subclass's own (those it forwards through **kwargs are the base's); *args/**kwargs left out."""
+    out: dict[str, object] = {}
+    for klass in reversed(cls.__mro__):
+        if isinstance(klass, type) and issubclass(klass, FrequencyDataModule) and "__init__" in vars(klass):
+            for p in inspect.signature(klass.__init__).parameters.values():
+                if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name not in out:
+                    out[p.name] = p.default
+    return out
+
+
+CASES = [
+    ("mnist", {}),
+    ("mnist", {"data_dir": "x", "transform": "low_pass", "bandwidth": 8, "val_split": 10}),
+    ("cifar10", {"transform": "flip", "batch_size": 7, "pin_memory": False}),
+    ("imagenet", {"data_dir": "d", "image_size": 32, "resize": 36, "transform": "high_pass"}),
+    ("synthetic", {"image_shape": [3, 16, 16], "direction_index": [2, 3], "seed": 4, "num_train": 8}),
+]
+
+
+@pytest.mark.parametrize("name,kwargs", CASES)
+def test_hparams_are_the_constructor_arguments_in_signature_order(name, kwargs):
+    """Lightning's save_hyperparameters records every constructor argument (defaults included, CLI lists as
+    tuples) in signature order, then the registry name `dataset`; `argument_names` lists the same arguments."""
+    cls = DATASETS[name]
+    dm = build_datamodule(name, **kwargs)
+    assert type(dm) is cls and isinstance(dm, FrequencyDataModule) and isinstance(dm, L.LightningDataModule)
+    assert isinstance(dm, TensorDataModule) == (name != "imagenet")  # ImageNet streams its images
+    expected = signature_arguments(cls)
+    expected.update({k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()})
+    assert list(dm.hparams.items()) == [*expected.items(), ("dataset", name)]
+    assert cls.argument_names() == set(expected)
+    assert dm.hparams.transform == kwargs.get("transform", "none")
+
+
+@pytest.mark.parametrize("name,kwargs", CASES)
+def test_recorded_hparams_rebuild_the_same_datamodule(name, kwargs):
+    """A checkpoint's `datamodule_hyper_parameters` (dict(hparams), `dataset` included, LightningCLI's private keys
+    beside them) rebuild a datamodule with the same hparams in the same order, image shape, classes, subspaces and
+    normalisation."""
+    dm = build_datamodule(name, **kwargs)
+    recorded = {"_class_path": f"datamodules.{type(dm).__name__}", **dict(dm.hparams)}
+    for rebuilt in (build_datamodule(**recorded), DATASETS[name](**dict(dm.hparams))):
+        assert type(rebuilt) is type(dm) and list(rebuilt.hparams.items()) == list(dm.hparams.items())
+        assert rebuilt.image_shape == dm.image_shape and len(rebuilt.subspaces()) == len(dm.subspaces())
+        assert (rebuilt.subspace_block, rebuilt.subspace_step) == (dm.subspace_block, dm.subspace_step)
+        assert repr(rebuilt.frequency_transform) == repr(dm.frequency_transform)
+        if name != "imagenet":  # ImageNet counts its class folders (no data here)
+            assert rebuilt.num_classes == dm.num_classes
+        if name == "imagenet" or kwargs.get("transform", "none") in ("none", "flip"):  # no data needed
+            torch.testing.assert_close(rebuilt.normalization().mean, dm.normalization().mean, rtol=0, atol=0)
+    if name == "synthetic":  # generated from its arguments: the same data and training statistics
+        rebuilt = build_datamodule(**recorded)
+        assert torch.equal(rebuilt.test_tensors[0], dm.test_tensors[0]) and torch.equal(rebuilt.direction, dm.direction)
+        assert torch.equal(rebuilt.normalization().std, dm.normalization().std)
+    with pytest.raises(TypeError, match="unexpected arguments"):
+        DATASETS[name](**dict(dm.hparams), colour=True)
 
 
 def test_mnist_reader_equals_torchvision_on_raw_and_legacy_files(tiny_mnist, tmp_path):
@@ -499,20 +533,10 @@ def test_mnist_reader_equals_torchvision_on_raw_and_legacy_files(tiny_mnist, tmp
     (legacy / "MNIST" / "processed").mkdir(parents=True)
     for train, name in ((True, "training.pt"), (False, "test.pt")):  # torchvision's old layout, read first
         torch.save(read_mnist(root, train), legacy / "MNIST" / "processed" / name)
-    assert torch.equal(MNISTData(data_dir=str(legacy)).test_tensors[0], MNISTData(data_dir=str(root)).test_tensors[0])
-    np.testing.assert_array_equal(MNISTDataModule(data_dir=str(legacy)).test_tensors[1], read_mnist(root, False)[1])
-
-
-def test_import_datamodules_loads_lightning_only_for_a_datamodule():
-    code = (
-        "import sys, datamodules;"
-        "from datamodules import DATA, TRANSFORMS, build_data, MNISTData, FrequencyTransform;"
-        "assert not {'lightning', 'torchmetrics', 'torchvision'} & set(sys.modules), 'eager import';"
-        "from datamodules import MNISTDataModule, FrequencyDataModule;"
-        "assert 'lightning' in sys.modules and issubclass(MNISTDataModule, FrequencyDataModule)"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
-    assert done.returncode == 0, done.stderr
+    legacy_dm, raw_dm = MNISTDataModule(data_dir=str(legacy)), MNISTDataModule(data_dir=str(root))
+    assert torch.equal(legacy_dm.test_tensors[0], raw_dm.test_tensors[0])
+    assert torch.equal(legacy_dm.train_tensors[0], raw_dm.train_tensors[0])
+    np.testing.assert_array_equal(legacy_dm.test_tensors[1], read_mnist(root, False)[1])
 
 
 class _TinyModel(L.LightningModule):
@@ -557,3 +581,7 @@ def test_dataloaders_shuffle_seeded_and_checkpoint_records_dataset(tmp_path):
     )
     restored = SyntheticDataModule.load_from_checkpoint(path)
     assert restored.image_shape == (1, 16, 16) and build_datamodule(**saved).hparams["num_train"] == 64
+    assert list(saved.items()) == list(a.hparams.items())  # the checkpoint records hparams as they were
+    for rebuilt in (restored, build_datamodule(**saved)):  # the same datamodule, hparams in the same order
+        assert list(rebuilt.hparams.items()) == list(a.hparams.items())
+        assert torch.equal(rebuilt.test_tensors[0], a.test_tensors[0])

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from attacks.deepfool import SubspaceDeepFool
+from attacks.reference import dct_block_basis, reference_deepfool
 from frequency import DCTBlockSubspaces, FullSpace, dct2, idct2
-from tests.deepfool_reference import dct_block_basis, reference_deepfool
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # explicit everywhere: no default-device guess
 F64 = {"dtype": torch.float64, "device": DEVICE}

@@ -1,10 +1,12 @@
-"""`margins.evaluate.evaluate_margins` from Python: any model and dataset, float64, the returned report.
+"""`margins.evaluate.evaluate_margins` from Python: any model and dataset, float64, the returned report, the
+engine's kernels, the subspace vocabulary, and the errors a library caller sees.
 
 Independent reference: the engine called directly on each chunk of rows with only that chunk's samples.
 """
 
 from __future__ import annotations
 
+import json
 import signal
 
 import numpy as np
@@ -12,12 +14,18 @@ import pytest
 import torch
 from torch import nn
 
-from attacks.deepfool import SubspaceDeepFool
+from attacks.deepfool import ENGINE_VERSION, SubspaceDeepFool
 from common.errors import InputError
-from frequency import DCTBlockSubspaces
-from margins.evaluate import AttackSettings, RunSettings, evaluate_margins, single_process_device
+from frequency import DCTBlockSubspaces, DCTGridSubspaces, FullSpace
+from frequency.random_subspaces import RandomSubspaces
+from margins.evaluate import evaluate_margins
+from margins.inputs import SubspaceSpec, describe_family
 from margins.results import read_report
 from margins.sharding import chunk_ranges, row_grid
+from margins.work import AttackSettings, RunSettings
+from models import build_model
+
+RUN = RunSettings(accelerator="cpu", devices=1, progress=False)
 
 
 def _model() -> nn.Module:
@@ -25,9 +33,9 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.Tanh(), nn.Linear(16, 5)).eval()
 
 
-def _reference(x, family, chunk, dtype, max_iter):
-    model = _model().to(dtype)
-    attack = SubspaceDeepFool(max_iter=max_iter, batch_size=chunk)
+def _reference(model, x, family, chunk, dtype, max_iter, kernels="auto"):
+    model = model.to(dtype)
+    attack = SubspaceDeepFool(max_iter=max_iter, batch_size=chunk, kernels=kernels)
     n, s = x.shape[0], len(family)
     margins = np.zeros(n * s)
     for rows in chunk_ranges(n * s, chunk):
@@ -52,73 +60,46 @@ def test_python_call_with_a_model_and_a_dataset_in_float64(tmp_path):
         indices=np.array([6, 0, 3, 2]),
         output_dir=tmp_path / "out",
         attack=AttackSettings(max_iter=20, chunk_rows=5, dtype="float64"),
-        run=RunSettings(accelerator="cpu", devices=1, progress=False),
+        run=RUN,
     )
     assert folder == tmp_path / "out" and report.margins.shape == (len(family), 4)
-    ref = _reference(x[[6, 0, 3, 2]], family, 5, torch.float64, 20)
+    ref = _reference(_model(), x[[6, 0, 3, 2]], family, 5, torch.float64, 20)
     np.testing.assert_array_equal(report.margins, ref.astype(np.float32))  # float64 attack, stored as float32
-    ref32 = _reference(x[[6, 0, 3, 2]], family, 5, torch.float32, 20)
+    ref32 = _reference(_model(), x[[6, 0, 3, 2]], family, 5, torch.float32, 20)
     assert not np.array_equal(ref.astype(np.float32), ref32)  # the dtype really changed the computation
     assert signal.getsignal(signal.SIGTERM) is before  # the run's SIGTERM handler is gone
     back = read_report(folder)
     assert back.settings["dtype"] == "float64" and back.settings["cpu_threads"] == 1
+    assert back.settings["source"] == "evaluate_margins" and back.settings["model"] == "Sequential"
     np.testing.assert_array_equal(back.targets, [6 % 5, 0, 3, 2])
     np.testing.assert_array_equal(back.margins, report.margins)
+    assert back.settings == json.loads(json.dumps(report.settings))  # what was returned is what was written
 
 
-@pytest.mark.parametrize(
-    "run,env,expected",
-    [
-        (RunSettings(), {}, "cpu"),
-        (RunSettings(accelerator="cpu", devices=1, num_nodes=1), {}, "cpu"),
-        (RunSettings(accelerator="cpu", devices=2), {}, None),
-        (RunSettings(accelerator="cpu", num_nodes=2), {}, None),
-        (RunSettings(accelerator="cpu", strategy="single_device"), {}, None),
-        (RunSettings(accelerator="cpu"), {"TORCHELASTIC_RUN_ID": "x"}, None),
-        (RunSettings(accelerator="cpu"), {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "margins"}, None),
-        (RunSettings(accelerator="cpu"), {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "bash"}, "cpu"),
-        (RunSettings(accelerator="cpu"), {"OMPI_COMM_WORLD_SIZE": "2"}, None),
-    ],
-)
-def test_single_process_runs_without_lightning_only_when_alone(monkeypatch, run, env, expected):
-    """One process, strategy auto and no launcher: this process runs the chunks; else Lightning (None)."""
-    for name in ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_JOB_NAME", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
-        monkeypatch.delenv(name, raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    if (
-        expected == "cpu"
-        and run.accelerator == "auto"
-        and (torch.cuda.is_available() or torch.backends.mps.is_available())
-    ):
-        pytest.skip("auto picks an accelerator here")
-    device = single_process_device(run)
-    assert (device.type if device is not None else None) == expected
-
-
-def test_channels_last_is_passed_to_the_engine_and_part_of_the_fingerprint(tmp_path):
+def test_kernels_are_passed_to_the_engine_and_part_of_the_fingerprint(tmp_path):
     torch.manual_seed(3)
     model = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 5)).eval()
     x = torch.rand(4, 2, 8, 8, generator=torch.Generator().manual_seed(4))
     family = DCTBlockSubspaces((2, 8, 8), 4, 4)
     common = {"model": model, "dataset": [(x[i], 0) for i in range(4)], "subspaces": family, "indices": np.arange(4)}
-    run = RunSettings(accelerator="cpu", devices=1, progress=False)
-    attack = AttackSettings(max_iter=20, chunk_rows=8, dtype="float64", channels_last=True)
-    report, folder = evaluate_margins(**common, output_dir=tmp_path / "cl", attack=attack, run=run)
-    engine = SubspaceDeepFool(max_iter=20, batch_size=8, channels_last=True, dtype=torch.float64)(model, x, family)
-    np.testing.assert_array_equal(report.margins, engine.margins.numpy().astype(np.float32))
-    assert report.settings["channels_last"] is True
+    results = {}
+    for kernels in ("off", "auto"):
+        attack = AttackSettings(max_iter=20, chunk_rows=8, kernels=kernels)
+        report, folder = evaluate_margins(**common, output_dir=tmp_path / kernels, attack=attack, run=RUN)
+        np.testing.assert_array_equal(report.margins, _reference(model, x, family, 8, torch.float32, 20, kernels))
+        assert report.settings["kernels"] == kernels
+        results[kernels] = report.margins
+    assert not np.array_equal(results["off"], results["auto"])  # the kernels move float rounding: they ran
     (folder / "summary.json").unlink()  # an unfinished folder: a resume with other settings must be refused
-    other = AttackSettings(max_iter=20, chunk_rows=8, dtype="float64", channels_last=False)
-    with pytest.raises(InputError, match="channels_last"):
-        evaluate_margins(**common, output_dir=folder, attack=other, run=run)
+    off = AttackSettings(max_iter=20, chunk_rows=8, kernels="off")
+    with pytest.raises(InputError, match='kernels: "auto" there, "off" now'):
+        evaluate_margins(**common, output_dir=folder, attack=off, run=RUN)
+    with pytest.raises(InputError, match="kernels must be 'auto' or 'off'"):
+        evaluate_margins(**common, output_dir=tmp_path / "bad", attack=AttackSettings(kernels="fast"), run=RUN)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_chunks_of_another_engine_version_are_not_resumed(tmp_path):
-    import json
-
-    from attacks.deepfool import ENGINE_VERSION
-
     x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(5))
     common = {
         "model": _model(),
@@ -126,7 +107,7 @@ def test_chunks_of_another_engine_version_are_not_resumed(tmp_path):
         "subspaces": DCTBlockSubspaces((1, 8, 8), 4, 4),
         "indices": np.arange(3),
         "attack": AttackSettings(max_iter=5, chunk_rows=4),
-        "run": RunSettings(accelerator="cpu", devices=1, progress=False),
+        "run": RUN,
     }
     report, folder = evaluate_margins(**common, output_dir=tmp_path / "out")
     assert report.settings["engine_version"] == ENGINE_VERSION
@@ -137,3 +118,118 @@ def test_chunks_of_another_engine_version_are_not_resumed(tmp_path):
     manifest_path.write_text(json.dumps(manifest))
     with pytest.raises(InputError, match=f"engine_version: {ENGINE_VERSION - 1} there, {ENGINE_VERSION} now"):
         evaluate_margins(**common, output_dir=folder)
+
+
+def test_a_finished_folder_is_kept_unless_overwrite_and_the_error_names_the_library_parameter(tmp_path):
+    x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(6))
+    common = {
+        "model": _model(),
+        "dataset": [(x[i], i) for i in range(3)],
+        "subspaces": FullSpace((1, 8, 8)),
+        "indices": np.arange(3),
+        "output_dir": tmp_path / "out",
+    }
+    first, folder = evaluate_margins(**common, attack=AttackSettings(max_iter=5), run=RUN)
+    before = {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+    with pytest.raises(InputError) as info:
+        evaluate_margins(**common, attack=AttackSettings(max_iter=6), run=RUN)
+    message = str(info.value)
+    assert "already holds a finished evaluation" in message and "overwrite=True" in message
+    assert str(folder.resolve()) in message
+    assert {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()} == before  # nothing touched
+    again = RunSettings(accelerator="cpu", devices=1, progress=False, overwrite=True)
+    second, _ = evaluate_margins(**common, attack=AttackSettings(max_iter=6), run=again)
+    assert read_report(folder).settings["max_iter"] == 6 and second.settings["max_iter"] == 6
+    assert first.settings["max_iter"] == 5
+
+
+def test_missing_arguments_and_bad_settings_name_the_parameter(tmp_path):
+    dataset = [(torch.rand(1, 8, 8), 0)]
+    with pytest.raises(InputError, match="pass model, output_dir"):
+        evaluate_margins(dataset=dataset)
+    for attack, pattern in (
+        (AttackSettings(max_iter=0), "max_iter must be >= 1"),
+        (AttackSettings(chunk_rows=0), "chunk_rows must be >= 1"),
+        (AttackSettings(dtype="float16"), "dtype must be one of float32, float64"),
+        (AttackSettings(overshoot=-1.0), "overshoot must be"),
+    ):
+        with pytest.raises(InputError, match=pattern):
+            evaluate_margins(model=_model(), dataset=dataset, output_dir=tmp_path / "x", attack=attack, run=RUN)
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.fixture
+def lenet_checkpoint(tmp_path, tiny_mnist_root):
+    """A Lightning-style checkpoint dict of an untrained LeNet with its datamodule's hyperparameters (tiny MNIST)."""
+    torch.manual_seed(0)
+    checkpoint = {
+        "state_dict": {f"model.net.{k}": v for k, v in build_model("lenet").state_dict().items()},
+        "hyper_parameters": {"net": "lenet", "num_classes": 10, "image_shape": (1, 28, 28)},
+        "datamodule_hyper_parameters": {"dataset": "mnist", "data_dir": str(tiny_mnist_root), "transform": "none"},
+    }
+    torch.save(checkpoint, tmp_path / "run.ckpt")
+    return tmp_path / "run.ckpt"
+
+
+@pytest.mark.parametrize(
+    "kind,dim,step,expected",
+    [
+        ("dct", None, 20, DCTBlockSubspaces((1, 28, 28), 8, 20)),  # the dataset's block side
+        ("grid", 14, None, DCTGridSubspaces((1, 28, 28), 14, 7)),  # a grid's default stride: k // 2
+        ("random", 8, 20, RandomSubspaces((1, 28, 28), 64, 2, seed=0)),  # as many as the DCT blocks, same dim
+        ("full", None, None, FullSpace((1, 28, 28))),
+    ],
+)
+def test_subspace_kinds_from_a_checkpoint_are_recorded(lenet_checkpoint, tmp_path, kind, dim, step, expected):
+    """`subspace=` names a family resolved against the checkpoint's dataset; the folder records it (describe_family:
+    equal families, equal digests) and its default name carries the kind."""
+    report, folder = evaluate_margins(
+        lenet_checkpoint,
+        subspace=kind,
+        subspace_dim=dim,
+        subspace_step=step,
+        num_samples=2,
+        attack=AttackSettings(max_iter=3),
+        run=RUN,
+        output_root=str(tmp_path / "outputs"),
+    )
+    suffix = "" if kind == "dct" else f"_{kind}"
+    assert folder == tmp_path / "outputs" / f"lenet_mnist{suffix}_{tmp_path.name}-run"
+    described = describe_family(expected)
+    assert {k: report.settings[k] for k in described} == json.loads(json.dumps(described))
+    assert report.margins.shape == (len(expected), 2)
+    assert (folder / "margins.png").is_file() == (kind != "grid")  # a grid gets its 2-D map instead
+    with pytest.raises(InputError, match="unknown subspace kind 'wavelet'"):
+        evaluate_margins(lenet_checkpoint, subspace=SubspaceSpec("wavelet"), output_dir=tmp_path / "w", run=RUN)
+
+
+def test_state_digest_covers_every_tensor_including_0_d_buffers(tmp_path):
+    """state_sha256 (the fingerprint of an in-memory model, and of the callback's weights): batch norm's 0-d
+    `num_batches_tracked` hashes like any tensor; equal states, equal digests; any changed byte, another digest.
+    Reference: hashlib over the names and numpy bytes of the state, written here."""
+    import hashlib
+
+    from margins.evaluate import state_sha256
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 36, 3)).eval()
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(tensor.numpy()).tobytes())
+    assert state_sha256(model) == digest.hexdigest()
+    twin = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 36, 3))
+    twin.load_state_dict(model.state_dict())
+    assert state_sha256(twin) == state_sha256(model)
+    twin[1].num_batches_tracked += 1
+    assert state_sha256(twin) != state_sha256(model)
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(7))
+    report, _ = evaluate_margins(
+        model=model,
+        dataset=[(x[i], i) for i in range(2)],
+        num_samples=2,
+        output_dir=tmp_path / "bn",
+        attack=AttackSettings(max_iter=5),
+        run=RUN,
+    )
+    assert report.settings["checkpoint_sha256"] == digest.hexdigest() and report.margins.shape == (1, 2)

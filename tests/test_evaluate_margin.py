@@ -22,11 +22,11 @@ from common.memory import keep_freed_memory
 from datamodules import ImageNetDataModule, MNISTDataModule, SyntheticDataModule
 from frequency import DCTBlockSubspaces, FullSpace
 from lightning_modules import ClassifierModule
-from margins import gather_samples, read_margin_results, select_indices
+from margins import gather_samples, read_report, select_indices
 from models import Normalize, NormalizedModel, build_model
 from tests.conftest import MNIST_RAW, SHARED_DATA
 
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # REFERENCE §5
+MNIST_MEAN, MNIST_STD = 0.1307, 0.3081  # the release's constants
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -117,8 +117,8 @@ def test_release_state_dict_defaults_and_lightning_checkpoint_alone(trained, tmp
     assert code == 0
     assert str(out_t7.resolve()) in stdout and "clean accuracy" in stdout and "not converged" in stdout
 
-    result = read_margin_results(out_t7)
-    margins, converged, indices, summary = result["margins"], result["converged"], result["indices"], result["summary"]
+    result = read_report(out_t7)
+    margins, converged, indices = result.margins, result.converged, result.indices
     assert margins.dtype == np.float32 and margins.shape == (21, 5)  # release MNIST default: 8x8 blocks, step 1
     assert converged.dtype == np.bool_ and converged.shape == (21, 5)
     assert indices.dtype == np.int64
@@ -133,7 +133,7 @@ def test_release_state_dict_defaults_and_lightning_checkpoint_alone(trained, tmp
     np.testing.assert_array_equal(converged, direct.converged.numpy())
     assert np.all(margins[:, :] > 0)
 
-    settings = summary["settings"]
+    settings = result.settings
     assert settings["model"]["net"] == "lenet" and settings["dataset"] == "mnist" and settings["transform"] == "none"
     assert settings["checkpoint"] == str(trained.t7.resolve()) and settings["checkpoint_format"] == "state_dict"
     assert settings["normalization"] == "dataset" and settings["data_dir"] == str(SHARED_DATA.resolve())
@@ -144,18 +144,18 @@ def test_release_state_dict_defaults_and_lightning_checkpoint_alone(trained, tmp
     assert settings["checkpoint_sha256"] and settings["dtype"] == "float32"
     assert settings["keep_freed_memory"] is keep_freed_memory()  # the command's default, where glibc allows it
     expected_accuracy = float((direct.labels == y).float().mean())
-    assert summary["extra"]["clean_accuracy"] == pytest.approx(expected_accuracy)
-    assert summary["extra"]["seconds"] > 0
-    assert summary["stats"]["num_not_converged_total"] == int((~direct.converged).sum())
-    np.testing.assert_allclose(summary["stats"]["median_margin_all"], np.median(margins, axis=1), rtol=1e-6)
+    assert result.extra["clean_accuracy"] == pytest.approx(expected_accuracy)
+    assert result.extra["seconds"] > 0
+    assert result.stats["num_not_converged_total"] == int((~direct.converged).sum())
+    np.testing.assert_allclose(result.stats["median_margin_all"], np.median(margins, axis=1), rtol=1e-6)
 
     # this project's checkpoint alone: model, dataset, transform and data_dir come from its hyperparameters
     code, _, _ = _run(["--checkpoint", trained.ckpt, "--num-samples", 5, "--output-dir", out_ckpt], capsys)
     assert code == 0
-    alone = read_margin_results(out_ckpt)
-    np.testing.assert_array_equal(alone["indices"], indices)
-    np.testing.assert_allclose(alone["margins"], margins, rtol=1e-5, atol=1e-7)
-    alone_settings = alone["summary"]["settings"]
+    alone = read_report(out_ckpt)
+    np.testing.assert_array_equal(alone.indices, indices)
+    np.testing.assert_allclose(alone.margins, margins, rtol=1e-5, atol=1e-7)
+    alone_settings = alone.settings
     assert alone_settings["checkpoint_format"] == "lightning" and alone_settings["normalization"] == "checkpoint"
     assert alone_settings["data"]["dataset"] == "mnist" and alone_settings["model"]["net"] == "lenet"
 
@@ -163,10 +163,10 @@ def test_release_state_dict_defaults_and_lightning_checkpoint_alone(trained, tmp
     argv = [*explicit[:4], "--checkpoint", trained.ckpt, "--num-samples", 5, "--subspace-step", 20]
     code, _, _ = _run([*argv, "--output-dir", out_coarse, "--no-progress", "--return-freed-memory"], capsys)
     assert code == 0
-    coarse = read_margin_results(out_coarse)
-    assert coarse["summary"]["settings"]["subspace_step"] == 20
-    assert coarse["summary"]["settings"]["keep_freed_memory"] is False
-    np.testing.assert_allclose(coarse["margins"], margins[[0, 20]], rtol=1e-5, atol=1e-7)
+    coarse = read_report(out_coarse)
+    assert coarse.settings["subspace_step"] == 20
+    assert coarse.settings["keep_freed_memory"] is False
+    np.testing.assert_allclose(coarse.margins, margins[[0, 20]], rtol=1e-5, atol=1e-7)
 
 
 def test_indices_file_order_and_full_space(trained, tmp_path, capsys):
@@ -176,13 +176,13 @@ def test_indices_file_order_and_full_space(trained, tmp_path, capsys):
     argv = ["--checkpoint", trained.ckpt, "--indices", tmp_path / "idx.npy", "--subspace", "full", "--output-dir", out]
     code, stdout, _ = _run([*argv, "--num-samples", 50], capsys)  # --indices overrides --num-samples
     assert code == 0 and "full input space" in stdout
-    result = read_margin_results(out)
-    np.testing.assert_array_equal(result["indices"], order)
-    assert result["margins"].shape == (1, 3)
+    result = read_report(out)
+    np.testing.assert_array_equal(result.indices, order)
+    assert result.margins.shape == (1, 3)
     x, _ = _mnist_test_images(order)
     direct = SubspaceDeepFool()(_release_model(trained.state), x, FullSpace((1, 28, 28)))
-    np.testing.assert_allclose(result["margins"], direct.margins.numpy(), rtol=1e-5, atol=1e-7)
-    settings = result["summary"]["settings"]
+    np.testing.assert_allclose(result.margins, direct.margins.numpy(), rtol=1e-5, atol=1e-7)
+    settings = result.settings
     assert settings["indices_file"] == str((tmp_path / "idx.npy").resolve()) and settings["num_samples"] == 3
     assert settings["subspace"] == "full" and settings["num_subspaces"] == 1 and settings["subspace_block"] is None
 
@@ -201,12 +201,12 @@ def test_madrylab_checkpoint_needs_trust_and_carries_its_normalization(trained, 
     assert code == 2 and "--trusted-pickle" in stderr and not (tmp_path / "out").exists()
     code, _, _ = _run([*argv, "--trusted-pickle"], capsys)
     assert code == 0
-    result = read_margin_results(tmp_path / "out")
-    settings = result["summary"]["settings"]
+    result = read_report(tmp_path / "out")
+    settings = result.settings
     assert settings["checkpoint_format"] == "madrylab" and settings["normalization"] == "checkpoint"
-    x, _ = _mnist_test_images(result["indices"])
+    x, _ = _mnist_test_images(result.indices)
     direct = SubspaceDeepFool()(_release_model(trained.state), x, DCTBlockSubspaces((1, 28, 28), 8, 20))
-    np.testing.assert_allclose(result["margins"], direct.margins.numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(result.margins, direct.margins.numpy(), rtol=1e-5, atol=1e-7)
 
 
 # ---- synthetic data: generation arguments come from the checkpoint ----------------------------------------
@@ -221,22 +221,22 @@ def test_synthetic_checkpoint(tmp_path, capsys):
     out = tmp_path / "out"
     code, _, _ = _run(["--checkpoint", tmp_path / "synthetic.ckpt", "--num-samples", 6, "--output-dir", out], capsys)
     assert code == 0
-    result = read_margin_results(out)
-    settings = result["summary"]["settings"]
+    result = read_report(out)
+    settings = result.settings
     assert settings["dataset"] == "synthetic" and settings["data"]["eps"] == 4.0 and settings["data"]["sigma"] == 1.0
     assert settings["data"]["image_shape"] == [1, 16, 16] and settings["data"]["num_test"] == 64
     assert (settings["subspace_block"], settings["subspace_step"], settings["num_subspaces"]) == (8, 1, 9)
-    np.testing.assert_array_equal(result["indices"], select_indices(64, 6, seed=0))
+    np.testing.assert_array_equal(result.indices, select_indices(64, 6, seed=0))
 
     fresh = SyntheticDataModule(**data_args)  # regenerated from the same arguments
-    x, y = gather_samples(fresh.margin_dataset(), result["indices"])
+    x, y = gather_samples(fresh.margin_dataset(), result.indices)
     direct = SubspaceDeepFool()(module.model, x, DCTBlockSubspaces((1, 16, 16), 8, 1))
-    np.testing.assert_allclose(result["margins"], direct.margins.numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(result.margins, direct.margins.numpy(), rtol=1e-5, atol=1e-7)
     xt, yt = fresh.test_tensors
     with torch.no_grad():
         assert float((module.model(xt).argmax(1) == yt).float().mean()) > 0.75
-    # the discriminative DCT atom (1, 1) lies in blocks 0 and 1 only: margins there are the small ones (REFERENCE §8)
-    medians = np.median(result["margins"], axis=1)
+    # the discriminative DCT atom (1, 1) lies in blocks 0 and 1 only: margins there are the small ones
+    medians = np.median(result.margins, axis=1)
     assert medians[:2].max() < medians[2:].min()
 
 
@@ -264,19 +264,19 @@ def test_image_folder_lightning_checkpoint(imagenet_tree, tmp_path, capsys):
     out = tmp_path / "out"
     code, _, _ = _run(["--checkpoint", tmp_path / "folder.ckpt", "--num-samples", 3, "--output-dir", out], capsys)
     assert code == 0
-    result = read_margin_results(out)
-    assert result["margins"].shape == (2, 3)  # 16x16 blocks with step 16 on 32x32 images
-    np.testing.assert_array_equal(result["indices"], select_indices(4, 3, seed=0))
-    settings = result["summary"]["settings"]
+    result = read_report(out)
+    assert result.margins.shape == (2, 3)  # 16x16 blocks with step 16 on 32x32 images
+    np.testing.assert_array_equal(result.indices, select_indices(4, 3, seed=0))
+    settings = result.settings
     assert settings["dataset"] == "imagenet" and settings["data"]["image_size"] == 32
     assert settings["normalization"] == "checkpoint"
     fresh = ImageNetDataModule(str(imagenet_tree), image_size=32, resize=36)
-    x, y = gather_samples(fresh.margin_dataset(), result["indices"])
+    x, y = gather_samples(fresh.margin_dataset(), result.indices)
     assert x.shape == (3, 3, 32, 32)
     direct = SubspaceDeepFool()(module.model, x, DCTBlockSubspaces((3, 32, 32), 16, 16))
-    np.testing.assert_allclose(result["margins"], direct.margins.numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(result.margins, direct.margins.numpy(), rtol=1e-5, atol=1e-7)
     accuracy = float((direct.labels == y).float().mean())
-    assert result["summary"]["extra"]["clean_accuracy"] == pytest.approx(accuracy)
+    assert result.extra["clean_accuracy"] == pytest.approx(accuracy)
 
 
 def test_image_folder_raw_state_dict_uses_imagenet_normalization(imagenet_tree, tmp_path, capsys):
@@ -289,13 +289,13 @@ def test_image_folder_raw_state_dict_uses_imagenet_normalization(imagenet_tree, 
     argv += ["--data-dir", imagenet_tree, "--num-samples", 2, "--subspace-dim", 112, "--subspace-step", 112]
     code, _, _ = _run([*argv, "--max-iter", 3, "--output-dir", out], capsys)
     assert code == 0
-    result = read_margin_results(out)
-    assert result["margins"].shape == (2, 2) and result["summary"]["settings"]["normalization"] == "dataset"
-    assert result["summary"]["extra"]["max_iterations"] <= 3
-    x, _ = gather_samples(ImageNetDataModule(str(imagenet_tree)).margin_dataset(), result["indices"])
+    result = read_report(out)
+    assert result.margins.shape == (2, 2) and result.settings["normalization"] == "dataset"
+    assert result.extra["max_iterations"] <= 3
+    x, _ = gather_samples(ImageNetDataModule(str(imagenet_tree)).margin_dataset(), result.indices)
     model = NormalizedModel(Normalize(list(IMAGENET_MEAN), list(IMAGENET_STD), (3, 224, 224)), net)
     direct = SubspaceDeepFool(max_iter=3)(model, x, DCTBlockSubspaces((3, 224, 224), 112, 112))
-    np.testing.assert_allclose(result["margins"], direct.margins.numpy(), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(result.margins, direct.margins.numpy(), rtol=1e-5, atol=1e-7)
 
 
 def test_image_folder_resnet50(imagenet_tree, tmp_path, capsys):
@@ -307,9 +307,9 @@ def test_image_folder_resnet50(imagenet_tree, tmp_path, capsys):
     argv += ["--data-dir", imagenet_tree, "--num-samples", 2, "--subspace-dim", 112, "--subspace-step", 112]
     code, _, _ = _run([*argv, "--max-iter", 2, "--output-dir", out], capsys)
     assert code == 0
-    result = read_margin_results(out)
-    assert result["margins"].shape == (2, 2) and result["summary"]["extra"]["max_iterations"] <= 2
-    assert result["summary"]["settings"]["model"] == {"net": "resnet50", "num_classes": 2, "image_shape": [3, 224, 224]}
+    result = read_report(out)
+    assert result.margins.shape == (2, 2) and result.extra["max_iterations"] <= 2
+    assert result.settings["model"] == {"net": "resnet50", "num_classes": 2, "image_shape": [3, 224, 224]}
 
 
 # ---- bad input -----------------------------------------------------------------------------------------------
@@ -350,7 +350,12 @@ def _bad_cases(b: SimpleNamespace) -> dict[str, tuple[list, str]]:
             "contradicts the checkpoint.*'lenet'",
         ),
         "pickled checkpoint": ([*lenet[:4], "--checkpoint", b.root / "pickled.pt"], "pass --trusted-pickle"),
-        "full space with block": ([*lenet, "--subspace", "full", "--subspace-dim", 4], "only apply to --subspace dct"),
+        "full space with block": (
+            [*lenet, "--subspace", "full", "--subspace-dim", 4],
+            "--subspace-dim/--subspace-step do not apply to full subspaces",
+        ),
+        "channels-last is gone": ([*lenet, "--channels-last"], "unrecognized arguments: --channels-last"),
+        "bad kernels": ([*lenet, "--kernels", "fast"], "invalid choice: 'fast'"),
     }
 
 
@@ -367,6 +372,8 @@ CASES = (
     "model contradicts checkpoint",
     "pickled checkpoint",
     "full space with block",
+    "channels-last is gone",
+    "bad kernels",
 )
 
 
@@ -394,3 +401,33 @@ def test_bad_input_leaves_previous_results_untouched(trained, tmp_path, capsys):
     assert code == 2 and stderr.count("\n") == 1
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert json.loads((out / "summary.json").read_text())["settings"]["num_samples"] == 2
+
+
+def test_batch_size_is_a_deprecated_alias_of_chunk_rows_and_kernels_are_recorded(bad_input, capsys):
+    """--batch-size still sets the chunk size, with one deprecation line; --kernels off reaches the engine and the
+    settings (reference: the engine on the one chunk of rows with kernels off, and with kernels auto)."""
+    lenet = ["--model", "lenet", "--dataset", "mnist", "--checkpoint", bad_input.root / "lenet.t7"]
+    argv = [*lenet, "--data-dir", bad_input.data, "--num-samples", 3, "--subspace-step", 20, "--max-iter", 5]
+    out = bad_input.root / "alias"
+    code, _, stderr = _run([*argv, "--batch-size", 7, "--kernels", "off", "--output-dir", out], capsys)
+    assert code == 0
+    assert "warning: --batch-size is deprecated, use --chunk-rows" in stderr.splitlines()
+    result = read_report(out)
+    assert result.settings["chunk_rows"] == 7 and result.settings["kernels"] == "off"
+    assert result.extra["num_chunks"] == 1  # 3 samples x 2 subspaces = 6 rows <= 7
+    net = build_model("lenet")
+    net.load_state_dict(torch.load(bad_input.root / "lenet.t7", weights_only=True))
+    model = NormalizedModel(Normalize([MNIST_MEAN], [MNIST_STD], (1, 28, 28)), net).eval()
+    x, _ = gather_samples(MNISTDataModule(data_dir=str(bad_input.data)).margin_dataset(), result.indices)
+    family = DCTBlockSubspaces((1, 28, 28), 8, 20)
+    rows = torch.arange(6)  # the one chunk: sample-major rows (sample, subspace)
+    engine = {k: SubspaceDeepFool(max_iter=5, batch_size=7, kernels=k) for k in ("off", "auto")}
+    direct = {k: e.attack_rows(model, x, family, rows // 2, rows % 2) for k, e in engine.items()}
+    np.testing.assert_array_equal(result.margins, direct["off"].margins.numpy().reshape(3, 2).T)  # same bits
+    np.testing.assert_array_equal(result.iterations, direct["off"].iterations.numpy().reshape(3, 2).T)
+    code, _, stderr = _run([*argv, "--chunk-rows", 7, "--output-dir", bad_input.root / "auto"], capsys)
+    assert code == 0 and "deprecated" not in stderr
+    auto = read_report(bad_input.root / "auto")
+    assert auto.settings["kernels"] == "auto"  # the default
+    np.testing.assert_array_equal(auto.margins, direct["auto"].margins.numpy().reshape(3, 2).T)
+    assert not np.array_equal(auto.margins, result.margins)  # the kernels move float rounding: the flag took effect

@@ -1,4 +1,5 @@
-"""Margin callback: files, TensorBoard tags, schedule, and DDP equivalence with a single process."""
+"""Margin callback: files, TensorBoard tags, schedule, the same bits as evaluate_margin.py on the saved checkpoint,
+a folder of other weights measured again, and DDP equivalence with a single process."""
 
 from __future__ import annotations
 
@@ -14,25 +15,39 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import evaluate_margin
 from attacks.deepfool import SubspaceDeepFool
 from callbacks import MarginCallback
 from datamodules import SyntheticDataModule
+from frequency import DCTBlockSubspaces
 from lightning_modules import ClassifierModule
-from margins import gather_samples, read_margin_results, select_indices
+from margins import MarginReport, gather_samples, read_report, select_indices
+from margins.evaluate import state_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 SYNTHETIC = dict(image_shape=(1, 16, 16), num_train=256, num_test=64, batch_size=64, sigma=0.5, eps=4.0)
+# the arrays of a result folder, whichever command wrote it
+ARRAYS = ("margins", "iterations", "converged", "perturbed_labels", "indices", "predicted", "targets")
+RESULT_FILES = {*(f"{name}.npy" for name in ARRAYS), "margins.png", "summary.json"}
 
 
-def fit_with_callback(tmp_path: Path, callback: MarginCallback, epochs: int = 2) -> tuple[L.Trainer, ClassifierModule]:
+def assert_same_results(a: Path, b: Path) -> None:
+    """Every array file of two result folders holds the same bytes (dtype, shape and values)."""
+    for name in ARRAYS:
+        assert (a / f"{name}.npy").read_bytes() == (b / f"{name}.npy").read_bytes(), name
+
+
+def fit_with_callback(
+    tmp_path: Path, callback: MarginCallback, epochs: int = 2, lr: float = 0.2, version: str | None = None
+) -> tuple[L.Trainer, ClassifierModule]:
     L.seed_everything(0)
     dm = SyntheticDataModule(**SYNTHETIC)
-    model = ClassifierModule(net="lenet", num_classes=2, image_shape=(1, 16, 16), lr=0.2)
+    model = ClassifierModule(net="lenet", num_classes=2, image_shape=(1, 16, 16), lr=lr)
     trainer = L.Trainer(
         default_root_dir=tmp_path,
         max_epochs=epochs,
         accelerator="cpu",
-        logger=TensorBoardLogger(tmp_path, name="run"),
+        logger=TensorBoardLogger(tmp_path, name="run", version=version),
         callbacks=[callback],
         enable_checkpointing=False,
         enable_progress_bar=False,
@@ -49,40 +64,87 @@ def test_callback_writes_results_equal_to_a_direct_engine_call_and_logs_tensorbo
     # every 2nd epoch (no sanity check run), and the final weights at the end of fit
     assert sorted(p.name for p in margins_root.iterdir()) == ["epoch_001", "epoch_002"]
 
-    saved = read_margin_results(margins_root / "epoch_001")
+    saved = read_report(margins_root / "epoch_001")
     dm = trainer.datamodule
     indices = select_indices(len(dm.margin_dataset()), 12, 3)
-    np.testing.assert_array_equal(saved["indices"], indices)
-    assert saved["margins"].shape == (len(dm.subspaces()), 12) and saved["converged"].dtype == bool
-    summary = saved["summary"]
-    assert summary["settings"]["subspace_block"] == dm.subspace_block and summary["settings"]["epoch"] == 1
-    assert summary["settings"]["data"]["dataset"] == "synthetic"
-    assert 0.0 <= summary["extra"]["clean_accuracy"] <= 1.0 and summary["extra"]["seconds"] > 0
+    np.testing.assert_array_equal(saved.indices, indices)
+    assert saved.margins.shape == (len(dm.subspaces()), 12) and saved.converged.dtype == bool
+    assert saved.perturbed_labels.shape == saved.margins.shape and saved.perturbed_labels.dtype == np.int64
+    assert {p.name for p in (margins_root / "epoch_001").iterdir() if p.is_file()} == RESULT_FILES
+    settings = saved.settings
+    assert settings["subspace_block"] == dm.subspace_block and settings["epoch"] == 1 and settings["run"] == "epoch_001"
+    assert settings["data"]["dataset"] == "synthetic" and settings["trainer_precision"] == "32-true"
+    assert settings["kernels"] == "auto" and settings["cpu_threads"] == 1 and "channels_last" not in settings
+    final = read_report(margins_root / "epoch_002")  # the fit end: the final weights
+    assert final.settings["epoch"] == 2 and final.settings["checkpoint_sha256"] == state_sha256(model.model)
+    assert settings["checkpoint_sha256"] != final.settings["checkpoint_sha256"]  # epoch 1's weights
+    assert 0.0 <= saved.extra["clean_accuracy"] <= 1.0 and saved.extra["seconds"] > 0
+    assert saved.extra["clean_accuracy"] == float((saved.predicted == saved.targets).mean())
 
     events = EventAccumulator(str(trainer.log_dir), size_guidance={"images": 0, "histograms": 0, "scalars": 0})
     events.Reload()
     tags = events.Tags()
-    num_subspaces = saved["margins"].shape[0]
+    num_subspaces = saved.margins.shape[0]
     for s in range(num_subspaces):
         assert f"margin/median/subspace_{s:02d}" in tags["scalars"]
         assert f"margin/subspace_{s:02d}" in tags["histograms"]
         logged = events.Scalars(f"margin/median/subspace_{s:02d}")[0].value  # epoch_001; [1] is the fit end
-        assert logged == pytest.approx(float(np.median(saved["margins"][s])), rel=1e-5, abs=1e-6)
-        assert logged == pytest.approx(summary["stats"]["median_margin_all"][s], rel=1e-5, abs=1e-6)
+        assert logged == pytest.approx(float(np.median(saved.margins[s])), rel=1e-5, abs=1e-6)
+        assert logged == pytest.approx(saved.stats["median_margin_all"][s], rel=1e-5, abs=1e-6)
     assert "margin/distribution" in tags["images"]
     assert "val/acc" in tags["scalars"]
 
 
-def test_callback_margins_equal_a_direct_engine_call_on_the_final_model(tmp_path):
-    callback = MarginCallback(num_samples=10, seed=0, every_n_epochs=1, max_iter=50)
-    trainer, model = fit_with_callback(tmp_path, callback, epochs=1)  # the last validation sees the final weights
-    saved = read_margin_results(Path(trainer.log_dir) / "margins" / "epoch_000")
+def test_callback_folder_equals_evaluate_margin_on_the_saved_checkpoint_bit_for_bit(tmp_path, capsys):
+    """The callback runs the chunk work of evaluate_margin.py: on the checkpoint of the weights it measured (the last
+    validation of a one-epoch fit sees the final weights), with the same samples, DeepFool settings and chunks, the
+    command writes the same bytes; both are close to the engine called directly on the whole grid."""
+    callback = MarginCallback(num_samples=10, seed=2, every_n_epochs=1, max_iter=50, chunk_rows=16)
+    trainer, model = fit_with_callback(tmp_path, callback, epochs=1)
+    folder = Path(trainer.log_dir) / "margins" / "epoch_000"
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["epoch_000"]  # the fit end saw the same weights
+    trainer.save_checkpoint(tmp_path / "final.ckpt")
+    out = tmp_path / "cli"
+    argv = ["--checkpoint", tmp_path / "final.ckpt", "--num-samples", 10, "--seed", 2, "--max-iter", 50]
+    assert (
+        evaluate_margin.main([str(a) for a in [*argv, "--chunk-rows", 16, "--output-dir", out, "--no-progress"]]) == 0
+    )
+    capsys.readouterr()
+    assert_same_results(folder, out)
+    saved, cli = read_report(folder), read_report(out)
+    assert saved.extra["num_chunks"] == cli.extra["num_chunks"] == 6  # 10 samples x 9 subspaces in chunks of 16
+    assert {p.name for p in folder.iterdir()} == {p.name for p in out.iterdir()}  # the same result files
+    for key in ("subspace_sha256", "indices_sha256", "chunk_rows", "max_iter", "kernels", "dtype", "engine_version"):
+        assert saved.settings[key] == cli.settings[key], key
+
     dm = trainer.datamodule
-    x, _ = gather_samples(dm.margin_dataset(), saved["indices"])
-    direct = SubspaceDeepFool(max_iter=50)(model, x, dm.subspaces())
-    np.testing.assert_allclose(saved["margins"], direct.margins.numpy(), rtol=1e-6)
-    np.testing.assert_array_equal(saved["converged"], direct.converged.numpy())
+    x, _ = gather_samples(dm.margin_dataset(), saved.indices)
+    direct = SubspaceDeepFool(max_iter=50)(model.model, x, dm.subspaces())
+    np.testing.assert_allclose(saved.margins, direct.margins.numpy(), rtol=1e-5)
+    np.testing.assert_array_equal(saved.converged, direct.converged.numpy())
+    np.testing.assert_array_equal(saved.predicted, direct.labels.numpy())
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_a_folder_holding_other_weights_is_measured_again(tmp_path, capsys):
+    """A second fit logging into the same version folder: its epoch_000 folder holds the first model's chunks,
+    which are discarded (a note on stderr), not merged into the new report."""
+    fit_with_callback(tmp_path, MarginCallback(num_samples=4, max_iter=20, chunk_rows=8), epochs=1, version="same")
+    first = read_report(tmp_path / "run" / "same" / "margins" / "epoch_000")
+    capsys.readouterr()
+    callback = MarginCallback(num_samples=4, max_iter=20, chunk_rows=8)
+    trainer, model = fit_with_callback(tmp_path, callback, epochs=1, lr=0.05, version="same")
+    assert "held another measurement; measuring again" in capsys.readouterr().err
+    folder = Path(trainer.log_dir) / "margins" / "epoch_000"
+    second = read_report(folder)
+    assert second.settings["checkpoint_sha256"] == state_sha256(model.model) != first.settings["checkpoint_sha256"]
+    assert not np.array_equal(second.margins, first.margins)
+    dm = trainer.datamodule
+    x, _ = gather_samples(dm.margin_dataset(), second.indices)
+    direct = SubspaceDeepFool(max_iter=20)(model.model, x, dm.subspaces())
+    np.testing.assert_allclose(second.margins, direct.margins.numpy(), rtol=1e-5)
+    journal = [line for p in (folder / "chunks").glob("journal-rank*.jsonl") for line in p.read_text().splitlines()]
+    assert len(journal) == second.extra["num_chunks"] == 5  # only the new run's chunks: 4 x 9 rows in chunks of 8
 
 
 def test_callback_runs_in_validate_and_test_under_inference_mode(tmp_path):
@@ -93,21 +155,32 @@ def test_callback_runs_in_validate_and_test_under_inference_mode(tmp_path):
         default_root_dir=tmp_path,
         accelerator="cpu",
         logger=TensorBoardLogger(tmp_path, name="run"),
-        callbacks=[MarginCallback(num_samples=4, max_iter=5, every_n_epochs=7)],
+        callbacks=[MarginCallback(num_samples=4, max_iter=5, every_n_epochs=7, subspace_dim=4, subspace_step=4)],
         enable_progress_bar=False,
         inference_mode=True,
     )
     flags = [m.training for m in model.modules()]
     trainer.validate(model, dm)
     trainer.test(model, dm)
-    names = sorted(p.name for p in (Path(trainer.log_dir) / "margins").iterdir())
+    root = Path(trainer.log_dir) / "margins"
+    names = sorted(p.name for p in root.iterdir())
     assert names == ["epoch_000", "test_epoch_000"]
+    validated, tested = read_report(root / "epoch_000"), read_report(root / "test_epoch_000")
+    assert validated.settings["epoch"] == tested.settings["epoch"] == 0  # the folder's epoch
+    assert tested.settings["run"] == "test_epoch_000"
+    family = DCTBlockSubspaces((1, 16, 16), 4, 4)  # subspace_dim / subspace_step, not the datamodule's 8 / 1
+    assert (validated.settings["subspace_block"], validated.settings["subspace_step"]) == (4, 4)
+    assert validated.settings["subspace_family"] == repr(family) and validated.margins.shape == (len(family), 4)
+    assert_same_results(root / "epoch_000", root / "test_epoch_000")  # the same weights, samples and settings
     assert [m.training for m in model.modules()] == flags
     assert all(p.grad is None for p in model.parameters())
 
 
 def run_cli(args: list[str], cwd: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    """train.py in a subprocess with the machine's default thread settings (no OMP_NUM_THREADS): the callback pins
+    its own thread count while it measures, so 1 and 2 processes agree whatever the defaults."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("OMP_NUM_THREADS", None)  # tests/conftest.py sets it for this process
     proc = subprocess.run(
         [sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
     )
@@ -116,33 +189,37 @@ def run_cli(args: list[str], cwd: Path) -> None:
 
 @pytest.mark.slow
 def test_ddp_fit_and_validate_margins_equal_one_process_bit_for_bit(tmp_path):
-    """Chunk sharding: 2 processes give the 1-process bits, also when rank 1 gets no chunk (num_samples 1)."""
+    """Chunk sharding: 2 gloo processes give the 1-process bits, also when a rank gets no chunk (num_samples 1)."""
     common = [
         "--config", str(REPO / "configs" / "synthetic_lenet.yaml"),
         "--data.init_args.num_train", "256", "--data.init_args.num_test", "64",
         "--data.init_args.image_shape", "[1, 16, 16]",
         "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu",
-        "--margin.max_iter", "50", "--margin.batch_size", "16",
+        "--margin.max_iter", "50", "--margin.chunk_rows", "16", "--margin.progress", "false",
     ]  # fmt: skip
     ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
-    # 2-process fit, margins only at fit end (1 sample x 9 subspaces = one chunk: rank 1 attacks nothing)
+    # 2-process fit, margins only at fit end (1 sample x 9 subspaces = one chunk: one rank attacks nothing)
     run_cli(["fit", *common, *ddp, "--trainer.max_epochs", "1", "--margin.num_samples", "1",
              "--margin.every_n_epochs", "5", "--data.init_args.batch_size", "64",
              "--trainer.logger.init_args.save_dir", str(tmp_path / "fit")], cwd=tmp_path)  # fmt: skip
     ckpt = next((tmp_path / "fit").rglob("last.ckpt"))
     trained = torch.load(ckpt, weights_only=True, map_location="cpu")
     assert trained["global_step"] == 2  # 256 samples / (2 processes x batch 64): each rank ran half the batches
-    runs = {"fit_ddp": read_margin_results(next((tmp_path / "fit").rglob("epoch_000")))}
+    folders = {"fit_ddp": next((tmp_path / "fit").rglob("epoch_000"))}
     for name, samples, devices in (("one_1", "1", []), ("one_11", "11", []), ("ddp_11", "11", ddp)):
         run_cli(["validate", *common, *devices, "--ckpt_path", str(ckpt), "--margin.num_samples", samples,
                  "--trainer.logger.init_args.save_dir", str(tmp_path / name)], cwd=tmp_path)  # fmt: skip
-        runs[name] = read_margin_results(next((tmp_path / name).rglob("epoch_000")))
+        folders[name] = next((tmp_path / name).rglob("epoch_000"))
+    runs: dict[str, MarginReport] = {name: read_report(folder) for name, folder in folders.items()}
     for multi, single in (("fit_ddp", "one_1"), ("ddp_11", "one_11")):
         a, b = runs[multi], runs[single]
-        assert a["summary"]["settings"]["world_size"] == 2 and b["summary"]["settings"]["world_size"] == 1
-        np.testing.assert_array_equal(a["indices"], b["indices"])
-        np.testing.assert_array_equal(a["margins"], b["margins"])  # bit-equal, not just close
-        np.testing.assert_array_equal(a["converged"], b["converged"])
-        for key in ("clean_accuracy", "mean_iterations", "max_iterations"):
-            assert a["summary"]["extra"][key] == b["summary"]["extra"][key], key
-    assert runs["ddp_11"]["margins"].shape == (9, 11) and len(set(runs["ddp_11"]["indices"].tolist())) == 11
+        assert a.settings["world_size"] == 2 and b.settings["world_size"] == 1
+        assert a.settings["cpu_threads"] == b.settings["cpu_threads"] == 1
+        assert_same_results(folders[multi], folders[single])  # bit-equal, not just close
+        for key in ("clean_accuracy", "mean_iterations", "max_iterations", "num_chunks"):
+            assert a.extra[key] == b.extra[key], key
+    assert runs["ddp_11"].margins.shape == (9, 11) and len(set(runs["ddp_11"].indices.tolist())) == 11
+    journals = sorted(p.name for p in (folders["ddp_11"] / "chunks").glob("journal-rank*.jsonl"))
+    assert journals == ["journal-rank0.jsonl", "journal-rank1.jsonl"]  # 99 rows in 7 chunks: both ranks worked
+    lines = [x for p in (folders["fit_ddp"] / "chunks").glob("journal-rank*.jsonl") for x in p.read_text().splitlines()]
+    assert len(lines) == 1  # one chunk, attacked once: the other rank had none

@@ -20,12 +20,12 @@ from callbacks import MarginCallback
 from callbacks.margin import band_medians
 from datamodules import SyntheticDataModule
 from lightning_modules import ClassifierModule
-from margins import read_margin_results
+from margins import read_report
 from train import main
 
 REPO = Path(__file__).resolve().parents[1]
 SYNTHETIC = dict(image_shape=(1, 16, 16), num_train=128, num_test=32, batch_size=64, sigma=0.5, eps=4.0)
-FAST_MARGIN = ["--margin.num_samples", "4", "--margin.max_iter", "20", "--margin.batch_size", "64"]
+FAST_MARGIN = ["--margin.num_samples", "4", "--margin.max_iter", "20", "--margin.chunk_rows", "64"]
 
 
 def events(log_dir: str | Path) -> EventAccumulator:
@@ -124,11 +124,12 @@ def test_one_epoch_fit_with_the_default_config_measures_once_and_fills_the_tenso
     median_tags = [t for t in tags["scalars"] if t.startswith("margin/median/subspace_")]
     assert len(median_tags) == num_subspaces
 
-    saved = read_margin_results(log_dir / "margins" / "epoch_000")
-    low, high = band_medians(saved["margins"])
+    saved = read_report(log_dir / "margins" / "epoch_000")
+    assert saved.settings["chunk_rows"] == 64 and saved.extra["num_chunks"] == 1  # 4 samples x 9 subspaces
+    low, high = band_medians(saved.margins)
     assert acc.Scalars("margin/high_over_low")[0].value == pytest.approx(high / low, rel=1e-5)
-    assert acc.Scalars("margin/clean_acc")[0].value == pytest.approx(saved["summary"]["extra"]["clean_accuracy"])
-    assert acc.Scalars("margin/not_converged")[0].value == saved["summary"]["stats"]["num_not_converged_total"]
+    assert acc.Scalars("margin/clean_acc")[0].value == pytest.approx(saved.extra["clean_accuracy"])
+    assert acc.Scalars("margin/not_converged")[0].value == saved.stats["num_not_converged_total"]
     assert {"margin/distribution", "margin/evolution"} <= set(tags["images"])
 
     hp = hparams_plugin_data(log_dir)

@@ -1,4 +1,5 @@
-"""Tests of the margins package: sample selection, atomic result files, the paper plot, an analytic margin."""
+"""Tests of the margins package: sample selection, atomic result files (`write_report` / `read_report`), the paper
+plot, an analytic margin measured through `evaluate_margins`."""
 
 from __future__ import annotations
 
@@ -13,21 +14,22 @@ from matplotlib.collections import PathCollection
 from torch import nn
 
 import margins.plot as plot_module
-from attacks.deepfool import SubspaceDeepFool
 from frequency.subspaces import DCTBlockSubspaces, FullSpace
 from margins import (
+    MarginReport,
     figure_to_array,
     gather_samples,
     load_indices,
-    measure_margins,
     plot_margins,
-    read_margin_results,
+    read_report,
     save_figure,
     select_indices,
     summarize,
-    write_margin_results,
+    write_report,
 )
+from margins.evaluate import evaluate_margins
 from margins.results import RESULT_FILES
+from margins.work import AttackSettings, RunSettings
 
 
 def _example(num_subspaces: int = 4, num_samples: int = 7, seed: int = 0):
@@ -36,6 +38,12 @@ def _example(num_subspaces: int = 4, num_samples: int = 7, seed: int = 0):
     converged = rng.random((num_subspaces, num_samples)) > 0.25
     indices = rng.choice(1000, size=num_samples, replace=False)
     return margins, converged, indices
+
+
+def _write(out, margins, converged, indices, settings, extra=None, figure=True):
+    """`write_report` of the three required arrays (the optional ones left out)."""
+    report = MarginReport(margins, converged, indices, settings, extra=extra or {})
+    return write_report(out, report, figure=figure)
 
 
 def _snapshot(directory):
@@ -121,45 +129,50 @@ def test_write_read_round_trip(tmp_path):
     out = tmp_path / "run"
     settings = {"dataset": "mnist", "block": 8, "overshoot": np.float32(0.02), "shape": (1, 28, 28)}
     extra = {"clean_accuracy": torch.tensor(0.98), "checkpoint": tmp_path / "model.ckpt", "seconds": 1.5}
-    assert write_margin_results(out, margins, converged, indices, settings, extra=extra) == out
+    assert _write(out, margins, converged, indices, settings, extra=extra) == out
     assert sorted(p.name for p in out.iterdir()) == sorted(RESULT_FILES)
     assert [p.name for p in tmp_path.iterdir()] == ["run"]  # no temporary directory left
 
-    loaded = read_margin_results(out)
-    assert loaded["margins"].dtype == np.float32 and loaded["converged"].dtype == np.bool_
-    assert loaded["indices"].dtype == np.int64
-    np.testing.assert_array_equal(loaded["margins"], margins.astype(np.float32))
-    np.testing.assert_array_equal(loaded["converged"], converged)
-    np.testing.assert_array_equal(loaded["indices"], indices)
+    loaded = read_report(out)
+    assert loaded.margins.dtype == np.float32 and loaded.converged.dtype == np.bool_
+    assert loaded.indices.dtype == np.int64
+    np.testing.assert_array_equal(loaded.margins, margins.astype(np.float32))
+    np.testing.assert_array_equal(loaded.converged, converged)
+    np.testing.assert_array_equal(loaded.indices, indices)
+    assert loaded.iterations is None and loaded.targets is None  # optional arrays not given: no files
+    summary = json.loads((out / "summary.json").read_text())
 
-    summary = loaded["summary"]
     stored = margins.astype(np.float32).astype(np.float64)
     expected_conv = [np.median(stored[s][converged[s]]) for s in range(stored.shape[0])]
-    np.testing.assert_allclose(summary["stats"]["median_margin"], expected_conv, rtol=1e-12)
-    np.testing.assert_allclose(summary["stats"]["median_margin_all"], np.median(stored, axis=1), rtol=1e-12)
-    assert summary["stats"]["num_not_converged_total"] == int((~converged).sum())
-    assert summary["settings"] == {
-        "dataset": "mnist",
-        "block": 8,
-        "overshoot": pytest.approx(0.02),
-        "shape": [1, 28, 28],
-    }
-    assert summary["extra"]["clean_accuracy"] == pytest.approx(0.98)
-    assert summary["extra"]["checkpoint"] == str(tmp_path / "model.ckpt")
-    assert summary["shape"] == list(margins.shape)
+    np.testing.assert_allclose(loaded.stats["median_margin"], expected_conv, rtol=1e-12)
+    np.testing.assert_allclose(loaded.stats["median_margin_all"], np.median(stored, axis=1), rtol=1e-12)
+    assert loaded.stats["num_not_converged_total"] == int((~converged).sum())
+    assert (
+        loaded.settings
+        == summary["settings"]
+        == {
+            "dataset": "mnist",
+            "block": 8,
+            "overshoot": pytest.approx(0.02),
+            "shape": [1, 28, 28],
+        }
+    )
+    assert loaded.extra["clean_accuracy"] == pytest.approx(0.98)
+    assert loaded.extra["checkpoint"] == str(tmp_path / "model.ckpt")
+    assert summary["shape"] == list(margins.shape) and summary["schema_version"] == 2
 
 
 def test_rewrite_replaces_results_and_keeps_unrelated_files(tmp_path):
     out = tmp_path / "run"
     margins, converged, indices = _example(seed=0)
-    write_margin_results(out, margins, converged, indices, {"run": 1})
+    _write(out, margins, converged, indices, {"run": 1})
     (out / "notes.txt").write_text("keep me")
     margins2, converged2, indices2 = _example(num_subspaces=3, num_samples=5, seed=1)
-    write_margin_results(out, margins2, converged2, indices2, {"run": 2}, figure=False)
-    loaded = read_margin_results(out)
-    np.testing.assert_array_equal(loaded["margins"], margins2.astype(np.float32))
-    np.testing.assert_array_equal(loaded["indices"], indices2)
-    assert loaded["summary"]["settings"] == {"run": 2}
+    _write(out, margins2, converged2, indices2, {"run": 2}, figure=False)
+    loaded = read_report(out)
+    np.testing.assert_array_equal(loaded.margins, margins2.astype(np.float32))
+    np.testing.assert_array_equal(loaded.indices, indices2)
+    assert loaded.settings == {"run": 2}
     assert (out / "notes.txt").read_text() == "keep me"
     assert not (out / "margins.png").exists()  # stale figure of the previous set removed
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
@@ -168,7 +181,7 @@ def test_rewrite_replaces_results_and_keeps_unrelated_files(tmp_path):
 def test_failure_mid_write_leaves_previous_results_intact(tmp_path, monkeypatch):
     out = tmp_path / "run"
     margins, converged, indices = _example()
-    write_margin_results(out, margins, converged, indices, {"run": 1})
+    _write(out, margins, converged, indices, {"run": 1})
     before = _snapshot(out)
 
     def broken_plot(*args, **kwargs):
@@ -177,20 +190,20 @@ def test_failure_mid_write_leaves_previous_results_intact(tmp_path, monkeypatch)
     monkeypatch.setattr(plot_module, "plot_margins", broken_plot)  # results imports it when it draws
     margins2, converged2, indices2 = _example(seed=5)
     with pytest.raises(RuntimeError, match="plot failed"):
-        write_margin_results(out, margins2, converged2, indices2, {"run": 2})
+        _write(out, margins2, converged2, indices2, {"run": 2})
     assert _snapshot(out) == before
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
 
     fresh = tmp_path / "fresh"  # absent directory: it must not appear at all
     with pytest.raises(RuntimeError, match="plot failed"):
-        write_margin_results(fresh, margins2, converged2, indices2, {"run": 2})
+        _write(fresh, margins2, converged2, indices2, {"run": 2})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 def test_interrupted_commit_is_detected(tmp_path, monkeypatch):
     out = tmp_path / "run"
     margins, converged, indices = _example()
-    write_margin_results(out, margins, converged, indices, {"run": 1})
+    _write(out, margins, converged, indices, {"run": 1})
     real_replace, calls = os.replace, []
 
     def crash_after_first(src, dst):
@@ -201,11 +214,11 @@ def test_interrupted_commit_is_detected(tmp_path, monkeypatch):
 
     monkeypatch.setattr(os, "replace", crash_after_first)
     with pytest.raises(OSError, match="simulated crash"):
-        write_margin_results(out, margins * 2, converged, indices, {"run": 2})
+        _write(out, margins * 2, converged, indices, {"run": 2})
     monkeypatch.setattr(os, "replace", real_replace)
     assert json.loads((out / "summary.json").read_text())["settings"] == {"run": 1}  # old commit marker kept
     with pytest.raises(ValueError, match="inconsistent: margins.npy"):
-        read_margin_results(out)
+        read_report(out)
     assert [p.name for p in tmp_path.iterdir()] == ["run"]
 
 
@@ -223,12 +236,12 @@ def test_write_rejects_bad_input_before_writing(tmp_path):
     ]
     for args, error, message in cases:
         with pytest.raises(error, match=message):
-            write_margin_results(out, *args, settings={})
+            _write(out, *args, settings={})
     with pytest.raises(TypeError, match=r"settings.model"):
-        write_margin_results(out, margins, converged, indices, settings={"model": nn.Linear(1, 1)})
+        _write(out, margins, converged, indices, settings={"model": nn.Linear(1, 1)})
     assert list(tmp_path.iterdir()) == []
     with pytest.raises(FileNotFoundError, match="summary.json"):
-        read_margin_results(out)
+        read_report(out)
 
 
 # ---------------------------------------------------------------- plot
@@ -276,38 +289,44 @@ def test_plot_all_converged_log_scale_and_raster(tmp_path):
 # ---------------------------------------------------------------- end to end
 
 
-def test_measure_margins_matches_analytic_affine_margin():
+def test_evaluate_margins_matches_analytic_affine_margin(tmp_path):
+    """The whole pipeline (chunks, Trainer.predict, merge, result folder) on a two-class affine model, whose margin
+    along a subspace S is 1.02 |g| / ||P_S w|| (g the logit gap, w the weight difference)."""
     torch.manual_seed(0)
     shape = (1, 8, 8)
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 2)).double()
     x = torch.rand(5, *shape, dtype=torch.float64)
-    attack = SubspaceDeepFool(overshoot=0.02)
-    run = measure_margins(model, x, FullSpace(shape), attack=attack, device="cpu")
-    assert run.seconds > 0
+    dataset = [(x[i], i % 2) for i in range(5)]
+    attack = AttackSettings(overshoot=0.02, dtype="float64", chunk_rows=4)
+    run = RunSettings(accelerator="cpu", devices=1, progress=False)
+    common = {"model": model, "dataset": dataset, "indices": np.arange(5), "attack": attack, "run": run}
+    report, folder = evaluate_margins(subspaces=FullSpace(shape), output_dir=tmp_path / "full", **common)
+    assert report.extra["seconds"] > 0 and report.settings["dtype"] == "float64"
 
     weight, bias = model[1].weight.detach(), model[1].bias.detach()
     w_diff, b_diff = weight[1] - weight[0], bias[1] - bias[0]
     gap = (x.flatten(1) @ w_diff + b_diff).abs()
     expected = 1.02 * gap / w_diff.norm()
-    assert run.result.margins.shape == (1, 5) and bool(run.result.converged.all())
-    torch.testing.assert_close(run.result.margins[0], expected, rtol=1e-4, atol=1e-6)
+    assert report.margins.shape == (1, 5) and bool(report.converged.all())
+    np.testing.assert_allclose(report.margins[0], expected.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(read_report(folder).margins, report.margins)
+    np.testing.assert_array_equal(report.targets, [0, 1, 0, 1, 0])
+    np.testing.assert_array_equal(report.predicted, (x.flatten(1) @ w_diff + b_diff > 0).long().numpy())
 
     # along DCT blocks the margin is |g| / ||P w|| with P the block projector (computed with an explicit basis)
     subspaces = DCTBlockSubspaces(shape, block=4, step=2)
-    run = measure_margins(model, x, subspaces, attack=attack)
+    report, _ = evaluate_margins(subspaces=subspaces, output_dir=tmp_path / "dct", **common)
     eye = torch.eye(64, dtype=torch.float64).view(64, *shape)
     for s in range(len(subspaces)):
         projector = subspaces.project(eye, torch.full((64,), s)).flatten(1)  # rows: P e_i
         expected = 1.02 * gap / (projector @ w_diff).norm()
-        torch.testing.assert_close(run.result.margins[s], expected, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(report.margins[s], expected.numpy(), rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------- typed schema (schema_version 2) and old folders
 
 
 def test_report_round_trip_with_every_field(tmp_path):
-    from margins.results import MarginReport, read_report, write_report
-
     margins, converged, indices = _example(num_subspaces=3, num_samples=5)
     rng = np.random.default_rng(1)
     report = MarginReport(
@@ -337,8 +356,6 @@ def test_folder_of_format_version_1_still_reads(tmp_path):
     """The layout written before the schema existed: summary.json with format_version 1, three arrays."""
     import hashlib
 
-    from margins.results import read_report
-
     margins, converged, indices = _example()
     out = tmp_path / "old"
     out.mkdir()
@@ -352,7 +369,8 @@ def test_folder_of_format_version_1_still_reads(tmp_path):
     report = read_report(out)
     assert report.schema_version == 1 and report.settings == {"run": "old"} and report.iterations is None
     np.testing.assert_array_equal(report.margins, margins.astype(np.float32))
-    np.testing.assert_array_equal(read_margin_results(out)["indices"], indices)
+    np.testing.assert_array_equal(report.indices, indices)
+    assert report.targets is None and report.predicted is None and report.extra == {"clean_accuracy": 0.5}
 
 
 def test_stale_temporary_folders_of_killed_writers_are_removed(tmp_path):
@@ -363,6 +381,6 @@ def test_stale_temporary_folders_of_killed_writers_are_removed(tmp_path):
     fresh.mkdir()
     os.utime(old, (0, 0))  # left by a writer killed long ago
     margins, converged, indices = _example()
-    write_margin_results(tmp_path / "run", margins, converged, indices, {}, figure=False)
+    _write(tmp_path / "run", margins, converged, indices, {}, figure=False)
     assert not old.exists() and fresh.exists()  # a concurrent writer's fresh folder is left alone
     assert remove_stale_tmp_dirs(tmp_path / "run", older_than=0.0) == [fresh]

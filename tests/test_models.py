@@ -1,4 +1,4 @@
-"""Model zoo: layouts and parameter names of the release's checkpoints (REFERENCE §7), forward shapes,
+"""Model zoo: layouts and parameter names of the release's checkpoints (the release's `model.t7` files), forward shapes,
 and strict loading of raw / Lightning / MadryLab checkpoints."""
 
 from __future__ import annotations

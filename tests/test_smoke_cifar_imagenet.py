@@ -15,7 +15,7 @@ from PIL import Image
 
 import evaluate_margin
 import train
-from margins import read_margin_results
+from margins import read_report
 
 
 def cifar_from_samples(root: Path, samples_dir: Path) -> None:
@@ -53,9 +53,11 @@ def fit_one_step(config: str, data_dir: Path, logs: Path, extra: list[str]) -> P
 
 
 def check_outputs(directory: Path, num_subspaces: int, num_samples: int) -> None:
-    saved = read_margin_results(directory)
-    assert saved["margins"].shape == (num_subspaces, num_samples)
-    assert np.isfinite(saved["margins"]).all() and (saved["margins"] > 0).all()
+    saved = read_report(directory)
+    assert saved.margins.shape == (num_subspaces, num_samples)
+    assert np.isfinite(saved.margins).all() and (saved.margins > 0).all()
+    assert saved.perturbed_labels.shape == saved.iterations.shape == saved.margins.shape
+    assert saved.targets.shape == saved.predicted.shape == (num_samples,)
     png = directory / "margins.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and Image.open(png).size[0] > 100
 
@@ -72,7 +74,7 @@ def test_cifar10_flipped_path_end_to_end(tmp_path, samples_dir, monkeypatch):
     )
     assert code == 0
     check_outputs(out, 13, 3)
-    assert read_margin_results(out)["summary"]["settings"]["transform"] == "flip"
+    assert read_report(out).settings["transform"] == "flip"
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
 """DCT block subspaces against an explicit basis built independently with scipy.
 
-Reference: `tests.deepfool_reference.dct_block_basis`, the DCT atoms as columns `scipy.fft.idctn(e_(c,u,v))`.
+Reference: `attacks.reference.dct_block_basis`, the DCT atoms as columns `scipy.fft.idctn(e_(c,u,v))`.
 Measured differences: projector matrices <= 9e-16, batched projections <= 7e-15 (float64).
 """
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from attacks.reference import dct_block_basis
 from frequency import BasisSubspaces, DCTBlockSubspaces, FullSpace, num_dct_blocks
-from tests.deepfool_reference import dct_block_basis
 
 
 def explicit_block_basis(shape: tuple[int, int, int], start: int, block: int) -> np.ndarray:

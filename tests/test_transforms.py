@@ -2,7 +2,7 @@
 
 Reference: the 1-D orthonormal DCT matrix `D_n = scipy.fft.dct(I_n, axis=0, norm="ortho")`, the 2-D DCT of a
 row-major flattened `[H, W]` image as the Kronecker product `K = D_H (x) D_W`, a filter as `K^T diag(m) K` with the
-mask `m` written out from the paper's definition (REFERENCE §4), and the flip as `K^T R K` (R reverses the flattened
+mask `m` written out from the paper's definition, and the flip as `K^T R K` (R reverses the flattened
 coefficients, i.e. both frequency axes). Measured differences: <= 1.1e-14 (float64), <= 7.4e-8 (float32 outputs
 of [0, 1] pixels).
 """

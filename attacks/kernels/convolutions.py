@@ -1,19 +1,18 @@
-"""Faster kernels for the convolutions of a model while an attack runs (values equal up to float rounding).
+"""Faster CPU kernels for two kinds of convolution under attack (values equal up to float rounding).
 
-DeepFool needs only input gradients, nine per step, through a frozen eval-mode model; two kinds of
-convolution waste most of that time on a CPU (measured with `benchmarks/bench_deepfool.py`):
+DeepFool needs only input gradients, nine per step, through a frozen eval-mode model; two kinds of convolution
+waste most of that time on a CPU (measured with `benchmarks/bench_deepfool.py`, docs/ENGINE.md):
 
 - image stems, convolutions reading at most `STEM_CHANNELS` channels (LeNet's and ResNet's `conv1`): oneDNN's
-  backward-data kernel is 2-5x slower than PyTorch's native one for so few channels. On CPU their input gradient
-  comes from the native kernel.
-- convolutions over an input no larger than the kernel (ResNet-18's last stages on 28x28 MNIST run 3x3
-  kernels over 2x2 and 1x1 maps): most of their multiply-adds hit zero padding. Such a convolution is a
-  fixed linear map of the flattened input; it runs as one matmul with the unrolled matrix
-  `[C*H*W, C_out*H_out*W_out]`, copied from the weights once per input shape.
+  backward-data kernel is 2-5x slower than PyTorch's native one for so few channels. Their input gradient comes
+  from the native kernel (`native_stem_grad`).
+- convolutions over an input no larger than the kernel (ResNet-18's last stages on 28x28 MNIST run 3x3 kernels
+  over 2x2 and 1x1 maps): most of their multiply-adds hit zero padding. Such a convolution is a fixed linear map
+  of the flattened input; it runs as one matmul with the unrolled matrix `[C*H*W, C_out*H_out*W_out]`, copied from
+  the weights once per input shape (`unroll_small_convs`).
 
-`fast_convolutions(model, stem_grad=..., unroll_small=...)` patches the `forward` of the model's own
-`nn.Conv2d` instances inside the block and restores them on exit. Patched layers give their weights no gradient
-(the attack never asks for one).
+`patch_convolutions(model, native_stem_grad, unroll_small)` replaces the `forward` of the plain `nn.Conv2d`
+layers of a working copy of the model (never the caller's). Patched layers give their weights no gradient.
 """
 
 from __future__ import annotations
@@ -28,15 +27,30 @@ from torch import nn
 STEM_CHANNELS = 4  # convolutions reading at most this many channels count as the image stem
 
 
-@contextlib.contextmanager
-def fast_convolutions(model: nn.Module, stem_grad: bool, unroll_small: bool) -> Iterator[None]:
-    """Inside the block, `model`'s plain `nn.Conv2d` layers (zero padding, numeric padding) use the faster
-    kernels that are switched on; their own `forward` comes back on exit."""
+def patch_convolutions(model: nn.Module, native_stem_grad: bool, unroll_small: bool) -> list[nn.Conv2d]:
+    """Give `model`'s plain `nn.Conv2d` layers (zero padding, numeric padding) the kernels switched on, for good;
+    returns the patched layers."""
+    if not (native_stem_grad or unroll_small):
+        return []
     patched = []
-    if stem_grad or unroll_small:
+    for module in model.modules():
+        if is_plain_conv(module) and "forward" not in vars(module):
+            module.forward = functools.partial(_forward, module, native_stem_grad, unroll_small, {})
+            patched.append(module)
+    return patched
+
+
+@contextlib.contextmanager
+def native_stem_gradients(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Inside the block, `model`'s image-stem convolutions (plain `nn.Conv2d` reading at most `STEM_CHANNELS`
+    channels) take their input gradient from PyTorch's native kernel; their own `forward` comes back on exit. For
+    attacks on a live model (L2 PGD during training), which cannot work on a prepared copy; no weight gradients
+    flow through the patched layers inside the block."""
+    patched = []
+    if enabled:
         for module in model.modules():
-            if _patchable(module):
-                module.forward = functools.partial(_forward, module, stem_grad, unroll_small, {})
+            if is_plain_conv(module) and module.in_channels <= STEM_CHANNELS and "forward" not in vars(module):
+                module.forward = functools.partial(_forward, module, True, False, {})
                 patched.append(module)
     try:
         yield
@@ -45,14 +59,13 @@ def fast_convolutions(model: nn.Module, stem_grad: bool, unroll_small: bool) -> 
             del module.forward
 
 
-def _patchable(module: nn.Module) -> bool:
+def is_plain_conv(module: nn.Module) -> bool:
     """A plain convolution: `nn.Conv2d`'s own forward (a subclass may transform its weight, e.g. standardise it)."""
     return (
         isinstance(module, nn.Conv2d)
         and type(module).forward is nn.Conv2d.forward
         and module.padding_mode == "zeros"
         and not isinstance(module.padding, str)
-        and "forward" not in vars(module)  # somebody else's patch: leave it alone
     )
 
 
@@ -73,16 +86,16 @@ def _is_small(conv: nn.Conv2d, x: torch.Tensor) -> bool:
 
 
 def _unrolled(conv: nn.Conv2d, x: torch.Tensor, matrices: dict) -> torch.Tensor:
-    """`conv(x)` as `x.flatten(1) @ M + bias`, `M` built once per (shape, dtype, device) from one-hot inputs."""
+    """`conv(x)` as `x.flatten(1) @ M + bias`, `M` built once per (shape, dtype, device) from the weights."""
     key = (tuple(x.shape[1:]), x.dtype, x.device)
     if key not in matrices:
-        matrices[key] = _unrolled_matrix(conv, key[0], x.dtype, x.device)
+        matrices[key] = unrolled_matrix(conv, key[0], x.dtype, x.device)
     matrix, out_shape = matrices[key]
     y = (x.flatten(1) @ matrix).view(-1, *out_shape)
     return y if conv.bias is None else y + conv.bias.view(-1, 1, 1)
 
 
-def _unrolled_matrix(
+def unrolled_matrix(
     conv: nn.Conv2d, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
 ) -> tuple[torch.Tensor, tuple[int, ...]]:
     """`M: [C*H*W, C_out*H_out*W_out]` with `conv(x) = x.flatten(1) @ M` (no bias), and `(C_out, H_out, W_out)`.

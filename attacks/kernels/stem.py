@@ -8,23 +8,18 @@ matrix `Q_s = conv(L B_s): [m, D_h]` (the m basis images through the stem, no bi
 backward and the projection. For LeNet on MNIST (stem 1 -> 6 channels 5x5 at 28x28, m = 64) that matmul is
 5x faster than the stem's native backward on a CPU: 4704 x 64 multiply-adds per gradient at GEMM speed.
 
-`StemRecorder` watches one forward pass (forward hooks, no patching) and says whether the shortcut is exact for
-it: the first convolution's input must be the input tensor itself or a `Normalize` layer's output of it, its
-output must not be changed in place afterwards, and the autograd graph must reach the input only through that
-output (a model that also uses its input elsewhere, e.g. a skip from the raw image, falls back to input
-gradients). `StemProjection` holds the `Q_s` and turns gradients at `h` into coordinates, grouped by subspace.
+`attacks/kernels/graph.py: split_stem` finds such a stem on the model's graph (statically: the input's only user
+chain is `Normalize` then a plain convolution). `StemProjection` holds the `Q_s` of one stem and one subspace
+family and turns gradients at `h` into coordinates, grouped by subspace.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+from attacks.kernels.graph import StemSplit
 from frequency.subspaces import SubspaceFamily
-from models.normalization import Normalize
 
 # Where the shortcut pays (measured on CPU, 1 thread, 9 gradients of 50-160 images): PyTorch's native backward
 # of a stem with few output channels is slow (LeNet's 1 -> 6 channels 5x5: 46 ms against 16 ms for the matmuls),
@@ -34,90 +29,19 @@ MAX_COST_RATIO = 4  # m <= this x the stem's taps per output (C_in / groups * kh
 MAX_BYTES = 256 * 2**20  # all Q_s together take at most this much memory
 
 
-@dataclass
-class Stem:
-    """What one forward pass showed: the stem `conv`, its output `output` [A, C_out, H', W'] and the per-channel
-    `scale` [C, 1, 1] the input was divided by before it (None: the input itself)."""
-
-    conv: nn.Conv2d
-    output: torch.Tensor
-    scale: torch.Tensor | None
-
-
-class StemRecorder:
-    """Forward hooks on `model`'s `nn.Conv2d` and `Normalize` layers that record, while `recording` is set, the
-    first convolution's input and output and every normalisation's input and output. `remove()` takes them off."""
-
-    def __init__(self, model: nn.Module):
-        self.recording = False
-        self.first: tuple[nn.Conv2d, torch.Tensor, torch.Tensor, int] | None = None
-        self.normalized: list[tuple[Normalize, torch.Tensor, torch.Tensor]] = []
-        self.handles = []
-        for module in model.modules():
-            if isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward:
-                self.handles.append(module.register_forward_hook(self._conv_hook))
-            elif isinstance(module, Normalize) and type(module).forward is Normalize.forward:
-                self.handles.append(module.register_forward_hook(self._normalize_hook))
-
-    def start(self) -> None:
-        self.recording, self.first, self.normalized = True, None, []
-
-    def stop(self) -> None:
-        self.recording = False
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-    def _conv_hook(self, conv: nn.Conv2d, args: tuple, output: torch.Tensor) -> None:
-        if self.recording and self.first is None and args:
-            self.first = (conv, args[0], output, output._version)
-
-    def _normalize_hook(self, module: Normalize, args: tuple, output: torch.Tensor) -> None:
-        if self.recording and args:
-            self.normalized.append((module, args[0], output))
-
-    def stem(self, point: torch.Tensor, logits: torch.Tensor) -> Stem | None:
-        """The stem of the recorded pass when the shortcut is exact for it, else None. `point` is the input leaf
-        (requires grad), `logits` the pass's output (or any tensor computed from it)."""
-        if self.first is None or logits.grad_fn is None:
-            return None
-        conv, conv_input, output, version = self.first
-        if output._version != version or output.grad_fn is None or conv.padding_mode != "zeros":
-            return None  # changed in place after the convolution (e.g. an in-place ReLU): dlogit/dh is not ours
-        if conv_input is point:
-            scale = None
-        else:
-            found = [m for m, inp, out in self.normalized if inp is point and out is conv_input]
-            if not found:
-                return None
-            scale = found[0].std
-        if not _reaches_only_through(logits.grad_fn, output.grad_fn, point):
-            return None
-        return Stem(conv, output, scale)
-
-
-def _reaches_only_through(root, gate, leaf: torch.Tensor) -> bool:
-    """Whether every path of the autograd graph from node `root` to the leaf tensor `leaf` passes node `gate`."""
-    stack, seen = [root], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node is gate or id(node) in seen:
-            continue
-        seen.add(id(node))
-        if getattr(node, "variable", None) is leaf:
-            return False
-        stack.extend(child for child, _ in node.next_functions)
-    return True
-
-
 class StemProjection:
     """`Q_s: [S, D_h, m]` for one stem and one subspace family; `plan(...)` turns gradients at the stem's output
-    into the subspace coordinates of the matching input gradients."""
+    into the subspace coordinates of the matching input gradients. Build with `StemProjection.build`."""
 
-    def __init__(self, stem: Stem, subspaces: SubspaceFamily, image_shape: tuple[int, ...], dtype: torch.dtype):
-        device = stem.output.device
-        self.conv, self.scale = stem.conv, stem.scale
+    def __init__(
+        self,
+        split: StemSplit,
+        subspaces: SubspaceFamily,
+        image_shape: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
+        self.conv, self.scale = split.conv, split.scale
         zero, first = torch.zeros((1, *image_shape), dtype=dtype, device=device), torch.zeros(1, dtype=torch.long)
         self.coordinate_shape = tuple(subspaces.coordinates(zero, first.to(device)).shape[1:])
         dim = int(torch.Size(self.coordinate_shape).numel())
@@ -130,21 +54,29 @@ class StemProjection:
         self.matrices = torch.stack(matrices)  # [S, D_h, m]
         self._buffer: torch.Tensor | None = None
 
-    @staticmethod
-    def worthwhile(stem: Stem, subspaces: SubspaceFamily, dtype: torch.dtype) -> bool:
-        """CPU only, equal subspace dimensions, at most `MAX_OUT_CHANNELS` stem channels, `m` at most
-        `MAX_COST_RATIO` x the stem's taps per output, and all `Q_s` within `MAX_BYTES`."""
-        dims = set(subspaces.dims)
-        if stem.output.device.type != "cpu" or len(dims) != 1 or stem.conv.out_channels > MAX_OUT_CHANNELS:
-            return False
+    @classmethod
+    def build(
+        cls,
+        split: StemSplit,
+        subspaces: SubspaceFamily,
+        image_shape: tuple[int, ...],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> StemProjection | None:
+        """The projection where it saves work, else None: CPU only, equal subspace dimensions, at most
+        `MAX_OUT_CHANNELS` stem channels, `m` at most `MAX_COST_RATIO` x the stem's taps per output, and all `Q_s`
+        within `MAX_BYTES`."""
+        dims, conv = set(subspaces.dims), split.conv
+        if torch.device(device).type != "cpu" or len(dims) != 1 or conv.out_channels > MAX_OUT_CHANNELS:
+            return None
         (dim,) = dims
-        conv = stem.conv
         taps = conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
-        size = len(subspaces) * dim * stem.output[0].numel() * torch.empty((), dtype=dtype).element_size()
-        return dim <= MAX_COST_RATIO * taps and size <= MAX_BYTES
-
-    def matches(self, stem: Stem) -> bool:
-        return stem.conv is self.conv and stem.scale is self.scale
+        with torch.no_grad():
+            outputs = conv(torch.zeros((1, *image_shape), dtype=dtype, device=device)).numel()
+        size = len(subspaces) * dim * outputs * torch.empty((), dtype=dtype).element_size()
+        if dim > MAX_COST_RATIO * taps or size > MAX_BYTES:
+            return None
+        return cls(split, subspaces, image_shape, dtype, device)
 
     def _linear_stem(self, images: torch.Tensor) -> torch.Tensor:
         """The stem's linear part on `images: [B, C, H, W]`: `conv(images / scale)` without bias."""

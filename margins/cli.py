@@ -1,0 +1,132 @@
+"""The command-line vocabulary of every margin command (evaluate_margin.py, frequency_analysis.py): one flag for
+one thing, added by the same functions, read back into the same settings.
+
+- model and data: --checkpoint --model --dataset --transform --bandwidth --data-dir --num-classes --trusted-pickle
+- samples: --num-samples --seed --indices
+- subspaces: --subspace-dim --subspace-step
+- attack: --max-iter --overshoot --chunk-rows --dtype --kernels
+- processes and output: --accelerator --devices --num-nodes --strategy --num-workers --threads
+  --return-freed-memory --output-dir --overwrite --no-progress
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from common.errors import InputError
+from datamodules import DATASETS, TRANSFORMS
+from margins.guard import EXIT_BAD_INPUT, STOPPED, env_rank
+from margins.inputs import ModelSource
+from margins.work import DTYPES, AttackSettings, RunSettings
+from models import MODEL_NAMES
+
+
+def add_source_arguments(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument
+    a("--checkpoint", required=True, help="model.t7 / .pth state_dict, Lightning .ckpt, MadryLab .pt")
+    a("--model", choices=MODEL_NAMES, help="zoo architecture (default: from the checkpoint)")
+    a("--dataset", choices=tuple(DATASETS), help="dataset (default: from the checkpoint)")
+    a("--transform", choices=TRANSFORMS, help="frequency transform of the data (default: the checkpoint's, or none)")
+    a("--bandwidth", type=int, help="block side of low_pass/high_pass (default 16)")
+    a("--data-dir", help="dataset directory (default: the checkpoint's, else 'data')")
+    a("--num-classes", type=int, help="classes of a raw state_dict's model (default: the dataset's)")
+    a("--trusted-pickle", action="store_true", help="allow pickled objects (MadryLab); ONLY for files you trust")
+
+
+def add_sample_arguments(p: argparse.ArgumentParser, default_samples: int = 100) -> None:
+    a = p.add_argument
+    a("--num-samples", type=int, default=default_samples, help=f"test samples drawn at random ({default_samples})")
+    a("--seed", type=int, default=0, help="seed of the draw (default 0)")
+    a("--indices", help="FILE.npy of dataset indices to evaluate, in order (overrides the draw)")
+
+
+def add_subspace_arguments(p: argparse.ArgumentParser, step_help: str = "DCT block step") -> None:
+    a = p.add_argument
+    a("--subspace-dim", type=int, help="DCT block side k (default per dataset: 8 MNIST, 8 CIFAR-10, 16 ImageNet)")
+    a("--subspace-step", type=int, help=f"{step_help} (default per dataset: 1, 2, 16)")
+
+
+def add_attack_arguments(p: argparse.ArgumentParser) -> None:
+    a = p.add_argument
+    a("--max-iter", type=int, default=100, help="DeepFool iterations per row (default 100)")
+    a("--overshoot", type=float, default=0.02, help="overshoot (default 0.02)")
+    a(
+        "--chunk-rows",
+        type=int,
+        help="(sample, subspace) rows per chunk: memory and resume unit (64 ImageNet, else 512)",
+    )
+    a("--dtype", choices=tuple(DTYPES), default="float32", help="attack precision (default float32)")
+    a("--kernels", choices=("auto", "off"), default="auto", help="the engine's CPU kernels (default auto)")
+
+
+def add_run_arguments(p: argparse.ArgumentParser, default_output: str) -> None:
+    a = p.add_argument
+    a("--accelerator", default="auto", help="Lightning accelerator: cpu, gpu, auto (default)")
+    a("--devices", help="devices (processes) per node (default 1; under torchrun: its nproc-per-node)")
+    a("--num-nodes", type=int, help="nodes (default 1; under torchrun: from its environment)")
+    a("--strategy", default="auto", help="Lightning strategy: auto, ddp, ddp_spawn, ... (default auto)")
+    a("--num-workers", type=int, default=0, help="DataLoader workers reading samples (default 0)")
+    a("--threads", type=int, default=1, help="CPU threads per process (default 1; on CPU use --devices to scale)")
+    a(
+        "--return-freed-memory",
+        action="store_true",
+        help="let malloc hand freed blocks back to the OS at once (glibc's default; slower on large models)",
+    )
+    a("--output-dir", help=f"result folder (default {default_output})")
+    a("--overwrite", action="store_true", help="discard an earlier result (finished or not) in --output-dir")
+    a("--no-progress", action="store_true", help="no progress bar")
+
+
+def deprecated(new: str, convert: Callable[[str], Any] = str) -> type[argparse.Action]:
+    """An argparse action for an old flag name: stores into the new flag's destination and prints one line."""
+
+    class Deprecated(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            print(f"warning: {option_string} is deprecated, use {new}", file=sys.stderr)
+            setattr(namespace, self.dest, convert(values))
+
+    return Deprecated
+
+
+def source_from_args(args: argparse.Namespace) -> ModelSource:
+    return ModelSource(
+        args.checkpoint, args.model, args.dataset, args.transform, args.bandwidth, args.data_dir,
+        args.num_classes, args.trusted_pickle,
+    )  # fmt: skip
+
+
+def attack_from_args(args: argparse.Namespace) -> AttackSettings:
+    return AttackSettings(args.overshoot, args.max_iter, chunk_rows=args.chunk_rows, dtype=args.dtype,
+                          kernels=args.kernels)  # fmt: skip
+
+
+def run_from_args(args: argparse.Namespace) -> RunSettings:
+    if args.num_workers < 0:
+        raise InputError(f"--num-workers must be >= 0, got {args.num_workers}")
+    if args.threads < 1:
+        raise InputError(f"--threads must be >= 1, got {args.threads}")
+    return RunSettings(
+        args.accelerator, devices(args.devices), args.num_nodes, args.strategy, args.num_workers, args.overwrite,
+        not args.no_progress, args.threads, keep_freed_memory=not args.return_freed_memory,
+    )  # fmt: skip
+
+
+def devices(value: str | None) -> int | str | None:
+    """`--devices`: a count, a list like 0,1, 'auto' or -1 (all)."""
+    if value is None or value in ("auto", "-1") or "," in value:
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise InputError(f"--devices {value!r} is not a number, a list like 0,1 or 'auto'") from None
+
+
+def input_error(err: InputError) -> int:
+    """Print `error: ...` for a user's error (one line, on the main process; another rank prints it only when it
+    could not hand it to the main process through the run's stop file) and return the exit status 2."""
+    if env_rank() == 0 or not STOPPED:
+        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+    return EXIT_BAD_INPUT

@@ -1,0 +1,370 @@
+"""Never hung, never falsely successful: what keeps the processes of a margin run honest with each other.
+
+A run's processes (ranks) share its result folder. In `<folder>/chunks/`:
+- `.alive-rank<r>`: touched every `HEARTBEAT` seconds by rank r's watchdog thread while it works;
+- `.done-rank<r>`: rank r finished its share of the chunks;
+- `.stop`: why the run stops (JSON: exit code, message, rank), written by the rank that found out.
+Every watchdog polls them: a stop file written during this run, or a peer whose heartbeat stopped for
+`PEER_TIMEOUT` seconds (or that never started within `START_TIMEOUT`), ends its process with the stop's exit code
+and, on the main process, one line saying which rank and why. So a signal to one rank, a killed rank, a user error
+or a full disk found on any rank ends every process within seconds (`PEER_TIMEOUT` for a rank that vanished without
+a word), and the exit code says what happened (`EXIT_CODES`). Committed chunks are kept: the same command resumes.
+
+A stop file counts when it was written after this process started (an earlier run's is ignored); heartbeats are
+compared on the folder's own filesystem clock (file modification times), so ranks on several nodes agree. Where this
+process started the others itself (Lightning's launcher for `--devices 2`), it also watches them directly and
+names a child that died (`watch_children`). `FolderLock` keeps a second run out of a folder in use (fcntl; a dead
+holder's lock is released by the kernel).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from common.errors import InputError
+
+EXIT_OK, EXIT_BUG, EXIT_BAD_INPUT, EXIT_PEER_LOST = 0, 1, 2, 3
+EXIT_SIGTERM = 128 + signal.SIGTERM  # 143: stopped by SIGTERM (a scheduler's preemption, kill): rerun to resume
+EXIT_SIGUSR1 = 128 + signal.SIGUSR1  # 138: stopped by SIGUSR1 (SLURM's requeue signal): requeued, or rerun
+EXIT_CODES = {
+    EXIT_OK: "every result file is written",
+    EXIT_BUG: "a bug: its traceback is shown",
+    EXIT_BAD_INPUT: "bad input (a flag, a file, a folder, a full disk): the line `error: ...` says what to fix",
+    EXIT_PEER_LOST: "a process of the run was lost (killed, out of memory, its node failed): rerun to resume",
+    EXIT_SIGTERM: "stopped by SIGTERM: committed chunks are kept, rerun the same command to resume",
+    EXIT_SIGUSR1: "stopped by SIGUSR1 (SLURM requeue): the job is requeued and resumes",
+}
+HEARTBEAT = 2.0  # seconds between heartbeats
+PEER_TIMEOUT = 60.0  # a peer silent this long is lost
+START_TIMEOUT = 600.0  # a peer that never started within this time is lost (imports, data, rendezvous)
+LOCK_WAIT = 30.0  # seconds a run waits for a folder another run holds
+STOP_FILE, LOCK_FILE = ".stop", ".lock"
+_CHILDREN: list = []  # the subprocess.Popen of the ranks this process started (watch_children)
+STOPPED: list[int] = []  # the exit code, once this process wrote the stop file (it then ends on its own)
+
+
+class RunStopped(SystemExit):
+    """This process ends because the run stops (`code`, `message`)."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(code)
+        self.code, self.message = code, message
+
+
+def env_rank() -> int:
+    """This process's global rank from its launcher's environment, before any process group exists: torchrun
+    (RANK), SLURM (SLURM_PROCID), Lightning's own launcher (NODE_RANK, LOCAL_RANK); 0 for a single process."""
+    for name in ("RANK", "SLURM_PROCID"):
+        if name in os.environ:
+            return int(os.environ[name])
+    if "LOCAL_RANK" in os.environ or "NODE_RANK" in os.environ:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        return int(os.environ.get("NODE_RANK", 0)) * int(os.environ.get("LOCAL_WORLD_SIZE", 1)) + local
+    return 0
+
+
+def process_start_time() -> float:
+    """When this process started (seconds since the epoch; Linux /proc), else now."""
+    try:
+        with open("/proc/self/stat") as stat:
+            ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as machine:
+            boot = next(int(line.split()[1]) for line in machine if line.startswith("btime"))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, StopIteration, IndexError):
+        return time.time()
+
+
+def watch_children(processes: list) -> None:
+    """The ranks this process started (`subprocess.Popen`): its watchdog names one that dies at once."""
+    _CHILDREN[:] = list(processes)
+
+
+class Watchdog:
+    """Rank `rank` of `world_size` working in `folder` (module docstring). Use as a context manager; `done()` when
+    the rank's share is committed; `write_stop(code, message)` to end the run everywhere (the writer ends itself)."""
+
+    def __init__(self, folder: Path, rank: int, world_size: int, poll: float = 0.5):
+        self.folder, self.rank, self.world_size, self.poll = Path(folder), rank, world_size, poll
+        self.start = process_start_time() - 2.0  # files written since (clock slack) belong to this run
+        self._finished = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Watchdog:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._touch(f".alive-rank{self.rank}")
+        self._thread = threading.Thread(target=self._watch, name=f"margins-watchdog-{self.rank}", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._finished.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def done(self) -> None:
+        """This rank's share is committed: peers stop expecting its heartbeat."""
+        self._touch(f".done-rank{self.rank}")
+
+    def write_stop(self, code: int, message: str) -> None:
+        """The stop file: every other rank ends with `code` within a poll; the caller ends this process (this
+        process's watchdog no longer acts)."""
+        STOPPED.append(code)
+        record = json.dumps({"code": code, "message": message, "rank": self.rank})
+        tmp = self.folder / f"{STOP_FILE}.tmp-{os.getpid()}"
+        try:
+            tmp.write_text(record)
+            os.replace(tmp, self.folder / STOP_FILE)
+        except OSError:  # a full disk may refuse the text: an empty stop file still stops the run
+            with contextlib.suppress(OSError):
+                (self.folder / STOP_FILE).touch()
+
+    def check(self) -> None:
+        """Raise RunStopped when the run stops (a stop file of this run, or a lost peer)."""
+        stop = self._stop_record()
+        if stop is not None:
+            raise RunStopped(*stop)
+        code, lost = self._dead_child() or (EXIT_PEER_LOST, self._lost_peer())
+        if lost is not None:
+            message = f"{lost}; committed chunks are kept, run the same command to resume"
+            if code == EXIT_BAD_INPUT:
+                message = f"error: {lost} (its message is above)"
+            self.write_stop(code, message)
+            raise RunStopped(code, message)
+
+    # ---- the thread ------------------------------------------------------------------------------------------
+    def _watch(self) -> None:
+        last_beat = time.monotonic()
+        while not self._finished.wait(self.poll):
+            if time.monotonic() - last_beat >= HEARTBEAT:
+                self._touch(f".alive-rank{self.rank}")
+                last_beat = time.monotonic()
+            if STOPPED:
+                continue  # this process is ending on its own
+            try:
+                self.check()
+            except RunStopped as stop:
+                end_process(stop.code, stop.message, self.rank)
+
+    def _stop_record(self) -> tuple[int, str] | None:
+        """The stop file's (code, message) when another rank wrote it during this run."""
+        path = self.folder / STOP_FILE
+        try:
+            if path.stat().st_mtime < self.start:
+                return None  # left by an earlier run
+            record = json.loads(path.read_text() or "{}")
+        except FileNotFoundError:
+            return None
+        except (OSError, json.JSONDecodeError):
+            record = {}
+        if record.get("rank") == self.rank:
+            return None  # written by this process, which ends itself
+        code = int(record.get("code", EXIT_BAD_INPUT))
+        return code, str(record.get("message", "another rank stopped the run"))
+
+    def _dead_child(self) -> tuple[int, str] | None:
+        """(exit code for the run, what happened) for a child rank that ended with an error, else None."""
+        for number, process in enumerate(_CHILDREN, start=1):
+            code = process.poll()
+            if code:
+                how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
+                run_code = code if code in (EXIT_BAD_INPUT, EXIT_SIGTERM, EXIT_SIGUSR1) else EXIT_PEER_LOST
+                return run_code, f"rank {number} (process {process.pid}) {how}"
+        return None
+
+    def _lost_peer(self) -> str | None:
+        now = self._now()
+        for peer in range(self.world_size):
+            if peer == self.rank or self._since(f".done-rank{peer}") is not None:
+                continue
+            beat = self._since(f".alive-rank{peer}")
+            if beat is not None and now - beat > PEER_TIMEOUT:
+                silent = f"no heartbeat for {PEER_TIMEOUT:.0f} s: killed, out of memory, or its node failed"
+                return f"rank {peer} stopped answering ({silent})"
+            if beat is None and now - self.start > START_TIMEOUT:
+                return f"rank {peer} never started (no heartbeat within {START_TIMEOUT:.0f} s)"
+        return None
+
+    def _since(self, name: str) -> float | None:
+        """The modification time of `name` when it was written during this run, else None."""
+        try:
+            mtime = (self.folder / name).stat().st_mtime
+        except FileNotFoundError:
+            return None
+        return mtime if mtime >= self.start else None
+
+    def _touch(self, name: str) -> None:
+        with contextlib.suppress(OSError):
+            path = self.folder / name
+            path.touch()
+            os.utime(path)
+
+    def _now(self) -> float:
+        """The folder's filesystem clock: the modification time of this rank's heartbeat, just touched."""
+        path = self.folder / f".clock-rank{self.rank}"
+        try:
+            path.touch()
+            os.utime(path)
+            return path.stat().st_mtime
+        except OSError:
+            return time.time()
+
+
+def end_process(code: int, message: str, rank: int) -> None:
+    """End this process now with `code`: the main process (rank 0) prints the one line saying why."""
+    if rank == 0:
+        line = message if message.startswith("error:") else f"stopped: {message}"
+        print(line, file=sys.stderr, flush=True)
+    os._exit(code)
+
+
+def remove_markers(folder: Path) -> None:
+    """After a finished run: the heartbeats, done marks and clock files of its ranks, and a stop file of an earlier
+    (stopped) run."""
+    for pattern in (".alive-rank*", ".done-rank*", ".clock-rank*", STOP_FILE, f"{STOP_FILE}.tmp-*"):
+        for path in Path(folder).glob(pattern):
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+def install_signal_handlers(watchdog: Watchdog, requeue: bool) -> dict:
+    """SIGTERM and SIGUSR1 stop the whole run: the receiving rank writes the stop file (every rank ends within a
+    poll) and ends at once with `EXIT_SIGTERM` / `EXIT_SIGUSR1`; with `requeue` (under SLURM) rank 0 first requeues
+    the job on SIGUSR1. Returns the previous handlers (for `restore_signal_handlers`). Only the main thread can
+    install handlers: elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handler(signum: int, frame: Any) -> None:
+        name = signal.Signals(signum).name
+        code = EXIT_SIGUSR1 if signum == signal.SIGUSR1 else EXIT_SIGTERM
+        requeued = ""
+        if signum == signal.SIGUSR1 and requeue and watchdog.rank == 0:
+            requeued = " and requeued the job" if _slurm_requeue() else " (requeueing the job failed)"
+        message = f"rank {watchdog.rank} received {name}{requeued}; committed chunks are kept, rerun to resume"
+        watchdog.write_stop(code, message)
+        end_process(code, message, watchdog.rank)
+
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    for sig in previous:
+        signal.signal(sig, handler)
+    return previous
+
+
+def restore_signal_handlers(previous: dict) -> None:
+    for sig, old in previous.items():
+        signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+
+def _slurm_requeue() -> bool:
+    job = os.environ.get("SLURM_JOB_ID")
+    if "SLURM_ARRAY_JOB_ID" in os.environ:
+        job = f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
+    if not job:
+        return False
+    import subprocess
+
+    try:
+        return subprocess.run(["scontrol", "requeue", job], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+class FolderLock:
+    """An exclusive lock on a result folder for the run's main process: fcntl on `<folder>/.lock`, a file naming
+    the holder, removed when the run ends. A second run waits up to `wait` seconds, then raises InputError naming
+    the holder; a dead holder's lock is released by the kernel, so it never blocks."""
+
+    def __init__(self, folder: Path, wait: float = LOCK_WAIT):
+        self.path, self.wait = Path(folder) / LOCK_FILE, wait
+        self._file = None
+
+    def __enter__(self) -> FolderLock:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        deadline, told = time.monotonic() + self.wait, False
+        while True:
+            handle = open(self.path, "a+")  # noqa: SIM115 - held until __exit__
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if self._current(handle):
+                    break
+                handle.close()  # the holder removed the file as it ended: lock the new one
+                continue
+            except BlockingIOError:
+                holder = self._holder(handle)
+                handle.close()
+            if time.monotonic() >= deadline:
+                raise InputError(
+                    f"{self.path.parent} is in use by {holder}; wait for it to finish, or choose another output folder"
+                )
+            if not told:
+                print(f"waiting for {holder}, which holds {self.path.parent}", file=sys.stderr, flush=True)
+                told = True
+            time.sleep(0.5)
+        handle.seek(0)
+        handle.truncate()
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+                  "command": " ".join(sys.argv)}  # fmt: skip
+        handle.write(json.dumps(holder))
+        handle.flush()
+        self._file = handle
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self.path.unlink()  # before the lock goes: a waiter then locks a fresh file
+            self._file.close()
+            self._file = None
+
+    def _current(self, handle) -> bool:
+        """Whether the locked file is still the one at the path (not removed by a holder that just ended)."""
+        try:
+            return os.stat(self.path).st_ino == os.fstat(handle.fileno()).st_ino
+        except FileNotFoundError:
+            return False
+
+    @staticmethod
+    def _holder(handle) -> str:
+        try:
+            handle.seek(0)
+            record = json.loads(handle.read() or "{}")
+            return f"process {record['pid']} on {record['host']} (since {record['since']}: {record['command']})"
+        except (OSError, ValueError, KeyError):
+            return "another process"
+
+
+def disk_full(err: OSError) -> bool:
+    return err.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_error(folder: Path, needed_bytes: int) -> InputError:
+    """The one line for a full disk: the folder, the space free and the space the run still needs."""
+    try:
+        free = shutil.disk_usage(folder if Path(folder).exists() else Path(folder).parent).free
+    except OSError:
+        free = 0
+    return InputError(
+        f"no space left on the disk holding {folder} ({_size(free)} free; the run needs about {_size(needed_bytes)} "
+        "more): free space, then run the same command again to resume (committed chunks are kept)"
+    )
+
+
+def _size(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    return f"{count:.1f} GiB"
