@@ -6,12 +6,20 @@
 - `RowResult`, `MarginResult`: what margin estimators return; `precision_record` describes their arithmetic for
   result files; `model_device` is the device of a model.
 - `L2PGD`: L2 projected gradient ascent for adversarial training and robust accuracy.
-- `dykstra_projection`, `Projection`: exact projection onto {L2 ball} ∩ {valid images} (also after a flip).
+- `exact_projection` (closed form), `dykstra_projection` (Dykstra's algorithm), `Projection`: the projection onto
+  {L2 ball} ∩ {valid images} (also after a flip).
 """
 
 from attacks.common import MarginResult, RowResult, model_device, precision_record
 from attacks.deepfool import PassStats, SubspaceDeepFool
-from attacks.dykstra import Projection, dykstra_projection, project_box, project_flipped_box, project_l2_ball
+from attacks.dykstra import (
+    Projection,
+    dykstra_projection,
+    exact_projection,
+    project_box,
+    project_flipped_box,
+    project_l2_ball,
+)
 from attacks.fmn import SubspaceFMN
 from attacks.kernels import KERNELS, PreparedModel, prepare_model
 from attacks.pgd import L2PGD
@@ -27,6 +35,7 @@ __all__ = [
     "SubspaceDeepFool",
     "SubspaceFMN",
     "dykstra_projection",
+    "exact_projection",
     "model_device",
     "precision_record",
     "prepare_model",

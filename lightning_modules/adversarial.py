@@ -1,4 +1,4 @@
-"""Adversarial training with L2 PGD (REFERENCE §6), including the exact Dykstra projection for flipped data."""
+"""Adversarial training with L2 PGD, on plain or frequency-flipped data (the exact projection onto ball ∩ box)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from attacks.pgd import L2PGD
 from lightning_modules.classifier import ClassifierModule
 
+PROJECTIONS = ("ball_box", "exact", "dykstra")
+
 
 class AdversarialModule(ClassifierModule):
     """`ClassifierModule` trained on L2 PGD examples; also logs robust accuracy `val/robust_acc`, `test/robust_acc`.
@@ -18,11 +20,17 @@ class AdversarialModule(ClassifierModule):
         eps: L2 radius in the input space (release: 2 MNIST, 1 CIFAR-10, 3 ImageNet).
         attack_steps: PGD steps; attack_step_size: L2 step length (default `2.5 * eps / steps`, MadryLab).
         random_start: start on the eps sphere (MadryLab).
-        projection: `ball_box` (ball then box: the usual) or `dykstra` (exact projection onto ball ∩ box).
+        projection: how iterates return to {L2 ball} ∩ {valid images}: `ball_box` (ball then box: standard PGD,
+            MadryLab's; not the nearest feasible point), `exact` (the Euclidean projection onto the intersection
+            in closed form, two flips per projection on flipped data) or `dykstra` (the same projection by
+            Dykstra's algorithm to a 1e-6 tolerance, the paper's release; a LeNet step on flipped MNIST takes
+            1.8x as long as with `exact` on CPU, `benchmarks/bench_training.py`).
         flipped: the data is frequency-flipped, so the box is {z : flip(z) in [0, 1]^d} (valid original images).
         clip: keep adversarial examples valid images; False projects onto the ball only (e.g. synthetic data).
         eval_attack: also attack the validation/test batches and log robust accuracy.
     The attack runs with the model in eval mode (MadryLab) and the loss is taken on the adversarial batch only.
+    Under a mixed-precision trainer (`bf16-mixed`, `16-mixed`) the attack's model passes run under autocast, its
+    projections and norms in float32 (`attacks.pgd`).
     """
 
     def __init__(
@@ -38,8 +46,8 @@ class AdversarialModule(ClassifierModule):
         **kwargs: Any,
     ):
         super().__init__(**kwargs)  # net, num_classes, image_shape, lr, ...: ClassifierModule's arguments
-        if projection not in ("ball_box", "dykstra"):
-            raise ValueError(f"projection must be 'ball_box' or 'dykstra', got {projection!r}")
+        if projection not in PROJECTIONS:
+            raise ValueError(f"projection must be one of {', '.join(PROJECTIONS)}, got {projection!r}")
         self.save_hyperparameters()
         self.attack = L2PGD(
             eps=eps,

@@ -248,7 +248,7 @@ def test_projection_modes_and_pluggable_box():
 def test_bad_arguments_raise():
     z, c, eps = _problem((1, 4, 4), 12, flipped=False)
     with pytest.raises(ValueError, match="projection mode"):
-        Projection("exact")
+        Projection("linf")
     with pytest.raises(ValueError, match="eps"):
         project_l2_ball(z, c, torch.ones(2, dtype=z.dtype))
     with pytest.raises(ValueError, match="eps"):

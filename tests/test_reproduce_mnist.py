@@ -28,3 +28,38 @@ def test_quick_reproduction_shows_the_papers_claims(tmp_path, mnist_root, monkey
     synthetic = results["synthetic_lenet"]
     assert synthetic["clean_accuracy"] > 0.9, synthetic
     assert claims["synthetic_others_min_over_direction"] > 3.0, claims
+
+
+def _result(name: str, title: str, low: float, high: float, minutes: float) -> dict:
+    return {
+        "name": name, "title": title, "clean_accuracy": 0.98, "test_samples": 10000, "pgd_accuracy": 0.7,
+        "pgd_eps": 2.0, "pgd_samples": 1000, "not_converged": 0, "train_seconds": 60 * minutes,
+        "median_margin": [low, high], "low_band_median": low, "high_band_median": high,
+    }  # fmt: skip
+
+
+def test_both_flipped_robust_variants_are_compared_in_the_results_page():
+    """The exact and the Dykstra flipped robust LeNets: one claim row each per flipped-robust claim (ratios of band
+    medians, computed by hand here), a row each in the tables, and the note comparing their training times."""
+    from scripts.results_doc import render
+
+    results = {
+        "mnist_flipped_lenet": _result("mnist_flipped_lenet", "Flipped", 20.0, 4.0, 2.0),
+        "mnist_flipped_robust_lenet": _result("mnist_flipped_robust_lenet", "Exact", 200.0, 5.0, 8.0),
+        "mnist_flipped_robust_lenet_dykstra": _result(
+            "mnist_flipped_robust_lenet_dykstra", "Dykstra", 300.0, 6.0, 16.0
+        ),
+    }
+    claims = reproduce_mnist.claims(results)
+    assert claims["flipped_robust_over_flipped_high"] == 5.0 / 4.0
+    assert claims["flipped_robust_dykstra_over_flipped_high"] == 6.0 / 4.0
+    assert claims["flipped_robust_low_over_high"] == 40.0 and claims["flipped_robust_dykstra_low_over_high"] == 50.0
+    page = render({"results": results, "claims": claims, "settings": {"epochs": 10, "num_samples": 100, "seed": 0},
+                   "seconds": 1800, "torch": "2.x"})  # fmt: skip
+    assert "| Exact | 0.9800 (10000)" in page and "| Dykstra | 0.9800 (10000)" in page
+    assert "| 1.50x | yes (> 1.2) |" in page and "| 50.00x | yes (> 3) |" in page
+    assert "exact 8.0 min" in page and "Dykstra 16.0 min" in page and "REFERENCE" not in page
+    experiment_names = {e.name for e in reproduce_mnist.EXPERIMENTS}
+    assert {"mnist_flipped_robust_lenet", "mnist_flipped_robust_lenet_dykstra"} <= experiment_names
+    dykstra = next(e for e in reproduce_mnist.EXPERIMENTS if e.name == "mnist_flipped_robust_lenet_dykstra")
+    assert dykstra.config_name == "mnist_flipped_robust_lenet" and "dykstra" in dykstra.overrides

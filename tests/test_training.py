@@ -165,7 +165,7 @@ def test_every_config_instantiates_its_experiment(config, tmp_path):
     assert isinstance(cli.model, AdversarialModule) == ("robust" in name)
     if "robust" in name:
         assert hp.eps == {"mnist": 2.0, "cifar10": 1.0, "imagenet": 3.0}[dhp.dataset]
-        assert hp.projection == ("dykstra" if "flipped" in name else "ball_box") and hp.flipped == ("flipped" in name)
+        assert hp.projection == ("exact" if "flipped" in name else "ball_box") and hp.flipped == ("flipped" in name)
     expected_net = {"lenet": "lenet", "resnet18": "resnet18", "vgg19": "vgg19", "densenet121": "densenet121"}
     net_word = name.split("_")[-1]
     if dhp.dataset == "mnist" and net_word == "resnet18":
@@ -195,7 +195,7 @@ class StopAfterEpochs(L.Callback):
 
 
 def test_resume_keeps_the_schedule_of_the_interrupted_run(tmp_path):
-    """Reference: the uninterrupted 4-epoch triangular schedule by np.interp (REFERENCE §5), per step."""
+    """Reference: the uninterrupted 4-epoch triangular schedule by np.interp (the release's recipe), per step."""
     ckpt = tmp_path / "interrupted.ckpt"
     L.seed_everything(0)
     first = tiny_trainer(tmp_path, max_epochs=4, callbacks=[StopAfterEpochs(2)], limit_val_batches=0)
@@ -252,3 +252,42 @@ def test_cli_fit_then_resume_continues_where_it_stopped(tmp_path, monkeypatch, c
     assert resumed["lr_schedule"] == {"total_steps": 8, "max_epochs": 2}
     assert resumed["datamodule_hyper_parameters"]["dataset"] == "synthetic"
     assert resumed["hyper_parameters"]["net"] == "lenet"
+
+
+def _same_state(a, b, path: str = "checkpoint") -> None:
+    """Recursive bit-for-bit comparison of two checkpoint entries (tensors with torch.equal, the rest with ==)."""
+    assert type(a) is type(b), path
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), path
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for key in a:
+            _same_state(a[key], b[key], f"{path}[{key!r}]")
+    elif isinstance(a, list | tuple):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b)):
+            _same_state(x, y, f"{path}[{i}]")
+    else:
+        assert a == b, path
+
+
+def test_the_same_command_twice_gives_bit_identical_checkpoints(tmp_path, tiny_mnist_root):
+    """CPU training is deterministic: two runs of one command (flipped robust LeNet: data shuffling, PGD's random
+    start, the exact projection, the robust validation) save the same weights, optimizer and schedule state bit for
+    bit; only the run folder differs (version_0, version_1), in the checkpoint callback's paths."""
+    command = [
+        "fit", "--config", "configs/mnist_flipped_robust_lenet.yaml", "--data.data_dir", str(tiny_mnist_root),
+        "--data.init_args.batch_size", "16", "--trainer.max_epochs", "2", "--trainer.limit_val_batches", "1",
+        "--model.init_args.attack_steps", "3", "--margin.enabled", "false", "--trainer.enable_progress_bar", "false",
+        "--trainer.default_root_dir", str(tmp_path),
+    ]  # fmt: skip
+    train.main(command)
+    train.main(command)
+    runs = [tmp_path / "mnist_flipped_robust_lenet" / f"version_{v}" for v in (0, 1)]
+    first, second = (torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu") for run in runs)
+    assert first["global_step"] == 8  # 64 images / 16, two epochs
+    first_text = str(first["callbacks"]).replace(str(runs[0]), "<run>")
+    assert first_text == str(second["callbacks"]).replace(str(runs[1]), "<run>")
+    for key in first.keys() - {"callbacks"}:
+        _same_state(first[key], second[key], key)
+    assert any(not torch.equal(p, torch.zeros_like(p)) for p in first["state_dict"].values())

@@ -40,6 +40,25 @@ def patch_convolutions(model: nn.Module, native_stem_grad: bool, unroll_small: b
     return patched
 
 
+@contextlib.contextmanager
+def native_stem_gradients(model: nn.Module, enabled: bool = True) -> Iterator[None]:
+    """Inside the block, `model`'s image-stem convolutions (plain `nn.Conv2d` reading at most `STEM_CHANNELS`
+    channels) take their input gradient from PyTorch's native kernel; their own `forward` comes back on exit. For
+    attacks on a live model (L2 PGD during training), which cannot work on a prepared copy; no weight gradients
+    flow through the patched layers inside the block."""
+    patched = []
+    if enabled:
+        for module in model.modules():
+            if is_plain_conv(module) and module.in_channels <= STEM_CHANNELS and "forward" not in vars(module):
+                module.forward = functools.partial(_forward, module, True, False, {})
+                patched.append(module)
+    try:
+        yield
+    finally:
+        for module in patched:
+            del module.forward
+
+
 def is_plain_conv(module: nn.Module) -> bool:
     """A plain convolution: `nn.Conv2d`'s own forward (a subclass may transform its weight, e.g. standardise it)."""
     return (
@@ -116,7 +135,12 @@ class _StemConv(torch.autograd.Function):
         stride, padding, dilation, groups = ctx.conv
         grad_input = None
         if ctx.needs_input_grad[0]:
-            grad_output, x, weight = grad_output.contiguous(), x.contiguous(), weight.contiguous()
+            # under autocast the forward ran in low precision: the gradient comes in the input's dtype
+            grad_output, x, weight = (
+                grad_output.to(x.dtype).contiguous(),
+                x.contiguous(),
+                weight.to(x.dtype).contiguous(),
+            )
             with _onednn_off():  # the native kernel wants contiguous (not channels-last) tensors
                 grad_input = torch.ops.aten.convolution_backward(
                     grad_output, x, weight, None, stride, padding, dilation, False, [0, 0], groups, [True, False, False]
