@@ -5,7 +5,9 @@ Compare (the first run is the reference):
     python compare_margins.py RUN_DIR RUN_DIR [RUN_DIR...] [--names std flipped] [--output-dir outputs/compare]
 
 writes to --output-dir: comparison.png (each run's median margin per subspace with its interquartile band, log
-axis; stars where the paired Wilcoxon p < 0.01), comparison.csv (one row per (subspace, run): median, q25, q75,
+axis; stars where the paired Wilcoxon p < 0.01), row_ratios.png (for runs of the same samples: per subspace, the
+median and interquartile range of the row-by-row ratio margin(run) / margin(first run) where both converged; e.g.
+FMN against DeepFool), comparison.csv (one row per (subspace, run): median, q25, q75,
 ratio to the reference's median, paired Wilcoxon signed-rank statistic and p-value vs the reference - only where
 both runs hold the same samples, i.e. the same set of indices.npy; otherwise empty with a note), and prints a
 per-subspace table. Runs must have the same number of subspaces.
@@ -28,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.compare import compare_runs, load_runs, plot_comparison, write_csv
+from analysis.compare import compare_runs, load_runs, plot_comparison, plot_row_ratios, write_csv
 from analysis.export import DEFAULT_NAME, export_per_sample_csv
 from common.cli import ArgumentParser
 from common.errors import InputError
@@ -57,10 +59,17 @@ def compare(args: argparse.Namespace) -> Path:
     refuse_overwrite(out / "comparison.csv", args.overwrite, "--output-dir")
     write_csv(rows, out / "comparison.csv")
     save_figure(plot_comparison(runs, rows, args.title), out / "comparison.png")
+    ratios = plot_row_ratios(runs, rows, args.title)
+    if ratios is not None:
+        save_figure(ratios, out / "row_ratios.png")
     for row in rows:
         p = "" if np.isnan(row["wilcoxon_p"]) else f"p={row['wilcoxon_p']:.2g}"
+        by_row = "" if np.isnan(row["row_ratio_median"]) else (
+            f"row ratio {row['row_ratio_median']:.3g} [{row['row_ratio_q25']:.3g}, {row['row_ratio_q75']:.3g}], "
+            f"smaller on {100 * row['fraction_smaller']:.0f}%"
+        )  # fmt: skip
         print(f"subspace {row['subspace']:3d} {row['run']:>20s} median {row['median']:9.4g} "
-              f"ratio {row['ratio_to_reference']:7.3g} {p} {row['note']}")  # fmt: skip
+              f"ratio {row['ratio_to_reference']:7.3g} {p} {by_row} {row['note']}")  # fmt: skip
     print(f"results: {out.resolve()}")
     return out
 

@@ -4,7 +4,10 @@ Runs are result folders read with `margins.results.read_report` (margins [S, N],
 The first run is the reference: ratios are `median(run) / median(reference)` per subspace, and the paired
 Wilcoxon signed-rank test (`scipy.stats.wilcoxon`, two-sided, on all samples, converged or not, as the medians)
 compares each run with the reference per subspace - only when both hold the SAME samples (the same set of dataset
-indices; columns are aligned by index). Otherwise the p-value is empty and the row says why.
+indices; columns are aligned by index). Otherwise the p-value is empty and the row says why. For paired runs the rows
+are also compared one by one: the median and interquartile range of `margin(run) / margin(reference)` over the rows
+where both converged, and the fraction of those where the run's margin is the smaller (e.g. a second estimator
+against DeepFool on the same samples: `plot_row_ratios`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from margins.plot import describe_settings, frequency_axis, plain_log_axis
 
 COLUMNS = (
     "subspace", "run", "median", "q25", "q75", "ratio_to_reference", "wilcoxon_statistic", "wilcoxon_p",
-    "paired_samples", "not_converged", "note",
+    "paired_samples", "not_converged", "row_ratio_median", "row_ratio_q25", "row_ratio_q75", "fraction_smaller",
+    "both_converged", "note",
 )  # fmt: skip
 
 
@@ -70,6 +74,8 @@ def compare_runs(runs: list[Run]) -> list[dict]:
             row = dict(subspace=s, run=run.name, median=median, q25=q25, q75=q75)
             row["ratio_to_reference"] = median / ref_median
             row.update(wilcoxon_statistic=np.nan, wilcoxon_p=np.nan, paired_samples=0, note="reference")
+            row.update(row_ratio_median=np.nan, row_ratio_q25=np.nan, row_ratio_q75=np.nan, fraction_smaller=np.nan)
+            row["both_converged"] = 0
             row["not_converged"] = int((~run.converged[s]).sum())
             if k > 0:
                 row.update(_paired_test(reference, run, s))
@@ -83,11 +89,24 @@ def _paired_test(reference: Run, run: Run, s: int) -> dict:
         return {"note": f"samples differ from {reference.name} (indices.npy): no paired test"}
     a = reference.margins[s, columns[0]].astype(np.float64)
     b = run.margins[s, columns[1]].astype(np.float64)
+    out = _row_ratios(a, b, reference.converged[s, columns[0]] & run.converged[s, columns[1]])
     if np.all(a == b):
-        return {"paired_samples": len(a), "note": "identical margins: no test"}
+        return {**out, "paired_samples": len(a), "note": "identical margins: no test"}
     result = wilcoxon(b, a)
-    return {"wilcoxon_statistic": float(result.statistic), "wilcoxon_p": float(result.pvalue), "paired_samples": len(a),
-            "note": f"paired Wilcoxon vs {reference.name}"}  # fmt: skip
+    return {**out, "wilcoxon_statistic": float(result.statistic), "wilcoxon_p": float(result.pvalue),
+            "paired_samples": len(a), "note": f"paired Wilcoxon vs {reference.name}"}  # fmt: skip
+
+
+def _row_ratios(reference: np.ndarray, run: np.ndarray, both: np.ndarray) -> dict:
+    """Row-by-row ratios run / reference over the rows where both converged: median, quartiles, and the fraction
+    where the run's margin is the smaller."""
+    keep = both & (reference > 0)
+    if not keep.any():
+        return {"both_converged": 0}
+    ratio = run[keep] / reference[keep]
+    q25, median, q75 = np.percentile(ratio, [25, 50, 75])
+    return {"row_ratio_median": float(median), "row_ratio_q25": float(q25), "row_ratio_q75": float(q75),
+            "fraction_smaller": float((ratio < 1).mean()), "both_converged": int(keep.sum())}  # fmt: skip
 
 
 def write_csv(rows: list[dict], path: str | Path) -> Path:
@@ -138,3 +157,32 @@ def significance_line(runs: list[Run], rows: list[dict], alpha: float = 0.01) ->
         return f"* = paired Wilcoxon signed-rank p < {alpha:g} vs {runs[0].name} ({paired} paired samples)"
     reasons = sorted({r["note"].split(":")[0] for r in rows if r["run"] != runs[0].name})
     return "no paired test: " + "; ".join(reasons) if reasons else "no paired test: one run"
+
+
+def plot_row_ratios(runs: list[Run], rows: list[dict], title: str = "") -> Figure | None:
+    """Per subspace, the median and interquartile range of the row-by-row ratio margin(run) / margin(reference)
+    over the rows where both converged (log axis, 1 marked), for each run paired with the reference; None when no
+    run is."""
+    paired = [run for run in runs[1:] if any(r["run"] == run.name and r["both_converged"] for r in rows)]
+    if not paired:
+        return None
+    fig = Figure(figsize=(8, 4.6), layout="constrained")
+    ax = fig.add_subplot()
+    for k, run in enumerate(paired, start=1):
+        mine = sorted((r for r in rows if r["run"] == run.name and r["both_converged"]), key=lambda r: r["subspace"])
+        x = [r["subspace"] for r in mine]
+        ax.fill_between(x, [r["row_ratio_q25"] for r in mine], [r["row_ratio_q75"] for r in mine], color=f"C{k}",
+                        alpha=0.2)  # fmt: skip
+        smaller = np.mean([r["fraction_smaller"] for r in mine])
+        label = f"{run.name} / {runs[0].name} (smaller on {100 * smaller:.0f}% of the rows)"
+        ax.plot(x, [r["row_ratio_median"] for r in mine], ".-", color=f"C{k}", label=label)
+    ax.axhline(1.0, color="black", lw=0.8)
+    ax.set_yscale("log")
+    plain_log_axis(ax)
+    frequency_axis(ax, runs[0].margins.shape[0], "DCT subspace (frequency)")
+    ax.set_ylabel("margin ratio, row by row")
+    heading = [title] if title else []
+    heading.append("Row-by-row margin ratio per subspace: median and interquartile band (rows where both converged)")
+    ax.set_title("\n".join(heading), fontsize="medium")
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", fontsize="small")
+    return fig

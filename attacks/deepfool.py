@@ -145,6 +145,17 @@ class SubspaceDeepFool:
         self.kernels = kernels
         self.last_stats = PassStats(self.batch_size)
 
+    def settings(self) -> dict[str, object]:
+        """The settings that determine the results, for result summaries."""
+        return {
+            "estimator": "deepfool",
+            "version": ENGINE_VERSION,
+            "overshoot": self.overshoot,
+            "max_iter": self.max_iter,
+            "num_candidates": self.num_candidates,
+            "min_step": self.min_step,
+        }
+
     def prepare(self, model: nn.Module, device: torch.device | str | None = None) -> PreparedModel:
         """The working copy of `model` this attack runs (`attacks.kernels.prepare_model` with this attack's dtype
         and kernels); prepare once, attack many times."""

@@ -60,6 +60,8 @@ from attacks.common import (
 from attacks.kernels import PreparedModel, prepare_model
 from frequency.subspaces import FullSpace, SubspaceFamily
 
+# Changed whenever a change moves FMN's float results; result folders record it and a resume refuses other versions.
+FMN_VERSION = 1
 FINAL_GAMMA = 0.001  # the paper's final budget change rate
 STEP_DECAY = 100.0  # the final relative step is step_ratio / STEP_DECAY (the paper's alpha_final = alpha_0 / 100)
 
@@ -179,6 +181,7 @@ class SubspaceFMN:
         """The settings that determine the results, for result summaries."""
         return {
             "estimator": "fmn",
+            "version": FMN_VERSION,
             "steps": self.steps,
             "gamma": self.gamma,
             "step_ratio": self.step_ratio,

@@ -68,6 +68,7 @@ class MarginCallback(L.Callback):
         on_test: also measure at the end of `test` runs.
         subspace_dim, subspace_step: DCT block side and step (default: the datamodule's, the paper's settings).
         max_iter, overshoot: DeepFool settings (release: 100, 0.02).
+        estimator: "deepfool" (the paper's) or "fmn" (minimum-norm, `attacks.fmn`, `fmn_steps` steps per row).
         chunk_rows: (sample, subspace) rows per chunk, attacked as one batch: the unit shared out under DDP.
         threads: CPU threads while measuring (float bits depend on them: pinned, so 1 and k processes agree).
         kernels: the engine's kernels, "auto" or "off" (`attacks.kernels`).
@@ -97,6 +98,8 @@ class MarginCallback(L.Callback):
         max_iter: int = 100,
         overshoot: float = 0.02,
         chunk_rows: int = 512,
+        estimator: str = "deepfool",
+        fmn_steps: int = 200,
         threads: int = 1,
         kernels: str = "auto",
         band_width: int = 3,
@@ -111,7 +114,8 @@ class MarginCallback(L.Callback):
         self.num_samples, self.seed, self.every_n_epochs, self.on_test = num_samples, seed, every_n_epochs, on_test
         self.measure_at_fit_end, self.band_width = measure_at_fit_end, band_width
         self.subspace_dim, self.subspace_step = subspace_dim, subspace_step
-        self.attack = AttackSettings(overshoot=overshoot, max_iter=max_iter, chunk_rows=chunk_rows, kernels=kernels)
+        self.attack = AttackSettings(overshoot=overshoot, max_iter=max_iter, chunk_rows=chunk_rows, kernels=kernels,
+                                     estimator=estimator, fmn_steps=fmn_steps)  # fmt: skip
         self.attack.check()
         self.threads, self.log_figure, self.progress, self.enabled = threads, log_figure, progress, enabled
         self.history: dict[int, list[float]] = {}  # epoch -> median margin per subspace

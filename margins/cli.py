@@ -4,7 +4,7 @@ one thing, added by the same functions, read back into the same settings.
 - model and data: --checkpoint --model --dataset --transform --bandwidth --data-dir --num-classes --trusted-pickle
 - samples: --num-samples --seed --indices
 - subspaces: --subspace-dim --subspace-step
-- attack: --max-iter --overshoot --chunk-rows --dtype --kernels
+- attack: --estimator --max-iter --overshoot --fmn-steps --chunk-rows --dtype --kernels
 - processes and output: --accelerator --devices --num-nodes --strategy --num-workers --threads
   --return-freed-memory --output-dir --overwrite --no-progress
 """
@@ -20,7 +20,7 @@ from common.errors import InputError
 from datamodules import DATASETS, TRANSFORMS
 from margins.guard import EXIT_BAD_INPUT, STOPPED, env_rank
 from margins.inputs import ModelSource
-from margins.work import DTYPES, AttackSettings, RunSettings
+from margins.work import DTYPES, ESTIMATORS, AttackSettings, RunSettings
 from models import MODEL_NAMES
 
 
@@ -60,6 +60,8 @@ def add_attack_arguments(p: argparse.ArgumentParser) -> None:
     )
     a("--dtype", choices=tuple(DTYPES), default="float32", help="attack precision (default float32)")
     a("--kernels", choices=("auto", "off"), default="auto", help="the engine's CPU kernels (default auto)")
+    a("--estimator", choices=ESTIMATORS, default="deepfool", help="margin estimator: DeepFool (the paper's) or FMN")
+    a("--fmn-steps", type=int, default=200, help="FMN steps per row (default 200)")
 
 
 def add_run_arguments(p: argparse.ArgumentParser, default_output: str) -> None:
@@ -100,7 +102,7 @@ def source_from_args(args: argparse.Namespace) -> ModelSource:
 
 def attack_from_args(args: argparse.Namespace) -> AttackSettings:
     return AttackSettings(args.overshoot, args.max_iter, chunk_rows=args.chunk_rows, dtype=args.dtype,
-                          kernels=args.kernels)  # fmt: skip
+                          kernels=args.kernels, estimator=args.estimator, fmn_steps=args.fmn_steps)  # fmt: skip
 
 
 def run_from_args(args: argparse.Namespace) -> RunSettings:

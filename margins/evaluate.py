@@ -234,6 +234,8 @@ def make_job(
         "num_samples": len(indices),
         "indices_sha256": hashlib.sha256(indices.astype(np.int64).tobytes()).hexdigest(),
         **describe_family(subspaces),
+        "estimator": attack.estimator,
+        "estimator_settings": attack.engine().settings(),
         "overshoot": attack.overshoot,
         "max_iter": attack.max_iter,
         "num_candidates": attack.num_candidates,

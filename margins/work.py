@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from attacks.common import precision_record
 from attacks.deepfool import SubspaceDeepFool
+from attacks.fmn import SubspaceFMN
 from attacks.kernels import KERNELS, PreparedModel
 from common.errors import InputError
 from common.memory import keep_freed_memory
@@ -39,16 +40,20 @@ from margins.results import OPTIONAL_FILES, RESULT_FILES, MarginReport, json_saf
 from margins.sharding import row_grid
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+ESTIMATORS = ("deepfool", "fmn")
 CHUNK_DIR = "chunks"
 BYTES_PER_ROW = 64  # a committed chunk's bytes per row, about (arrays, npz and journal overhead included)
 
 
 @dataclass
 class AttackSettings:
-    """DeepFool settings (release defaults), the chunk size and the engine's precision and kernels. `chunk_rows`
-    (sample, subspace) rows are attacked as one batch and committed as one file: it bounds memory and fixes the
-    float results (keep it to resume); None: 64 for ImageNet, else 512. `kernels`: "auto" or "off"
-    (`attacks.kernels`)."""
+    """The margin estimator and its settings, the chunk size, and the engine's precision and kernels.
+
+    estimator: "deepfool" (the paper's, `attacks.deepfool.SubspaceDeepFool`: `overshoot`, `max_iter`,
+    `num_candidates`, the release's defaults) or "fmn" (minimum-norm, `attacks.fmn.SubspaceFMN`: `fmn_steps` steps,
+    `num_candidates` for its first step). `chunk_rows` (sample, subspace) rows are attacked as one batch and
+    committed as one file: it bounds memory and fixes the float results (keep it to resume); None: 64 for
+    ImageNet, else 512. `kernels`: "auto" or "off" (`attacks.kernels`)."""
 
     overshoot: float = 0.02
     max_iter: int = 100
@@ -56,6 +61,8 @@ class AttackSettings:
     chunk_rows: int | None = None
     dtype: str = "float32"
     kernels: str = "auto"
+    estimator: str = "deepfool"
+    fmn_steps: int = 200
 
     def check(self) -> None:
         """InputError naming the parameter when a setting is out of range."""
@@ -69,18 +76,21 @@ class AttackSettings:
             raise InputError(f"num_candidates must be >= 2, got {self.num_candidates}")
         if self.dtype not in DTYPES:
             raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.estimator not in ESTIMATORS:
+            raise InputError(f"estimator must be one of {', '.join(ESTIMATORS)} (--estimator), got {self.estimator!r}")
+        if self.fmn_steps < 1:
+            raise InputError(f"fmn_steps must be >= 1 (--fmn-steps), got {self.fmn_steps}")
         if self.kernels not in ("auto", "off"):
             raise InputError(f"kernels must be 'auto' or 'off', got {self.kernels!r} (kernels: {', '.join(KERNELS)})")
 
-    def engine(self) -> SubspaceDeepFool:
-        return SubspaceDeepFool(
-            overshoot=self.overshoot,
-            max_iter=self.max_iter,
-            num_candidates=self.num_candidates,
-            batch_size=self.chunk_rows or 512,
-            dtype=DTYPES[self.dtype],
-            kernels=self.kernels,
-        )
+    def engine(self) -> SubspaceDeepFool | SubspaceFMN:
+        """The estimator these settings describe."""
+        batch, dtype = self.chunk_rows or 512, DTYPES[self.dtype]
+        if self.estimator == "fmn":
+            return SubspaceFMN(steps=self.fmn_steps, num_candidates=self.num_candidates, batch_size=batch, dtype=dtype,
+                               kernels=self.kernels)  # fmt: skip
+        return SubspaceDeepFool(overshoot=self.overshoot, max_iter=self.max_iter, num_candidates=self.num_candidates,
+                                batch_size=batch, dtype=dtype, kernels=self.kernels)  # fmt: skip
 
 
 @dataclass
