@@ -223,7 +223,8 @@ python compare_margins.py --export-csv RUN_DIR [--output FILE.csv]              
   256 MB of dense bases. User bases: `.npy`/`.pt` of [D, k], [S, D, k] or a list, checked for orthonormality
   (`InputError` naming the file and max |B^T B - I|).
 - **Families by name** (`frequency/families.py`): `build_subspace_family(kind, image_shape, block, step, ...)` for
-  `dct | full | grid | random | basis`, for a future `--subspace` flag of evaluate_margin.py.
+  `dct | full | grid | random | basis`; `margins.inputs.SubspaceSpec` names one for `evaluate_margins`, which runs
+  every family through the same chunks, processes and result folders (map2d and random are that, plus a figure).
 - **Fourier heat map** (`analysis/fourier_heatmap.py`): one unit-norm basis image per conjugate frequency pair
   (the map is point-symmetric by construction); colour images get ONE basis image on all channels scaled by
   1/sqrt(C) (total L2 norm eps); valid range `box` (clamp to [0, 1]), `flipped_box` (flipped data, perturbed in
@@ -232,7 +233,8 @@ python compare_margins.py --export-csv RUN_DIR [--output FILE.csv]              
 - **Comparison** (`analysis/compare.py`): the first run is the reference; ratios of medians; two-sided paired
   Wilcoxon signed-rank test (`scipy.stats.wilcoxon`) per subspace when both runs hold the same set of dataset
   indices (columns aligned by index), otherwise an empty p-value with a note. Medians and tests use all samples,
-  converged or not, like the release's plot.
+  converged or not, like the release's plot; for the same samples also the row-by-row ratios over the rows where
+  both converged (median and interquartile range per subspace, `row_ratios.png`: e.g. FMN against DeepFool).
 - **Per-sample CSV** (`analysis/export.py`): columns sample_index, label, predicted, subspace, margin, converged,
   iterations, perturbed_label; the last four come from targets.npy (labels.npy in folders of older versions),
   predicted.npy, iterations.npy and perturbed_labels.npy (written by every margin command) and are empty where a
