@@ -25,6 +25,7 @@ import evaluate_margin
 from attacks.deepfool import SubspaceDeepFool
 from frequency import DCTBlockSubspaces
 from margins import MarginReport, read_report
+from margins.guard import RESUME
 from margins.sharding import chunk_ranges, row_grid
 from models import Normalize, NormalizedModel, build_model
 from tests.conftest import REPO, write_idx_mnist
@@ -185,7 +186,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(setup, sig):
     assert not (chunks.parent / "summary.json").exists(), "killed too late: the run had finished"
     assert proc.returncode == {signal.SIGKILL: -9, signal.SIGTERM: 143, signal.SIGUSR1: 138}[sig]
     if sig != signal.SIGKILL:
-        line = f"stopped: rank 0 received {sig.name}; committed chunks are kept, rerun to resume"
+        line = f"stopped: rank 0 received {sig.name}; {RESUME}"
         assert proc.stderr.read().decode().strip().splitlines()[-1] == line
     committed_before = {p.name: p.read_bytes() for p in chunks.glob("chunk-*.npz")}
     assert committed_before

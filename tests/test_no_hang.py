@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 
+import evaluate_margin
 from common.errors import InputError
 from margins import read_report
 from margins.chunks import ChunkStore
@@ -202,13 +203,19 @@ def test_a_folder_whose_manifest_was_deleted_never_merges_another_runs_chunks(se
     assert (report.targets == labels[report.indices]).all()
 
 
-def test_a_manifest_that_is_not_one_is_one_line_and_exit_2(setup):
+def _in_process(argv: list[str], capsys) -> tuple[int, str]:
+    """evaluate_margin.py's main in this process (for errors found before any work): exit status and stderr."""
+    code = evaluate_margin.main([*argv, "--devices", "1"])
+    return code, capsys.readouterr().err
+
+
+def test_a_manifest_that_is_not_one_is_one_line_and_exit_2(setup, capsys):
     out = setup.root / "bad_manifest"
     (out / "chunks").mkdir(parents=True)
     (out / "chunks" / "manifest.json").write_text("[]")
-    done = _run(_argv(setup, out, samples=4))
-    assert done.returncode == 2 and done.stderr.strip().startswith("error:") and "manifest" in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1
+    code, err = _in_process(_argv(setup, out, samples=4), capsys)
+    assert code == 2 and err.strip().startswith("error:") and "manifest" in err
+    assert len(err.strip().splitlines()) == 1
 
 
 # ---- 3. never a false success: SIGTERM to a single process exits non-zero, with no result files -------------------
@@ -232,18 +239,18 @@ def test_sigterm_to_a_single_process_is_not_a_success(setup, reference):
     [(["--seed", "-1"], "seed"), (["--num-workers", "-1"], "--num-workers"), (["--threads", "0"], "--threads"),
      (["--chunk-rows", "0"], "chunk_rows"), (["--max-iter", "0"], "max_iter")],
 )  # fmt: skip
-def test_bad_values_are_one_line_and_write_nothing(setup, flags, words):
+def test_bad_values_are_one_line_and_write_nothing(setup, flags, words, capsys):
     out = setup.root / f"bad_{flags[0].strip('-')}"
-    done = _run([*_argv(setup, out, samples=4), *flags])
-    assert done.returncode == 2 and done.stderr.startswith("error:") and words in done.stderr
-    assert len(done.stderr.strip().splitlines()) == 1 and not out.exists()
+    code, err = _in_process([*_argv(setup, out, samples=4), *flags], capsys)
+    assert code == 2 and err.startswith("error:") and words in err
+    assert len(err.strip().splitlines()) == 1 and not out.exists()
 
 
-def test_a_directory_as_checkpoint_says_it_is_a_directory(setup, tmp_path):
+def test_a_directory_as_checkpoint_says_it_is_a_directory(setup, tmp_path, capsys):
     argv = _argv(setup, tmp_path / "out", samples=4)
     argv[argv.index("--checkpoint") + 1] = str(setup.root)
-    done = _run(argv)
-    assert done.returncode == 2 and "is a directory" in done.stderr and "lenet.t7" in done.stderr
+    code, err = _in_process(argv, capsys)
+    assert code == 2 and "is a directory" in err and "lenet.t7" in err
 
 
 def test_a_full_disk_is_one_line_naming_the_folder_and_a_rerun_resumes(setup, tmp_path, monkeypatch):
