@@ -187,7 +187,8 @@ def run_heatmap(args: argparse.Namespace, argv: list[str]) -> Path:
     x, y = gather_samples(dataset, indices)
     valid = args.valid or DEFAULT_VALID.get(dm.hparams.transform, "none")
     model = loaded.model.to(device)
-    heat = fourier_heatmap(model, x, y, args.eps, valid, args.seed, args.batch_size, args.radius)
+    heat = fourier_heatmap(model, x, y, args.eps, valid, args.seed, args.batch_size, args.radius,
+                           progress=not args.no_progress)  # fmt: skip
     settings = {"command": ["frequency_analysis.py", *argv], "dataset": dm.name, "transform": dm.hparams.transform,
                 "checkpoint": str(Path(args.checkpoint).resolve()), "checkpoint_sha256": loaded.sha256,
                 "seed": args.seed, "num_samples": len(indices), "indices": indices.tolist(), "device": str(device),

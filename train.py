@@ -16,9 +16,11 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from callbacks import MarginCallback
+from callbacks.margin import terminal_print
 from common.errors import InputError
 from datamodules import FrequencyDataModule
 from lightning_modules import ClassifierModule
@@ -42,6 +44,48 @@ class RunFolder(L.Callback):
     def remove_if_unused(cls) -> None:
         if cls.reserved is not None and not cls.started and not any(cls.reserved.rglob("*.ckpt")):
             shutil.rmtree(cls.reserved, ignore_errors=True)
+
+
+class RunSummary(L.Callback):
+    """Rank 0, when `fit` or `test` ends: where the run's outputs are (run folder, checkpoints, tested weights)."""
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            terminal_print(run_folder_lines(trainer) + checkpoint_lines(trainer))
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            tested = trainer.ckpt_path or "the configured model (no --ckpt_path)"
+            terminal_print([*run_folder_lines(trainer), f"tested weights:  {tested}"])
+
+
+def run_folder_lines(trainer: L.Trainer) -> list[str]:
+    """ "run folder: <log dir>" and, with a TensorBoard logger, the command that shows it. Rank 0 alone calls
+    this: the folder is read from the first logger as `Trainer.log_dir` does, without its broadcast."""
+    logger = trainer.loggers[0] if trainer.loggers else None
+    folder = getattr(logger, "log_dir", None) or getattr(logger, "save_dir", None) or trainer.default_root_dir
+    lines = [f"run folder:      {folder}"]
+    board = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
+    if board is not None:
+        lines.append(f"TensorBoard:     tensorboard --logdir {board.save_dir}")
+    return lines
+
+
+def checkpoint_lines(trainer: L.Trainer) -> list[str]:
+    """The best checkpoint (with its monitored score, or the latest one without a monitor) and `last.ckpt`."""
+    callback = trainer.checkpoint_callback
+    if callback is None:
+        return ["checkpoints:     none (checkpointing off)"]
+    lines = []
+    if callback.best_model_path:
+        score = callback.best_model_score
+        note = (
+            f"{callback.monitor} {float(score):.4g}" if callback.monitor and score is not None else "latest; no monitor"
+        )
+        lines.append(f"best checkpoint: {callback.best_model_path} ({note})")
+    if callback.last_model_path:
+        lines.append(f"last checkpoint: {callback.last_model_path}")
+    return lines or ["checkpoints:     none saved"]
 
 
 def reserve_version(folder: Path) -> int:
@@ -92,7 +136,7 @@ def main(args: list[str] | None = None, run: bool = True) -> HoldMeTightCLI:
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
         parser_kwargs={"allow_abbrev": False},  # `--margin.num_sample` is a typo, not `num_samples`
-        trainer_defaults={"callbacks": [RunFolder()]},
+        trainer_defaults={"callbacks": [RunFolder(), RunSummary()]},
         args=args,
         run=run,
     )

@@ -16,8 +16,10 @@ space, and made valid there as `flip(clamp(flip(z), 0, 1))` (a valid flipped ima
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -86,6 +88,14 @@ def valid_range(name: str) -> Callable[[torch.Tensor], torch.Tensor]:
     raise InputError(f"valid range must be one of {', '.join(VALID_RANGES)}, got {name!r}")
 
 
+def frequency_bar(total: int, num_samples: int, enabled: bool) -> Any:
+    """The heat map's bar: frequencies evaluated (each on every sample), on stderr; disabled: a no-op bar."""
+    from tqdm.auto import tqdm
+
+    description = f"Fourier heat map: frequencies (each on {num_samples} samples)"
+    return tqdm(total=total, unit="frequency", desc=description, disable=not enabled, file=sys.stderr)
+
+
 @torch.no_grad()
 def fourier_heatmap(
     model: nn.Module,
@@ -96,10 +106,12 @@ def fourier_heatmap(
     seed: int = 0,
     batch_size: int = 2048,
     radius: int | None = None,
+    progress: bool = False,
 ) -> FourierHeatmap:
     """Error rate of `model` on `x: [N, C, H, W]` (model input space) with labels `y: [N]` under
     `valid(x + r * eps * U(i, j))` for every frequency (i, j); batched over (frequency, sample) pairs,
-    `batch_size` images per forward pass, on the model's device. Returns a `FourierHeatmap`."""
+    `batch_size` images per forward pass, on the model's device. `progress`: a bar over the frequencies evaluated
+    (one per conjugate pair) on stderr. Returns a `FourierHeatmap`."""
     if not (math.isfinite(eps) and eps > 0) or batch_size < 1:
         raise InputError(f"eps must be a positive L2 norm and batch_size >= 1, got eps={eps}, batch={batch_size}")
     make_valid = valid_range(valid)
@@ -112,6 +124,7 @@ def fourier_heatmap(
     signs = torch.randint(0, 2, (len(rows), n), generator=torch.Generator().manual_seed(seed)) * 2.0 - 1.0
     errors = torch.zeros(len(rows), dtype=torch.float64)
     per_chunk = max(1, batch_size // n)
+    bar = frequency_bar(len(rows), n, progress)
     for start in range(0, len(rows), per_chunk):
         f = slice(start, start + per_chunk)
         basis = fourier_basis(h, w, rows[f], cols[f]).to(device=device, dtype=x.dtype) / math.sqrt(c)
@@ -122,6 +135,8 @@ def fourier_heatmap(
             )
             preds = model(make_valid(block.flatten(0, 1))).argmax(1).view(block.shape[:2])
             errors[f] += (preds != y[None, s : s + batch_size]).sum(1).double().cpu()
+        bar.update(len(rows[f]))
+    bar.close()
     clean_error = float((model(x).argmax(1) != y).double().mean())
     for module, flag in flags:  # every submodule's own mode back
         module.training = flag

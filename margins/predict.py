@@ -126,6 +126,11 @@ def predict_chunks(trainer: L.Trainer, work: ChunkWork, watchdog: Watchdog) -> N
         work.close_progress()
 
 
+def progress_description(work: ChunkWork) -> str:
+    """The bar's label, naming the family measured and what the bar counts (one bar per family of a command)."""
+    return f"margins along {work.job.settings.get('subspace', 'the')} subspaces: (sample, subspace) rows"
+
+
 class MarginPredictor(L.LightningModule):
     """Attacks one chunk per predict step; `setup` installs the run's signal handlers (over Lightning's), prepares
     the process (`ChunkWork.process`) and, on rank 0, the chunk folder, and broadcasts the plan."""
@@ -151,7 +156,7 @@ class MarginPredictor(L.LightningModule):
             raise InputError(plan.removeprefix("error: "))
         self.pending = plan
         if self.trainer.is_global_zero:
-            self.work.start_progress(plan)
+            self.work.start_progress(plan, progress_description(self.work))
 
     def on_predict_start(self) -> None:
         # Lightning registers its own handlers after `setup` (`Trainer._run`): the run's go over them again

@@ -88,3 +88,14 @@ def test_heatmap_plot_labels_units_and_centre():
     col = int(2 - left - 0.5)  # pixel column holding horizontal frequency +2
     row = int(1 - top - 0.5)  # pixel row holding vertical frequency +1
     assert image[row, col] == 1.0 and image.sum() == 2.0
+
+
+def test_progress_bar_counts_the_frequencies(capsys):
+    model = OneFrequencyModel(torch.zeros(1, 8, 8), 0.5)
+    x, y = torch.full((2, 1, 8, 8), 0.5), torch.zeros(2, dtype=torch.long)
+    total = len(representative_frequencies(8, 8, None)[0])
+    fourier_heatmap(model, x, y, eps=1.0, batch_size=4, progress=True)  # 2 frequencies per forward pass
+    err = capsys.readouterr().err
+    assert "Fourier heat map: frequencies (each on 2 samples): 100%" in err and f"{total}/{total}" in err
+    fourier_heatmap(model, x, y, eps=1.0, batch_size=4)
+    assert capsys.readouterr().err == ""

@@ -1,5 +1,7 @@
-"""What a researcher sees in TensorBoard from the margin callback: the schedule (fit end included), the
-custom-scalars layout, scalars at the step of val/*, HPARAMS without hp_metric, the evolution history."""
+"""What a researcher sees in TensorBoard and the terminal from the margin callback: the schedule (fit end
+included), the custom-scalars charts (one unit per axis, a few subspaces per chart, in reading order), scalars at the
+step of val/*, the HPARAMS table as TensorBoard builds it from two runs, the image titled as the result folder's
+figure, the terminal summary, the evolution history."""
 
 from __future__ import annotations
 
@@ -17,7 +19,14 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.util import tensor_util
 
 from callbacks import MarginCallback
-from callbacks.margin import band_medians
+from callbacks.margin import (
+    TENSORBOARD_FIGSIZE,
+    band_medians,
+    margin_layout,
+    median_tags,
+    run_label,
+    two_lines,
+)
 from datamodules import SyntheticDataModule
 from lightning_modules import ClassifierModule
 from margins import read_report
@@ -74,9 +83,63 @@ def fit(
     return trainer
 
 
-def test_one_epoch_fit_with_the_default_config_measures_once_and_fills_the_tensorboard_view(tmp_path, monkeypatch):
-    """configs/mnist_lenet.yaml as written (every_n_epochs 5, default_hp_metric false) on tiny synthetic data."""
+UNITS = {"margin/median/": "L2", "margin/band_median/": "L2", "margin/high_over_low": "ratio",
+         "margin/clean_acc": "fraction", "margin/not_converged": "rows"}  # fmt: skip
+
+
+def unit(tag: str) -> str:
+    (found,) = [u for prefix, u in UNITS.items() if tag.startswith(prefix)]
+    return found
+
+
+def charts_as_read(layout: layout_pb2.Layout) -> dict[str, list[str]]:
+    """The margin section's charts in the order TensorBoard shows them (it lays margin charts out last to first),
+    each with its value tags; every series is drawn with its band equal to its value."""
+    (category,) = [c for c in layout.category if c.title == "margin"]
+    charts = {}
+    for chart in reversed(category.chart):
+        assert chart.WhichOneof("content") == "margin", chart.title
+        assert all(s.lower == s.value == s.upper for s in chart.margin.series), chart.title
+        charts[chart.title] = [s.value for s in chart.margin.series]
+    return charts
+
+
+def test_custom_scalars_one_quantity_per_chart_and_a_few_subspaces_per_chart():
+    charts = charts_as_read(margin_layout(21))
+    assert list(charts.items())[:4] == [
+        ("high-band / low-band median margin", ["margin/high_over_low"]),
+        ("median margin (L2): low band (subspaces 0-2), high band (18-20)",
+         ["margin/band_median/low", "margin/band_median/high"]),
+        ("clean accuracy of the measured samples", ["margin/clean_acc"]),
+        ("not-converged (sample, subspace) rows", ["margin/not_converged"]),
+    ]  # fmt: skip
+    groups = list(charts.items())[4:]
+    assert [title for title, _ in groups] == [
+        "median margin (L2), subspaces 0-5 (low frequencies)",
+        "median margin (L2), subspaces 6-10 (middle frequencies)",
+        "median margin (L2), subspaces 11-15 (middle frequencies)",
+        "median margin (L2), subspaces 16-20 (high frequencies)",
+    ]
+    assert [tag for _, tags in groups for tag in tags] == median_tags(21)  # every subspace once, in order
+    assert all(len({unit(tag) for tag in tags}) == 1 for tags in charts.values())  # one unit per axis
+    assert all(2 * len(tags) <= 13 for tags in charts.values())  # two runs measured once: every point on the axis
+    assert [len(charts_as_read(margin_layout(n))) - 4 for n in (1, 9, 13, 14)] == [
+        1,
+        2,
+        3,
+        3,
+    ]  # CIFAR-10 13, ImageNet 14
+    small = charts_as_read(margin_layout(2, band_width=3))  # bands capped at half the subspaces
+    assert "median margin (L2): low band (subspaces 0-0), high band (1-1)" in small
+
+
+def test_one_epoch_fit_with_the_default_config_measures_once_and_fills_the_tensorboard_view(
+    tmp_path, monkeypatch, capsys
+):
+    """configs/mnist_lenet.yaml as written (every_n_epochs 5, default_hp_metric false) on tiny synthetic data:
+    what TensorBoard and the terminal show."""
     monkeypatch.setattr("sys.argv", ["train.py"])
+    titles = title_spy(monkeypatch)
     cli = main(
         [
             "fit",
@@ -111,18 +174,17 @@ def test_one_epoch_fit_with_the_default_config_measures_once_and_fills_the_tenso
     num_subspaces = len(cli.datamodule.subspaces())
     val_step = steps(acc, "val/acc")
     assert val_step == [cli.trainer.global_step - 1]  # 2 batches: Lightning logs epoch-end val/* at step 1
-    for tag in ("margin/clean_acc", "margin/not_converged", "margin/high_over_low", "margin/median/subspace_00"):
+    for tag in ("margin/clean_acc", "margin/not_converged", "margin/high_over_low", median_tags(num_subspaces)[0]):
         assert steps(acc, tag) == val_step, tag  # exactly once, at the step of val/*
     assert "hp_metric" not in tags["scalars"]
 
     (layout_event,) = acc.Tensors("custom_scalars__config__")
     layout = layout_pb2.Layout.FromString(tensor_util.make_ndarray(layout_event.tensor_proto).item())
-    (category,) = [c for c in layout.category if c.title == "margin"]
-    charts = {chart.title: list(chart.multiline.tag) for chart in category.chart}
-    assert charts["median margin per subspace (L2)"] == [r"margin/median/subspace_.*"]
-    assert r"margin/high_over_low" in charts["low / high band medians, high_over_low"]
-    median_tags = [t for t in tags["scalars"] if t.startswith("margin/median/subspace_")]
-    assert len(median_tags) == num_subspaces
+    charts = charts_as_read(layout)
+    assert layout == margin_layout(num_subspaces)
+    assert {tag for chart in charts.values() for tag in chart} <= set(tags["scalars"])  # no empty chart
+    margin_cards = [t for kind in ("scalars", "histograms", "images") for t in tags[kind] if t.startswith("margin/")]
+    assert len(margin_cards) == num_subspaces + 5 + 2 + 2  # medians, 5 quantities, 2 histograms, 2 images
 
     saved = read_report(log_dir / "margins" / "epoch_000")
     assert saved.settings["chunk_rows"] == 64 and saved.extra["num_chunks"] == 1  # 4 samples x 9 subspaces
@@ -131,14 +193,91 @@ def test_one_epoch_fit_with_the_default_config_measures_once_and_fills_the_tenso
     assert acc.Scalars("margin/clean_acc")[0].value == pytest.approx(saved.extra["clean_accuracy"])
     assert acc.Scalars("margin/not_converged")[0].value == saved.stats["num_not_converged_total"]
     assert {"margin/distribution", "margin/evolution"} <= set(tags["images"])
+    for tag in ("margin/distribution", "margin/evolution"):  # the size of a TensorBoard card, not of the disk figure
+        assert (acc.Images(tag)[0].width, acc.Images(tag)[0].height) == (640, 305)
+    assert titles["disk"] == titles["tensorboard"]  # margins.png and margin/distribution: one title, one subtitle
+    (disk_title,) = titles["disk"]
+    assert disk_title.startswith("lenet on synthetic (transform none), epoch 0\n4 samples, 9 subspaces")
 
     hp = hparams_plugin_data(log_dir)
-    metrics = {m.name.tag for m in hp["_hparams_/experiment"].experiment.metric_infos}
-    assert metrics == {"margin/high_over_low", "margin/clean_acc", "hparams/val_acc"}
+    assert "_hparams_/experiment" not in hp  # TensorBoard builds the table from all runs: what differs first
     session = hp["_hparams_/session_start_info"].session_start_info.hparams
-    assert session["model/net"].string_value == "lenet" and session["data/dataset"].string_value == "synthetic"
-    assert session["data/transform"].string_value == "none" and session["margin/num_samples"].number_value == 4
-    assert acc.Scalars("hparams/val_acc")[0].value == pytest.approx(acc.Scalars("val/acc")[0].value)
+    assert dict(sorted((k, v.WhichOneof("kind")) for k, v in session.items())) == CURATED_STANDARD
+    assert session["net"].string_value == "lenet" and session["dataset"].string_value == "synthetic"
+    assert session["transform"].string_value == "none" and session["margin/samples"].number_value == 4
+    assert session["pgd/eps"].number_value == 0 and session["pgd/projection"].string_value == "none"
+    assert session["train/epochs"].number_value == 1 and session["train/seed"].number_value == 0
+    assert session["train/batch_size"].number_value == 64 and session["train/lr"].number_value == 0.21
+    assert acc.Scalars("compare/val_acc")[0].value == pytest.approx(acc.Scalars("val/acc")[0].value)
+    assert acc.Scalars("compare/high_over_low")[0].value == acc.Scalars("margin/high_over_low")[0].value
+
+    out, err = capsys.readouterr()
+    assert "margins epoch 0: (sample, subspace) rows: 100%" in err and "36/36" in err  # the bar names what it counts
+    assert "margins epoch 0: 4 samples x 9 subspaces in " in out
+    assert f"median margin (L2): low band (subspaces 0-2) {low:.3g}, high band (6-8) {high:.3g}, high/low " in out
+    assert f"clean accuracy {saved.extra['clean_accuracy']:.1%}, not converged 0 of 36 rows" in out
+    assert f"run folder:      {log_dir}" in out and f"last checkpoint: {log_dir}/checkpoints/last.ckpt" in out
+
+
+CURATED_STANDARD = {
+    "dataset": "string_value", "margin/samples": "number_value", "net": "string_value",
+    "pgd/eps": "number_value", "pgd/projection": "string_value", "pgd/steps": "number_value",
+    "train/batch_size": "number_value", "train/epochs": "number_value", "train/lr": "number_value",
+    "train/seed": "number_value", "transform": "string_value",
+}  # fmt: skip
+
+
+def title_spy(monkeypatch) -> dict[str, list[str]]:
+    """The titles of the margin plots drawn: "disk" (margins.png of the result folder) and "tensorboard" (the
+    `margin/distribution` image)."""
+    import margins.plot
+
+    titles: dict[str, list[str]] = {"disk": [], "tensorboard": []}
+    original = margins.plot.plot_margins
+
+    def spy(*args, **kwargs):
+        figure = original(*args, **kwargs)
+        where = "tensorboard" if kwargs.get("ax") is not None else "disk"
+        titles[where].append(figure.axes[0].get_title())
+        return figure
+
+    monkeypatch.setattr(margins.plot, "plot_margins", spy)
+    monkeypatch.setattr("callbacks.margin.plot_margins", spy)
+    return titles
+
+
+def test_hparams_table_compares_two_runs_by_the_setting_that_differs(tmp_path, monkeypatch):
+    """Two runs differing only in the transform, as TensorBoard's HPARAMS backend builds its table: the transform
+    first, then the curated settings by name (the first five are shown), the compared metrics first."""
+    from tensorboard import context as tb_context
+    from tensorboard.backend.event_processing import data_provider
+    from tensorboard.backend.event_processing import plugin_event_multiplexer as multiplexer
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.hparams import backend_context
+
+    monkeypatch.setattr("sys.argv", ["train.py"])
+    for transform in ("none", "flip"):
+        main(["fit", "--config", str(REPO / "configs" / "synthetic_lenet.yaml"), "--data.init_args.image_shape",
+              "[1, 16, 16]", "--data.init_args.num_train", "64", "--data.init_args.num_test", "16",
+              "--data.init_args.batch_size", "64", "--data.init_args.transform", transform, "--trainer.max_epochs", "1",
+              "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
+              "--margin.num_samples", "2", "--margin.max_iter", "10", "--margin.log_figure", "false"])  # fmt: skip
+    mux = multiplexer.EventMultiplexer()
+    mux.AddRunsFromDirectory(str(tmp_path))
+    mux.Reload()
+    provider = data_provider.MultiplexerDataProvider(mux, str(tmp_path))
+    hparams = backend_context.Context(base_plugin.TBContext(logdir=str(tmp_path), data_provider=provider))
+    request = tb_context.RequestContext()
+    metadata = hparams.hparams_metadata(request, "")
+    experiment = hparams.experiment_from_metadata(
+        request, "", True, metadata, hparams.hparams_from_data_provider(request, "", None)
+    )
+    shown = [h.name for h in experiment.hparam_infos][:5]
+    assert shown == ["transform", "dataset", "margin/samples", "net", "pgd/eps"]
+    assert [h.name for h in experiment.hparam_infos if h.differs] == ["transform"]
+    assert {h.name for h in experiment.hparam_infos} == set(CURATED_STANDARD)  # no paths, no class names
+    metrics = [m.name.tag for m in experiment.metric_infos][:3]
+    assert metrics == ["compare/clean_acc", "compare/high_over_low", "compare/val_acc"]
 
 
 def test_fit_end_measures_a_model_stopped_early_once_and_only_if_not_measured(tmp_path):
@@ -198,3 +337,17 @@ def test_history_image_and_resume_keep_every_measured_epoch(tmp_path):
     images = events(trainer.log_dir).Images("margin/evolution")
     assert len(images) == 1 and images[0].width > images[0].height * 0.9  # one column per epoch + colour bar
     assert np.isfinite(np.array(resumed.history[1])).all()
+
+
+def test_run_labels_name_the_stage_and_epoch_of_a_folder():
+    assert run_label("epoch_003") == "epoch 3"
+    assert run_label("test_epoch_000") == "test, epoch 0"
+    assert run_label("custom") == "custom"
+
+
+def test_card_images_fit_tensorboards_image_box_with_labels_on_two_lines():
+    """Time Series shows an image in a box about 452 x 215 px: the cards' figures are scaled by 0.7 at least."""
+    assert two_lines("Subspace (low → high frequency)") == "Subspace\n(low → high frequency)"
+    assert two_lines("median margin (L2), 1.34 to 21.4") == "median margin (L2),\n1.34 to 21.4"
+    width, height = (100 * v for v in TENSORBOARD_FIGSIZE)
+    assert min(452 / width, 215 / height) >= 0.7

@@ -22,13 +22,19 @@ def files_under(folder: Path) -> set[str]:
     return {str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()}
 
 
-def test_default_root_dir_alone_moves_every_output(tmp_path, monkeypatch):
+def test_default_root_dir_alone_moves_every_output(tmp_path, monkeypatch, capsys):
     cwd, root = tmp_path / "cwd", tmp_path / "root"
     cwd.mkdir()
     monkeypatch.chdir(cwd)
     args = ["fit", *TINY, "--trainer.default_root_dir", str(root)]
     train.main(args)
     train.main(args)
+    out = capsys.readouterr().out  # the end of each fit names the run folder and its checkpoints
+    for version in ("version_0", "version_1"):
+        run = root / "synthetic_lenet" / version
+        assert f"run folder:      {run}\nTensorBoard:     tensorboard --logdir {root}\n" in out
+        assert f"best checkpoint: {run}/checkpoints/epoch=0-step=2.ckpt (latest; no monitor)" in out
+        assert f"last checkpoint: {run}/checkpoints/last.ckpt" in out
     assert list(cwd.iterdir()) == []  # no lightning_logs/, logs/ or checkpoints beside the user
     written = files_under(root)
     for version in ("version_0", "version_1"):  # experiment name in the path, checkpoints inside the version
@@ -65,3 +71,16 @@ def test_concurrent_version_reservations_never_collide(tmp_path):
     for t in threads:
         t.join()
     assert sorted(got) == list(range(4, 12))
+
+
+def test_test_run_names_its_folder_the_tested_weights_and_the_margins(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    train.main(["fit", *TINY])
+    ckpt = tmp_path / "logs/synthetic_lenet/version_0/checkpoints/last.ckpt"
+    capsys.readouterr()
+    train.main(["test", *TINY, "--ckpt_path", str(ckpt)])
+    out = capsys.readouterr().out
+    folder = Path("logs/synthetic_lenet/version_1")
+    assert "margins test, epoch 0: 2 samples x 9 subspaces in " in out
+    assert f" -> {folder}/margins/test_epoch_000\n" in out
+    assert f"run folder:      {folder}\nTensorBoard:     tensorboard --logdir logs\ntested weights:  {ckpt}" in out
