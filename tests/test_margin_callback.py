@@ -39,7 +39,12 @@ def assert_same_results(a: Path, b: Path) -> None:
 
 
 def fit_with_callback(
-    tmp_path: Path, callback: MarginCallback, epochs: int = 2, lr: float = 0.2, version: str | None = None
+    tmp_path: Path,
+    callback: MarginCallback,
+    epochs: int = 2,
+    lr: float = 0.2,
+    version: str | None = None,
+    precision: str = "32-true",
 ) -> tuple[L.Trainer, ClassifierModule]:
     L.seed_everything(0)
     dm = SyntheticDataModule(**SYNTHETIC)
@@ -48,6 +53,7 @@ def fit_with_callback(
         default_root_dir=tmp_path,
         max_epochs=epochs,
         accelerator="cpu",
+        precision=precision,
         logger=TensorBoardLogger(tmp_path, name="run", version=version),
         callbacks=[callback],
         enable_checkpointing=False,
@@ -125,6 +131,29 @@ def test_callback_folder_equals_evaluate_margin_on_the_saved_checkpoint_bit_for_
     np.testing.assert_array_equal(saved.converged, direct.converged.numpy())
     np.testing.assert_array_equal(saved.predicted, direct.labels.numpy())
     assert all(p.grad is None or torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_bf16_mixed_fit_measures_margins_in_float32_like_evaluate_margin(tmp_path, capsys):
+    """Under `precision="bf16-mixed"` the callback still attacks in float32 (autocast switched off around the engine):
+    its margins equal evaluate_margin.py's on the saved checkpoint (to 1e-5 median relative; in fact bit for bit), the
+    margins are float32 and the summary records both the trainer's precision and the attack's."""
+    callback = MarginCallback(num_samples=8, seed=1, every_n_epochs=1, max_iter=50, chunk_rows=16)
+    trainer, _ = fit_with_callback(tmp_path, callback, epochs=1, precision="bf16-mixed")
+    folder = Path(trainer.log_dir) / "margins" / "epoch_000"
+    trainer.save_checkpoint(tmp_path / "final.ckpt")
+    out = tmp_path / "cli"
+    argv = ["--checkpoint", tmp_path / "final.ckpt", "--num-samples", 8, "--seed", 1, "--max-iter", 50]
+    assert (
+        evaluate_margin.main([str(a) for a in [*argv, "--chunk-rows", 16, "--output-dir", out, "--no-progress"]]) == 0
+    )
+    capsys.readouterr()
+    saved, cli = read_report(folder), read_report(out)
+    assert saved.margins.dtype == np.float32
+    relative = np.abs(saved.margins - cli.margins) / np.maximum(np.abs(cli.margins), 1e-12)
+    assert np.median(relative) <= 1e-5
+    assert_same_results(folder, out)
+    assert saved.settings["trainer_precision"] == "bf16-mixed"
+    assert saved.settings["precision"]["dtype"] == cli.settings["precision"]["dtype"] == "float32"
 
 
 def test_a_folder_holding_other_weights_is_measured_again(tmp_path, capsys):
