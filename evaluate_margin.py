@@ -40,7 +40,7 @@ from margins.cli import (
 )
 from margins.evaluate import evaluate_margins
 from margins.inputs import load_model_and_data
-from margins.results import MarginReport, summarize
+from margins.results import MarginReport, summarize, time_line
 
 __all__ = ["build_parser", "load_model_and_data", "main"]
 
@@ -82,9 +82,7 @@ def print_summary(report: MarginReport, folder: Path) -> None:
     print(f"not converged: {stats['num_not_converged_total']} of {report.margins.size} (subspace, sample) pairs")
     total = len(report.targets)
     print(f"clean accuracy on these samples: {100.0 * correct / total:.1f}% ({correct}/{total})")
-    engine, seconds = report.extra["engine_seconds"], report.extra["seconds"]
-    print(f"time: {engine:.1f} s in the engine over all runs into this folder ({seconds:.1f} s this run, "
-          f"{s['device_type']}, {s['dtype']})")  # fmt: skip
+    print(time_line(report))
     print(f"results: {folder.resolve()}")
 
 

@@ -63,7 +63,7 @@ from margins.cli import (
 from margins.evaluate import evaluate_margins
 from margins.inputs import SubspaceSpec, choose_indices, default_output_dir, load_source, make_subspaces
 from margins.plot import describe_run, describe_settings
-from margins.results import MarginReport
+from margins.results import MarginReport, time_line
 
 DEFAULT_VALID = {"none": "box", "flip": "flipped_box"}  # other transforms (low/high pass) have no box: "none"
 OUTPUT_ROOT = "outputs/frequency_analysis"
@@ -147,6 +147,7 @@ def run_map2d(args: argparse.Namespace, argv: list[str]) -> Path | None:
     figure = plot_margin_maps({describe_settings(s): grid}, family, num_samples=report.margins.shape[1])
     save_figure(figure, folder / "map2d.png")
     print(f"2-D map {family.grid_shape}: median margin from {np.nanmin(grid):.3g} to {np.nanmax(grid):.3g}")
+    print(time_line(report))
     return folder
 
 
@@ -172,10 +173,12 @@ def run_random(args: argparse.Namespace, argv: list[str]) -> Path | None:
     )
     save_figure(figure, out / "dct_vs_random.png")
     print(f"max/min of per-subspace median margins: DCT {spreads['dct']:.3g}, {kind} {spreads[kind]:.3g}")
+    print(time_line(dct, ctl))
     return out
 
 
 def run_heatmap(args: argparse.Namespace, argv: list[str]) -> Path:
+    start = time.perf_counter()
     device = _heatmap_device(args.accelerator)
     loaded = load_source(source_from_args(args))
     dm = loaded.datamodule
@@ -196,6 +199,7 @@ def run_heatmap(args: argparse.Namespace, argv: list[str]) -> Path:
     title = describe_run(loaded.hparams["net"], dm.name, dm.hparams.transform)
     _heatmap_report(heat, out, title, settings)
     print(f"heat map: error rate from {np.nanmin(heat.error):.3f} to {np.nanmax(heat.error):.3f} (eps {args.eps})")
+    print(f"time: {time.perf_counter() - start:.1f} s ({device})")
     return out
 
 
@@ -235,10 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         torch.manual_seed(args.seed)
-        start = time.perf_counter()
         out = {"map2d": run_map2d, "random": run_random, "heatmap": run_heatmap}[args.command](args, argv)
         if out is not None:  # rank 0 (ranks > 0 of map2d / random return None)
-            print(f"time: {time.perf_counter() - start:.1f} s; results: {out.resolve()}")
+            print(f"results: {out.resolve()}")
     except InputError as err:  # anything else is a bug: its traceback is shown
         return input_error(err)
     return 0

@@ -110,6 +110,19 @@ def summarize(margins: np.ndarray, converged: np.ndarray) -> dict:
     }
 
 
+def time_line(*reports: MarginReport) -> str:
+    """The `time:` line every margin command prints: engine seconds summed over every run into the result folders
+    (a resumed folder counts its earlier runs too) and wall seconds of this run."""
+    engine = sum(r.extra["engine_seconds"] for r in reports)
+    seconds = sum(r.extra["seconds"] for r in reports)
+    folders = "this folder" if len(reports) == 1 else "these folders"
+    s = reports[0].settings
+    return (
+        f"time: {engine:.1f} s in the engine over all runs into {folders} "
+        f"({seconds:.1f} s this run, {s['device_type']}, {s['dtype']})"
+    )
+
+
 def write_report(output_dir: str | Path, report: MarginReport, figure: bool = True, title: str = "") -> Path:
     """Validate `report` and write it atomically to `output_dir` (module docstring); returns `output_dir`.
 
