@@ -135,8 +135,16 @@ def summarize(results: dict, args: argparse.Namespace, train_seconds: dict, seco
     }
     return {"numbers": numbers, "seconds": seconds, "train_seconds": train_seconds,
             "measure_seconds": {n: r["seconds"] for n, r in results.items()}, "torch": torch.__version__,
-            "settings": {"epochs": args.epochs, "num_samples": args.num_samples, "eps": args.eps,
-                         "heatmap_samples": args.heatmap_samples, "checkpoints": bool(args.checkpoints)}}  # fmt: skip
+            "settings": {"epochs": _trained_epochs(args), "num_samples": args.num_samples, "eps": args.eps,
+                         "heatmap_samples": args.heatmap_samples,
+                         "checkpoints": [str(c) for c in args.checkpoints] if args.checkpoints else None}}  # fmt: skip
+
+
+def _trained_epochs(args: argparse.Namespace) -> int:
+    """Epochs the two models were trained: --epochs, or as recorded in the given checkpoints (the larger)."""
+    if not args.checkpoints:
+        return args.epochs
+    return max(torch.load(c, map_location="cpu", weights_only=False)["epoch"] + 1 for c in args.checkpoints)
 
 
 def load_results(out: Path, summary: dict) -> dict:
@@ -243,15 +251,23 @@ python compare_margins.py --export-csv RUN_DIR [--output FILE.csv]              
 """
 
 
+def _models_phrase(settings: dict) -> str:
+    if settings.get("checkpoints"):
+        return (f"the standard and the frequency-flipped LeNet of [RESULTS.md](RESULTS.md), {settings['epochs']} "
+                "epochs each (`--checkpoints` of `scripts/reproduce.py --dataset mnist`)")  # fmt: skip
+    return f"a standard and a frequency-flipped LeNet trained {settings['epochs']} epochs each"
+
+
 def render(summary: dict) -> str:
     n, s = summary["numbers"], summary["settings"]
     sp, spread, heat = n["spearman"], n["spread"], n["heatmap_max_error"]
+    given = " --checkpoints STANDARD FLIPPED" if s.get("checkpoints") else ""
     return "\n".join([
         "# Analyses beyond the paper: MNIST",
         "",
-        f"Written by `python scripts/analyses_mnist.py --docs` on {dt.date.today().isoformat()} (torch "
+        f"Written by `python scripts/analyses_mnist.py --docs{given}` on {dt.date.today().isoformat()} (torch "
         f"{summary['torch']}, 2 CPU cores shared with other jobs, {summary['seconds'] / 60:.1f} minutes in all): "
-        f"a standard and a frequency-flipped LeNet trained {s['epochs']} epochs each (clean accuracy on the "
+        f"{_models_phrase(s)} (clean accuracy on the "
         "margin samples: "
         f"{n['clean_accuracy']['standard']:.2f} and {n['clean_accuracy']['flipped']:.2f}), margins of the same "
         f"{s['num_samples']} random test samples "
@@ -307,7 +323,9 @@ def render(summary: dict) -> str:
         f"frequencies; the paired test gives p < 0.01 on {n['wilcoxon_significant']} of {n['num_dct_subspaces']} "
         "subspaces (the exception is where the curves cross).",
         "",
-        f"Time: {summary['seconds'] / 60:.1f} minutes (training {sum(summary['train_seconds'].values()):.0f} s).",
+        f"Time: {summary['seconds'] / 60:.1f} minutes ("
+        + ("the models were trained by the reproduction" if s.get("checkpoints") else
+           f"training {sum(summary['train_seconds'].values()):.0f} s") + ").",  # fmt: skip
         "",
         TOOLS,
     ])  # fmt: skip
