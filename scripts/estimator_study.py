@@ -5,9 +5,9 @@ on the MNIST LeNets of docs/RESULTS.md, and the paper's claims checked again wit
 
 Takes the standard, flipped, PGD-trained and flipped PGD-trained LeNets trained by `scripts/reproduce.py --dataset
 mnist` (their last.ckpt under --reproduction), measures each along the 21 DCT subspaces with DeepFool and with FMN
-(`evaluate_margins`, the same samples; a finished measurement is reused, an interrupted one resumes), and writes
-<out>/summary.json and <out>/row_ratios_<model>.png; with --docs it writes the section "How tight are DeepFool's
-margins?" at the end of docs/RESULTS.md (replacing an earlier one).
+(`evaluate_margins`, the same samples; a finished measurement of the same checkpoint file is reused, an interrupted
+one resumes), and writes <out>/summary.json and <out>/row_ratios_<model>.png; with --docs it writes the section "How
+tight are DeepFool's margins?" at the end of docs/RESULTS.md (replacing an earlier one).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from margins.evaluate import evaluate_margins  # noqa: E402
 from margins.inputs import ModelSource  # noqa: E402
 from margins.results import MarginReport  # noqa: E402
 from margins.work import AttackSettings, RunSettings  # noqa: E402
+from models import file_sha256  # noqa: E402
 from scripts.results_doc import CLAIMS, band_medians  # noqa: E402
 
 MODELS = {  # kind (as in the results page's claims): (experiment name of the reproduction, title)
@@ -44,13 +45,19 @@ def measure(kind: str, estimator: str, args: argparse.Namespace) -> MarginReport
     """The margins of model `kind` with `estimator` (reused when finished, resumed when interrupted)."""
     name = MODELS[kind][0]
     folder = args.out / name / estimator
-    if (folder / "summary.json").is_file():
-        return read_report(folder)
     checkpoint = args.reproduction / "logs" / name / "reproduce" / "checkpoints" / "last.ckpt"
+    overwrite = False
+    if (folder / "summary.json").is_file():
+        report = read_report(folder)
+        if report.settings.get("checkpoint_sha256") == file_sha256(checkpoint):
+            return report
+        print(f"{folder}: measured on another {checkpoint.name} (retrained since); measuring again", flush=True)
+        overwrite = True
     attack = AttackSettings(estimator=estimator, fmn_steps=args.fmn_steps)
     report, _ = evaluate_margins(
         ModelSource(checkpoint, data_dir=str(args.data_dir)), num_samples=args.num_samples, seed=args.seed,
-        output_dir=folder, attack=attack, run=RunSettings(progress=False), command=["scripts/estimator_study.py"],
+        output_dir=folder, attack=attack, run=RunSettings(progress=False, overwrite=overwrite),
+        command=["scripts/estimator_study.py"],
     )  # fmt: skip
     return report
 
