@@ -185,18 +185,17 @@ def test_the_main_process_ends_with_the_cause_found_on_another_rank(tmp_path, mo
 
 
 # ---- 2. never silently wrong: chunks of another run are recomputed, never merged ------------------------------
-def test_a_folder_whose_manifest_was_deleted_never_merges_another_runs_chunks(setup):
+def test_a_folder_whose_manifest_was_deleted_never_merges_another_runs_chunks(setup, capsys):
     out = setup.root / "no_manifest"
-    first = _run([*_argv(setup, out, samples=16), "--seed", "0"])
-    assert first.returncode == 0
+    assert _in_process([*_argv(setup, out, samples=16), "--seed", "0"], capsys)[0] == 0
     (out / "summary.json").unlink()  # an interrupted seed-0 run: chunks, no results
     (out / "chunks" / "manifest.json").unlink()
-    again = _run([*_argv(setup, out, samples=16), "--seed", "1"])
-    assert again.returncode == 0, again.stderr
-    warnings = [line for line in again.stderr.splitlines() if line.startswith("warning:")]
+    code, err = _in_process([*_argv(setup, out, samples=16), "--seed", "1"], capsys)
+    assert code == 0, err
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "written by another run" in warnings[0]  # one line for all of them
     fresh = setup.root / "seed1"
-    assert _run([*_argv(setup, fresh, samples=16), "--seed", "1"]).returncode == 0
+    assert _in_process([*_argv(setup, fresh, samples=16), "--seed", "1"], capsys)[0] == 0
     _same_results(out, fresh)  # the seed-1 results, not the seed-0 chunks
     report = read_report(out)
     labels = np.frombuffer((setup.data / "MNIST/raw/t10k-labels-idx1-ubyte").read_bytes(), np.uint8, offset=8)
