@@ -3,6 +3,7 @@
 - `SubspaceDeepFool`: margins along subspaces (the paper's measurement), batched over samples and subspaces; its
   device-specific kernels live in `attacks.kernels` (`prepare_model`).
 - `SubspaceFMN`: a second margin estimator, the minimum-norm attack FMN constrained to each subspace (same interface).
+- `MarginEstimator`: what both share around their algorithm (prepared model, checked rows, the grid of rows).
 - `RowResult`, `MarginResult`: what margin estimators return; `precision_record` describes their arithmetic for
   result files; `model_device` is the device of a model.
 - `L2PGD`: L2 projected gradient ascent for adversarial training and robust accuracy.
@@ -20,6 +21,7 @@ from attacks.dykstra import (
     project_flipped_box,
     project_l2_ball,
 )
+from attacks.estimator import MarginEstimator
 from attacks.fmn import SubspaceFMN
 from attacks.kernels import KERNELS, PreparedModel, prepare_model
 from attacks.pgd import L2PGD
@@ -27,6 +29,7 @@ from attacks.pgd import L2PGD
 __all__ = [
     "KERNELS",
     "L2PGD",
+    "MarginEstimator",
     "MarginResult",
     "PassStats",
     "PreparedModel",

@@ -27,20 +27,16 @@ from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from attacks.common import (
-    MarginResult,
     RowResult,
-    check_indices,
     checked_logits,
-    model_device,
     progress_bar,
-    tf32_off,
 )
-from attacks.kernels import PreparedModel, prepare_model
+from attacks.estimator import MarginEstimator
+from attacks.kernels import PreparedModel
 from attacks.kernels.stem import StemProjection
-from frequency.subspaces import FullSpace, SubspaceFamily
+from frequency.subspaces import SubspaceFamily
 
 # Bumped whenever a change moves the engine's float results (kernels, batching); result folders record it, and a
 # resume refuses chunks written by another version.
@@ -96,7 +92,7 @@ class PassStats:
         return (self.gradient_rows + self.check_rows) / max(passes * self.batch_size, 1)
 
 
-class SubspaceDeepFool:
+class SubspaceDeepFool(MarginEstimator):
     """Subspace-constrained DeepFool, batched over samples and subspaces.
 
     Args:
@@ -134,15 +130,11 @@ class SubspaceDeepFool:
     ):
         if max_iter < 1 or num_candidates < 2 or batch_size < 1:
             raise ValueError("max_iter and batch_size must be >= 1 and num_candidates >= 2")
-        if dtype not in (None, torch.float32, torch.float64):
-            raise ValueError(f"dtype must be torch.float32, torch.float64 or None, got {dtype}")
+        super().__init__(batch_size, dtype, kernels)
         self.overshoot = float(overshoot)
         self.max_iter = int(max_iter)
         self.num_candidates = int(num_candidates)
         self.min_step = float(min_step)
-        self.batch_size = int(batch_size)
-        self.dtype = dtype
-        self.kernels = kernels
         self.last_stats = PassStats(self.batch_size)
 
     def settings(self) -> dict[str, object]:
@@ -156,73 +148,19 @@ class SubspaceDeepFool:
             "min_step": self.min_step,
         }
 
-    def prepare(self, model: nn.Module, device: torch.device | str | None = None) -> PreparedModel:
-        """The working copy of `model` this attack runs (`attacks.kernels.prepare_model` with this attack's dtype
-        and kernels); prepare once, attack many times."""
-        return prepare_model(model, device, self.dtype, self.kernels)
-
-    def __call__(
+    def _attack(
         self,
-        model: nn.Module,
-        x: torch.Tensor,
-        subspaces: SubspaceFamily | None = None,
-        return_perturbations: bool = False,
-        progress: bool = False,
-    ) -> MarginResult:
-        """Margins of every sample `x: [N, C, H, W]` along every subspace: `MarginResult` with `[S, N]` fields."""
-        if x.dim() != 4:
-            raise ValueError(f"x must be a batch of images [N, C, H, W], got shape {tuple(x.shape)}")
-        subspaces = subspaces if subspaces is not None else FullSpace(tuple(x.shape[1:]))
-        num_samples, num_subspaces = x.shape[0], len(subspaces)
-        rows = torch.arange(num_subspaces * num_samples)  # row = s * N + n
-        out = self.attack_rows(
-            model, x, subspaces, rows % num_samples, rows // num_samples, return_perturbations, progress
-        )
-        shape = (num_subspaces, num_samples)
-        return MarginResult(
-            margins=out.margins.view(shape),
-            converged=out.converged.view(shape),
-            iterations=out.iterations.view(shape),
-            labels=out.labels[:num_samples],  # rows 0..N-1 are subspace 0 of samples 0..N-1
-            perturbed_labels=out.perturbed_labels.view(shape),
-            perturbations=None if out.perturbations is None else out.perturbations.view(*shape, *x.shape[1:]),
-        )
-
-    def attack_rows(
-        self,
-        model: nn.Module,
+        model: PreparedModel,
         x: torch.Tensor,
         subspaces: SubspaceFamily,
         sample_index: torch.Tensor,
         subspace_index: torch.Tensor,
-        return_perturbations: bool = False,
-        progress: bool = False,
+        return_perturbations: bool,
+        progress: bool,
     ) -> RowResult:
-        """Margins of arbitrary (sample, subspace) rows: row i is sample `x[sample_index[i]]` along subspace
-        `subspace_index[i]`. `x: [N, C, H, W]` in the model's input space; both indices int [R].
-
-        A row's result depends only on its sample, its subspace and the model (up to float rounding from the
-        batch composition), and the same call always gives the same bits. Returns a `RowResult` with [R] fields.
-        """
-        if x.dim() != 4:
-            raise ValueError(f"x must be a batch of images [N, C, H, W], got shape {tuple(x.shape)}")
-        subspaces.check_image_shape(tuple(x.shape[1:]))
-        with torch.inference_mode(False):
-            if not isinstance(model, PreparedModel):
-                model = self.prepare(model, model_device(model, x.device))
-            elif self.dtype is not None and model.dtype != self.dtype:
-                raise ValueError(f"the model was prepared in {model.dtype}, this attack runs in {self.dtype}")
-            device = model.device
-            sample_index = torch.as_tensor(sample_index, dtype=torch.long).flatten().to(device)
-            subspace_index = torch.as_tensor(subspace_index, dtype=torch.long).flatten().to(device)
-            check_indices(sample_index, subspace_index, x.shape[0], len(subspaces))
-            projection = model.stem_projection(subspaces, tuple(x.shape[1:]))
-            x = x.detach().to(device=device, dtype=model.dtype, copy=True)
-            if not torch.isfinite(x).all():
-                raise ValueError("inputs contain NaN or infinite values; check the data pipeline")
-            with torch.enable_grad(), tf32_off(device):
-                run = _Run(self, model, x, subspaces.to(device), projection)
-                return run.rows(sample_index, subspace_index, return_perturbations, progress)
+        projection = model.stem_projection(subspaces, tuple(x.shape[1:]))
+        run = _Run(self, model, x, subspaces.to(model.device), projection)
+        return run.rows(sample_index, subspace_index, return_perturbations, progress)
 
 
 class _Run:

@@ -49,16 +49,13 @@ import torch
 from torch import nn
 
 from attacks.common import (
-    MarginResult,
     RowResult,
-    check_indices,
     checked_logits,
-    model_device,
     progress_bar,
-    tf32_off,
 )
-from attacks.kernels import PreparedModel, prepare_model
-from frequency.subspaces import FullSpace, SubspaceFamily
+from attacks.estimator import MarginEstimator
+from attacks.kernels import PreparedModel
+from frequency.subspaces import SubspaceFamily
 
 # Changed whenever a change moves FMN's float results; result folders record it and a resume refuses other versions.
 FMN_VERSION = 1
@@ -107,7 +104,7 @@ class _Search:
         return norm
 
 
-class SubspaceFMN:
+class SubspaceFMN(MarginEstimator):
     """Subspace-constrained L2 FMN, batched over samples and subspaces; same interface as `SubspaceDeepFool`.
 
     Args:
@@ -161,21 +158,12 @@ class SubspaceFMN:
             raise ValueError(
                 f"gamma must lie in (0, 1) and step_ratio be > 0, got gamma={gamma}, step_ratio={step_ratio}"
             )
-        if dtype not in (None, torch.float32, torch.float64):
-            raise ValueError(f"dtype must be torch.float32, torch.float64 or None, got {dtype}")
+        super().__init__(batch_size, dtype, kernels)
         self.steps = int(steps)
         self.gamma = float(gamma)
         self.step_ratio = float(step_ratio)
         self.search_steps = int(search_steps)
         self.num_candidates = int(num_candidates)
-        self.batch_size = int(batch_size)
-        self.dtype = dtype
-        self.kernels = kernels
-
-    def prepare(self, model: nn.Module, device: torch.device | str | None = None) -> PreparedModel:
-        """The working copy of `model` this attack runs (`attacks.kernels.prepare_model`); prepare once, attack many
-        times."""
-        return prepare_model(model, device, self.dtype, self.kernels)
 
     def settings(self) -> dict[str, object]:
         """The settings that determine the results, for result summaries."""
@@ -189,69 +177,9 @@ class SubspaceFMN:
             "num_candidates": self.num_candidates,
         }
 
-    def __call__(
+    def _attack(
         self,
-        model: nn.Module,
-        x: torch.Tensor,
-        subspaces: SubspaceFamily | None = None,
-        return_perturbations: bool = False,
-        progress: bool = False,
-    ) -> MarginResult:
-        """Margins of every sample `x: [N, C, H, W]` along every subspace: `MarginResult` with `[S, N]` fields."""
-        if x.dim() != 4:
-            raise ValueError(f"x must be a batch of images [N, C, H, W], got shape {tuple(x.shape)}")
-        subspaces = subspaces if subspaces is not None else FullSpace(tuple(x.shape[1:]))
-        num_samples, num_subspaces = x.shape[0], len(subspaces)
-        rows = torch.arange(num_subspaces * num_samples)  # row = s * N + n
-        out = self.attack_rows(
-            model, x, subspaces, rows % num_samples, rows // num_samples, return_perturbations, progress
-        )
-        shape = (num_subspaces, num_samples)
-        return MarginResult(
-            margins=out.margins.view(shape),
-            converged=out.converged.view(shape),
-            iterations=out.iterations.view(shape),
-            labels=out.labels[:num_samples],  # rows 0..N-1 are subspace 0 of samples 0..N-1
-            perturbed_labels=out.perturbed_labels.view(shape),
-            perturbations=None if out.perturbations is None else out.perturbations.view(*shape, *x.shape[1:]),
-        )
-
-    def attack_rows(
-        self,
-        model: nn.Module,
-        x: torch.Tensor,
-        subspaces: SubspaceFamily,
-        sample_index: torch.Tensor,
-        subspace_index: torch.Tensor,
-        return_perturbations: bool = False,
-        progress: bool = False,
-    ) -> RowResult:
-        """Margins of arbitrary (sample, subspace) rows: row i is sample `x[sample_index[i]]` along subspace
-        `subspace_index[i]`. `x: [N, C, H, W]` in the model's input space; both indices int [R]. Returns a
-        `RowResult` with [R] fields."""
-        if x.dim() != 4:
-            raise ValueError(f"x must be a batch of images [N, C, H, W], got shape {tuple(x.shape)}")
-        subspaces.check_image_shape(tuple(x.shape[1:]))
-        with torch.inference_mode(False):
-            if not isinstance(model, PreparedModel):
-                model = self.prepare(model, model_device(model, x.device))
-            elif self.dtype is not None and model.dtype != self.dtype:
-                raise ValueError(f"the model was prepared in {model.dtype}, this attack runs in {self.dtype}")
-            device = model.device
-            sample_index = torch.as_tensor(sample_index, dtype=torch.long).flatten().to(device)
-            subspace_index = torch.as_tensor(subspace_index, dtype=torch.long).flatten().to(device)
-            check_indices(sample_index, subspace_index, x.shape[0], len(subspaces))
-            x = x.detach().to(device=device, dtype=model.dtype, copy=True)
-            if not torch.isfinite(x).all():
-                raise ValueError("inputs contain NaN or infinite values; check the data pipeline")
-            with torch.enable_grad(), tf32_off(device):
-                return self._run(
-                    model, x, subspaces.to(device), sample_index, subspace_index, return_perturbations, progress
-                )
-
-    def _run(
-        self,
-        model: nn.Module,
+        model: PreparedModel,
         x: torch.Tensor,
         subspaces: SubspaceFamily,
         sample_index: torch.Tensor,
@@ -259,6 +187,7 @@ class SubspaceFMN:
         return_perturbations: bool,
         progress: bool,
     ) -> RowResult:
+        subspaces = subspaces.to(model.device)
         candidates = self._candidates(model, x)
         out = _empty_result(x, sample_index.numel(), return_perturbations)
         order = torch.sort(sample_index, stable=True).indices  # a chunk's rows share few samples
