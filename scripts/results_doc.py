@@ -257,8 +257,9 @@ def projection_note(summary: dict) -> list[str]:
             "onto {L2 ball} ∩ {valid image after un-flipping} in closed form (`projection: exact`) and by Dykstra's "
             f"algorithm as in the release: exact {exact_figures}; Dykstra {dykstra_figures}. The two projections "
             "agree to Dykstra's tolerance (1e-6), which over thousands of steps still sends training along another "
-            "path; what the choice changes is the time (`benchmarks/bench_training.py`: a 7-step PGD step costs 1.14x "
-            "its floor of 8 standard steps with the exact projection, 2.01x with Dykstra's, LeNet on CPU)."
+            "path; what the choice changes is the time (`benchmarks/bench_training.py`: a 7-step PGD step costs "
+            "0.90-1.14x its floor of 8 standard steps with the exact projection, 1.52-2.01x with Dykstra's, LeNet on "
+            "CPU)."
         )
     return lines
 
