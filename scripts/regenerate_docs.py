@@ -3,7 +3,7 @@
     python scripts/regenerate_docs.py [--data-dir ../shared/data] [--out outputs]
 
 1. `scripts/reproduce.py --dataset mnist --docs`: trains the seven MNIST experiments, measures their margins and
-   writes docs/RESULTS.md and docs/mnist_margins.png (about 45 minutes on 2 CPU cores);
+   writes docs/RESULTS.md and docs/mnist_margins.png (about an hour on 2 CPU cores);
 2. `scripts/analyses_mnist.py --docs` on the standard and flipped LeNets of step 1: docs/ANALYSES.md and
    docs/analysis_*.png (2-D maps, DCT vs random subspaces, Fourier heat maps, comparison);
 3. `scripts/estimator_study.py --docs` on the LeNets of step 1: the section "How tight are DeepFool's margins?"
