@@ -78,16 +78,16 @@ def mnist_tensors(data_dir: Path, train: bool) -> tuple[torch.Tensor, torch.Tens
 
 
 def mnist_model(
-    name: str, data_dir: Path, train_steps: int, device: torch.device
+    name: str, data_dir: Path, train_steps: int, device: torch.device, num_test: int = 1000
 ) -> tuple[torch.nn.Module, torch.Tensor]:
-    """`name` ("lenet", "resnet18_mnist") after `train_steps` SGD steps on real MNIST, and test images
-    (random images and an untrained model if MNIST is absent)."""
+    """`name` ("lenet", "resnet18_mnist") after `train_steps` SGD steps on real MNIST (seed 0, batch 128, lr 0.05,
+    momentum 0.9), and the first `num_test` test images (random images and an untrained model if MNIST is absent)."""
     torch.manual_seed(0)
     model = NormalizedModel(Normalize(MNIST_MEAN, MNIST_STD, (1, 28, 28)), build_model(name)).to(device)
     train, test = mnist_tensors(data_dir, True), mnist_tensors(data_dir, False)
     if train is None or test is None:
         print(f"MNIST not found under {data_dir}: random images and an untrained {name}")
-        return model.eval(), torch.rand(1000, 1, 28, 28, device=device)
+        return model.eval(), torch.rand(num_test, 1, 28, 28, device=device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     for _ in range(train_steps):
         idx = torch.randint(0, len(train[0]), (128,))
@@ -97,9 +97,9 @@ def mnist_model(
         optimizer.step()
     model.eval()
     with torch.no_grad():
-        images, labels = test[0][:1000].to(device), test[1][:1000].to(device)
+        images, labels = test[0][:num_test].to(device), test[1][:num_test].to(device)
         acc = (model(images).argmax(1) == labels).float().mean().item()
-    print(f"{name} after {train_steps} SGD steps: test accuracy {acc:.3f} (first 1000 test images)")
+    print(f"{name} after {train_steps} SGD steps: test accuracy {acc:.3f} (first {num_test} test images)")
     return model, images
 
 

@@ -25,68 +25,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench_deepfool import mnist_model, timed  # noqa: E402  (the same LeNet recipe and timer)
+
 from attacks.deepfool import SubspaceDeepFool  # noqa: E402
 from attacks.fmn import SubspaceFMN  # noqa: E402
-from models import Normalize, NormalizedModel, build_model  # noqa: E402
 
-MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 UNBOUNDED = (-1e6, 1e6)
-
-
-def mnist_split(data_dir: Path, train: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """MNIST images [N, 1, 28, 28] in [0, 1] and labels [N], or None when absent."""
-    from torchvision.datasets import MNIST
-
-    try:
-        data = MNIST(root=str(data_dir), train=train, download=False)
-    except RuntimeError:
-        return None
-    return data.data.unsqueeze(1).float() / 255.0, data.targets
-
-
-def trained_lenet(
-    data_dir: Path, steps: int, samples: int, device: torch.device
-) -> tuple[torch.nn.Module, torch.Tensor]:
-    """LeNet after `steps` SGD steps on real MNIST (eval mode) and the first `samples` test images."""
-    torch.manual_seed(0)
-    model = NormalizedModel(Normalize(MNIST_MEAN, MNIST_STD, (1, 28, 28)), build_model("lenet")).to(device)
-    train, test = mnist_split(data_dir, True), mnist_split(data_dir, False)
-    if train is None or test is None:
-        print(f"MNIST not found under {data_dir}: random images and an untrained LeNet")
-        return model.eval(), torch.rand(samples, 1, 28, 28, device=device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    for _ in range(steps):
-        batch = torch.randint(0, len(train[0]), (128,))
-        loss = torch.nn.functional.cross_entropy(model(train[0][batch].to(device)), train[1][batch].to(device))
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    model.eval()
-    images, labels = test[0][:samples].to(device), test[1][:samples].to(device)
-    with torch.no_grad():
-        accuracy = (model(images).argmax(1) == labels).float().mean().item()
-    print(f"LeNet after {steps} SGD steps: test accuracy {accuracy:.3f} on the {samples} test images")
-    return model, images
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> tuple[object, float, float]:
-    """`(fn(), seconds, wall_seconds)`; seconds are CPU seconds of this process (wall seconds on CUDA)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    cpu, wall = time.process_time(), time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
-    return out, (wall if device.type == "cuda" else cpu), wall
 
 
 def foolbox_attacks(steps: int) -> dict[str, object] | None:
@@ -150,7 +100,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    model, x = trained_lenet(args.data_dir, args.train_steps, args.samples, device)
+    model, x = mnist_model("lenet", args.data_dir, args.train_steps, device, num_test=args.samples)
     print(f"{args.samples} samples, full space, float32, {args.threads} thread(s), {device}, FMN steps {args.steps}")
     print(f"{'attack':<42} {'median':>9} {'success':>8} {'seconds':>9} {'wall s':>9}")
     ours, seconds, wall = timed(lambda: SubspaceFMN(steps=args.steps)(model, x), device)
