@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -66,3 +67,16 @@ def write_idx_mnist(root: Path, num_train: int = 64, num_test: int = 64, seed: i
 def tiny_mnist_root(tmp_path_factory) -> Path:
     """Root holding a generated 64 + 64 image MNIST in the raw idx layout (no real data needed)."""
     return write_idx_mnist(tmp_path_factory.mktemp("tiny_mnist"))
+
+
+class BoundedScoreModel(nn.Module):
+    """Two classes: logits [threshold, act(<w, x>)] with act = tanh or sin; class 1 never wins when threshold > 1."""
+
+    def __init__(self, direction: torch.Tensor, threshold: float, act=torch.tanh):
+        super().__init__()
+        self.register_buffer("direction", direction)
+        self.threshold, self.act = threshold, act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        score = self.act((x * self.direction).flatten(1).sum(1))
+        return torch.stack([torch.full_like(score, self.threshold), score], dim=1)

@@ -10,6 +10,7 @@ from torch import nn
 from attacks.deepfool import SubspaceDeepFool
 from attacks.reference import dct_block_basis, reference_deepfool
 from frequency import DCTBlockSubspaces, FullSpace, dct2, idct2
+from tests.conftest import BoundedScoreModel
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # explicit everywhere: no default-device guess
 F64 = {"dtype": torch.float64, "device": DEVICE}
@@ -115,19 +116,6 @@ def test_result_does_not_depend_on_batch_mates_or_chunking():
     for field in ("margins", "iterations", "converged"):
         torch.testing.assert_close(getattr(chunked, field), getattr(together, field), rtol=1e-10, atol=0)
         torch.testing.assert_close(getattr(alone, field)[:, 0], getattr(together, field)[:, 3], rtol=1e-10, atol=0)
-
-
-class BoundedScoreModel(nn.Module):
-    """Two classes: logits [threshold, act(<w, x>)] with act = tanh or sin; class 1 never wins when threshold > 1."""
-
-    def __init__(self, direction: torch.Tensor, threshold: float, act=torch.tanh):
-        super().__init__()
-        self.register_buffer("direction", direction)
-        self.threshold, self.act = threshold, act
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        score = self.act((x * self.direction).flatten(1).sum(1))
-        return torch.stack([torch.full_like(score, self.threshold), score], dim=1)
 
 
 def test_samples_that_cannot_flip_are_flagged_not_converged():

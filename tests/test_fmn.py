@@ -12,6 +12,7 @@ from attacks.deepfool import SubspaceDeepFool
 from attacks.fmn import SubspaceFMN
 from attacks.reference import dct_block_basis
 from frequency import BasisSubspaces, DCTBlockSubspaces, FullSpace, idct2
+from tests.conftest import BoundedScoreModel
 
 F64 = {"dtype": torch.float64}
 
@@ -179,19 +180,6 @@ def test_on_a_trained_convnet_fmn_margins_are_at_most_deepfools(mnist_root):
     assert ((fmn.iterations >= 1) & (fmn.iterations <= 200)).all()
 
 
-class BoundedScoreModel(nn.Module):
-    """Two classes: logits [threshold, sin(<direction, x>)]; class 1 never wins when threshold > 1."""
-
-    def __init__(self, direction: torch.Tensor, threshold: float):
-        super().__init__()
-        self.register_buffer("direction", direction)
-        self.threshold = threshold
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        score = torch.sin((x * self.direction).flatten(1).sum(1))
-        return torch.stack([torch.full_like(score, self.threshold), score], dim=1)
-
-
 def test_rows_that_cannot_flip_are_flagged_not_converged():
     shape = (1, 8, 8)
     coeffs = torch.zeros(shape, **F64)
@@ -200,7 +188,7 @@ def test_rows_that_cannot_flip_are_flagged_not_converged():
     x = torch.zeros(3, *shape, **F64)
     steps = 15
     for threshold, reachable in ((1.5, False), (0.9, True)):
-        result = SubspaceFMN(steps=steps)(BoundedScoreModel(idct2(coeffs), threshold), x, family)
+        result = SubspaceFMN(steps=steps)(BoundedScoreModel(idct2(coeffs), threshold, act=torch.sin), x, family)
         assert torch.equal(result.converged[0], torch.full((3,), reachable))
         assert not result.converged[1].any()  # the projected gradient vanishes: the row never moves
         assert (result.margins[1] == 0).all() and (result.iterations[1] == steps).all()
