@@ -80,3 +80,12 @@ class BoundedScoreModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         score = self.act((x * self.direction).flatten(1).sum(1))
         return torch.stack([torch.full_like(score, self.threshold), score], dim=1)
+
+
+def affine_model(weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
+    """A float64 affine classifier x -> weight @ flatten(x) + bias; weight [K, D], bias [K]."""
+    linear = nn.Linear(weight.shape[1], weight.shape[0], dtype=torch.float64)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        linear.bias.copy_(bias)
+    return nn.Sequential(nn.Flatten(), linear)

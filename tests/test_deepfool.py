@@ -10,7 +10,7 @@ from torch import nn
 from attacks.deepfool import SubspaceDeepFool
 from attacks.reference import dct_block_basis, reference_deepfool
 from frequency import DCTBlockSubspaces, FullSpace, dct2, idct2
-from tests.conftest import BoundedScoreModel
+from tests.conftest import BoundedScoreModel, affine_model
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # explicit everywhere: no default-device guess
 F64 = {"dtype": torch.float64, "device": DEVICE}
@@ -75,14 +75,6 @@ def test_full_space_default_equals_per_sample_loop_in_float32():
         pert, iters, _ = reference_deepfool(model, x[n], None)
         np.testing.assert_allclose(result.margins[0, n].item(), pert.norm().item(), rtol=1e-4)
         assert result.iterations[0, n] == iters
-
-
-def affine_model(weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
-    linear = nn.Linear(weight.shape[1], weight.shape[0], **F64)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        linear.bias.copy_(bias)
-    return nn.Sequential(nn.Flatten(), linear)
 
 
 def test_affine_classifier_gives_the_analytic_margin_in_one_step():

@@ -12,7 +12,7 @@ from attacks.deepfool import SubspaceDeepFool
 from attacks.fmn import SubspaceFMN
 from attacks.reference import dct_block_basis
 from frequency import BasisSubspaces, DCTBlockSubspaces, FullSpace, idct2
-from tests.conftest import BoundedScoreModel
+from tests.conftest import BoundedScoreModel, affine_model
 
 F64 = {"dtype": torch.float64}
 
@@ -51,14 +51,6 @@ def dense_bases(family, shape: tuple[int, int, int]) -> list[torch.Tensor]:
     if isinstance(family, BasisSubspaces):
         return family.bases
     return [dct_block_basis(shape, s * family.step, family.block) for s in range(len(family))]
-
-
-def affine_model(weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
-    linear = nn.Linear(weight.shape[1], weight.shape[0], **F64)
-    with torch.no_grad():
-        linear.weight.copy_(weight)
-        linear.bias.copy_(bias)
-    return nn.Sequential(nn.Flatten(), linear)
 
 
 @pytest.mark.parametrize(
