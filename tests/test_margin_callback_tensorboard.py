@@ -19,12 +19,12 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 from tensorboard.util import tensor_util
 
 from callbacks import MarginCallback
-from callbacks.margin import (
+from callbacks.margin import run_label
+from callbacks.tensorboard import (
     TENSORBOARD_FIGSIZE,
     band_medians,
     margin_layout,
     median_tags,
-    run_label,
     two_lines,
 )
 from datamodules import SyntheticDataModule
@@ -242,7 +242,7 @@ def title_spy(monkeypatch) -> dict[str, list[str]]:
         return figure
 
     monkeypatch.setattr(margins.plot, "plot_margins", spy)
-    monkeypatch.setattr("callbacks.margin.plot_margins", spy)
+    monkeypatch.setattr("callbacks.tensorboard.plot_margins", spy)
     return titles
 
 
