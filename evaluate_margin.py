@@ -10,9 +10,10 @@ reproduce the paper: 100 test samples drawn with seed 0; DCT blocks 8/1 (MNIST),
         --trusted-pickle --data-dir /path/imagenet --accelerator gpu --devices 4
     torchrun --nproc-per-node 4 evaluate_margin.py --checkpoint last.ckpt --accelerator gpu
 
-Writes --output-dir (default outputs/margins/<model>_<dataset>[_<transform>]_<run>): margins.npy float32 [S, N],
-converged.npy, iterations.npy, perturbed_labels.npy [S, N], indices.npy, predicted.npy, targets.npy [N],
-summary.json, margins.png; chunks/ holds the committed chunks: re-running an interrupted command resumes.
+Writes --output-dir (default outputs/margins/<model>_<dataset>[_<transform>]_<run>[_<estimator>], no suffix for
+DeepFool): margins.npy float32 [S, N], converged.npy, iterations.npy, perturbed_labels.npy [S, N], indices.npy,
+predicted.npy, targets.npy [N], summary.json, margins.png; chunks/ holds the committed chunks: re-running an
+interrupted command resumes.
 Bad input: one line `error: ...`, exit 2. Anything else is a bug: traceback, exit 1. Library: margins.evaluate.
 """
 
@@ -40,6 +41,7 @@ from margins.cli import (
 )
 from margins.evaluate import evaluate_margins
 from margins.inputs import load_model_and_data
+from margins.names import bound, estimator_of, quantity
 from margins.results import MarginReport, summarize, time_line
 
 __all__ = ["build_parser", "load_model_and_data", "main"]
@@ -57,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--batch-size", dest="chunk_rows", type=int, action=deprecated("--chunk-rows", int), help=argparse.SUPPRESS
     )
-    add_run_arguments(p, "outputs/margins/<model>_<dataset>_<transform>_<run>")
+    add_run_arguments(p, "outputs/margins/<model>_<dataset>_<transform>_<run>[_<estimator>]")
     return p
 
 
@@ -74,9 +76,11 @@ def print_summary(report: MarginReport, folder: Path) -> None:
     s, stats = report.settings, summarize(report.margins, report.converged)
     space = f"{s['num_subspaces']} subspaces" if s["subspace"] != "full" else "the full input space"
     correct = int((report.predicted == report.targets).sum())
-    print(f"{s['model']['net']} on {s['dataset']}: {s['num_samples']} samples, {space}")
+    estimator = estimator_of(s)
+    print(f"{s['model']['net']} on {s['dataset']}: {s['num_samples']} samples, {space}, "
+          f"{quantity(estimator)}s ({bound(estimator)} bounds on the margin)")  # fmt: skip
     print(
-        "median margin per subspace (low -> high frequency): "
+        f"median {quantity(estimator)} per subspace (low -> high frequency): "
         + " ".join(f"{v:.3g}" for v in stats["median_margin_all"])
     )
     print(f"not converged: {stats['num_not_converged_total']} of {report.margins.size} (subspace, sample) pairs")

@@ -17,7 +17,8 @@ resumes). The model and data come from any checkpoint evaluate_margin.py reads (
 ...). Everything runs in the model's input space: for frequency-flipped data, the flipped representation (margins
 and heat map perturbations alike; the heat map makes flipped inputs valid as flip(clamp(flip(z), 0, 1))).
 
-Writes to --output-dir (default outputs/frequency_analysis/<command>/<model>_<dataset>[_<transform>]_<run>):
+Writes to --output-dir (default outputs/frequency_analysis/<command>/<model>_<dataset>[_<transform>]_<run>, and
+`_<estimator>` after it for another estimator than DeepFool):
   map2d:   a result folder (margins.npy [S, N], converged.npy, iterations.npy, perturbed_labels.npy, indices.npy,
            predicted.npy, targets.npy, summary.json, chunks/) plus map2d.npy [A, B] (median margin per block) and
            map2d.png.
@@ -62,6 +63,7 @@ from margins.cli import (
 )
 from margins.evaluate import evaluate_margins
 from margins.inputs import SubspaceSpec, choose_indices, default_output_dir, load_source, make_subspaces
+from margins.names import estimator_of, quantity
 from margins.plot import describe_run, describe_settings
 from margins.results import MarginReport, time_line
 
@@ -144,16 +146,18 @@ def run_map2d(args: argparse.Namespace, argv: list[str]) -> Path | None:
     family = DCTGridSubspaces(tuple(s["model"]["image_shape"]), s["subspace_block"], s["subspace_step"])
     grid = median_map(report.margins, family)
     np.save(folder / "map2d.npy", grid)
-    figure = plot_margin_maps({describe_settings(s): grid}, family, num_samples=report.margins.shape[1])
+    what = quantity(estimator_of(s))
+    figure = plot_margin_maps({f"{describe_settings(s)}: {what}s": grid}, family, num_samples=report.margins.shape[1])
     save_figure(figure, folder / "map2d.png")
-    print(f"2-D map {family.grid_shape}: median margin from {np.nanmin(grid):.3g} to {np.nanmax(grid):.3g}")
+    print(f"2-D map {family.grid_shape}: median {what} from {np.nanmin(grid):.3g} to {np.nanmax(grid):.3g}")
     print(time_line(report))
     return folder
 
 
 def run_random(args: argparse.Namespace, argv: list[str]) -> Path | None:
     loaded = load_source(source_from_args(args))
-    out = Path(args.output_dir) if args.output_dir else _default_folder(args, "random", loaded)
+    default = attack_from_args(args).default_folder(_default_folder(args, "random", loaded))
+    out = Path(args.output_dir) if args.output_dir else default
     kind = "basis" if args.bases else "random"
     dct_spec = SubspaceSpec("dct", args.subspace_dim, args.subspace_step)
     control = SubspaceSpec(kind, None if args.bases else args.subspace_dim, None if args.bases else args.subspace_step,
@@ -166,13 +170,13 @@ def run_random(args: argparse.Namespace, argv: list[str]) -> Path | None:
     spreads = {"dct": spread_ratio(dct.margins), kind: spread_ratio(ctl.margins)}
     analysis = {"spread_max_over_min_median": spreads, "command": ["frequency_analysis.py", *argv]}
     (out / "analysis.json").write_text(json.dumps(analysis, indent=2) + "\n")
-    dim = dct.settings["subspace_dims"]
+    dim, what = dct.settings["subspace_dims"], quantity(estimator_of(dct.settings))
     figure = plot_dct_vs_random(
-        {describe_settings(dct.settings): (dct.margins, ctl.margins)},
+        {f"{describe_settings(dct.settings)}: {what}s": (dct.margins, ctl.margins)},
         f"DCT blocks vs {kind} subspaces of dimension {dim}",
     )
     save_figure(figure, out / "dct_vs_random.png")
-    print(f"max/min of per-subspace median margins: DCT {spreads['dct']:.3g}, {kind} {spreads[kind]:.3g}")
+    print(f"max/min of per-subspace median {what}s: DCT {spreads['dct']:.3g}, {kind} {spreads[kind]:.3g}")
     print(time_line(dct, ctl))
     return out
 

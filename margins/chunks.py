@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import InputError
+from margins.names import describe_held, differing
 
 MANIFEST = "manifest.json"
 CHUNK_FIELDS = ("margins", "converged", "iterations", "perturbed_labels", "predicted", "targets", "rows")
@@ -109,12 +110,9 @@ class ChunkStore:
             return
         before = manifest.get("fingerprint", {})
         now = json.loads(json.dumps(fingerprint))
-        diffs = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
-        if diffs:
-            shown = "; ".join(f"{k}: {_short(before.get(k))} there, {_short(now.get(k))} now" for k in diffs[:3])
-            more = f" (+{len(diffs) - 3} more)" if len(diffs) > 3 else ""
+        if differing(before, now):
             raise ResumeMismatchError(
-                f"{self.root.parent} holds an evaluation with other settings ({shown}{more}); "
+                f"{self.root.parent} holds an unfinished evaluation: {describe_held(before, now)}; "
                 "overwrite it (--overwrite, overwrite=True) to start again, or choose another output folder"
             )
 
@@ -274,8 +272,3 @@ def _fsync_dir(path: Path) -> None:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value)
-    return text if len(text) <= 40 else text[:37] + "..."

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import time
@@ -51,6 +52,7 @@ from margins.inputs import (
     tensor_bytes,
 )
 from margins.measure import gather_samples
+from margins.names import describe_held
 from margins.predict import device_type, make_trainer, predict_chunks
 from margins.results import SUMMARY_FILE, MarginReport, json_safe, remove_stale_tmp_dirs, write_report
 from margins.sharding import chunk_ranges
@@ -162,7 +164,8 @@ def job_from_checkpoint(
         file = None if indices_file is None else str(indices_file)
         indices = choose_indices(num_samples, seed, file, len(dataset), dm.name)
     kind = describe_family(family)["subspace"]
-    folder = Path(output_dir or default_output_dir(hp["net"], dm, info.path, kind, output_root)).expanduser()
+    default = attack.default_folder(default_output_dir(hp["net"], dm, info.path, kind, output_root))
+    folder = Path(output_dir or default).expanduser()
     x, y = gather_samples(dataset, indices[:2])
     check_forward(loaded.model, x, y)
     settings = {
@@ -234,23 +237,21 @@ def make_job(
         "num_samples": len(indices),
         "indices_sha256": hashlib.sha256(indices.astype(np.int64).tobytes()).hexdigest(),
         **describe_family(subspaces),
-        "estimator": attack.estimator,
-        "estimator_settings": attack.engine().settings(),
-        "overshoot": attack.overshoot,
-        "max_iter": attack.max_iter,
-        "num_candidates": attack.num_candidates,
-        "chunk_rows": attack.chunk_rows,
-        "dtype": attack.dtype,
-        "kernels": attack.kernels,
+        **attack.record(),
         "engine_version": ENGINE_VERSION,
         "torch_version": torch.__version__,
     }
+    fingerprint = fingerprint_of(settings)
+    figure = settings["subspace"] != "grid"  # a 2-D grid gets its map instead (frequency_analysis.py map2d)
+    return MarginJob(model, dataset, indices, subspaces, folder, settings, fingerprint, title, figure)
+
+
+def fingerprint_of(settings: dict[str, Any]) -> dict[str, Any]:
+    """The settings a resume must share (JSON-safe): all but those that do not change a row's bits."""
     fingerprint = {k: v for k, v in settings.items() if k not in _VOLATILE}
     if isinstance(settings.get("data"), dict):
         fingerprint["data"] = {k: v for k, v in settings["data"].items() if k not in _VOLATILE_DATA_KEYS}
-    fingerprint = json_safe(fingerprint, "settings")
-    figure = settings["subspace"] != "grid"  # a 2-D grid gets its map instead (frequency_analysis.py map2d)
-    return MarginJob(model, dataset, indices, subspaces, folder, settings, fingerprint, title, figure)
+    return json_safe(fingerprint, "settings")
 
 
 def state_sha256(model: nn.Module) -> str:
@@ -341,9 +342,19 @@ def check_output_dir(job: MarginJob, overwrite: bool) -> None:
         raise InputError(f"output folder {folder} exists and is not a directory; choose another output folder")
     if (folder / SUMMARY_FILE).is_file() and not overwrite:
         raise InputError(
-            f"{folder.resolve()} already holds a finished evaluation ({SUMMARY_FILE}); overwrite it (overwrite=True, "
-            "--overwrite) or choose another output folder"
+            f"{folder.resolve()} already holds a finished evaluation ({SUMMARY_FILE}: {held_there(job)}); overwrite "
+            "it (overwrite=True, --overwrite) or choose another output folder"
         )
     existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         raise InputError(f"cannot write to the output folder {folder}: {existing} is not writable")
+
+
+def held_there(job: MarginJob) -> str:
+    """What the job's finished folder holds against the job: its estimator and the settings that differ."""
+    try:
+        settings = json.loads((job.output_dir / SUMMARY_FILE).read_text()).get("settings", {})
+    except (OSError, ValueError, AttributeError):
+        return "unreadable"
+    there = fingerprint_of(settings) if isinstance(settings, dict) else {}
+    return describe_held({k: there.get(k) for k in job.fingerprint}, job.fingerprint)

@@ -20,6 +20,8 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogFormatter
 
+from margins.names import quantity
+
 SAMPLE_COLOR = "tab:blue"
 NOT_CONVERGED_COLOR = "red"
 MISCLASSIFIED_COLOR = "tab:orange"
@@ -59,6 +61,8 @@ def plot_margins(
     dataset: str = "",
     transform: str = "",
     legend: bool = True,
+    estimator: str | None = None,
+    family: str | None = None,
 ) -> Figure:
     """Scatter of `margins: [S, N]` (x = subspace index, low to high frequency) with the median line.
 
@@ -80,6 +84,10 @@ def plot_margins(
     outside the axes, right of the data (`legend=False`: none, e.g. for a grid with `shared_legend`).
     `ax`: draw into this Axes (its figure is returned); otherwise a new standalone Figure is created.
     `log_scale`: logarithmic y axis (zero margins are then not shown).
+    `estimator` ("deepfool", "fmn", "certify"; None: not said): the title ends with what the values are ("lenet
+    on mnist: FMN margins", "...: certified lower bounds") and the y axis names it. `family` (a result folder's
+    "subspace" kind): random subspaces and user bases have no frequency order, and their axis says so
+    (`subspace_axis`).
     """
     margins = np.asarray(margins, dtype=np.float64)
     if margins.ndim != 2 or margins.size == 0:
@@ -116,11 +124,13 @@ def plot_margins(
     low, high = np.percentile(margins, [25, 75], axis=1)
     ax.fill_between(subspaces, low, high, color=IQR_COLOR, alpha=0.3, lw=0, label=IQR_LABEL)
     ax.plot(subspaces, np.median(margins, axis=1), ".-", color=MEDIAN_COLOR, lw=2, label="median")
-    frequency_axis(ax, num_subspaces)
-    ax.set_ylabel("Margin (L2)")
+    subspace_axis(ax, num_subspaces, family)
+    ax.set_ylabel("Margin (L2)" if estimator is None else f"{_capital(quantity(estimator))} (L2)")
     if log_scale:
         plain_log_axis(ax)
     title = title or describe_run(model, dataset, transform)
+    if estimator is not None:
+        title = f"{title}: {quantity(estimator)}s" if title else f"{_capital(quantity(estimator))}s"
     subtitle = subtitle or _counts(num_samples, num_subspaces, num_wrong, missed)
     ax.set_title("\n".join(t for t in (title, subtitle) if t), fontsize="medium")
     if legend:
@@ -204,6 +214,25 @@ def _misclassified_mask(misclassified: np.ndarray | None, shape: tuple[int, int]
             f"misclassified must be a bool array [N={shape[1]}], got {misclassified.dtype} {misclassified.shape}"
         )
     return np.broadcast_to(misclassified[None, :], shape)
+
+
+def subspace_axis(ax: Axes, num_subspaces: int, family: str | None = None) -> None:
+    """The x axis of a family of subspaces: `frequency_axis` for DCT families (and when `family` is None), the
+    subspace indices under "random subspace (no frequency order)" or "user basis (in the given order)" otherwise."""
+    labels = {"random": "Random subspace (no frequency order)", "basis": "User basis (in the given order)"}
+    if family not in labels:
+        frequency_axis(ax, num_subspaces)
+        return
+    every = max(1, int(np.ceil(num_subspaces / 30)))
+    numbers = np.arange(0, num_subspaces, every)
+    ax.set_xticks(numbers, [str(i) for i in numbers])
+    ax.tick_params(axis="x", labelsize="small")
+    ax.set_xlim(-0.5, num_subspaces - 0.5)
+    ax.set_xlabel(labels[family])
+
+
+def _capital(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 def frequency_axis(ax: Axes, num_subspaces: int, label: str = "Frequency") -> None:

@@ -45,6 +45,8 @@ from typing import IO, Any
 import numpy as np
 import torch
 
+from margins.names import estimator_of
+
 SCHEMA_VERSION = 2
 MARGINS_FILE = "margins.npy"
 CONVERGED_FILE = "converged.npy"
@@ -235,13 +237,15 @@ def _read_summary(output_dir: Path) -> dict:
 
 def _figure_arguments(report: MarginReport, margins: np.ndarray, converged: np.ndarray, title: str) -> dict:
     """`plot_margins` arguments: misclassified samples marked when the labels are known; the title names the run
-    (default: model, dataset and transform of `report.settings`), the subtitle the sample and subspace counts."""
+    (default: model, dataset and transform of `report.settings`) and the estimator, the subtitle the sample and
+    subspace counts; random subspaces get an axis without frequency order."""
     from margins.plot import describe_settings
 
     known = report.predicted is not None and report.targets is not None
     wrong = np.asarray(report.predicted) != np.asarray(report.targets) if known else None
     title = title or describe_settings(report.settings)
-    return {"margins": margins, "converged": converged, "title": title, "misclassified": wrong}
+    return {"margins": margins, "converged": converged, "title": title, "misclassified": wrong,
+            "estimator": estimator_of(report.settings), "family": report.settings.get("subspace")}  # fmt: skip
 
 
 def _write_set(tmp: Path, arrays: dict[str, np.ndarray], payload: dict, figure: dict | None) -> list[str]:

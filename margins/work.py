@@ -36,6 +36,7 @@ from frequency.subspaces import SubspaceFamily
 from margins.chunks import ChunkStore, fingerprint_digest
 from margins.guard import disk_full, disk_full_error
 from margins.measure import gather_samples
+from margins.names import folder_suffix
 from margins.results import OPTIONAL_FILES, RESULT_FILES, MarginReport, json_safe, remove_stale_tmp_dirs
 from margins.sharding import row_grid
 
@@ -82,6 +83,23 @@ class AttackSettings:
             raise InputError(f"fmn_steps must be >= 1 (--fmn-steps), got {self.fmn_steps}")
         if self.kernels not in ("auto", "off"):
             raise InputError(f"kernels must be 'auto' or 'off', got {self.kernels!r} (kernels: {', '.join(KERNELS)})")
+
+    def record(self) -> dict[str, Any]:
+        """The settings a result folder records, all in the fingerprint a resume must match: the estimator and its
+        own settings (DeepFool's also at the top level, as folders have always held them; an FMN run carries no
+        DeepFool setting), the chunk size, the precision and the kernels."""
+        own: dict[str, Any] = {}
+        if self.estimator == "deepfool":
+            own = {"overshoot": self.overshoot, "max_iter": self.max_iter, "num_candidates": self.num_candidates}
+        elif self.estimator == "fmn":
+            own = {"num_candidates": self.num_candidates}
+        return {"estimator": self.estimator, "estimator_settings": self.engine().settings(), **own,
+                "chunk_rows": self.chunk_rows, "dtype": self.dtype, "kernels": self.kernels}  # fmt: skip
+
+    def default_folder(self, folder: Path) -> Path:
+        """A default result folder named by the estimator: as given for DeepFool, `<folder>_<estimator>` otherwise
+        (`margins.names.folder_suffix`)."""
+        return folder.with_name(folder.name + folder_suffix(self.estimator))
 
     def engine(self) -> SubspaceDeepFool | SubspaceFMN:
         """The estimator these settings describe."""
