@@ -12,6 +12,14 @@ ratio to the reference's median, paired Wilcoxon signed-rank statistic and p-val
 both runs hold the same samples, i.e. the same set of indices.npy; otherwise empty with a note), and prints a
 per-subspace table. Runs must have the same number of subspaces.
 
+A certified run (`--estimator certify`: lower bounds) with an attack's run (DeepFool or FMN: upper bounds) of the
+same samples: every row's true margin lies in [certified lower bound, attack's margin]. For each such pair it
+also prints, per subspace, the median certified bound, the median attack margin and their ratio (and the row-by-row
+ratio), and writes interval.csv and interval.png (interval_<lower>_<upper>.png for more than one pair): the
+paper's per-subspace plot of the attack's margins with the certified band under it.
+
+    python compare_margins.py outputs/margins/RUN_certify outputs/margins/RUN --names certified deepfool
+
 Export (per-sample CSV: sample_index, label, predicted, subspace, margin, converged, iterations, perturbed_label;
 columns a folder lacks the files for are left empty):
 
@@ -30,10 +38,22 @@ from pathlib import Path
 
 import numpy as np
 
-from analysis.compare import compare_runs, load_runs, plot_comparison, plot_row_ratios, write_csv
+from analysis.compare import (
+    Run,
+    compare_runs,
+    interval_pairs,
+    interval_rows,
+    load_runs,
+    plot_comparison,
+    plot_interval,
+    plot_row_ratios,
+    write_csv,
+    write_interval_csv,
+)
 from analysis.export import DEFAULT_NAME, export_per_sample_csv
 from common.cli import ArgumentParser
 from common.errors import InputError
+from margins.names import quantity
 from margins.plot import save_figure
 
 
@@ -62,16 +82,39 @@ def compare(args: argparse.Namespace) -> Path:
     ratios = plot_row_ratios(runs, rows, args.title)
     if ratios is not None:
         save_figure(ratios, out / "row_ratios.png")
+    what = {run.name: quantity(run.estimator) for run in runs}
     for row in rows:
         p = "" if np.isnan(row["wilcoxon_p"]) else f"p={row['wilcoxon_p']:.2g}"
         by_row = "" if np.isnan(row["row_ratio_median"]) else (
             f"row ratio {row['row_ratio_median']:.3g} [{row['row_ratio_q25']:.3g}, {row['row_ratio_q75']:.3g}], "
             f"smaller on {100 * row['fraction_smaller']:.0f}%"
         )  # fmt: skip
-        print(f"subspace {row['subspace']:3d} {row['run']:>20s} median {row['median']:9.4g} "
+        print(f"subspace {row['subspace']:3d} {row['run']:>20s} median {what[row['run']]} {row['median']:9.4g} "
               f"ratio {row['ratio_to_reference']:7.3g} {p} {by_row} {row['note']}")  # fmt: skip
+    intervals(runs, out, args.title)
     print(f"results: {out.resolve()}")
     return out
+
+
+def intervals(runs: list[Run], out: Path, title: str) -> None:
+    """For every (certified run, attack run) pair of the same samples: the per-subspace table, interval.csv and
+    the figure."""
+    pairs = interval_pairs(runs)
+    rows = []
+    for lower, upper in pairs:
+        mine = interval_rows(lower, upper)
+        rows += mine
+        name = "interval.png" if len(pairs) == 1 else f"interval_{lower.name}_{upper.name}.png"
+        save_figure(plot_interval(lower, upper, title), out / name)
+        attack = quantity(upper.estimator)
+        print(f"interval per subspace: certified lower bound ({lower.name}) <= true margin <= {attack} ({upper.name})")
+        print(f"subspace  median certified  median {attack}  ratio  row ratio [q25, q75]  certified above attack")
+        for row in mine:
+            print(f"{row['subspace']:8d}  {row['lower_median']:16.4g}  {row['upper_median']:{len(attack) + 7}.4g}  "
+                  f"{row['median_ratio']:5.3g}  {row['row_ratio_median']:.3g} [{row['row_ratio_q25']:.3g}, "
+                  f"{row['row_ratio_q75']:.3g}]  {row['lower_above_upper']} of {row['rows']} rows")  # fmt: skip
+    if rows:
+        write_interval_csv(rows, out / "interval.csv")
 
 
 def export(args: argparse.Namespace) -> None:

@@ -147,7 +147,9 @@ def run_map2d(args: argparse.Namespace, argv: list[str]) -> Path | None:
     grid = median_map(report.margins, family)
     np.save(folder / "map2d.npy", grid)
     what = quantity(estimator_of(s))
-    figure = plot_margin_maps({f"{describe_settings(s)}: {what}s": grid}, family, num_samples=report.margins.shape[1])
+    figure = plot_margin_maps(
+        {f"{describe_settings(s)}: {what}s": grid}, family, num_samples=report.margins.shape[1], quantity=what
+    )
     save_figure(figure, folder / "map2d.png")
     print(f"2-D map {family.grid_shape}: median {what} from {np.nanmin(grid):.3g} to {np.nanmax(grid):.3g}")
     print(time_line(report))
@@ -174,6 +176,7 @@ def run_random(args: argparse.Namespace, argv: list[str]) -> Path | None:
     figure = plot_dct_vs_random(
         {f"{describe_settings(dct.settings)}: {what}s": (dct.margins, ctl.margins)},
         f"DCT blocks vs {kind} subspaces of dimension {dim}",
+        quantity=what,
     )
     save_figure(figure, out / "dct_vs_random.png")
     print(f"max/min of per-subspace median {what}s: DCT {spreads['dct']:.3g}, {kind} {spreads[kind]:.3g}")

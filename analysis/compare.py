@@ -8,6 +8,11 @@ indices; columns are aligned by index). Otherwise the p-value is empty and the r
 are also compared one by one: the median and interquartile range of `margin(run) / margin(reference)` over the rows
 where both converged, and the fraction of those where the run's margin is the smaller (e.g. a second estimator
 against DeepFool on the same samples: `plot_row_ratios`).
+
+A certified run (lower bounds, `--estimator certify`) beside an attack's run (upper bounds) of the same rows gives
+each row an interval [certified lower bound, attack's margin] that holds the true margin: `interval_rows` per
+subspace (medians of each side, their ratio, the row-by-row ratio) and `plot_interval` (the paper's per-subspace
+plot with the certified band under the attack's curve).
 """
 
 from __future__ import annotations
@@ -22,12 +27,17 @@ from scipy.stats import wilcoxon
 
 from analysis.export import read_run
 from common.errors import InputError
+from margins.names import bound, estimator_of, quantity
 from margins.plot import describe_settings, frequency_axis, plain_log_axis
 
 COLUMNS = (
     "subspace", "run", "median", "q25", "q75", "ratio_to_reference", "wilcoxon_statistic", "wilcoxon_p",
     "paired_samples", "not_converged", "row_ratio_median", "row_ratio_q25", "row_ratio_q75", "fraction_smaller",
     "both_converged", "note",
+)  # fmt: skip
+INTERVAL_COLUMNS = (
+    "subspace", "lower_run", "upper_run", "lower_median", "upper_median", "median_ratio", "row_ratio_median",
+    "row_ratio_q25", "row_ratio_q75", "rows", "lower_above_upper",
 )  # fmt: skip
 
 
@@ -38,6 +48,12 @@ class Run:
     converged: np.ndarray  # [S, N] bool
     indices: np.ndarray  # [N] int64 dataset indices
     description: str = ""  # "lenet on mnist (transform flip)", from the folder's settings
+    estimator: str = "deepfool"  # what measured it (`margins.names`): "deepfool", "fmn", "certify"
+
+    @property
+    def bound(self) -> str:
+        """ "upper" (an attack's margins) or "lower" (certified lower bounds)."""
+        return bound(self.estimator)
 
 
 def load_runs(run_dirs: list[str | Path], names: list[str] | None = None) -> list[Run]:
@@ -48,7 +64,9 @@ def load_runs(run_dirs: list[str | Path], names: list[str] | None = None) -> lis
     for i, path in enumerate(run_dirs):
         report = read_run(Path(path))
         name = names[i] if names else Path(path).resolve().name
-        runs.append(Run(name, report.margins, report.converged, report.indices, describe_settings(report.settings)))
+        described = describe_settings(report.settings)
+        estimator = estimator_of(report.settings)
+        runs.append(Run(name, report.margins, report.converged, report.indices, described, estimator))
     shapes = {r.margins.shape[0] for r in runs}
     if len(shapes) > 1:
         raise InputError(f"runs have different numbers of subspaces {sorted(shapes)}; compare runs of one family")
@@ -133,7 +151,8 @@ def plot_comparison(runs: list[Run], rows: list[dict], title: str = "", alpha: f
         q25, med, q75 = np.percentile(run.margins.astype(np.float64), [25, 50, 75], axis=1)
         ax.fill_between(x, q25, q75, color=color, alpha=0.2)
         described = f"{run.description}, " if run.description else ""
-        ax.plot(x, med, ".-", color=color, label=f"{run.name}: {described}{run.margins.shape[1]} samples")
+        label = f"{run.name}: {described}{quantity(run.estimator)}s, {run.margins.shape[1]} samples"
+        ax.plot(x, med, ".-", color=color, label=label)
     top = max(np.percentile(r.margins, 75, axis=1).max() for r in runs)
     for k, (color, run) in enumerate(zip(colors, runs)):
         significant = [r["subspace"] for r in rows if r["run"] == run.name and r["wilcoxon_p"] < alpha]
@@ -141,9 +160,11 @@ def plot_comparison(runs: list[Run], rows: list[dict], title: str = "", alpha: f
             ax.plot(significant, [top * 1.3**k] * len(significant), "*", color=color, ms=6)
     plain_log_axis(ax)
     frequency_axis(ax, runs[0].margins.shape[0], "DCT subspace (frequency)")
-    ax.set_ylabel("margin (L2, input-space units)")
+    certified = any(run.bound == "lower" for run in runs)
+    ax.set_ylabel("L2 norm (input-space units)" if certified else "margin (L2, input-space units)")
+    what = "Median certified lower bound or margin" if certified else "Median margin"
     heading = [title] if title else []
-    heading += ["Median margin per subspace, interquartile band", significance_line(runs, rows, alpha)]
+    heading += [f"{what} per subspace, interquartile band", significance_line(runs, rows, alpha)]
     ax.set_title("\n".join(heading), fontsize="medium")
     fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=min(len(runs), 2), fontsize="small")
     return fig
@@ -186,3 +207,90 @@ def plot_row_ratios(runs: list[Run], rows: list[dict], title: str = "") -> Figur
     ax.set_title("\n".join(heading), fontsize="medium")
     fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", fontsize="small")
     return fig
+
+
+def interval_pairs(runs: list[Run]) -> list[tuple[Run, Run]]:
+    """Every (lower-bound run, upper-bound run) pair of the same samples, in the runs' order."""
+    lower = [r for r in runs if r.bound == "lower"]
+    upper = [r for r in runs if r.bound == "upper"]
+    return [(lo, up) for lo in lower for up in upper if paired_columns(lo, up) is not None]
+
+
+def interval_rows(lower: Run, upper: Run) -> list[dict]:
+    """Per subspace of a certified run and an attack's run of the same samples: the median certified lower bound
+    and the median attack margin (over all samples, as the paper's medians), their ratio, and row by row the
+    median and quartiles of lower / upper over the rows where the attack changed the label (`rows` of them), and
+    how many of those rows have a lower bound above the attack's margin (`lower_above_upper`: a certificate
+    contradicted by a label change; 0 unless something is wrong)."""
+    columns = paired_columns(lower, upper)
+    if columns is None:
+        raise InputError(f"{lower.name} and {upper.name} hold different samples (indices.npy): no interval")
+    out = []
+    for s in range(lower.margins.shape[0]):
+        lo = lower.margins[s, columns[0]].astype(np.float64)
+        up = upper.margins[s, columns[1]].astype(np.float64)
+        rows = upper.converged[s, columns[1]] & (up > 0)
+        lo_median, up_median = float(np.median(lo)), float(np.median(up))
+        ratio = lo[rows] / up[rows]
+        q25, median, q75 = np.percentile(ratio, [25, 50, 75]) if rows.any() else (np.nan,) * 3
+        out.append({
+            "subspace": s, "lower_run": lower.name, "upper_run": upper.name, "lower_median": lo_median,
+            "upper_median": up_median, "median_ratio": lo_median / up_median if up_median > 0 else np.nan,
+            "row_ratio_median": float(median), "row_ratio_q25": float(q25), "row_ratio_q75": float(q75),
+            "rows": int(rows.sum()), "lower_above_upper": int((lo[rows] > up[rows]).sum()),
+        })  # fmt: skip
+    return out
+
+
+def write_interval_csv(rows: list[dict], path: str | Path) -> Path:
+    """The interval rows as CSV (columns `INTERVAL_COLUMNS`; NaN written empty)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=INTERVAL_COLUMNS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if isinstance(v, float) and np.isnan(v) else v for k, v in row.items()})
+    return path
+
+
+def plot_interval(lower: Run, upper: Run, title: str = "") -> Figure:
+    """The paper's per-subspace plot of the attack's margins (every sample a dot, the median line, the
+    interquartile band) with the certified band under it: from 0 to the median certified lower bound of each
+    subspace (the radius within which no perturbation in the subspace changes the label, for half the samples),
+    and the certified bounds' interquartile range. Linear axis from 0; the title states the median ratio range."""
+    columns = paired_columns(lower, upper)
+    if columns is None:
+        raise InputError(f"{lower.name} and {upper.name} hold different samples (indices.npy): no interval")
+    lo = lower.margins[:, columns[0]].astype(np.float64)
+    up = upper.margins[:, columns[1]].astype(np.float64)
+    fig = Figure(figsize=(8, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    x = np.arange(up.shape[0])
+    jitter = 0.1 * np.random.default_rng(0).standard_normal(up.shape)
+    attack, certified = quantity(upper.estimator), quantity(lower.estimator)
+    ax.scatter((x[:, None] + jitter).ravel(), up.ravel(), s=5, alpha=0.3, color="tab:blue",
+               label=f"{attack}s ({upper.name}), every sample")  # fmt: skip
+    q25, median, q75 = np.percentile(up, [25, 50, 75], axis=1)
+    ax.fill_between(x, q25, q75, color="tab:blue", alpha=0.15, lw=0, label=f"{attack}: interquartile range")
+    ax.plot(x, median, ".-", color="black", lw=2, label=f"{attack}: median")
+    lq25, lmedian, lq75 = np.percentile(lo, [25, 50, 75], axis=1)
+    ax.fill_between(x, 0, lmedian, color="tab:green", alpha=0.35, lw=0,
+                    label=f"certified band: 0 to the median {certified} ({lower.name})")  # fmt: skip
+    ax.fill_between(x, lq25, lq75, color="tab:green", alpha=0.2, lw=0, hatch="//",
+                    label=f"{certified}: interquartile range")  # fmt: skip
+    ax.plot(x, lmedian, ".-", color="tab:green", lw=1.5)
+    ax.set_ylim(bottom=0)
+    frequency_axis(ax, up.shape[0], "DCT subspace (frequency)")
+    ax.set_ylabel("L2 norm (input-space units)")
+    ratio = lmedian / np.where(median > 0, median, np.nan)
+    heading = [title] if title else []
+    heading.append(f"{_capital(certified)} under the {attack}, per subspace, {up.shape[1]} samples")
+    heading.append(f"median {certified} / median {attack}: {np.nanmin(ratio):.3g} to {np.nanmax(ratio):.3g}")
+    ax.set_title("\n".join(heading), fontsize="medium")
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=2, fontsize="small")
+    return fig
+
+
+def _capital(text: str) -> str:
+    return text[:1].upper() + text[1:]

@@ -20,12 +20,17 @@ MARGIN_UNIT = "median margin (L2, [0, 1] pixel units)"
 
 
 def plot_margin_maps(
-    maps: Mapping[str, np.ndarray], family: DCTGridSubspaces, suptitle: str = "", *, num_samples: int | None = None
+    maps: Mapping[str, np.ndarray],
+    family: DCTGridSubspaces,
+    suptitle: str = "",
+    *,
+    num_samples: int | None = None,
+    quantity: str = "margin",
 ) -> Figure:
     """Side-by-side 2-D maps `[A, B]` of the median margin per DCT block, one shared log colour scale from the
     smallest positive to the largest median. A cell sits at its block's centre frequency; its colour is the block's
     median margin. Panel titles: the keys of `maps`; the figure's title: `suptitle`, then the block side, the
-    stride and `num_samples`."""
+    stride and `num_samples`. `quantity`: what the values are ("margin", "certified lower bound", ...)."""
     values = np.concatenate([np.asarray(m, dtype=np.float64).ravel() for m in maps.values()])
     positive = values[values > 0]
     low, high = positive.min(), max(positive.max(), positive.min() * 1.0001)
@@ -41,10 +46,11 @@ def plot_margin_maps(
         ax.set_title(title, fontsize="medium")
         ax.set_xlabel("horizontal DCT frequency index (block centre)")
         ax.set_ylabel("vertical DCT frequency index (block centre)")
-    bar = fig.colorbar(image, ax=list(axes), label=f"{MARGIN_UNIT}\n{value_range(positive.min(), positive.max())}")
+    unit = MARGIN_UNIT.replace("margin", quantity)
+    bar = fig.colorbar(image, ax=list(axes), label=f"{unit}\n{value_range(positive.min(), positive.max())}")
     bar.ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))  # plain numbers, not 10^x
     bar.ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
-    detail = f"median margin per {family.block}x{family.block} DCT block, stride {family.stride}"
+    detail = f"median {quantity} per {family.block}x{family.block} DCT block, stride {family.stride}"
     detail += f", {num_samples} samples" if num_samples else ""
     fig.suptitle("\n".join(t for t in (suptitle, detail) if t), fontsize="medium")
     return fig
@@ -73,11 +79,13 @@ def plot_fourier_heatmaps(heatmaps: Mapping[str, FourierHeatmap], suptitle: str 
     return fig
 
 
-def plot_dct_vs_random(panels: Mapping[str, tuple[np.ndarray, np.ndarray]], suptitle: str = "") -> Figure:
+def plot_dct_vs_random(
+    panels: Mapping[str, tuple[np.ndarray, np.ndarray]], suptitle: str = "", quantity: str = "margin"
+) -> Figure:
     """Per panel: DCT margins `[S, N]` as median line with interquartile band (x: subspace, low to high frequency),
     beside random subspaces' margins `[R, N]` of the same dimension as a band from the lowest to the highest
     per-subspace median (with the median of those medians dashed). Log margin axis; one legend below the panels.
-    Panel titles: the keys, then the sample and subspace counts."""
+    Panel titles: the keys, then the sample and subspace counts. `quantity`: what the values are (the y axis)."""
     fig = Figure(figsize=(max(6.5, 5.0 * len(panels)), 4.4), layout="constrained")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     for ax, (title, (dct, random)) in zip(axes, panels.items()):
@@ -91,7 +99,7 @@ def plot_dct_vs_random(panels: Mapping[str, tuple[np.ndarray, np.ndarray]], supt
         ax.axhline(np.median(rmed), color="tab:orange", ls="--", label="random subspaces: median of medians")
         plain_log_axis(ax)
         frequency_axis(ax, dct.shape[0], "DCT subspace (frequency)")
-        ax.set_ylabel("margin (L2, [0, 1] pixel units)")
+        ax.set_ylabel(f"{quantity} (L2, [0, 1] pixel units)")
         counts = f"{dct.shape[1]} samples, {dct.shape[0]} DCT blocks vs {len(rmed)} random subspaces"
         ax.set_title(f"{title}\n{counts}" if title else counts, fontsize="medium")
     shared_legend(fig, axes)

@@ -80,7 +80,8 @@ def test_comparison_title_names_the_paired_test_and_the_legend_the_runs():
         "* = paired Wilcoxon signed-rank p < 0.01 vs standard (10 paired samples)",
     ]
     (legend,) = fig.legends
-    assert [t.get_text() for t in legend.get_texts()] == [f"{r.name}: {r.description}, 10 samples" for r in runs]
+    labels = [f"{r.name}: {r.description}, DeepFool margins, 10 samples" for r in runs]  # Run's default estimator
+    assert [t.get_text() for t in legend.get_texts()] == labels
     assert not legend.get_window_extent().overlaps(ax.get_window_extent())
     assert any(line.get_marker() == "*" for line in ax.lines)
     assert_ends_at_last_subspace(ax, 21)
