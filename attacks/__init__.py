@@ -3,6 +3,7 @@
 - `SubspaceDeepFool`: margins along subspaces (the paper's measurement), batched over samples and subspaces; its
   device-specific kernels live in `attacks.kernels` (`prepare_model`).
 - `SubspaceFMN`: a second margin estimator, the minimum-norm attack FMN constrained to each subspace (same interface).
+- `SubspaceCertifier`: certified lower bounds on the same rows (linear bound propagation, `attacks.certify`).
 - `MarginEstimator`: what both share around their algorithm (prepared model, checked rows, the grid of rows).
 - `RowResult`, `MarginResult`: what margin estimators return; `precision_record` describes their arithmetic for
   result files; `model_device` is the device of a model.
@@ -11,6 +12,7 @@
   {L2 ball} ∩ {valid images} (also after a flip).
 """
 
+from attacks.certify import SubspaceCertifier
 from attacks.common import MarginResult, RowResult, model_device, precision_record
 from attacks.deepfool import PassStats, SubspaceDeepFool
 from attacks.dykstra import (
@@ -35,6 +37,7 @@ __all__ = [
     "PreparedModel",
     "Projection",
     "RowResult",
+    "SubspaceCertifier",
     "SubspaceDeepFool",
     "SubspaceFMN",
     "dykstra_projection",
