@@ -10,11 +10,18 @@ network; checkpoints keep both the model's and the datamodule's hyperparameters 
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import inspect
+import re
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 import lightning as L
+from jsonargparse import ArgumentError
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
@@ -24,15 +31,21 @@ from callbacks.margin import terminal_print
 from common.errors import InputError
 from datamodules import FrequencyDataModule
 from lightning_modules import ClassifierModule
+from models.checkpoint import CheckpointReadError, UntrustedCheckpointError, read_checkpoint
 
 ROOT_DIR = "${trainer.default_root_dir}"  # logger save_dir placeholder, replaced by the run's default_root_dir
+# `--margin.num_sample` is a typo, not `num_samples`; usage errors raise (one line in `cli`) instead of printing usage
+_STRICT = {"allow_abbrev": False, "exit_on_error": False}
+PARSER_KWARGS: dict[str, Any] = {**_STRICT, **{name: dict(_STRICT) for name in ("fit", "validate", "test", "predict")}}
 
 
 class RunFolder(L.Callback):
     """The version folder this process reserved, and whether a stage ever started in it: a run that fails before
-    (a missing data directory, a bad setting) leaves no empty folder for TensorBoard to list (`remove_if_unused`)."""
+    (a missing data directory, a bad setting) leaves no empty folder for TensorBoard to list (`remove_if_unused`),
+    nor the `<root>/<name>/` folders the reservation created."""
 
     reserved: Path | None = None
+    created: Path | None = None  # the topmost folder the reservation created (None: `<root>/<name>/` existed)
     started = False
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -41,9 +54,24 @@ class RunFolder(L.Callback):
     on_validation_start = on_test_start = on_predict_start = on_fit_start
 
     @classmethod
+    def reserve(cls, folder: Path) -> int:
+        """`reserve_version(folder)`, remembering what it created."""
+        cls.created = next((p for p in (*reversed(folder.parents), folder) if not p.exists()), None)
+        version = reserve_version(folder)
+        cls.reserved, cls.started = folder / f"version_{version}", False
+        return version
+
+    @classmethod
     def remove_if_unused(cls) -> None:
-        if cls.reserved is not None and not cls.started and not any(cls.reserved.rglob("*.ckpt")):
-            shutil.rmtree(cls.reserved, ignore_errors=True)
+        if cls.reserved is None or cls.started or any(cls.reserved.rglob("*.ckpt")):
+            return
+        shutil.rmtree(cls.reserved, ignore_errors=True)
+        if cls.created is not None:  # the empty parents up to the first one the reservation created
+            for parent in cls.reserved.parents:
+                if not parent.is_relative_to(cls.created) or any(parent.iterdir()):
+                    break
+                parent.rmdir()
+        cls.reserved = cls.created = None
 
 
 class RunSummary(L.Callback):
@@ -121,9 +149,140 @@ class HoldMeTightCLI(LightningCLI):
         init.save_dir = init.save_dir.replace(ROOT_DIR, str(config.trainer.default_root_dir))
         versioned = logger.class_path.endswith(("TensorBoardLogger", "CSVLogger")) and init.get("version") is None
         if self.subcommand and versioned and rank_zero_only.rank == 0:
-            folder = Path(init.save_dir, init.get("name") or "").expanduser()
-            init.version = reserve_version(folder)
-            RunFolder.reserved = folder / f"version_{init.version}"
+            init.version = RunFolder.reserve(Path(init.save_dir, init.get("name") or "").expanduser())
+
+    def parse_arguments(self, parser, args) -> None:
+        """LightningCLI's parsing; a usage error (an unknown option or config key, a value of the wrong type) is one
+        line naming the nearest valid key first (`parse_error`)."""
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            raise InputError(parse_error(str(err), self._valid_options(args))) from err
+
+    def _valid_options(self, args) -> list[str]:
+        """The option strings of the subcommand in `args` (of the main parser without one)."""
+        argv = list(sys.argv[1:] if args is None else args) if not isinstance(args, dict) else []
+        subcommand = next((a for a in argv if a in self.subcommands()), None)
+        parser = getattr(self, "_subcommand_parsers", {}).get(subcommand, self.parser)
+        return sorted({option for action in parser._actions for option in action.option_strings})
+
+    def _parse_ckpt_path(self) -> None:
+        """`--ckpt_path`: the file is checked first (one line for a missing file, a directory, a file that is not a
+        checkpoint, or one holding pickled Python objects, which is read only with `--weights_only false`), then its
+        hyperparameters update the model's config as LightningCLI does (it reads the file with weights_only=True
+        whatever `--weights_only` says, so this replaces its reading)."""
+        config = self.config.get(str(self.config.get("subcommand")), None)
+        path = config.get("ckpt_path") if config is not None else None
+        if not path or path in ("last", "best", "hpc", "registry"):
+            return
+        trusted = config.get("weights_only") is False
+        try:
+            checkpoint = read_checkpoint(path, trusted_pickle=trusted)
+        except (UntrustedCheckpointError, CheckpointReadError) as err:
+            found = re.search(r"GLOBAL ([\w.]+)", str(err.__cause__ or ""))
+            if not found:
+                raise
+            raise InputError(
+                f"--ckpt_path {path} holds pickled Python objects ({found.group(1)}), which are not loaded because "
+                "unpickling can run arbitrary code; if (and only if) you trust this file, pass --weights_only false"
+            ) from err
+        if not isinstance(checkpoint, dict) or "pytorch-lightning_version" not in checkpoint:
+            keys = ", ".join(map(str, list(checkpoint)[:6])) if isinstance(checkpoint, dict) else ""
+            held = f"top-level keys {keys}" if keys else type(checkpoint).__name__
+            raise InputError(
+                f"--ckpt_path {path} is not a checkpoint of a Lightning run (it holds {held}); pass one train.py wrote "
+                "(<run folder>/checkpoints/last.ckpt); evaluate_margin.py --checkpoint measures other weights' margins"
+            )
+        hparams = dict(checkpoint.get("hyper_parameters", {}))
+        hparams.pop("_instantiator", None)
+        if not hparams:
+            return
+        if "_class_path" in hparams:
+            hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
+        self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
+
+    def instantiate_classes(self) -> None:
+        """LightningCLI's instantiation; a constructor's refusal of a value (ValueError, TypeError, Lightning's
+        MisconfigurationException, e.g. `--data.batch_size 0`, `--trainer.devices 0`) is one line."""
+        try:
+            super().instantiate_classes()
+        except (ValueError, TypeError, MisconfigurationException) as err:
+            raise configuration_error(err) from err
+
+
+def configuration_error(err: BaseException) -> InputError:
+    """The InputError for a refused value: the innermost message of the chain (jsonargparse wraps a constructor's
+    error in its own), on one line."""
+    cause = err
+    while cause.__cause__ is not None and not isinstance(cause, InputError):
+        cause = cause.__cause__
+    if isinstance(cause, InputError):
+        return cause
+    return InputError(" ".join(str(cause).split()).rstrip("."))
+
+
+def parse_error(message: str, options: list[str]) -> str:
+    """jsonargparse's usage error as one line: unknown options and config keys with the nearest valid key first,
+    an unknown setting of a class (`--data.init_args.batch_siz`) with the nearest of that class's settings, a
+    value of the wrong type as "key: expected ..., got ..."."""
+    if message.startswith("unrecognized arguments:"):
+        unknown = [arg.split("=")[0] for arg in message.split(":", 1)[1].split() if arg.startswith("-")]
+        return "; ".join(_unknown(arg, options, "an option") for arg in unknown) or message
+    key = re.search(r"does not accept option '([^']+)'", message)
+    if key:
+        keys = [option.removeprefix("--") for option in options]
+        return _unknown(key.group(1), keys, "a config key")
+    setting = re.search(r"class_path '([\w.]+)':\s*Option '(\w+)' is not accepted", message)
+    section = re.search(r'Parser key "([^"]+)"', message)
+    if setting:
+        prefix = f"{section.group(1)}.init_args." if section else ""
+        names = [f"{prefix}{name}" for name in class_arguments(setting.group(1))]
+        return _unknown(f"{prefix}{setting.group(2)}", names, f"a setting of {setting.group(1)}")
+    return _type_error(message, section.group(1) if section else None)
+
+
+def _unknown(name: str, valid: list[str], what: str) -> str:
+    """ "X is not a <what>; did you mean A (or B, C)?", the nearest valid name first (difflib)."""
+    near = difflib.get_close_matches(name, valid, n=3, cutoff=0.6)
+    if not near:
+        return f"{name} is not {what} (see --help)"
+    others = f" (or {', '.join(near[1:])})" if len(near) > 1 else ""
+    return f"{name} is not {what}; did you mean {near[0]}{others}?"
+
+
+def _type_error(message: str, key: str | None) -> str:
+    """ "key: expected int or None, got 'x'" from jsonargparse's union report; else the message on one line."""
+    lines = [line.strip() for line in message.splitlines()]
+    errors = [line[2:] for line in lines if line.startswith("- ")]
+    given = next((line.removeprefix("Given value:").strip() for line in lines if line.startswith("Given value:")), None)
+    expected = [_type_name(e.removeprefix("Expected a ")) for e in errors if e.startswith("Expected a ")]
+    if key and errors and len(expected) == len(errors):
+        return f"{key}: expected {' or '.join(expected)}, got {given!r}"
+    return " ".join(message.split())
+
+
+def _type_name(text: str) -> str:
+    """ "<class 'int'>" -> "int", "<class 'NoneType'>" -> "None"."""
+    name = re.sub(r"<class '([\w.]+)'>", r"\1", text)
+    return "None" if name == "NoneType" else name
+
+
+def class_arguments(class_path: str) -> list[str]:
+    """The constructor arguments of `class_path` and of the bases it forwards `**kwargs` to."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        klass = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return []
+    names: list[str] = []
+    for base in klass.__mro__:
+        if "__init__" not in vars(base) or base is object:
+            continue
+        parameters = inspect.signature(base.__init__).parameters.values()
+        names += [p.name for p in parameters if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and p.name != "self"]
+        if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+            break
+    return list(dict.fromkeys(names))
 
 
 def main(args: list[str] | None = None, run: bool = True) -> HoldMeTightCLI:
@@ -135,18 +294,18 @@ def main(args: list[str] | None = None, run: bool = True) -> HoldMeTightCLI:
         subclass_mode_data=True,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
-        parser_kwargs={"allow_abbrev": False},  # `--margin.num_sample` is a typo, not `num_samples`
+        parser_kwargs=PARSER_KWARGS,
         trainer_defaults={"callbacks": [RunFolder(), RunSummary()]},
         args=args,
         run=run,
     )
 
 
-def cli() -> int:
-    """`python train.py ...`: this project's input errors (e.g. a resume contradicting the checkpoint's schedule)
-    become one line `error: ...` with exit status 2; anything else keeps its traceback."""
+def cli(argv: list[str] | None = None) -> int:
+    """`python train.py ...` (`argv`: default sys.argv): this project's input errors (e.g. a resume contradicting the
+    checkpoint's schedule) become one line `error: ...` with exit status 2; anything else keeps its traceback."""
     try:
-        main()
+        main(argv)
     except InputError as err:
         RunFolder.remove_if_unused()
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)

@@ -179,6 +179,8 @@ class FrequencyDataModule(L.LightningDataModule):
             )
         if val_split < 0:
             raise ValueError(f"val_split must be >= 0 (0 validates on the test split), got {val_split}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 (0 loads the data in the training process), got {num_workers}")
         self.frequency_transform = FrequencyTransform(transform, bandwidth)
         self._norm_stats: tuple[Any, Any] | None = None
 

@@ -281,7 +281,7 @@ def test_train_py_bad_margin_settings_and_typos_are_one_line_and_leave_no_versio
 
     for command, words in (
         ([*base("synthetic_lenet"), "--margin.num_samples", "0"], "margin.num_samples must be >= 1"),
-        ([*base("synthetic_lenet"), "--margin.num_sample", "7"], "unrecognized arguments: --margin.num_sample"),
+        ([*base("synthetic_lenet"), "--margin.num_sample", "7"], "did you mean --margin.num_samples"),
         ([*base("mnist_lenet"), "--data.data_dir", str(tmp_path / "none")], "MNIST not found"),
     ):
         done = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import re
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
+import pytest
 import torch
 
 import train
@@ -84,3 +88,85 @@ def test_test_run_names_its_folder_the_tested_weights_and_the_margins(tmp_path, 
     assert "margins test, epoch 0: 2 samples x 9 subspaces in " in out
     assert f" -> {folder}/margins/test_epoch_000\n" in out
     assert f"run folder:      {folder}\nTensorBoard:     tensorboard --logdir logs\ntested weights:  {ckpt}" in out
+
+
+# ---- user errors: one line `error: ...`, exit 2, nothing left behind --------------------------------------------
+EVIL = """
+import os, sys, torch
+class Payload:
+    def __reduce__(self):
+        return (open, (sys.argv[2], "w"))  # unpickling it would create the marker file
+torch.save({"state_dict": {}, "pytorch-lightning_version": "2.6.6", "payload": Payload()}, sys.argv[1])
+"""
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, list[str]]:
+    """train.py's command line in this process: exit status and the lines it wrote to stderr."""
+    code = train.cli(args)
+    return code, capsys.readouterr().err.strip().splitlines()
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [(["--data.num_workers", "-1"], "num_workers must be >= 0"),
+     (["--data.batch_size", "0"], "batch sizes must be positive, got batch_size=0"),
+     (["--trainer.devices", "0"], "Trainer(devices='0')` value is not a valid input"),
+     (["--trainer.max_epochs", "x"], "trainer.max_epochs: expected int or None, got 'x'"),
+     (["--ckpt_path", "missing.ckpt"], "checkpoint file not found: missing.ckpt")],
+)  # fmt: skip
+def test_a_bad_value_is_one_line_exit_2_and_leaves_no_folder(tmp_path, monkeypatch, capsys, flags, words):
+    monkeypatch.chdir(tmp_path)
+    code, err = run_cli(["fit", *TINY, "--trainer.default_root_dir", str(tmp_path / "runs"), *flags], capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
+    assert list(tmp_path.iterdir()) == []  # neither runs/ nor runs/synthetic_lenet/ nor a version folder
+
+
+def test_a_checkpoint_holding_pickled_objects_is_refused_and_names_the_flag_that_trusts_it(tmp_path, capsys):
+    evil, marker = tmp_path / "evil.ckpt", tmp_path / "payload-ran"
+    subprocess.run([sys.executable, "-c", EVIL, str(evil), str(marker)], check=True, timeout=120)
+    (tmp_path / "runs" / "synthetic_lenet").mkdir(parents=True)  # an existing experiment folder stays
+    args = ["fit", *TINY, "--trainer.default_root_dir", str(tmp_path / "runs"), "--ckpt_path", str(evil)]
+    code, err = run_cli(args, capsys)
+    assert code == 2 and len(err) == 1, err
+    assert re.match(rf"error: --ckpt_path {evil} holds pickled Python objects \((builtins|io)\.open\)", err[0]), err
+    assert "can run arbitrary code" in err[0] and err[0].endswith("pass --weights_only false")
+    assert not marker.exists()  # refused before anything was unpickled
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["synthetic_lenet"]
+    assert list((tmp_path / "runs" / "synthetic_lenet").iterdir()) == []
+
+
+def test_a_checkpoint_that_is_not_a_lightning_one_is_one_line(tmp_path, capsys):
+    torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "weights.pt")
+    args = [
+        "fit",
+        *TINY,
+        "--trainer.default_root_dir",
+        str(tmp_path / "runs"),
+        "--ckpt_path",
+        str(tmp_path / "weights.pt"),
+    ]
+    code, err = run_cli(args, capsys)
+    assert code == 2 and len(err) == 1 and "is not a checkpoint of a Lightning run (it holds top-level keys" in err[0]
+
+
+# ---- a mistyped key: one line, the nearest valid key first --------------------------------------------------
+@pytest.mark.parametrize(
+    "flags, config, expected",
+    [(["--trainer.max_epoch", "1"], None,
+      "--trainer.max_epoch is not an option; did you mean --trainer.max_epochs (or "),
+     (["--margin.num_sample", "7"], None, "--margin.num_sample is not an option; did you mean --margin.num_samples"),
+     (["--data.init_args.batch_siz", "8"], None,
+      "data.init_args.batch_siz is not a setting of datamodules.SyntheticDataModule; did you mean "
+      "data.init_args.batch_size (or "),
+     ([], "trainer:\n  max_epoch: 1\n", "trainer.max_epoch is not a config key; did you mean trainer.max_epochs (or "),
+     ([], "model:\n  init_args:\n    lrr: 0.1\n",
+      "model.init_args.lrr is not a setting of lightning_modules.ClassifierModule; did you mean model.init_args.lr ")],
+)  # fmt: skip
+def test_a_mistyped_key_is_one_line_with_the_nearest_valid_key_first(tmp_path, capsys, flags, config, expected):
+    extra = flags
+    if config is not None:
+        (tmp_path / "typo.yaml").write_text(config)
+        extra = ["--config", str(tmp_path / "typo.yaml")]
+    code, err = run_cli(["fit", *TINY, "--trainer.default_root_dir", str(tmp_path / "runs"), *extra], capsys)
+    assert code == 2 and len(err) == 1 and err[0].startswith(f"error: {expected}"), err
+    assert not (tmp_path / "runs").exists()
