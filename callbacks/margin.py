@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from callbacks.tensorboard import (
+    BoardState,
     accuracy,
     band_medians,
     band_size,
@@ -59,7 +60,8 @@ class MarginCallback(L.Callback):
         on_test: also measure at the end of `test` runs.
         subspace_dim, subspace_step: DCT block side and step (default: the datamodule's, the paper's settings).
         max_iter, overshoot: DeepFool settings (release: 100, 0.02).
-        estimator: "deepfool" (the paper's) or "fmn" (minimum-norm, `attacks.fmn`, `fmn_steps` steps per row).
+        estimator: "deepfool" (the paper's) or "fmn" (minimum-norm, `attacks.fmn`, `fmn_steps` steps per row):
+            margins, upper bounds; "certify": certified lower bounds (`attacks.certify`, float64).
         chunk_rows: (sample, subspace) rows per chunk, attacked as one batch: the unit shared out under DDP.
         threads: CPU threads while measuring (float bits depend on them: pinned, so 1 and k processes agree).
         kernels: the engine's kernels, "auto" or "off" (`attacks.kernels`).
@@ -116,7 +118,7 @@ class MarginCallback(L.Callback):
         self._train_epoch = 0
         self._last_val: tuple[int, int, int] | None = None  # (global_step, epoch, log step) of the last validation
         self._measured_global_step: int | None = None
-        self._layout_dir: str | None = None  # the log dir that has the layout and the HPARAMS session
+        self._board = BoardState()  # what rank 0 has written to TensorBoard
 
     # ---- state -------------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -259,11 +261,9 @@ class MarginCallback(L.Callback):
         run: str,
         step: int,
     ) -> None:
-        first = self._layout_dir != logger.log_dir
         history = self.history if self.log_figure else None
-        log_measurement(logger, trainer, pl_module, report, title, run, step, first=first, band_width=self.band_width,
-                        num_samples=self.num_samples, history=history)  # fmt: skip
-        self._layout_dir = logger.log_dir
+        log_measurement(logger, trainer, pl_module, report, title, run, run_label(run), step, state=self._board,
+                        band_width=self.band_width, num_samples=self.num_samples, history=history)  # fmt: skip
 
 
 def run_label(run_name: str) -> str:

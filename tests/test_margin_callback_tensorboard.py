@@ -1,17 +1,21 @@
-"""What a researcher sees in TensorBoard and the terminal from the margin callback: the schedule (fit end
-included), the custom-scalars charts (one unit per axis, a few subspaces per chart, in reading order), scalars at the
-step of val/*, the HPARAMS table as TensorBoard builds it from two runs, the image titled as the result folder's
-figure, the terminal summary, the evolution history."""
+"""What a researcher sees in TensorBoard and the terminal from the margin callback, read back from the event files:
+the schedule (fit end included), the custom-scalars charts (one unit per axis, in reading order, one profile chart
+per measurement whose x is the subspace), scalars at the step of val/*, the compare scalars on the Scalars tab's axis
+for two runs, the HPARAMS table and the custom-scalars layout as TensorBoard builds them from two runs, the card
+images titled as the result folder's figure with every text inside, the terminal summary, the evolution history."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import lightning as L
+import matplotlib
 import numpy as np
 import pytest
 import torch
+from google.protobuf import json_format
 from lightning.pytorch.loggers import TensorBoardLogger
+from matplotlib.figure import Figure
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 from tensorboard.plugins.custom_scalar import layout_pb2
@@ -22,14 +26,20 @@ from callbacks import MarginCallback
 from callbacks.margin import run_label
 from callbacks.tensorboard import (
     TENSORBOARD_FIGSIZE,
+    TENSORBOARD_FONTS,
     band_medians,
+    card_evolution,
+    card_figure,
     margin_layout,
     median_tags,
+    profile_tag,
     two_lines,
+    wrap_to_width,
 )
 from datamodules import SyntheticDataModule
 from lightning_modules import ClassifierModule
-from margins import read_report
+from margins import plot_margins, read_report
+from margins.results import MarginReport
 from train import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,6 +55,24 @@ def events(log_dir: str | Path) -> EventAccumulator:
 
 def steps(acc: EventAccumulator, tag: str) -> list[int]:
     return [e.step for e in acc.Scalars(tag)]
+
+
+def last_layout(acc: EventAccumulator) -> layout_pb2.Layout:
+    """The custom-scalars layout TensorBoard uses for a run: the last one written."""
+    event = acc.Tensors("custom_scalars__config__")[-1]
+    return layout_pb2.Layout.FromString(tensor_util.make_ndarray(event.tensor_proto).item())
+
+
+def scalars_tab_axis(values: list[float]) -> tuple[float, float]:
+    """The y range of a chart of TensorBoard's Scalars tab (2.21, vz_line_chart2's linear scale) with its default
+    "Ignore outliers in chart scaling": the values between the 5% and 95% quantiles (linear interpolation, as d3's
+    and numpy's) span the axis (then padded); when none is left (e.g. two runs with one distinct point each) the
+    axis is the scale's default 0 to 1."""
+    kept = [v for v in values if np.quantile(values, 0.05) <= v <= np.quantile(values, 0.95)]
+    return (min(kept), max(kept)) if kept else (0.0, 1.0)
+
+
+COMPARE = {"compare/clean_acc", "compare/high_band_share", "compare/val_acc"}
 
 
 def hparams_plugin_data(log_dir: str | Path) -> dict[str, plugin_data_pb2.HParamsPluginData]:
@@ -83,7 +111,7 @@ def fit(
     return trainer
 
 
-UNITS = {"margin/median/": "L2", "margin/band_median/": "L2", "margin/high_over_low": "ratio",
+UNITS = {"margin/median/": "L2", "margin/profile/": "L2", "margin/band_median/": "L2", "margin/high_over_low": "ratio",
          "margin/clean_acc": "fraction", "margin/not_converged": "rows"}  # fmt: skip
 
 
@@ -104,31 +132,22 @@ def charts_as_read(layout: layout_pb2.Layout) -> dict[str, list[str]]:
     return charts
 
 
-def test_custom_scalars_one_quantity_per_chart_and_a_few_subspaces_per_chart():
-    charts = charts_as_read(margin_layout(21))
-    assert list(charts.items())[:4] == [
+def test_custom_scalars_one_quantity_per_chart_then_one_profile_per_measurement():
+    charts = charts_as_read(margin_layout(21, profiles={"epoch_004": "epoch 4", "test_epoch_009": "test, epoch 9"}))
+    assert list(charts.items()) == [
         ("high-band / low-band median margin", ["margin/high_over_low"]),
         ("median margin (L2): low band (subspaces 0-2), high band (18-20)",
          ["margin/band_median/low", "margin/band_median/high"]),
         ("clean accuracy of the measured samples", ["margin/clean_acc"]),
         ("not-converged (sample, subspace) rows", ["margin/not_converged"]),
+        ("median margin (L2) per subspace, epoch 4: x = subspace 0-20, low → high frequency",
+         ["margin/profile/epoch_004"]),
+        ("median margin (L2) per subspace, test, epoch 9: x = subspace 0-20, low → high frequency",
+         ["margin/profile/test_epoch_009"]),
     ]  # fmt: skip
-    groups = list(charts.items())[4:]
-    assert [title for title, _ in groups] == [
-        "median margin (L2), subspaces 0-5 (low frequencies)",
-        "median margin (L2), subspaces 6-10 (middle frequencies)",
-        "median margin (L2), subspaces 11-15 (middle frequencies)",
-        "median margin (L2), subspaces 16-20 (high frequencies)",
-    ]
-    assert [tag for _, tags in groups for tag in tags] == median_tags(21)  # every subspace once, in order
     assert all(len({unit(tag) for tag in tags}) == 1 for tags in charts.values())  # one unit per axis
-    assert all(2 * len(tags) <= 13 for tags in charts.values())  # two runs measured once: every point on the axis
-    assert [len(charts_as_read(margin_layout(n))) - 4 for n in (1, 9, 13, 14)] == [
-        1,
-        2,
-        3,
-        3,
-    ]  # CIFAR-10 13, ImageNet 14
+    assert all(2 * len(tags) <= 13 for tags in list(charts.values())[:4])  # two runs measured once: all on the axis
+    assert len(charts_as_read(margin_layout(21))) == 4  # no measurement yet: no profile chart
     small = charts_as_read(margin_layout(2, band_width=3))  # bands capped at half the subspaces
     assert "median margin (L2): low band (subspaces 0-0), high band (1-1)" in small
 
@@ -178,16 +197,18 @@ def test_one_epoch_fit_with_the_default_config_measures_once_and_fills_the_tenso
         assert steps(acc, tag) == val_step, tag  # exactly once, at the step of val/*
     assert "hp_metric" not in tags["scalars"]
 
-    (layout_event,) = acc.Tensors("custom_scalars__config__")
-    layout = layout_pb2.Layout.FromString(tensor_util.make_ndarray(layout_event.tensor_proto).item())
+    layout = last_layout(acc)
     charts = charts_as_read(layout)
-    assert layout == margin_layout(num_subspaces)
+    assert layout == margin_layout(num_subspaces, profiles={"epoch_000": "epoch 0"})
     assert {tag for chart in charts.values() for tag in chart} <= set(tags["scalars"])  # no empty chart
     margin_cards = [t for kind in ("scalars", "histograms", "images") for t in tags[kind] if t.startswith("margin/")]
-    assert len(margin_cards) == num_subspaces + 5 + 2 + 2  # medians, 5 quantities, 2 histograms, 2 images
+    assert len(margin_cards) == num_subspaces + 5 + 1 + 2 + 2  # medians, 5 quantities, profile, histograms, images
 
     saved = read_report(log_dir / "margins" / "epoch_000")
     assert saved.settings["chunk_rows"] == 64 and saved.extra["num_chunks"] == 1  # 4 samples x 9 subspaces
+    profile = acc.Scalars(profile_tag("epoch_000"))  # x = subspace index: the chart's axis names the subspace
+    assert [e.step for e in profile] == list(range(num_subspaces))
+    assert [e.value for e in profile] == pytest.approx(np.median(saved.margins, axis=1), rel=1e-6)
     low, high = band_medians(saved.margins)
     assert acc.Scalars("margin/high_over_low")[0].value == pytest.approx(high / low, rel=1e-5)
     assert acc.Scalars("margin/clean_acc")[0].value == pytest.approx(saved.extra["clean_accuracy"])
@@ -195,9 +216,11 @@ def test_one_epoch_fit_with_the_default_config_measures_once_and_fills_the_tenso
     assert {"margin/distribution", "margin/evolution"} <= set(tags["images"])
     for tag in ("margin/distribution", "margin/evolution"):  # the size of a TensorBoard card, not of the disk figure
         assert (acc.Images(tag)[0].width, acc.Images(tag)[0].height) == (640, 305)
-    assert titles["disk"] == titles["tensorboard"]  # margins.png and margin/distribution: one title, one subtitle
-    (disk_title,) = titles["disk"]
-    assert disk_title.startswith("lenet on synthetic (transform none), epoch 0\n4 samples, 9 subspaces")
+    (disk_title,) = titles["disk"]  # margins.png and margin/distribution: one title, one subtitle
+    assert disk_title.startswith("lenet on synthetic (transform none), epoch 0: DeepFool margins\n4 samples, 9 subsp")
+    (card,) = titles["tensorboard"]
+    assert card.get_suptitle().split() == disk_title.split()  # the same words, lines broken to fit the card
+    assert texts_outside(card) == []
 
     hp = hparams_plugin_data(log_dir)
     assert "_hparams_/experiment" not in hp  # TensorBoard builds the table from all runs: what differs first
@@ -208,8 +231,10 @@ def test_one_epoch_fit_with_the_default_config_measures_once_and_fills_the_tenso
     assert session["pgd/eps"].number_value == 0 and session["pgd/projection"].string_value == "none"
     assert session["train/epochs"].number_value == 1 and session["train/seed"].number_value == 0
     assert session["train/batch_size"].number_value == 64 and session["train/lr"].number_value == 0.21
+    assert {t for t in tags["scalars"] if t.startswith("compare/")} == COMPARE
     assert acc.Scalars("compare/val_acc")[0].value == pytest.approx(acc.Scalars("val/acc")[0].value)
-    assert acc.Scalars("compare/high_over_low")[0].value == acc.Scalars("margin/high_over_low")[0].value
+    assert acc.Scalars("compare/clean_acc")[0].value == acc.Scalars("margin/clean_acc")[0].value
+    assert acc.Scalars("compare/high_band_share")[0].value == pytest.approx(high / (low + high), rel=1e-6)
 
     out, err = capsys.readouterr()
     assert "margins epoch 0: (sample, subspace) rows: 100%" in err and "36/36" in err  # the bar names what it counts
@@ -227,18 +252,30 @@ CURATED_STANDARD = {
 }  # fmt: skip
 
 
-def title_spy(monkeypatch) -> dict[str, list[str]]:
-    """The titles of the margin plots drawn: "disk" (margins.png of the result folder) and "tensorboard" (the
-    `margin/distribution` image)."""
+def texts_outside(fig) -> list[float]:
+    """How far (inches, [left, bottom, right, top]) what `fig` draws (titles, labels, tick labels, legend) reaches
+    beyond its edges, as drawn like the TensorBoard card; [] when everything is inside (nothing clipped)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig).draw()
+    box = fig.get_tightbbox(fig.canvas.get_renderer())  # only what is drawn, e.g. no tick label outside its axis
+    width, height = fig.get_size_inches()
+    beyond = [max(0.0, -box.x0), max(0.0, -box.y0), max(0.0, box.x1 - width), max(0.0, box.y1 - height)]
+    return beyond if max(beyond) > 0.005 else []
+
+
+def title_spy(monkeypatch) -> dict[str, list]:
+    """The margin plots drawn: "disk", the title of margins.png of the result folder; "tensorboard", the figure of
+    the `margin/distribution` image (its title is read once the card is finished)."""
     import margins.plot
 
-    titles: dict[str, list[str]] = {"disk": [], "tensorboard": []}
+    titles: dict[str, list] = {"disk": [], "tensorboard": []}
     original = margins.plot.plot_margins
 
     def spy(*args, **kwargs):
         figure = original(*args, **kwargs)
-        where = "tensorboard" if kwargs.get("ax") is not None else "disk"
-        titles[where].append(figure.axes[0].get_title())
+        card = kwargs.get("ax") is not None
+        titles["tensorboard" if card else "disk"].append(figure if card else figure.axes[0].get_title())
         return figure
 
     monkeypatch.setattr(margins.plot, "plot_margins", spy)
@@ -246,9 +283,11 @@ def title_spy(monkeypatch) -> dict[str, list[str]]:
     return titles
 
 
-def test_hparams_table_compares_two_runs_by_the_setting_that_differs(tmp_path, monkeypatch):
-    """Two runs differing only in the transform, as TensorBoard's HPARAMS backend builds its table: the transform
-    first, then the curated settings by name (the first five are shown), the compared metrics first."""
+def test_two_runs_as_tensorboard_shows_them_hparams_compare_axis_and_custom_scalars(tmp_path, monkeypatch):
+    """Two runs differing only in the transform, measured once each. HPARAMS, as TensorBoard's backend builds its
+    table: the transform first, then the curated settings by name (the first five are shown), the compared metrics
+    first. The Scalars tab: every `compare/*` chart's axis holds both runs. CUSTOM SCALARS, as its plugin merges the
+    runs' layouts: one profile chart holds both runs."""
     from tensorboard import context as tb_context
     from tensorboard.backend.event_processing import data_provider
     from tensorboard.backend.event_processing import plugin_event_multiplexer as multiplexer
@@ -277,7 +316,26 @@ def test_hparams_table_compares_two_runs_by_the_setting_that_differs(tmp_path, m
     assert [h.name for h in experiment.hparam_infos if h.differs] == ["transform"]
     assert {h.name for h in experiment.hparam_infos} == set(CURATED_STANDARD)  # no paths, no class names
     metrics = [m.name.tag for m in experiment.metric_infos][:3]
-    assert metrics == ["compare/clean_acc", "compare/high_over_low", "compare/val_acc"]
+    assert metrics == sorted(COMPARE)
+
+    from tensorboard.data import provider as data
+
+    served = provider.read_scalars(request, experiment_id="", plugin_name="scalars", downsample=100,
+                                   run_tag_filter=data.RunTagFilter(tags=sorted(COMPARE)))  # fmt: skip
+    assert len(served) == 2 and all(set(tags) == COMPARE for tags in served.values())
+    for tag in COMPARE:  # one point per run: "ignore outliers" leaves none, the axis is 0-1, which holds fractions
+        values = [points[tag][-1].value for points in served.values()]
+        axis = scalars_tab_axis(values)
+        assert all(axis[0] <= v <= axis[1] for v in values), (tag, values, axis)
+    assert scalars_tab_axis([18.5, 0.225]) == (0.0, 1.0)  # as a raw ratio (issue 32), 18.5 was off the axis
+
+    from tensorboard.plugins.custom_scalar.custom_scalars_plugin import CustomScalarsPlugin
+
+    context = base_plugin.TBContext(logdir=str(tmp_path), data_provider=provider, multiplexer=mux)
+    merged = layout_pb2.Layout()
+    json_format.Parse(CustomScalarsPlugin(context).layout_impl(request, ""), merged)
+    profiles = [c for c in merged.category[0].chart if "per subspace" in c.title]
+    assert [[s.value for s in c.margin.series] for c in profiles] == [[profile_tag("epoch_000")]]
 
 
 def test_fit_end_measures_a_model_stopped_early_once_and_only_if_not_measured(tmp_path):
@@ -304,6 +362,8 @@ def test_fit_end_measures_a_model_stopped_early_once_and_only_if_not_measured(tm
                 check_val_every_n_epoch=2)  # fmt: skip
     acc = events(noval.log_dir)  # the last epoch has no validation: the final weights are measured at fit end
     assert steps(acc, "val/acc") == [3] and steps(acc, "margin/median/subspace_00") == [3, 6]
+    assert [tags for tags in charts_as_read(last_layout(acc)).values()][4:] == [
+        [profile_tag("epoch_001")], [profile_tag("epoch_002")]]  # fmt: skip
     assert sorted(p.name for p in (Path(noval.log_dir) / "margins").iterdir()) == ["epoch_001", "epoch_002"]
 
     off = fit(tmp_path / "off", MarginCallback(num_samples=3, every_n_epochs=5, measure_at_fit_end=False), 1)
@@ -351,3 +411,41 @@ def test_card_images_fit_tensorboards_image_box_with_labels_on_two_lines():
     assert two_lines("median margin (L2), 1.34 to 21.4") == "median margin (L2),\n1.34 to 21.4"
     width, height = (100 * v for v in TENSORBOARD_FIGSIZE)
     assert min(452 / width, 215 / height) >= 0.7
+
+
+def test_card_images_keep_every_text_inside_with_the_result_folders_title():
+    """A flipped run's card once cut "100 samples" to ".00 samples": its title, centred on the axes beside the
+    legend, reached past the card's left edge. The cards put the title over the whole card, broken to fit."""
+    rng = np.random.default_rng(0)
+    margins = rng.gamma(2.0, 3.0, size=(21, 100)).astype(np.float32)
+    converged = np.ones(margins.shape, dtype=bool)
+    converged[3, :2] = False
+    targets = np.zeros(100, dtype=np.int64)
+    predicted = np.where(np.arange(100) < 7, 1, 0)
+    report = MarginReport(margins, converged, np.arange(100), {"estimator": "fmn"}, predicted=predicted,
+                          targets=targets)  # fmt: skip
+    title = "resnet18 on cifar10 (transform low_pass), test, epoch 12"
+    with matplotlib.rc_context(TENSORBOARD_FONTS):
+        before = Figure(figsize=TENSORBOARD_FIGSIZE, layout="constrained")  # the title on the axes, as before
+        plot_margins(margins, converged, title, before.add_subplot(), misclassified=predicted != targets)
+        assert texts_outside(before)[0] > 0.5  # cut at the left edge
+        card = card_figure(report, title)
+        evolution = card_evolution([0, 5, 10, 15], margins[:, :4], "resnet18 on cifar10 (transform low_pass)", 100)
+        assert texts_outside(card) == [] and texts_outside(evolution) == []
+    expected = f"{title}: FMN margins\n100 samples, 21 subspaces, 7 misclassified, 2 not converged"
+    assert card.get_suptitle().split() == expected.split()  # the result folder's title and subtitle, rewrapped
+    assert len(card.get_suptitle().splitlines()) > 2
+
+
+def test_wrap_to_width_breaks_after_commas_then_at_spaces():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    text = "100 samples, 21 subspaces, 7 misclassified, 2 not converged"
+    assert wrap_to_width(text, 10_000, 13, 100) == text
+    lines = wrap_to_width(text, 150, 13, 100).splitlines()
+    assert lines == ["100 samples,", "21 subspaces,", "7 misclassified,", "2 not converged"]
+    assert wrap_to_width("one very long name", 100, 13, 100).splitlines() == ["one very", "long name"]
+    fig = Figure(dpi=100)
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    widths = [fig.text(0, 0, line, fontsize=13).get_window_extent(renderer).width for line in lines]
+    assert max(widths) <= 150  # measured as matplotlib draws them
