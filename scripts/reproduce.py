@@ -22,12 +22,16 @@ is not repeated), <out>/margins/<experiment>/ (evaluate_margin.py's result folde
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -39,6 +43,7 @@ IN_CLONE = (REPO / "pyproject.toml").is_file() and (REPO / "train.py").is_file()
 PROGRAM = "python scripts/reproduce.py" if IN_CLONE else "hmt-reproduce"  # how the user runs this script
 sys.path.insert(0, str(REPO))  # run as a file from a clone: the project's packages
 
+from callbacks.epoch_line import LINE as EPOCH_LINE  # noqa: E402
 from configs import config_path  # noqa: E402
 from margins import read_report  # noqa: E402
 from margins.plot import describe_run, grid_shape, panel_axes, plot_margins, shared_legend  # noqa: E402
@@ -116,6 +121,13 @@ def experiments(dataset: str) -> list[Experiment]:
 
 
 QUICK_BATCHES, QUICK_ROBUST_BATCHES, QUICK_SYNTHETIC_EPOCHS = 120, 400, 4
+QUICK_SAMPLES, QUICK_PGD_SAMPLES = 20, 250
+QUICK_HELP = (
+    f"short trainings: 1 epoch of at most {QUICK_BATCHES} batches per model ({QUICK_ROBUST_BATCHES} for an "
+    f"adversarially trained one, each batch a 7-step PGD attack; synthetic data: {QUICK_SYNTHETIC_EPOCHS} epochs), "
+    f"{QUICK_SAMPLES} margin samples, PGD accuracy on at most {QUICK_PGD_SAMPLES} test samples"
+)
+STOP_WAIT_S = 60  # after SIGTERM, seconds a child has to end (train.py: at its next batch) before SIGKILL
 DEFAULTS = {  # dataset: (training epochs, None: the config's; PGD accuracy samples)
     "mnist": (10, 1000),
     "cifar10": (None, 0),
@@ -124,9 +136,10 @@ DEFAULTS = {  # dataset: (training epochs, None: the config's; PGD accuracy samp
 
 
 # ---- steps ---------------------------------------------------------------------------------------------------
-def run(cmd: list[str], log: Path, args: argparse.Namespace) -> float:
+def run(cmd: list[str], log: Path, args: argparse.Namespace, say: Callable[[str], None] = print) -> float:
     """`python -m <module> ...` in a subprocess with its output in `log` (or, with --in-process, in this process);
-    raises with the log's tail on failure. Returns seconds."""
+    its epoch lines (`callbacks.EpochLine`) are also passed to `say`. Raises with the log's tail on failure; the
+    child is ended (SIGTERM, then SIGKILL after `STOP_WAIT_S`) when this process is interrupted. Returns seconds."""
     start = time.perf_counter()
     log.parent.mkdir(parents=True, exist_ok=True)
     if args.in_process:
@@ -136,11 +149,64 @@ def run(cmd: list[str], log: Path, args: argparse.Namespace) -> float:
         return time.perf_counter() - start
     with log.open("w") as handle:
         cwd = REPO if IN_CLONE else None
-        proc = subprocess.run([sys.executable, "-m", *cmd], cwd=cwd, stdout=handle, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([sys.executable, "-m", *cmd], cwd=cwd, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True, bufsize=1)  # fmt: skip
+        try:
+            for line in proc.stdout:
+                handle.write(line)
+                if EPOCH_LINE.match(line):
+                    say(line.rstrip())
+            proc.wait()
+        except BaseException:
+            handle.write(end_child(proc))
+            raise
     if proc.returncode != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-30:])
         raise RuntimeError(f"command failed ({proc.returncode}): python -m {shlex.join(cmd)}\n{tail}")
     return time.perf_counter() - start
+
+
+def end_child(proc: subprocess.Popen) -> str:
+    """SIGTERM to a running child, SIGKILL if it has not ended `STOP_WAIT_S` seconds later; reads the rest of its
+    output (so that a full pipe never blocks it) and waits for it. Returns that output."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        rest, _ = proc.communicate(timeout=STOP_WAIT_S)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        rest, _ = proc.communicate()
+    return rest or ""
+
+
+class Interrupted(Exception):
+    """SIGTERM or SIGINT reached this process (`signum`)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """SIGTERM and SIGINT raise `Interrupted` in the main thread (a second one is ignored while the children end);
+    the previous handlers are restored after the block. Elsewhere than the main thread: nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stops = (signal.SIGTERM, signal.SIGINT)
+
+    def stop(signum: int, frame: object) -> None:
+        for s in stops:
+            signal.signal(s, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, stop) for s in stops}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _run_in_process(cmd: list[str]) -> int:
@@ -167,7 +233,8 @@ def train_command(exp: Experiment, args: argparse.Namespace) -> list[str]:
         "train", "fit", "--config", str(config_path(exp.config_name)), "--data.data_dir", str(args.data_dir),
         "--trainer.logger.init_args.save_dir", str(args.out / "logs"), "--trainer.logger.init_args.name", exp.name,
         "--trainer.logger.init_args.version", "reproduce", "--trainer.enable_progress_bar", "false",
-        "--seed_everything", str(args.seed), "--margin.enabled", "false", *exp.overrides,
+        "--trainer.callbacks+=callbacks.EpochLine", "--seed_everything", str(args.seed), "--margin.enabled", "false",
+        *exp.overrides,
     ]  # fmt: skip
     if args.epochs:
         cmd += ["--trainer.max_epochs", str(args.epochs)]
@@ -249,8 +316,20 @@ def measured(exp: Experiment, ckpt: Path, folder: Path) -> dict:
         "low_band_median": low,
         "high_band_median": high,
         "subspaces": f"{count} subspaces: {block}x{block} blocks, step {step}, of {_shape(s)} images",
+        "attack": attack_text(s),
         "device": s.get("device_type", "cpu"),
     }
+
+
+def attack_text(settings: dict) -> str:
+    """The margin estimator and its settings as a margin folder records them."""
+    estimator = settings.get("estimator", "deepfool")
+    if estimator != "deepfool":
+        options = settings.get("estimator_settings", {})
+        return f"{estimator} ({', '.join(f'{k} {v}' for k, v in options.items() if k != 'estimator')})"
+    overshoot, max_iter = settings.get("overshoot"), settings.get("max_iter")
+    release = " (the release's settings)" if (overshoot, max_iter) == (0.02, 100) else ""
+    return f"subspace-constrained DeepFool, overshoot {overshoot}, at most {max_iter} iterations{release}"
 
 
 def _shape(settings: dict) -> str:
@@ -271,20 +350,38 @@ def run_experiment(exp: Experiment, args: argparse.Namespace, clock: float) -> d
     if exp.name in args.given:
         ckpt = args.given[exp.name]
     else:
-        say("training")
+        log = args.out / "logs" / f"{exp.name}_fit.log"
+        say(f"training (log: {log})")
         cmd = train_command(exp, args)
         if ckpt.is_file():  # an earlier run of this command: resume (a finished training ends at once)
             cmd += ["--ckpt_path", str(ckpt)]
-        train_seconds = run(cmd, args.out / "logs" / f"{exp.name}_fit.log", args)
+        train_seconds = run(cmd, log, args, say)
     say("margins")
     # --overwrite: the model may have been retrained since an earlier measurement in this folder
-    run([*margin_command(exp, ckpt, args), "--overwrite"], args.out / "logs" / f"{exp.name}_margins.log", args)
-    result = {**measured(exp, ckpt, folder), "train_seconds": train_seconds}
+    run([*margin_command(exp, ckpt, args), "--overwrite"], args.out / "logs" / f"{exp.name}_margins.log", args, say)
+    record = NOT_RECORDED if exp.name in args.given else training_record(ckpt)
+    result = {**measured(exp, ckpt, folder), "train_seconds": train_seconds, **record}
     result["trained_by"] = "given checkpoint" if exp.name in args.given else "this run"
     if args.robust_samples > 0:
         result.update(accuracies(exp, ckpt, args))
     say(f"low/high median margin {result['low_band_median']:.3g}/{result['high_band_median']:.3g}")
     return result
+
+
+NOT_RECORDED = {"trained_epochs": None, "trained_steps": None, "trained_batch_size": None}  # trained elsewhere
+
+
+def training_record(ckpt: Path) -> dict:
+    """What the Lightning checkpoint of a training of this reproduction says of it: `trained_epochs` (epochs begun,
+    the last one possibly cut short by a step limit), `trained_steps` (optimizer steps) and `trained_batch_size`
+    (per device); not recorded where the
+    checkpoint is not here (a cluster job's, on another file system)."""
+    if not Path(ckpt).is_file():
+        return NOT_RECORDED
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)  # written by this project's train.py
+    data = saved.get("datamodule_hyper_parameters") or {}
+    return {"trained_epochs": int(saved["epoch"]) + 1, "trained_steps": int(saved["global_step"]),
+            "trained_batch_size": data.get("batch_size")}  # fmt: skip
 
 
 def collect(exp: Experiment, args: argparse.Namespace) -> dict | None:
@@ -297,6 +394,7 @@ def collect(exp: Experiment, args: argparse.Namespace) -> dict | None:
         print(f"{exp.name}: skipped, no finished margins ({' '.join(str(err).split())})", file=sys.stderr)
         return None
     result.update(train_seconds=None, trained_by="given checkpoint" if exp.name in args.given else "cluster job")
+    result.update(NOT_RECORDED if exp.name in args.given else training_record(ckpt))
     if args.robust_samples > 0:
         result.update(accuracies(exp, ckpt, args))
     return result
@@ -431,13 +529,14 @@ def build_parser() -> argparse.ArgumentParser:
       help="run only these experiments (config names; variants: mnist_flipped_robust_lenet_dykstra)")  # fmt: skip
     a("--checkpoint", action="append", default=[], metavar="EXPERIMENT=PATH",
       help="measure this checkpoint instead of training the experiment (repeatable)")  # fmt: skip
-    a("--epochs", type=int, help="training epochs per model (default: MNIST 10, otherwise the configs' 30)")
+    a("--epochs", type=int, help="training epochs per model (default: MNIST 10, otherwise the configs' 30; "
+      "each epoch prints a line: loss, accuracy, seconds)")  # fmt: skip
     a("--train-args", default="", help='more train.py flags, e.g. --train-args="--trainer.max_steps 5"')
     a("--margin-args", default="", help='more evaluate_margin.py flags, e.g. --margin-args="--max-iter 50"')
     a("--num-samples", type=int, default=100, help="test samples for the margins (default 100)")
     a("--robust-samples", type=int, help="test samples attacked for PGD accuracy (default: MNIST 1000, else 0: none)")
     a("--seed", type=int, default=0, help="seed of training and of the sample draw (default 0)")
-    a("--quick", action="store_true", help="120 steps per model, 20 margin samples (minutes on MNIST)")
+    a("--quick", action="store_true", help=QUICK_HELP)
     a("--docs", action="store_true", help="also write the page and figure into docs/")
     a("--emit", choices=("sbatch", "torchrun"), help="write one cluster job per experiment instead of running")
     a("--gpus", type=int, default=1, help="GPUs per job with --emit (default 1; >1: DDP, batch size per GPU)")
@@ -455,7 +554,8 @@ def parse(argv: list[str] | None) -> tuple[argparse.Namespace, list[Experiment]]
     args.epochs = args.epochs if args.epochs is not None else epochs
     args.robust_samples = args.robust_samples if args.robust_samples is not None else robust
     if args.quick:
-        args.epochs, args.num_samples, args.robust_samples = 1, 20, min(args.robust_samples, 250)
+        args.epochs, args.num_samples = 1, QUICK_SAMPLES
+        args.robust_samples = min(args.robust_samples, QUICK_PGD_SAMPLES)
     args.out = (args.out or Path("outputs") / f"reproduce_{args.dataset}").resolve()
     args.data_dir = args.data_dir.resolve()
     known = {e.name: e for e in experiments(args.dataset)}
@@ -487,7 +587,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.collect:
         results = {e.name: r for e in chosen if (r := collect(e, args)) is not None}
     else:
-        results = {e.name: run_experiment(e, args, start) for e in chosen}
+        try:
+            with interruptible():
+                results = {e.name: run_experiment(e, args, start) for e in chosen}
+        except Interrupted as stop:
+            command = f"{PROGRAM} {shlex.join(sys.argv[1:] if argv is None else argv)}"
+            print(f"stopped by {stop}: finished trainings and last.ckpt of the current one are kept under {args.out}; "
+                  f"resume with: {command}", file=sys.stderr, flush=True)  # fmt: skip
+            raise SystemExit(128 + stop.signum) from None
     if not results:
         raise SystemExit(f"error: no finished experiment under {args.out}; run the jobs first")
     summary = make_summary(results, args, time.perf_counter() - start, argv)
@@ -509,10 +616,16 @@ def make_summary(results: dict, args: argparse.Namespace, seconds: float, argv: 
         "torch": torch.__version__,
         "device": "margins on " + ", ".join(d.upper() if d == "cpu" else d for d in devices),
         "figure": f"{args.dataset}_margins.png",
+        "summary_file": shown(args.out / "summary.json"),
         "per_net_claims": per_net,
         "results": results,
         "claims": claim_values(results, args.dataset, per_net),
     }
+
+
+def shown(path: Path) -> str:
+    """`path` relative to the clone when inside it (how the pages name a file), else absolute."""
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def cli() -> int:

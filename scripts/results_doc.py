@@ -122,33 +122,74 @@ def claim_values(results: dict, dataset: str, per_net: bool) -> dict[str, float]
 
 
 def render(summary: dict) -> str:
-    """The results page of a reproduction's summary (scripts/reproduce.py)."""
+    """The results page of a reproduction's summary (scripts/reproduce.py): every number on it from the summary
+    (the run's own records), every note about an experiment only where that experiment ran."""
     settings, results = summary["settings"], summary["results"]
     dataset = settings["dataset"]
     lines = [f"# Results: the paper's {summary['label']} experiments, reproduced", "", _provenance(summary), ""]
     lines += [f"![Margins per DCT subspace, low to high frequency]({summary['figure']})", "", FIGURE_TEXT, ""]
-    lines += _accuracy_table(results) + [""] + ([*PGD_TEXT[dataset], ""] if dataset in PGD_TEXT else [])
+    lines += (
+        _accuracy_table(results) + [""] + [*pgd_text(results), ""] * any("pgd_accuracy" in r for r in results.values())
+    )
     lines += _claims_table(summary, dataset) + [""]
-    lines += _median_table(results) + ["", *NOTES[dataset], *projection_note(summary)]
+    lines += _median_table(results) + ["", *notes(summary), *projection_note(summary)]
     return "\n".join(lines) + "\n"
 
 
+def plural(count: int, word: str) -> str:
+    """ "1 epoch", "3 epochs"."""
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def span(values: list[int]) -> str:
+    """ "5" for equal values, "5-8" otherwise."""
+    return f"{min(values)}" if min(values) == max(values) else f"{min(values)}-{max(values)}"
+
+
+def trained_here(results: dict) -> list[dict]:
+    """The experiments whose training this run's records describe (epochs and steps from their checkpoints)."""
+    return [r for r in results.values() if r.get("trained_steps") is not None]
+
+
+def training_text(results: dict) -> str:
+    """How this run's models were trained, from their records: "2 models trained here, 3 epochs (1407 steps) each,
+    1 given checkpoint"."""
+    trained = trained_here(results)
+    parts = []
+    if trained:
+        epochs, steps = [r["trained_epochs"] for r in trained], [r["trained_steps"] for r in trained]
+        each = " each" if len(trained) > 1 else ""
+        parts.append(f"{plural(len(trained), 'model')} trained, {span(epochs)} epoch{'' if max(epochs) == 1 else 's'} "
+                     f"({span(steps)} optimizer steps){each}")  # fmt: skip
+    others = {}
+    for r in results.values():
+        if r.get("trained_steps") is None:
+            others[r["trained_by"]] = others.get(r["trained_by"], 0) + 1
+    parts += [f"{plural(n, 'model')} from a {who}" for who, n in others.items()]
+    return ", ".join(parts)
+
+
+def summary_file(summary: dict) -> str:
+    """The summary.json this page is written from (as the command that wrote it named it)."""
+    out = summary["settings"].get("out")
+    return summary.get("summary_file") or (f"{out}/summary.json" if out else "summary.json")
+
+
 def _provenance(summary: dict) -> str:
-    s = summary["settings"]
-    epochs = f"{s['epochs']} training epoch{'' if s.get('epochs') == 1 else 's'} per model" if s.get("epochs") else None
-    epochs = epochs or "the configs' training length"
+    s, results = summary["settings"], summary["results"]
     overrides = f" (training overrides: `{s['train_args']}`)" if s.get("train_args") else ""
-    subspaces = "; ".join(sorted({r["subspaces"] for r in summary["results"].values()}))
+    subspaces = "; ".join(sorted({r["subspaces"] for r in results.values()}))
+    samples = span([r["margin_samples"] for r in results.values()])
+    attacks = "; ".join(dict.fromkeys(r.get("attack", "subspace-constrained DeepFool") for r in results.values()))
     minutes = summary["seconds"] / 60
     took = f"{minutes:.0f} minute{'' if round(minutes) == 1 else 's'}"
     return (
         f"Written by `{summary['command']}` on {dt.date.today().isoformat()} (torch {summary['torch']}, "
-        f"{summary['device']}, {took} in all): {epochs}{overrides}, margins of "
-        f"{s['num_samples']} random test samples (seed {s['seed']}) along DCT subspaces ({subspaces}), "
-        "subspace-constrained DeepFool with the release's settings (overshoot 0.02, at most 100 iterations). "
-        f"The paper: [arXiv:2002.06349]({PAPER}); its figures are drawn by the [original release]({RELEASE})'s "
-        "scripts named in the claims table. Rerun the command to regenerate this page; numbers vary slightly with "
-        "the hardware's floating point."
+        f"{summary['device']}, {took} in all) from its records `{summary_file(summary)}` and the margin folders it "
+        f"names: {training_text(results)}{overrides}; margins of {samples} random test samples (seed {s['seed']}) "
+        f"along DCT subspaces ({subspaces}), {attacks}. The paper: [arXiv:2002.06349]({PAPER}); its figures are "
+        f"drawn by the [original release]({RELEASE})'s scripts named in the claims table. Rerun the command to "
+        "regenerate this page; numbers vary slightly with the hardware's floating point."
     )
 
 
@@ -159,14 +200,18 @@ FIGURE_TEXT = (
     "triangles, non-converged ones red crosses."
 )
 
-PGD_TEXT = {
-    "mnist": [
+
+def pgd_text(results: dict) -> list[str]:
+    """How the PGD accuracies of the table were measured (`scripts/reproduce.py: accuracies`)."""
+    kinds = {r["kind"] for r in results.values()}
+    text = (
         "PGD: 20 steps of 2.5·eps/20, random start, in the data's own space; projection onto the ball and the valid "
         "images (for flipped data the exact projection, in closed form, onto the ball and the images valid after "
-        "un-flipping; low-pass images have no box). Synthetic data is attacked with eps 1 (its class separation) and "
-        "no box."
-    ],
-}
+        "un-flipping; low-pass images have no box)."
+    )
+    if "synthetic" in kinds:
+        text += " Synthetic data is attacked with eps 1 (its class separation) and no box."
+    return [text]
 
 
 def _accuracy_table(results: dict) -> list[str]:
@@ -174,7 +219,7 @@ def _accuracy_table(results: dict) -> list[str]:
         "## Accuracy",
         "",
         "| experiment | clean accuracy (samples) | L2 PGD accuracy (eps, samples) | margin rows not converged | "
-        "training time |",
+        "training |",
         "|---|---|---|---|---|",
     ]
     for r in results.values():
@@ -190,10 +235,17 @@ def _accuracy_table(results: dict) -> list[str]:
 
 
 def _training_time(r: dict) -> str:
-    """The training time ("8.0 min", "40 s"), or who trained the model (a given checkpoint, a cluster job)."""
+    """The training ("3 epochs, 1407 steps, 8.0 min"; "40 s"), or who trained the model (a given checkpoint, a
+    cluster job)."""
     seconds = r.get("train_seconds")
+    length = f"{plural(r['trained_epochs'], 'epoch')}, {r['trained_steps']} steps" if r.get("trained_steps") else ""
     if not seconds:
-        return r["trained_by"]
+        return f"{length}, {r['trained_by']}" if length else r["trained_by"]
+    return f"{length}, {duration(seconds)}" if length else duration(seconds)
+
+
+def duration(seconds: float) -> str:
+    """ "8.0 min", "40 s"."""
     return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
 
 
@@ -257,9 +309,8 @@ def projection_note(summary: dict) -> list[str]:
             "onto {L2 ball} ∩ {valid image after un-flipping} in closed form (`projection: exact`) and by Dykstra's "
             f"algorithm as in the release: exact {exact_figures}; Dykstra {dykstra_figures}. The two projections "
             "agree to Dykstra's tolerance (1e-6), which over thousands of steps still sends training along another "
-            "path; what the choice changes is the time (`benchmarks/bench_training.py`: a 7-step PGD step costs "
-            "0.90-1.14x its floor of 8 standard steps with the exact projection, 1.52-2.01x with Dykstra's, LeNet on "
-            "CPU)."
+            "path; what the choice changes is the time of a PGD step (the training times here; "
+            "`python benchmarks/bench_training.py` times the steps alone)."
         )
     return lines
 
@@ -288,57 +339,97 @@ def band_medians(margins: np.ndarray) -> tuple[float, float]:
     return float(np.median(margins[:width])), float(np.median(margins[-width:]))
 
 
-NOTES = {
-    "mnist": [
-        "## Where this differs from the paper, and why",
-        "",
-        "- **Training length.** 10 epochs per model instead of 30, so that the whole reproduction (seven trainings, "
-        "three of them adversarial) fits in an hour on two CPU cores. The triangular learning-rate schedule is "
-        "compressed accordingly (peak 0.21 at 2/5 of training). Accuracies are therefore a little below the "
-        "release's, and the margins of fully trained networks are larger at high frequencies: the invariance "
-        "builds up with training. `--epochs 30` runs the release's length.",
-        "- **Adversarial training.** The release does not publish PGD's steps and step size; we use 7 steps of "
-        "2.5·eps/7 with a random start (MadryLab's convention), eps = 2. The flipped models are trained with the "
-        "projection onto {L2 ball} ∩ {valid image after un-flipping}: in closed form (`projection: exact`, the "
-        "config's default) and, as the release did, by Dykstra's algorithm (to a 1e-6 tolerance); both are listed.",
-        "- **Low-pass MNIST** is not in the paper (which low-passes CIFAR-10 only); we keep the 14x14 lowest DCT "
-        "frequencies, the 2-D block (the release's batched filter kept a band of rows only; see "
-        "`datamodules/__init__.py`). It shows the same effect the paper reports for low-pass CIFAR-10.",
-        "- **Samples.** Margins are measured on 100 random test samples (the paper also uses 100); the medians move "
-        "by a few percent with another seed.",
-        "- **Synthetic data** follows the follow-up paper's generator (`x = y·(eps/2)·v + w`, eps 1, 10,000 samples "
-        "of 1x32x32) with `v` the DCT atom (1, 1), which lies in the first subspace only, but with noise sigma 1 "
-        "instead of 3: with sigma 3 and the release's SGD recipe our LeNet reached only 76-87% test accuracy in "
-        "10-20 epochs (it fits the noise), which blurs the picture. Its margin in the first subspace is close to "
-        "the class separation 1.02·eps/2 = 0.51; in the other subspaces the network is nearly invariant. PGD with "
-        "eps 1 crosses the separation, hence its near-zero robust accuracy.",
-    ],
-    "cifar10": [
-        "## Where this may differ from the paper",
-        "",
-        "- **Training** follows the release's recipe from `configs/cifar10_*.yaml` (SGD, batch 128, 30 epochs, "
-        "triangular learning rate, no augmentation); on many GPUs the batch size is per device.",
-        "- **Adversarial training.** The release does not publish PGD's steps and step size; we use 7 steps of "
-        "2.5·eps/7 with a random start (MadryLab's convention), eps = 1; flipped data with the projection onto "
-        "{L2 ball} ∩ {valid image after un-flipping} in closed form (`projection: exact`, the configs' default). The "
-        "release ran Dykstra's algorithm, which agrees with it to a 1e-6 tolerance at a higher cost per step; the "
-        "MNIST page compares the two trainings.",
-        "- **Low-pass CIFAR-10** keeps the 16x16 lowest DCT block (`transform: low_pass`); the release's batched "
-        "filter kept the lowest 16 DCT rows of every column (`low_pass_rows_release`, see "
-        "`datamodules/__init__.py`).",
-        "- **Accuracy.** Without `--robust-samples N` the table shows the clean accuracy of the measured samples "
-        "only; the training logs hold the validation accuracy.",
-    ],
-    "imagenet": [
-        "## Where this may differ from the paper",
-        "",
-        "- **Models.** The release evaluates MadryLab's robust ResNet-50 (L2, eps 3) and its own flipped ResNet-50; "
-        "`--checkpoint imagenet_robust_resnet50=imagenet_l2_3_0.pt --margin-args=--trusted-pickle` measures "
-        "MadryLab's file instead of training one, and `--checkpoint imagenet_resnet50=resnet50-0676ba61.pth` "
-        "torchvision's weights.",
-        "- **Training** follows `configs/imagenet_*.yaml` (random resized crop and horizontal flip); on many GPUs the "
-        "batch size is per device.",
-        "- **Subspaces.** 16x16 DCT blocks with step 16 along the diagonal of the 224x224 spectrum (14 subspaces).",
-        "- **Accuracy.** Without `--robust-samples N` the table shows the clean accuracy of the measured samples only.",
-    ],
+RELEASE_EPOCHS = 30  # the release's training length, every dataset
+
+
+def notes(summary: dict) -> list[str]:
+    """Where this run differs from the paper, and why: a note per experiment kind that ran, figures from the run."""
+    dataset, results = summary["settings"]["dataset"], summary["results"]
+    kinds = {r["kind"] for r in results.values()}
+    lines = ["## Where this differs from the paper, and why", "", *training_notes(dataset, results)]
+    if any(r["robust"] for r in results.values()):
+        lines.append(adversarial_note(results))
+    if "lowpass" in kinds:
+        lines.append(LOWPASS_NOTES[dataset])
+    samples = span([r["margin_samples"] for r in results.values()])
+    lines.append(f"- **Samples.** Margins are measured on {samples} random test samples (the paper uses 100); the "
+                 "medians move with another draw (`--seed`).")  # fmt: skip
+    if "synthetic" in kinds:
+        lines.append(SYNTHETIC_NOTE)
+    if dataset == "imagenet":
+        lines += IMAGENET_NOTES
+    if not any(r.get("test_samples") for r in results.values()):
+        lines.append("- **Accuracy.** Without `--robust-samples N` the table shows the clean accuracy of the measured "
+                     "samples only; the training logs hold the validation accuracy.")  # fmt: skip
+    return lines
+
+
+def training_notes(dataset: str, results: dict) -> list[str]:
+    """The training length of this run's models against the release's 30 epochs (nothing when none trained here)."""
+    trained = trained_here(results)
+    if not trained:
+        return []
+    epochs = [r["trained_epochs"] for r in trained]
+    adversarial = sum(r["robust"] for r in trained)
+    seconds = sum(r.get("train_seconds") or 0 for r in trained)
+    this_run = f"{plural(len(trained), 'training')}" + (f", {adversarial} of them adversarial" if adversarial else "")
+    this_run += f", {duration(seconds)} of training in all" if seconds else ""
+    batches = [r["trained_batch_size"] for r in trained if r.get("trained_batch_size")]
+    batch = f", batch {span(batches)}" if batches else ""
+    recipe = (f"SGD{batch}, triangular learning rate, no augmentation" if dataset != "imagenet"
+              else f"SGD{batch}, random resized crop and horizontal flip")  # fmt: skip
+    lines = [f"- **Training** follows the release's recipe from the experiments' `configs/*.yaml` ({recipe}); on "
+             "many GPUs the batch size is per device."]  # fmt: skip
+    if set(epochs) != {RELEASE_EPOCHS}:
+        lines.append(
+            f"- **Training length.** {span(epochs)} epoch{'' if max(epochs) == 1 else 's'} per model "
+            f"({span([r['trained_steps'] for r in trained])} optimizer steps) instead of the release's "
+            f"{RELEASE_EPOCHS} ({this_run}). The triangular learning-rate schedule is compressed accordingly (peak at "
+            "2/5 of training). Accuracies are therefore below the release's, and the margins of fully trained "
+            f"networks are larger at high frequencies: the invariance builds up with training. `--epochs "
+            f"{RELEASE_EPOCHS}` runs the release's length."
+        )
+    else:
+        lines.append(f"- **Training length.** The release's {RELEASE_EPOCHS} epochs per model ({this_run}).")
+    return lines
+
+
+def adversarial_note(results: dict) -> str:
+    """PGD training's settings, and the projections of the flipped robust runs that ran."""
+    kinds = {r["kind"] for r in results.values()}
+    eps = "/".join(f"{e:g}" for e in sorted({r["pgd_eps"] for r in results.values() if r["robust"]}))
+    text = ("- **Adversarial training.** The release does not publish PGD's steps and step size; we use 7 steps of "
+            f"2.5·eps/7 with a random start (MadryLab's convention), eps = {eps}.")  # fmt: skip
+    exact, dykstra = "flipped_robust" in kinds, "flipped_robust_dykstra" in kinds
+    if exact or dykstra:
+        text += " Flipped data is projected onto {L2 ball} ∩ {valid image after un-flipping}"
+        closed_form = "in closed form (`projection: exact`, the configs' default)"
+        release_way = "by Dykstra's algorithm as the release did (to a 1e-6 tolerance)"
+        ways = [way for way, ran in ((closed_form, exact), (release_way, dykstra)) if ran]
+        text += " " + " and ".join(ways) + ("; both are listed." if len(ways) == 2 else ".")
+    return text
+
+
+LOWPASS_NOTES = {
+    "mnist": "- **Low-pass MNIST** is not in the paper (which low-passes CIFAR-10 only); we keep the 14x14 lowest DCT "
+    "frequencies, the 2-D block (the release's batched filter kept a band of rows only; see "
+    "`datamodules/__init__.py`).",
+    "cifar10": "- **Low-pass CIFAR-10** keeps the 16x16 lowest DCT block (`transform: low_pass`); the release's "
+    "batched filter kept the lowest 16 DCT rows of every column (`low_pass_rows_release`, see "
+    "`datamodules/__init__.py`).",
 }
+
+SYNTHETIC_NOTE = (
+    "- **Synthetic data** follows the follow-up paper's generator (`x = y·(eps/2)·v + w`, eps 1, 10,000 samples of "
+    "1x32x32) with `v` the DCT atom (1, 1), which lies in the first subspace only, but with noise sigma 1 instead of "
+    "3: with sigma 3 and the release's SGD recipe LeNet fits the noise and its test accuracy stays far below the "
+    "other experiments', which blurs the picture. Its margin in the first subspace is close to the class separation "
+    "1.02·eps/2 = 0.51; in the other subspaces the network is nearly invariant. PGD with eps 1 crosses the "
+    "separation, hence its near-zero robust accuracy."
+)
+
+IMAGENET_NOTES = [
+    "- **Models.** The release evaluates MadryLab's robust ResNet-50 (L2, eps 3) and its own flipped ResNet-50; "
+    "`--checkpoint imagenet_robust_resnet50=imagenet_l2_3_0.pt --margin-args=--trusted-pickle` measures MadryLab's "
+    "file instead of training one, and `--checkpoint imagenet_resnet50=resnet50-0676ba61.pth` torchvision's weights.",
+]

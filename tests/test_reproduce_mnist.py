@@ -43,6 +43,7 @@ def _result(exp: reproduce.Experiment, low: float, high: float, minutes: float) 
     return {
         **asdict(exp), "clean_accuracy": 0.98, "test_samples": 10000, "pgd_accuracy": 0.7, "pgd_eps": 2.0,
         "pgd_samples": 1000, "not_converged": 0, "train_seconds": 60 * minutes, "trained_by": "this run",
+        "trained_epochs": 10, "trained_steps": 4690, "trained_batch_size": 128,
         "median_margin": [low, high], "low_band_median": low, "high_band_median": high, "margin_samples": 100,
         "subspaces": "2 subspaces: 8x8 blocks, step 1, of 1x28x28 images", "device": "cpu",
     }  # fmt: skip
@@ -81,8 +82,9 @@ def test_both_flipped_robust_variants_are_compared_in_the_results_page():
     assert "| 1.25x | yes (> 1.2) |" in page and "| 40.00x | yes (> 3) |" in page  # exact
     assert "| 1.50x | yes (> 1.2) |" in page and "| 50.00x | yes (> 3) |" in page  # Dykstra
     assert "| mnist_flipped_robust_lenet | mnist_flipped_robust_lenet_dykstra |" in page  # the median table
-    assert "exact 8.0 min" in page and "Dykstra 16.0 min" in page and "REFERENCE" not in page
-    assert "seven trainings, three of them adversarial" in page
+    assert "exact 10 epochs, 4690 steps, 8.0 min" in page and "Dykstra 10 epochs, 4690 steps, 16.0 min" in page
+    assert "10 epochs per model (4690 optimizer steps) instead of the release's 30 (3 trainings, 2 of them " in page
+    assert "adversarial, 26.0 min of training in all)" in page and "REFERENCE" not in page
     del results["mnist_flipped_robust_lenet_dykstra"]  # one of them ran: no comparison
     page = render(_summary(results, claim_values(results, "mnist", per_net=False)))
     assert "Exact projection vs Dykstra" not in page
