@@ -16,7 +16,8 @@ from their result folders):
 
 Per experiment: <out>/logs/<experiment>/reproduce/ (training; a rerun resumes from its last.ckpt, a finished training
 is not repeated), <out>/margins/<experiment>/ (evaluate_margin.py's result folder). Then <out>/summary.json,
-<out>/<dataset>_margins.png and the page.
+<out>/<dataset>_margins.png and the page. A training prints a line per epoch (train loss, validation loss and accuracy,
+seconds; `callbacks.EpochLine`); SIGTERM or Ctrl-C ends the running child and prints the command that resumes.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The MNIST experiments: `scripts/reproduce.py --dataset mnist` (same flags), kept under its earlier name.
 
 python scripts/reproduce_mnist.py --data-dir ../shared/data --out outputs/reproduce_mnist --docs
-python scripts/reproduce_mnist.py --quick --out /tmp/quick      # a few minutes: the slow test's version
+python scripts/reproduce_mnist.py --quick --out /tmp/quick      # the slow test's version: --help says what it trains
 """
 
 from __future__ import annotations
