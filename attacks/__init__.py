@@ -14,7 +14,7 @@
 
 from attacks.certify import SubspaceCertifier
 from attacks.common import MarginResult, RowResult, model_device, precision_record
-from attacks.deepfool import PassStats, SubspaceDeepFool
+from attacks.deepfool import SubspaceDeepFool
 from attacks.dykstra import (
     Projection,
     dykstra_projection,
@@ -23,7 +23,7 @@ from attacks.dykstra import (
     project_flipped_box,
     project_l2_ball,
 )
-from attacks.estimator import MarginEstimator
+from attacks.estimator import MarginEstimator, PassObserver, PassStats
 from attacks.fmn import SubspaceFMN
 from attacks.kernels import KERNELS, PreparedModel, prepare_model
 from attacks.pgd import L2PGD
@@ -33,6 +33,7 @@ __all__ = [
     "L2PGD",
     "MarginEstimator",
     "MarginResult",
+    "PassObserver",
     "PassStats",
     "PreparedModel",
     "Projection",

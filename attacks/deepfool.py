@@ -15,7 +15,9 @@ in batches and a row's values do not depend on its batch-mates beyond float roun
 Both are class attributes (`share_first_step`, `refill`) an ablation may switch off on an instance.
 
 Everything device-specific sits behind `attacks.kernels.prepare_model`, called once per evaluation: the engine runs
-the prepared working copy (`kernels="auto"`: CPU kernels on the CPU, the model as written elsewhere).
+the prepared working copy (`kernels="auto"`: CPU kernels on the CPU, the model as written elsewhere) and asks it for
+the subspace coordinates of its candidate gradients (`PreparedModel.subspace_gradients`), never naming a kernel.
+Model passes are reported to the estimator's `observer` (`attacks.estimator.PassObserver`, silent by default).
 
 Precision: the attack runs in `dtype` (default: the model's own floating dtype, float32 for models as built or
 loaded) with TF32 disabled on CUDA during the call; `attacks.common.precision_record` describes the setting.
@@ -24,19 +26,12 @@ loaded) with TF32 disabled on CUDA during the call; `attacks.common.precision_re
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-from attacks.common import (
-    RowResult,
-    checked_logits,
-    progress_bar,
-)
-from attacks.estimator import MarginEstimator
-from attacks.kernels import PreparedModel
-from attacks.kernels.stem import StemProjection
-from frequency.subspaces import SubspaceFamily
+from attacks.common import RowResult, checked_logits, progress_bar
+from attacks.estimator import MarginEstimator, RowTask, empty_result
 
 # Bumped whenever a change moves the engine's float results (kernels, batching); result folders record it, and a
 # resume refuses chunks written by another version.
@@ -71,27 +66,6 @@ class _Rows:
         return _Rows(*(torch.cat([getattr(p, name) for p in parts]) for name in fields))
 
 
-@dataclass
-class PassStats:
-    """Counts of the last call's model passes: `gradient_passes` (forward + K-1 input-gradient backward passes) and
-    `check_passes` (no-grad forwards of the stop test), with the images they ran, and every pass in order
-    (`passes`, what `benchmarks/bench_deepfool.py` replays as the floor); `fill` = images per pass / batch_size."""
-
-    batch_size: int
-    gradient_passes: int = 0
-    gradient_rows: int = 0
-    check_passes: int = 0
-    check_rows: int = 0
-    clean_passes: int = 0
-    stem_passes: int = 0  # gradient passes that stopped at the stem (stem_projection)
-    passes: list[tuple[str, int]] = field(default_factory=list)  # ("clean" | "gradient" | "check", images) in order
-
-    @property
-    def fill(self) -> float:
-        passes = self.gradient_passes + self.check_passes
-        return (self.gradient_rows + self.check_rows) / max(passes * self.batch_size, 1)
-
-
 class SubspaceDeepFool(MarginEstimator):
     """Subspace-constrained DeepFool, batched over samples and subspaces.
 
@@ -112,7 +86,7 @@ class SubspaceDeepFool(MarginEstimator):
     `attack.attack_rows(model, x, subspaces, sample_index, subspace_index)` measures any list of (sample, subspace)
     rows (a shard of the grid) and returns a `RowResult` with `[R]` fields. `model` is a classifier (run on a
     prepared copy, the caller's model is never changed) or a model prepared once with `attack.prepare(model)` for
-    many calls. `last_stats` holds the last call's `PassStats`.
+    many calls. `observer` hears of every model pass (`attacks.estimator.PassStats` counts them).
     """
 
     share_first_step = True  # ablation switches of the two algorithmic ideas (module docstring)
@@ -130,12 +104,10 @@ class SubspaceDeepFool(MarginEstimator):
     ):
         if max_iter < 1 or num_candidates < 2 or batch_size < 1:
             raise ValueError("max_iter and batch_size must be >= 1 and num_candidates >= 2")
-        super().__init__(batch_size, dtype, kernels)
+        super().__init__(num_candidates, batch_size, dtype, kernels)
         self.overshoot = float(overshoot)
         self.max_iter = int(max_iter)
-        self.num_candidates = int(num_candidates)
         self.min_step = float(min_step)
-        self.last_stats = PassStats(self.batch_size)
 
     def settings(self) -> dict[str, object]:
         """The settings that determine the results, for result summaries."""
@@ -148,74 +120,38 @@ class SubspaceDeepFool(MarginEstimator):
             "min_step": self.min_step,
         }
 
-    def _attack(
-        self,
-        model: PreparedModel,
-        x: torch.Tensor,
-        subspaces: SubspaceFamily,
-        sample_index: torch.Tensor,
-        subspace_index: torch.Tensor,
-        return_perturbations: bool,
-        progress: bool,
-    ) -> RowResult:
-        projection = model.stem_projection(subspaces, tuple(x.shape[1:]))
-        run = _Run(self, model, x, subspaces.to(model.device), projection)
-        return run.rows(sample_index, subspace_index, return_perturbations, progress)
+    def _attack(self, task: RowTask) -> RowResult:
+        return _Run(self, task).rows()
 
 
 class _Run:
-    """One call of the engine: the prepared model, the inputs and the subspaces, and the steps of the algorithm."""
+    """One call of the engine: the checked rows, the prepared model's subspace gradients, the steps of the
+    algorithm."""
 
-    def __init__(
-        self,
-        attack: SubspaceDeepFool,
-        model: PreparedModel,
-        x: torch.Tensor,
-        subspaces: SubspaceFamily,
-        projection: StemProjection | None,
-    ):
-        self.attack, self.model, self.x, self.subspaces, self.projection = attack, model, x, subspaces, projection
-        self.stats = attack.last_stats = PassStats(attack.batch_size)
+    def __init__(self, attack: SubspaceDeepFool, task: RowTask):
+        self.attack, self.task, self.model, self.x = attack, task, task.model, task.x
+        self.gradients = task.model.subspace_gradients(task.subspaces)
+        self.subspaces, self.observer = self.gradients.subspaces, attack.observer
 
-    def rows(
-        self, sample_index: torch.Tensor, subspace_index: torch.Tensor, return_perturbations: bool, progress: bool
-    ) -> RowResult:
-        attack, x = self.attack, self.x
-        self.candidates = self._candidates()  # [N, K]
-        total = sample_index.numel()
-        out = RowResult(
-            margins=torch.empty(total, dtype=x.dtype, device=x.device),
-            converged=torch.zeros(total, dtype=torch.bool, device=x.device),
-            iterations=torch.zeros(total, dtype=torch.long, device=x.device),
-            labels=self.candidates[sample_index, 0],
-            perturbed_labels=torch.empty(total, dtype=torch.long, device=x.device),
-            perturbations=torch.empty((total, *x.shape[1:]), dtype=x.dtype, device=x.device)
-            if return_perturbations
-            else None,
-        )
-        bar = progress_bar(total, progress, "DeepFool (sample, subspace) rows")
-        pending, pool = _Pending(self._entering(sample_index, subspace_index, out, bar)), _empty_rows(x)
+    def rows(self) -> RowResult:
+        attack, x, task = self.attack, self.x, self.task
+        self.candidates = attack._candidates(self.model, x)  # [N, K]
+        total = task.sample_index.numel()
+        out = empty_result(x, total, task.return_perturbations)
+        out.labels = self.candidates[task.sample_index, 0]
+        bar = progress_bar(total, task.progress, "DeepFool (sample, subspace) rows")
+        entering = self._entering(task.sample_index, task.subspace_index, out, bar)
+        pending, pool = _Pending(entering), _empty_rows(x)
         while True:
             if attack.refill or len(pool) == 0:  # without refill a batch runs until its last row ends
                 pool = _Rows.cat([pool, *pending.take(attack.batch_size - len(pool))])
             if len(pool) == 0:
                 break
-            if self.projection is not None and not _sorted(pool.subspace):
+            if self.gradients.sorted_rows_pay and not _sorted(pool.subspace):
                 pool = pool.select(torch.argsort(pool.subspace, stable=True))  # rows of a subspace together
             pool = self._iterate(pool, out, bar)
         bar.close()
         return out
-
-    def _candidates(self) -> torch.Tensor:
-        """Top `num_candidates` classes of the clean logits, descending: long [N, K]; bounded batches."""
-        x, size, chunks = self.x, self.attack.batch_size, []
-        with torch.no_grad():
-            for start in range(0, x.shape[0], size):
-                logits = checked_logits(self.model, x[start : start + size])
-                chunks.append(logits.argsort(dim=1, descending=True)[:, : self.attack.num_candidates])
-                self.stats.clean_passes += 1
-                self.stats.passes.append(("clean", logits.shape[0]))
-        return torch.cat(chunks) if chunks else torch.empty(0, 1, dtype=torch.long, device=x.device)
 
     def _entering(
         self, sample_index: torch.Tensor, subspace_index: torch.Tensor, out: RowResult, bar
@@ -261,9 +197,7 @@ class _Run:
         total = (1.0 + attack.overshoot) * rows.r
         with torch.no_grad():
             labels = checked_logits(self.model, x[rows.sample] + total).argmax(dim=1)
-        self.stats.check_passes += 1
-        self.stats.check_rows += len(rows)
-        self.stats.passes.append(("check", len(rows)))
+        self.observer.model_pass("check", len(rows))
         flipped = labels != self.candidates[rows.sample, 0]
         done = flipped | rows.stuck | (rows.iterations >= attack.max_iter)
         index = rows.index[done]
@@ -281,31 +215,15 @@ class _Run:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """At `point: [A, C, H, W]`, the gradients `w_k = grad (f_k - f_0)` and gaps `f_k - f_0`, [A, K-1], for
         rows r of point `row_sample[r]` (None: point r) along subspace `row_subspace[r]`: the coordinates of
-        `P w_k`, [R, K-1, ...], and the gaps [R, K-1]. Gradients are taken at the input or, with the stem
-        projection, at the first convolution's output (`attacks/kernels/stem.py`)."""
-        if self.projection is None:
-            target = point.detach().requires_grad_(True)
-            f = checked_logits(self.model, target).gather(1, candidates)  # [A, K]
-        else:
-            with torch.no_grad():
-                target = self.model.stem.stem(point)
-            f = checked_logits(self.model.stem.body, target.requires_grad_(True)).gather(1, candidates)
-        self.stats.gradient_passes += 1
-        self.stats.gradient_rows += point.shape[0]
-        self.stats.passes.append(("gradient", point.shape[0]))
-        self.stats.stem_passes += self.projection is not None
-        num_other = f.shape[1] - 1
-        gaps = (f[:, 1:] - f[:, :1]).detach()
-        gaps = gaps if row_sample is None else gaps[row_sample]
-        if self.projection is not None:
-            sink = self.projection.plan(row_sample, row_subspace, num_other)
-            for k, g in enumerate(_candidate_gradients(f, target)):
-                sink.add(k, g)  # one stem-sized gradient alive at a time
-            return sink.result(), gaps
-        w = torch.stack(list(_candidate_gradients(f, target)), dim=1)  # [A, K-1, C, H, W]
-        rows = w if row_sample is None else w[row_sample]
-        coords = self.subspaces.coordinates(rows.flatten(0, 1), row_subspace.repeat_interleave(num_other))
-        return coords.view(*rows.shape[:2], *coords.shape[1:]), gaps  # P w_k in subspace coordinates
+        `P w_k`, [R, K-1, ...], and the gaps [R, K-1] (`PreparedModel.subspace_gradients`)."""
+
+        def gaps_of(logits: torch.Tensor) -> torch.Tensor:
+            f = logits.gather(1, candidates)  # [A, K]
+            return f[:, 1:] - f[:, :1]
+
+        gaps, coords = self.gradients(point, gaps_of, row_sample, row_subspace)
+        self.observer.model_pass("gradient", point.shape[0], self.gradients.route)
+        return coords, (gaps if row_sample is None else gaps[row_sample])
 
     def _project_step(
         self, coords: torch.Tensor, gaps: torch.Tensor, subspace_index: torch.Tensor
@@ -327,14 +245,6 @@ class _Run:
         scale = (length / best_norm.masked_fill(stuck, 1.0)).view(-1, *([1] * (coords.dim() - 2)))
         step = self.subspaces.embed(coords[rows, best] * scale, subspace_index)  # max(pert, 1e-4) P w / ||P w||
         return step.detach(), stuck
-
-
-def _candidate_gradients(f: torch.Tensor, target: torch.Tensor) -> Iterator[torch.Tensor]:
-    """`grad (f_k - f_0)` at `target` for k = 1..K-1, one at a time; `f: [A, K]` logits of the candidates."""
-    num_other = f.shape[1] - 1
-    for k in range(1, num_other + 1):
-        (g,) = torch.autograd.grad((f[:, k] - f[:, 0]).sum(), target, retain_graph=k < num_other)
-        yield g
 
 
 def _sorted(values: torch.Tensor) -> bool:

@@ -48,13 +48,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from attacks.common import (
-    RowResult,
-    checked_logits,
-    progress_bar,
-)
-from attacks.estimator import MarginEstimator
-from attacks.kernels import PreparedModel
+from attacks.common import RowResult, checked_logits, progress_bar
+from attacks.estimator import MarginEstimator, RowTask, empty_result
 from frequency.subspaces import SubspaceFamily
 
 # Changed whenever a change moves FMN's float results; result folders record it and a resume refuses other versions.
@@ -158,12 +153,11 @@ class SubspaceFMN(MarginEstimator):
             raise ValueError(
                 f"gamma must lie in (0, 1) and step_ratio be > 0, got gamma={gamma}, step_ratio={step_ratio}"
             )
-        super().__init__(batch_size, dtype, kernels)
+        super().__init__(num_candidates, batch_size, dtype, kernels)
         self.steps = int(steps)
         self.gamma = float(gamma)
         self.step_ratio = float(step_ratio)
         self.search_steps = int(search_steps)
-        self.num_candidates = int(num_candidates)
 
     def settings(self) -> dict[str, object]:
         """The settings that determine the results, for result summaries."""
@@ -177,40 +171,23 @@ class SubspaceFMN(MarginEstimator):
             "num_candidates": self.num_candidates,
         }
 
-    def _attack(
-        self,
-        model: PreparedModel,
-        x: torch.Tensor,
-        subspaces: SubspaceFamily,
-        sample_index: torch.Tensor,
-        subspace_index: torch.Tensor,
-        return_perturbations: bool,
-        progress: bool,
-    ) -> RowResult:
-        subspaces = subspaces.to(model.device)
+    def _attack(self, task: RowTask) -> RowResult:
+        model, x, sample_index = task.model, task.x, task.sample_index
+        subspaces = task.subspaces.to(model.device)
         candidates = self._candidates(model, x)
-        out = _empty_result(x, sample_index.numel(), return_perturbations)
+        out = empty_result(x, sample_index.numel(), task.return_perturbations)
         order = torch.sort(sample_index, stable=True).indices  # a chunk's rows share few samples
-        bar = progress_bar(order.numel(), progress, "FMN (sample, subspace) rows")
+        bar = progress_bar(order.numel(), task.progress, "FMN (sample, subspace) rows")
         for index in order.split(self.batch_size):
             samples = sample_index[index]
-            chunk = _Chunk(samples, candidates[samples], subspace_index[index], x[samples])
-            part = self._attack_chunk(model, x, chunk, subspaces, return_perturbations)
+            chunk = _Chunk(samples, candidates[samples], task.subspace_index[index], x[samples])
+            part = self._attack_chunk(model, x, chunk, subspaces, task.return_perturbations)
             for name in ("margins", "converged", "iterations", "labels", "perturbed_labels", "perturbations"):
                 if getattr(out, name) is not None:
                     getattr(out, name)[index] = getattr(part, name)
             bar.update(index.numel())
         bar.close()
         return out
-
-    def _candidates(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Top `num_candidates` classes of the clean logits, descending (the label first): long [N, K]."""
-        chunks = []
-        with torch.no_grad():
-            for start in range(0, x.shape[0], self.batch_size):
-                logits = checked_logits(model, x[start : start + self.batch_size])
-                chunks.append(logits.argsort(dim=1, descending=True)[:, : self.num_candidates])
-        return torch.cat(chunks) if chunks else torch.empty(0, 1, dtype=torch.long, device=x.device)
 
     def _attack_chunk(
         self, model: nn.Module, x: torch.Tensor, chunk: _Chunk, subspaces: SubspaceFamily, return_perturbations: bool
@@ -222,6 +199,7 @@ class SubspaceFMN(MarginEstimator):
         r = subspaces.embed(coords, chunk.subspace).detach()
         with torch.no_grad():
             perturbed = checked_logits(model, chunk.x0 + r).argmax(dim=1)
+        self.observer.model_pass("check", r.shape[0])
         return RowResult(
             margins=_norms(coords),
             converged=perturbed != chunk.labels,
@@ -252,6 +230,7 @@ class SubspaceFMN(MarginEstimator):
         with torch.no_grad():
             point = chunk.x0 + subspaces.embed(state.c, chunk.subspace)
             state.record(checked_logits(model, point).argmax(dim=1) != chunk.labels, self.steps)
+        self.observer.model_pass("check", point.shape[0])
         return state
 
     def _nearest_candidate(
@@ -265,6 +244,7 @@ class SubspaceFMN(MarginEstimator):
         candidates[inverse] = chunk.candidates
         point = x[samples].detach().requires_grad_(True)
         f = checked_logits(model, point).gather(1, candidates)  # [U, K]
+        self.observer.model_pass("gradient", point.shape[0])
         best_pert = torch.full_like(chunk.x0[:, 0, 0, 0], torch.inf)
         best_loss = torch.zeros_like(best_pert)
         best_grad = subspaces.coordinates(torch.zeros_like(chunk.x0), chunk.subspace)
@@ -287,6 +267,7 @@ class SubspaceFMN(MarginEstimator):
         coordinates of `P grad L` (shaped like `c`)."""
         point = (chunk.x0 + subspaces.embed(c, chunk.subspace)).detach().requires_grad_(True)
         logits = checked_logits(model, point)
+        self.observer.model_pass("gradient", point.shape[0])
         own = logits.gather(1, chunk.labels[:, None])[:, 0]
         others = logits.scatter(1, chunk.labels[:, None], -torch.inf).amax(dim=1)
         loss = own - others
@@ -332,6 +313,7 @@ class SubspaceFMN(MarginEstimator):
                 middle = (low + high) / 2.0
                 point = chunk.x0 + subspaces.embed(state.best * _expand(middle, state.best), chunk.subspace)
                 adversarial = checked_logits(model, point).argmax(dim=1) != chunk.labels
+                self.observer.model_pass("check", point.shape[0])
                 high = torch.where(adversarial, middle, high)
                 low = torch.where(adversarial, low, middle)
         return state.best * _expand(high, state.best)
@@ -354,15 +336,3 @@ def _norms(t: torch.Tensor) -> torch.Tensor:
 def _expand(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """`values: [A]` shaped to broadcast against `like: [A, ...]`."""
     return values.view(-1, *([1] * (like.dim() - 1)))
-
-
-def _empty_result(x: torch.Tensor, rows: int, return_perturbations: bool) -> RowResult:
-    """A `RowResult` of `rows` rows to fill in."""
-    return RowResult(
-        margins=torch.empty(rows, dtype=x.dtype, device=x.device),
-        converged=torch.zeros(rows, dtype=torch.bool, device=x.device),
-        iterations=torch.zeros(rows, dtype=torch.long, device=x.device),
-        labels=torch.zeros(rows, dtype=torch.long, device=x.device),
-        perturbed_labels=torch.zeros(rows, dtype=torch.long, device=x.device),
-        perturbations=x.new_empty((rows, *x.shape[1:])) if return_perturbations else None,
-    )

@@ -8,9 +8,9 @@ Lines per case (float32; CUDA when present):
 - `engine`: `SubspaceDeepFool()` (kernels "auto"); `kernels off`: the model as written; `-name`: every kernel but
   `name` (its own gain, the ablation of docs/ENGINE.md); `share_first_step off`, `refill off`: the two algorithmic
   ideas switched off.
-- `floor`: the same model forward and input-gradient passes, at the same batch sizes as the engine's run (its
-  `PassStats.passes`), run outside the engine on the plain model: what any batched implementation of the release's
-  algorithm pays for its passes alone. "/floor" divides a line's time by it.
+- `floor`: the same model forward and input-gradient passes, at the same batch sizes as the engine's run (the
+  `PassStats.passes` of an observer attached to it), run outside the engine on the plain model: what any batched
+  implementation of the release's algorithm pays for its passes alone. "/floor" divides a line's time by it.
 - `baseline (subprocess)` (--baseline DIR): the engine of the checkout DIR, timed in a fresh process
   (`benchmarks/engine_timer.py`) on the same model and inputs, beside `engine (subprocess)`, this checkout's engine
   timed the same way. --subprocess-memory: fresh processes with `keep_freed_memory` (glibc keeps freed memory) and
@@ -46,7 +46,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from attacks.common import precision_record  # noqa: E402
-from attacks.deepfool import PassStats, SubspaceDeepFool  # noqa: E402
+from attacks.deepfool import SubspaceDeepFool  # noqa: E402
+from attacks.estimator import PassStats  # noqa: E402
 from attacks.kernels import KERNELS  # noqa: E402
 from attacks.reference import dct_block_basis, reference_margins  # noqa: E402
 from frequency import DCTBlockSubspaces, FullSpace, SubspaceFamily  # noqa: E402
@@ -117,8 +118,9 @@ def timed(fn: Callable[[], object], device: torch.device) -> tuple[object, float
 
 
 def engine_run(attack: SubspaceDeepFool, model, x, family, device) -> Timing:
+    stats = attack.observer = PassStats(attack.batch_size)
     result, cpu, wall = timed(lambda: attack(model, x, family), device)
-    return Timing(cpu, wall, result.margins, result.iterations, attack.last_stats)
+    return Timing(cpu, wall, result.margins, result.iterations, stats)
 
 
 def floor_run(model: torch.nn.Module, x: torch.Tensor, passes: list[tuple[str, int]], candidates: int, device):
@@ -224,12 +226,13 @@ def run_case(title: str, model, x, family, family_spec: list, args, with_loop: b
         report("lean per-sample loop", rows, reference, loops, None, "reference")
     chosen = variants(not args.no_ablations and ablations != [], ablations)
     probe = SubspaceDeepFool()
+    probe_stats = probe.observer = PassStats(probe.batch_size)
     probe(model, x, family)  # the engine's passes, replayed by the floor; warms caches for everybody
     plain = model.eval().requires_grad_(False)
     runners: dict[str, Callable[[], Timing]] = {
         name: (lambda make=make: engine_run(make(), model, x, family, device)) for name, make in chosen.items()
     }
-    runners["floor"] = lambda: floor_run(plain, x, probe.last_stats.passes, probe.num_candidates, device)
+    runners["floor"] = lambda: floor_run(plain, x, probe_stats.passes, probe.num_candidates, device)
     with tempfile.TemporaryDirectory() as tmp:
         case_file = Path(tmp) / "case.pt"
         torch.save({"model": model, "x": x, "family": family_spec}, case_file)

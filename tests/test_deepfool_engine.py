@@ -12,6 +12,7 @@ from torch import fx, nn
 
 from attacks.common import precision_record, tf32_off
 from attacks.deepfool import SubspaceDeepFool
+from attacks.estimator import PassStats
 from attacks.kernels import KERNELS, PreparedModel, prepare_model, resolve_kernels
 from attacks.reference import dct_block_basis, reference_deepfool
 from frequency import DCTBlockSubspaces, FullSpace
@@ -53,6 +54,12 @@ def family() -> DCTBlockSubspaces:
     return DCTBlockSubspaces(SHAPE, 4, 2)  # 5 subspaces of dimension 16
 
 
+def counted(attack: SubspaceDeepFool) -> PassStats:
+    """A `PassStats` observer attached to `attack`: it counts the passes of the calls that follow."""
+    attack.observer = PassStats(attack.batch_size)
+    return attack.observer
+
+
 @pytest.fixture(scope="module")
 def baseline():
     """The float64 CPU model, 7 images, the default engine's result (35 rows: several pool refills at batch size
@@ -61,8 +68,9 @@ def baseline():
     x = torch.rand(7, *SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     subspaces = family()
     attack = SubspaceDeepFool(batch_size=8)
+    stats = counted(attack)
     default = attack(model, x, subspaces)
-    assert attack.last_stats.stem_passes > 0  # the default runs the stem projection on this model
+    assert stats.routes.get("stem", 0) > 0  # the default runs the stem projection on this model
     margins = torch.empty(len(subspaces), len(x), dtype=torch.float64)
     iterations = torch.empty(len(subspaces), len(x), dtype=torch.long)
     converged = torch.empty(len(subspaces), len(x), dtype=torch.bool)
@@ -129,6 +137,7 @@ def test_each_ablation_gives_the_default_margins_and_the_reference_loops_in_floa
     for switch in ("share_first_step", "refill"):
         if switch in spec:
             setattr(attack, switch, spec[switch])
+    stats = counted(attack)
     result = attack(model, x, subspaces)
     assert (default.iterations > 1).any()  # multi-step rows exercise the pool
     torch.testing.assert_close(result.margins, default.margins, rtol=1e-10, atol=0)
@@ -139,7 +148,7 @@ def test_each_ablation_gives_the_default_margins_and_the_reference_loops_in_floa
     # the stem split needs a conv output nothing writes in place: after folding, the in-place ReLU reads it
     # unless it is merged into its pool
     stem_output_kept = "pool_then_relu" in names or "fold_batchnorm" not in names
-    assert (attack.last_stats.stem_passes > 0) == ("stem_projection" in names and stem_output_kept)
+    assert (stats.routes.get("stem", 0) > 0) == ("stem_projection" in names and stem_output_kept)
     if spec.get("kernels") in ("auto", KERNELS) and len(spec) == 1:
         assert torch.equal(result.margins, default.margins)  # the same kernels: the same bits
 
@@ -159,8 +168,8 @@ def test_shared_first_step_and_refill_save_model_passes():
         attack = SubspaceDeepFool(batch_size=8)
         for switch, value in switches.items():
             setattr(attack, switch, value)
+        runs[name] = counted(attack)
         attack(model, x, family())
-        runs[name] = attack.last_stats
     # sharing: iteration 0 of the 35 rows costs 7 images (one per sample) instead of 35
     assert runs["unshared"].gradient_rows - runs["default"].gradient_rows == 35 - 7
     assert runs["default"].gradient_passes < runs["fixed"].gradient_passes
@@ -365,8 +374,9 @@ def test_precision_record_names_dtype_tf32_device_and_torch():
 def test_clean_logits_run_in_bounded_batches():
     model, x = convnet(), torch.rand(9, *SHAPE, **F64)
     attack = SubspaceDeepFool(batch_size=4, max_iter=1)
+    stats = counted(attack)
     attack(model, x, FullSpace(SHAPE))
-    assert attack.last_stats.clean_passes == 3  # ceil(9 / 4)
+    assert stats.clean_passes == 3  # ceil(9 / 4)
 
 
 def mnist_test_set(root: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -394,9 +404,10 @@ def test_real_mnist_float32_margins_with_kernels_equal_the_model_as_written(mnis
     x = test_images[:6].to(DEVICE)
     subspaces = DCTBlockSubspaces((1, 28, 28), 8, 1)
     auto = SubspaceDeepFool(max_iter=20)  # a few rows would crawl to 100 steps: bound the time
+    stats = counted(auto)
     engine = auto(model, x, subspaces)
     if DEVICE.type == "cpu":
-        assert auto.last_stats.stem_passes > 0  # LeNet on the CPU: the stem projection and every other kernel
+        assert stats.routes.get("stem", 0) > 0  # LeNet on the CPU: the stem projection and every other kernel
     off = SubspaceDeepFool(max_iter=20, kernels="off")(model, x, subspaces)
     assert engine.margins.dtype == torch.float32
     rel = (engine.margins - off.margins).abs() / off.margins

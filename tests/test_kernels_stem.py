@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attacks.deepfool import SubspaceDeepFool
+from attacks.estimator import PassStats
 from attacks.kernels import KERNELS, prepare_model
 from attacks.kernels.graph import split_stem, trace
 from attacks.kernels.stem import MAX_OUT_CHANNELS, StemProjection
@@ -195,32 +196,33 @@ def engine_and_loop(model: nn.Module, family=None, bases=None, kernels="auto", s
     bases = bases or [dct_block_basis(SHAPE, 2 * s, 4) for s in range(len(family))]
     attack = SubspaceDeepFool(batch_size=7, kernels=kernels)
     attack.share_first_step = share_first_step
+    stats = attack.observer = PassStats(attack.batch_size)
     result = attack(model, x, family)
     for s, basis in enumerate(bases):
         for n in range(len(x)):
             pert, iterations, converged = reference_deepfool(model, x[n], basis.to(**F64))
             assert result.margins[s, n].item() == pytest.approx(pert.norm().item(), rel=1e-10)
             assert result.iterations[s, n].item() == iterations and result.converged[s, n].item() == converged
-    return result, attack.last_stats
+    return result, stats
 
 
 @pytest.mark.parametrize("share_first_step", [True, False])
 def test_engine_with_stem_projection_equals_the_per_sample_loop_in_float64(share_first_step):
     result, stats = engine_and_loop(lenet_like(), share_first_step=share_first_step)
     assert (result.iterations > 1).any()
-    assert stats.stem_passes == stats.gradient_passes > 0  # every gradient pass stopped at the stem
+    assert stats.routes.get("stem") == stats.gradient_passes > 0  # every gradient pass stopped at the stem
 
 
 def test_engine_with_stem_projection_on_dense_bases_equals_the_per_sample_loop():
     bases = [dct_block_basis(SHAPE, 2 * s, 4) for s in range(3)]
     family = BasisSubspaces([b.clone() for b in bases], SHAPE)
     _, stats = engine_and_loop(lenet_like(), family=family, bases=bases)
-    assert stats.stem_passes == stats.gradient_passes > 0
+    assert stats.routes.get("stem") == stats.gradient_passes > 0
 
 
 def test_an_in_place_relu_merged_into_its_pool_lets_the_projection_apply():
     _, stats = engine_and_loop(lenet_like(inplace=True))  # graph.py: relu + pool -> max_pool2d_relu
-    assert stats.stem_passes == stats.gradient_passes > 0
+    assert stats.routes.get("stem") == stats.gradient_passes > 0
 
 
 @pytest.mark.parametrize(
@@ -236,13 +238,13 @@ def test_an_in_place_relu_merged_into_its_pool_lets_the_projection_apply():
 )
 def test_engine_falls_back_to_input_gradients_with_the_same_margins(make, kernels):
     _, stats = engine_and_loop(make().eval().to(**F64), kernels=kernels)
-    assert stats.stem_passes == 0 and stats.gradient_passes > 0
+    assert "stem" not in stats.routes and stats.gradient_passes > 0
 
 
 def test_a_subspace_too_large_for_the_stem_falls_back():
     model = lenet_like()  # 25 taps per output: m <= 100 pays
     _, stats = engine_and_loop(model, family=FullSpace(SHAPE), bases=[torch.eye(144, **F64)])  # m = 144
-    assert stats.stem_passes == 0 and stats.gradient_passes > 0
+    assert "stem" not in stats.routes and stats.gradient_passes > 0
 
 
 def test_build_returns_none_where_the_projection_does_not_apply_or_pay():

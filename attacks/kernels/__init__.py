@@ -2,9 +2,12 @@
 
 An attack needs only input gradients of a frozen eval-mode model. `prepare_model` makes, once per evaluation, the
 working copy the engine runs (`PreparedModel`): a deep copy in eval mode, in the attack's dtype, on the device,
-parameters frozen; the caller's model is never changed. With `kernels="auto"` on the CPU the copy also gets the
-kernels that pay there (each measured in docs/ENGINE.md, each equal to the model's own function up to float
-rounding; `KERNELS`):
+parameters frozen; the caller's model is never changed. The engine asks it for one thing beyond its logits:
+`prepared.subspace_gradients(subspaces)`, the subspace coordinates of input gradients (`gradients.py`), taken
+wherever the kernels make them cheapest; the engine never names a kernel.
+
+With `kernels="auto"` on the CPU the copy also gets the kernels that pay there (each measured in docs/ENGINE.md,
+each equal to the model's own function up to float rounding; `KERNELS`):
 
 - `fold_batchnorm`: eval-mode batch norms folded into the convolution before them (`graph.py`).
 - `fast_maxpool`: max-pooling in channels-last layout or as strided maxima (`pooling.py`).
@@ -31,6 +34,7 @@ import torch
 from torch import nn
 
 from attacks.kernels.convolutions import STEM_CHANNELS, patch_convolutions
+from attacks.kernels.gradients import Scores, SubspaceGradients
 from attacks.kernels.graph import StemSplit, count_batchnorms, fold_batchnorms, rewrite_max_pools, split_stem, trace
 from attacks.kernels.stem import MAX_OUT_CHANNELS, StemProjection
 from frequency.subspaces import SubspaceFamily
@@ -75,6 +79,12 @@ class PreparedModel(nn.Module):
     def train(self, mode: bool = True) -> PreparedModel:
         """Always eval mode: the attack measures the frozen model."""
         return super().train(False)
+
+    def subspace_gradients(self, subspaces: SubspaceFamily) -> SubspaceGradients:
+        """The subspace coordinates of this model's input gradients along `subspaces` (`gradients.py`): through the
+        stem projection where it applies and pays, else at the input."""
+        projection = self.stem_projection(subspaces, tuple(subspaces.image_shape))
+        return SubspaceGradients(self, subspaces.to(self.device), self.stem, projection)
 
     def stem_projection(self, subspaces: SubspaceFamily, image_shape: tuple[int, ...]) -> StemProjection | None:
         """The stem projection for `subspaces` where it applies and pays (built once per family object), else
@@ -162,4 +172,4 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-__all__ = ["KERNELS", "PreparedModel", "StemProjection", "prepare_model", "resolve_kernels"]
+__all__ = ["KERNELS", "PreparedModel", "Scores", "SubspaceGradients", "prepare_model", "resolve_kernels"]
