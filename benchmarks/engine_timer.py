@@ -13,6 +13,7 @@ line {"cpu": s, "wall": s} (CPU seconds of this process, wall seconds; CUDA sync
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -30,14 +31,28 @@ def main() -> None:
     sys.path.insert(0, args.repo)
     import torch
 
+    torch.set_num_threads(args.threads)
+    with keep_freed_memory() if args.keep_freed_memory else contextlib.nullcontext():
+        time_engine(args)
+
+
+def keep_freed_memory() -> contextlib.AbstractContextManager:
+    """The checkout's block that keeps freed memory (`common.memory.KeepFreedMemory`); older checkouts have a
+    process-wide call instead, made here."""
+    import common.memory as memory
+
+    if hasattr(memory, "KeepFreedMemory"):
+        return memory.KeepFreedMemory()
+    memory.keep_freed_memory()
+    return contextlib.nullcontext()
+
+
+def time_engine(args: argparse.Namespace) -> None:
+    import torch
+
     from attacks.deepfool import SubspaceDeepFool
     from frequency import DCTBlockSubspaces, FullSpace
 
-    torch.set_num_threads(args.threads)
-    if args.keep_freed_memory:
-        from common.memory import keep_freed_memory
-
-        keep_freed_memory()
     case = torch.load(args.case, weights_only=False)
     model, x, (kind, *spec) = case["model"], case["x"], case["family"]
     family = FullSpace(tuple(spec[0])) if kind == "full" else DCTBlockSubspaces(tuple(spec[0]), spec[1], spec[2])

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 
 from attacks.deepfool import ENGINE_VERSION
 from common.errors import InputError
-from common.memory import keep_freed_memory
+from common.memory import can_keep_freed_memory
 from frequency.subspaces import FullSpace, SubspaceFamily
 from margins.chunks import ChunkStore
 from margins.guard import (
@@ -271,8 +271,8 @@ def run_job(job: MarginJob, attack: AttackSettings, run: RunSettings) -> tuple[M
     this call created is removed again when the run fails before committing anything."""
     trainer = make_trainer(run, job.output_dir)  # bad devices etc.: an error before anything is written
     record_device(job, device_type(trainer), run.threads)
-    # speed only, so not in the fingerprint; recorded as it took effect (glibc only), applied in every process
-    job.settings["keep_freed_memory"] = run.keep_freed_memory and keep_freed_memory()
+    # speed only, so not in the fingerprint; recorded as it takes effect (glibc only) in every process's block
+    job.settings["keep_freed_memory"] = run.keep_freed_memory and can_keep_freed_memory()
     check_output_dir(job, run.overwrite)
     rank, created = env_rank(), not job.output_dir.exists()
     try:

@@ -31,7 +31,7 @@ from attacks.deepfool import SubspaceDeepFool
 from attacks.fmn import SubspaceFMN
 from attacks.kernels import KERNELS, PreparedModel
 from common.errors import InputError
-from common.memory import keep_freed_memory
+from common.memory import KeepFreedMemory
 from frequency.subspaces import SubspaceFamily
 from margins.chunks import ChunkStore, fingerprint_digest
 from margins.guard import disk_full, disk_full_error
@@ -198,19 +198,19 @@ class ChunkWork:
     @contextlib.contextmanager
     def process(self, device: torch.device) -> Iterator[None]:
         """Inside the block this process attacks: CPU threads pinned to `run.threads` (restored after), glibc's
-        malloc keeping freed blocks when asked, the model prepared for `device`."""
+        malloc keeping freed blocks when asked (`KeepFreedMemory`, restored after), the model prepared for
+        `device`."""
         cpu = torch.device(device).type == "cpu"
         if cpu and self.run.threads < 1:
             raise InputError(f"threads must be >= 1, got {self.run.threads}")
         saved = torch.get_num_threads()
         if cpu:
             torch.set_num_threads(self.run.threads)
-        if self.run.keep_freed_memory:
-            keep_freed_memory()
         try:
-            with torch.inference_mode(False):
-                self.prepared = self.engine.prepare(self.job.model, device)
-            yield
+            with KeepFreedMemory(self.run.keep_freed_memory):
+                with torch.inference_mode(False):
+                    self.prepared = self.engine.prepare(self.job.model, device)
+                yield
         finally:
             self.prepared = None
             torch.set_num_threads(saved)

@@ -1,48 +1,78 @@
-"""`common.memory.keep_freed_memory`: freed large blocks stay in the process (no fresh page faults on reuse)."""
+"""`common.memory.KeepFreedMemory`: inside the block freed large blocks stay in the process (no fresh page faults on
+reuse); after it, glibc hands them back again (the process's own settings are restored)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from common.memory import KeepFreedMemory, startup_settings
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Allocates and frees a 64 MiB tensor (16384 pages of 4 KiB; torch's CPU allocator is plain malloc, numpy's asks
-# for huge pages) again and again; prints whether the settings took effect and the minor page faults of ten rounds.
+# for huge pages) again and again; prints the minor page faults of ten rounds before, inside, inside a nested block
+# and after a `KeepFreedMemory` block, and whether the settings took effect.
 CHILD = """
-import resource, sys
+import json, resource, sys
 import torch
 sys.path.insert(0, {root!r})
-from common.memory import keep_freed_memory
+from common.memory import KeepFreedMemory
 
-applied = keep_freed_memory() if sys.argv[1] == "keep" else None
 def rounds(n):
     start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(n):
         block = torch.ones(16 << 20)  # float32
         del block
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start
-rounds(10)  # warm-up: the heap grows to its working size
-print(applied, rounds(10))
+
+rounds(10)  # warm-up
+out = {{"before": rounds(10)}}
+with KeepFreedMemory() as kept:
+    rounds(10)  # the heap grows to its working size
+    out["kept"], out["inside"] = kept, rounds(10)
+    with KeepFreedMemory() as nested:
+        pass
+    out["nested"], out["after_nested"] = nested, rounds(10)
+with KeepFreedMemory(enabled=False) as disabled:
+    out["disabled"] = disabled
+out["after"] = rounds(10)
+print(json.dumps(out))
 """
 
 
-def page_faults(mode: str) -> tuple[str, int]:
-    out = subprocess.run(
-        [sys.executable, "-c", CHILD.format(root=str(ROOT)), mode], capture_output=True, text=True, check=True
-    ).stdout.split()
-    return out[0], int(out[1])
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc malloc settings: Linux only")
-def test_freed_blocks_are_reused_without_page_faults():
-    applied, kept = page_faults("keep")
-    if applied != "True":
+def test_freed_blocks_are_reused_inside_the_block_and_handed_back_after_it():
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD.format(root=str(ROOT))], capture_output=True, text=True, check=True
+    )
+    faults = json.loads(done.stdout.strip().splitlines()[-1])
+    if not faults["kept"]:
         pytest.skip("this C library has no working mallopt (not glibc)")
-    _, default = page_faults("default")
     pages = (64 << 20) // 4096
-    assert default > 5 * pages, f"glibc's default should unmap each freed 64 MiB block ({default} faults)"
-    assert kept < pages, f"kept memory should be reused without page faults ({kept} faults in 10 rounds)"
+    assert faults["before"] > 5 * pages, f"glibc's default should unmap each freed 64 MiB block: {faults}"
+    assert faults["inside"] < pages, f"kept memory should be reused without page faults: {faults}"
+    assert faults["nested"] and faults["after_nested"] < pages, f"a nested block's exit keeps the outer's: {faults}"
+    assert faults["disabled"] is False
+    assert faults["after"] > 5 * pages, f"after the block freed blocks go back to the OS again: {faults}"
+
+
+def test_the_restored_settings_are_the_ones_the_process_started_with(monkeypatch):
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    for variable in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"):
+        monkeypatch.delenv(variable, raising=False)
+    assert startup_settings() == ((-4, 65536), (-1, 128 * 1024), (-2, 128 * 1024))  # glibc's documented defaults
+    monkeypatch.setenv("MALLOC_TOP_PAD_", "4096")
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=0x100000:x=y")
+    assert startup_settings() == ((-4, 0), (-1, 1 << 20), (-2, 4096))
+    monkeypatch.setenv("MALLOC_TOP_PAD_", "lots")  # glibc ignores what it cannot read: so does the restore
+    assert dict(startup_settings())[-2] == 128 * 1024
+
+
+def test_a_disabled_block_changes_nothing():
+    with KeepFreedMemory(enabled=False) as kept:
+        assert kept is False and KeepFreedMemory._open == 0
