@@ -1,16 +1,22 @@
-"""Regenerate docs/tensorboard_margins.png (custom scalars, 1600x1200) and docs/tensorboard_hparams.png (HPARAMS,
-1920x300) in one command:
+"""Regenerate the TensorBoard screenshots of docs/ in one command (the page, the window size in pixels):
 
-    python scripts/tensorboard_screenshots.py [--data-dir ../shared/data] [--out docs]
+    docs/tensorboard_margins.png   CUSTOM SCALARS                1600 x 780
+    docs/tensorboard_scalars.png   SCALARS, the `compare` group  1600 x 470
+    docs/tensorboard_images.png    IMAGES, the two card images   1600 x 820
+    docs/tensorboard_hparams.png   HPARAMS                       1920 x 300
+
+    python scripts/tensorboard_screenshots.py [--data-dir ../shared/data] [--out docs] [--runs DIR]
 
 1. two one-epoch fits (`train.py fit`, configs/mnist_lenet.yaml then configs/mnist_flipped_lenet.yaml, 100 batches,
-   `--margin.num_samples 30 --margin.every_n_epochs 1`) into a temporary folder's `runs/` (about 1.5 minutes on
-   2 CPU cores);
-2. TensorBoard on that folder (started in the temporary folder with `--logdir runs`, so the page shows the runs as
-   `mnist_lenet/version_0` under `runs`, no temporary path) on a free port, once it lists both runs;
-3. headless Chromium screenshots of `#custom_scalars` and `#hparams` (the charts are drawn within a virtual-time
-   budget of a few seconds; the budget below leaves a wide margin);
-4. the two PNGs into --out; TensorBoard is stopped and the temporary folder removed, also on failure.
+   `--margin.num_samples 30 --margin.every_n_epochs 1`) into a temporary folder's `runs/` (4 minutes on a 2-core
+   machine shared with other jobs, about 1.5 on a quiet one); `--runs DIR` skips them and shows the runs already
+   in DIR instead (e.g. `--runs logs` after the quickstart);
+2. TensorBoard on that folder (started in its parent with `--logdir <its name>`, so the page shows the runs as
+   `mnist_lenet/version_0` under `runs`, no temporary path) on a free port, once it lists every run;
+3. headless Chromium screenshots of the four pages (the charts are drawn within a virtual-time budget of a few
+   seconds; the budget below leaves a wide margin);
+4. the PNGs into --out, only once all were taken; TensorBoard is stopped and the temporary folder removed, also on
+   failure.
 
 Needs Chromium (`apt-get install -y chromium` on Debian/Ubuntu; `--chromium PATH` for another Chrome binary).
 TensorBoard runs with PYTHONHASHSEED=0: it lists a text hyperparameter's values in Python set order, and this seed
@@ -41,7 +47,9 @@ FIT_FLAGS = [
     "--margin.num_samples", "30", "--margin.every_n_epochs", "1",
 ]  # fmt: skip
 SHOTS = {  # file name: (page fragment, window width, height)
-    "tensorboard_margins.png": ("custom_scalars", 1600, 1200),
+    "tensorboard_margins.png": ("custom_scalars", 1600, 780),
+    "tensorboard_scalars.png": ("scalars", 1600, 470),
+    "tensorboard_images.png": ("images", 1600, 820),
     "tensorboard_hparams.png": ("hparams", 1920, 300),
 }
 CHROMIUM_FLAGS = [
@@ -57,9 +65,11 @@ class ScreenshotError(RuntimeError):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data", help="holds MNIST/raw/")
-    p.add_argument("--out", type=Path, default=REPO / "docs", help="where the two PNGs go (default docs/)")
+    p.add_argument("--out", type=Path, default=REPO / "docs", help="where the PNGs go (default docs/)")
     p.add_argument("--chromium", type=Path, default=None, help=f"Chromium binary (default: chromium on PATH or "
                    f"{DEFAULT_CHROMIUM})")  # fmt: skip
+    p.add_argument("--runs", type=Path, default=None, metavar="DIR",
+                   help="show the TensorBoard runs already in DIR (e.g. logs) instead of training two")  # fmt: skip
     p.add_argument("--virtual-time-budget", type=int, default=15000, metavar="MS",
                    help="Chromium's virtual time for the page to load and draw (default 15000 ms)")  # fmt: skip
     return p.parse_args(argv)
@@ -94,6 +104,15 @@ def png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", head[16:24])
 
 
+def run_names(runs: Path) -> list[str]:
+    """The TensorBoard runs under `runs`: the folders holding event files, relative to it ("mnist_lenet/version_0")."""
+    found = sorted({p.parent.relative_to(runs).as_posix() for p in runs.rglob("events.out.tfevents.*")})
+    if not found:
+        raise ScreenshotError(f"no TensorBoard runs (events.out.tfevents.* files) under {runs}; pass the folder "
+                              f"that holds them, e.g. --runs logs after the quickstart")  # fmt: skip
+    return found
+
+
 def fit(config: str, data_dir: Path, runs: Path) -> None:
     argv = [sys.executable, "train.py", "fit", "--config", f"configs/{config}.yaml", "--data.data_dir", str(data_dir),
             *FIT_FLAGS, "--trainer.default_root_dir", str(runs)]  # fmt: skip
@@ -104,14 +123,14 @@ def fit(config: str, data_dir: Path, runs: Path) -> None:
     print(f"== fit {config}: {time.perf_counter() - start:.0f} s", flush=True)
 
 
-def start_tensorboard(workdir: Path, port: int, log: Path) -> subprocess.Popen:
+def start_tensorboard(runs: Path, port: int, log: Path) -> subprocess.Popen:
     tensorboard = Path(sys.executable).parent / "tensorboard"
     if not tensorboard.is_file():
         raise ScreenshotError(f"{tensorboard} not found (pip install tensorboard)")
     env = {**os.environ, "PYTHONHASHSEED": "0"}  # `none` before `flip` in the HPARAMS filter (see the docstring)
     with open(log, "wb") as f:
-        return subprocess.Popen([str(tensorboard), "--logdir", "runs", "--port", str(port)], cwd=workdir, env=env,
-                                stdout=f, stderr=subprocess.STDOUT)  # fmt: skip
+        return subprocess.Popen([str(tensorboard), "--logdir", runs.name, "--port", str(port)], cwd=runs.parent,
+                                env=env, stdout=f, stderr=subprocess.STDOUT)  # fmt: skip
 
 
 def wait_for_runs(process: subprocess.Popen, port: int, runs: list[str], log: Path, timeout: float = 120.0) -> None:
@@ -169,12 +188,15 @@ def run(args: argparse.Namespace) -> list[Path]:
     workdir = Path(tempfile.mkdtemp(prefix="tensorboard_screenshots_"))
     tensorboard = None
     try:
-        runs = workdir / "runs"
-        for config in CONFIGS:
-            fit(config, args.data_dir, runs)
+        runs = args.runs
+        if runs is None:
+            runs = workdir / "runs"
+            for config in CONFIGS:
+                fit(config, args.data_dir, runs)
         port, log = free_port(), workdir / "tensorboard.log"
-        tensorboard = start_tensorboard(workdir, port, log)
-        wait_for_runs(tensorboard, port, [f"{config}/version_0" for config in CONFIGS], log)
+        expected = run_names(runs)
+        tensorboard = start_tensorboard(runs, port, log)
+        wait_for_runs(tensorboard, port, expected, log)
         shots = []
         for name, (fragment, width, height) in SHOTS.items():
             shot = workdir / name
@@ -183,7 +205,7 @@ def run(args: argparse.Namespace) -> list[Path]:
             shots.append(shot)
         args.out.mkdir(parents=True, exist_ok=True)
         written = []
-        for shot in shots:  # only once both were taken: a failure leaves the old files in place
+        for shot in shots:  # only once all were taken: a failure leaves the old files in place
             target = args.out / shot.name
             shutil.copyfile(shot, target)
             written.append(target)
@@ -199,6 +221,7 @@ def run(args: argparse.Namespace) -> list[Path]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     args.data_dir, args.out = args.data_dir.resolve(), args.out.resolve()  # the fits run in the repository
+    args.runs = args.runs.resolve() if args.runs is not None else None
     try:
         run(args)
     except ScreenshotError as e:

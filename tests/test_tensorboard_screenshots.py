@@ -1,4 +1,5 @@
-"""scripts/tensorboard_screenshots.py without Chromium or training: arguments, the missing-Chromium line, PNG sizes."""
+"""scripts/tensorboard_screenshots.py without Chromium or training: arguments, the missing-Chromium line, the runs of
+a given folder, PNG sizes."""
 
 from __future__ import annotations
 
@@ -19,10 +20,11 @@ def test_defaults_and_regenerate_docs_call():
     args = shots.parse_args([])
     assert args.data_dir == REPO.parent / "shared" / "data"
     assert args.out == REPO / "docs"
-    assert args.chromium is None
+    assert args.chromium is None and args.runs is None
     args = shots.parse_args(["--data-dir", "data", "--out", "somewhere"])  # as scripts/regenerate_docs.py calls it
     assert args.data_dir == Path("data") and args.out == Path("somewhere")
-    assert set(shots.SHOTS) == {"tensorboard_margins.png", "tensorboard_hparams.png"}
+    assert shots.parse_args(["--runs", "logs"]).runs == Path("logs")
+    assert set(shots.SHOTS) == {f"tensorboard_{page}.png" for page in ("margins", "scalars", "images", "hparams")}
 
 
 @pytest.mark.parametrize("explicit", [False, True])
@@ -37,6 +39,24 @@ def test_missing_chromium_is_one_line_and_exit_2(explicit, monkeypatch, tmp_path
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: headless Chromium not found")
     assert "apt-get install -y chromium" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_runs_of_a_folder_are_its_event_folders_and_none_is_one_line_and_exit_2(monkeypatch, tmp_path, capsys):
+    for run in ("mnist_lenet/version_0", "mnist_lenet/version_1", "mnist_flipped_lenet/version_0"):
+        (tmp_path / "logs" / run).mkdir(parents=True)
+        (tmp_path / "logs" / run / "events.out.tfevents.1.host.1.0").write_bytes(b"")
+    (tmp_path / "logs" / "mnist_lenet" / "version_0" / "margins").mkdir()  # no events: not a run
+    assert shots.run_names(tmp_path / "logs") == [
+        "mnist_flipped_lenet/version_0", "mnist_lenet/version_0", "mnist_lenet/version_1"]  # fmt: skip
+
+    monkeypatch.setattr(shots, "find_chromium", lambda explicit: tmp_path / "chromium")
+    monkeypatch.setattr(shots, "fit", lambda *a: pytest.fail("trained although --runs was given"))
+    with pytest.raises(SystemExit) as e:
+        shots.main(["--runs", str(tmp_path / "empty"), "--out", str(tmp_path / "out")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: no TensorBoard runs") and "--runs logs" in err
     assert not (tmp_path / "out").exists()
 
 
