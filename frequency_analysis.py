@@ -147,9 +147,7 @@ def run_map2d(args: argparse.Namespace, argv: list[str]) -> Path | None:
     grid = median_map(report.margins, family)
     np.save(folder / "map2d.npy", grid)
     what = quantity(estimator_of(s))
-    figure = plot_margin_maps(
-        {f"{describe_settings(s)}: {what}s": grid}, family, num_samples=report.margins.shape[1], quantity=what
-    )
+    figure = plot_margin_maps({describe_settings(s): grid}, family, num_samples=report.margins.shape[1], quantity=what)
     save_figure(figure, folder / "map2d.png")
     print(f"2-D map {family.grid_shape}: median {what} from {np.nanmin(grid):.3g} to {np.nanmax(grid):.3g}")
     print(time_line(report))

@@ -4,7 +4,7 @@ one thing, added by the same functions, read back into the same settings.
 - model and data: --checkpoint --model --dataset --transform --bandwidth --data-dir --num-classes --trusted-pickle
 - samples: --num-samples --seed --indices
 - subspaces: --subspace-dim --subspace-step
-- attack: --estimator --max-iter --overshoot --fmn-steps --chunk-rows --dtype --kernels
+- attack: --estimator --max-iter --overshoot --fmn-steps --certify-method --chunk-rows --dtype --kernels
 - processes and output: --accelerator --devices --num-nodes --strategy --num-workers --threads
   --return-freed-memory --output-dir --overwrite --no-progress
 """
@@ -20,7 +20,7 @@ from common.errors import InputError
 from datamodules import DATASETS, TRANSFORMS
 from margins.guard import EXIT_BAD_INPUT, STOPPED, env_rank
 from margins.inputs import ModelSource
-from margins.work import DTYPES, ESTIMATORS, AttackSettings, RunSettings
+from margins.work import CERTIFY_METHODS, DTYPES, ESTIMATORS, AttackSettings, RunSettings
 from models import MODEL_NAMES
 
 
@@ -58,10 +58,16 @@ def add_attack_arguments(p: argparse.ArgumentParser) -> None:
         type=int,
         help="(sample, subspace) rows per chunk: memory and resume unit (64 ImageNet, else 512)",
     )
-    a("--dtype", choices=tuple(DTYPES), default="float32", help="attack precision (default float32)")
+    a("--dtype", choices=tuple(DTYPES), help="precision (default float32; float64 for --estimator certify)")
     a("--kernels", choices=("auto", "off"), default="auto", help="the engine's CPU kernels (default auto)")
-    a("--estimator", choices=ESTIMATORS, default="deepfool", help="margin estimator: DeepFool (the paper's) or FMN")
+    a(
+        "--estimator",
+        choices=ESTIMATORS,
+        default="deepfool",
+        help="deepfool (the paper's) or fmn: attacks, margins that are upper bounds; certify: certified lower bounds",
+    )
     a("--fmn-steps", type=int, default=200, help="FMN steps per row (default 200)")
+    a("--certify-method", choices=CERTIFY_METHODS, default="crown", help="the certifier's bounds (default crown)")
 
 
 def add_run_arguments(p: argparse.ArgumentParser, default_output: str) -> None:
@@ -102,7 +108,8 @@ def source_from_args(args: argparse.Namespace) -> ModelSource:
 
 def attack_from_args(args: argparse.Namespace) -> AttackSettings:
     return AttackSettings(args.overshoot, args.max_iter, chunk_rows=args.chunk_rows, dtype=args.dtype,
-                          kernels=args.kernels, estimator=args.estimator, fmn_steps=args.fmn_steps)  # fmt: skip
+                          kernels=args.kernels, estimator=args.estimator, fmn_steps=args.fmn_steps,
+                          certify_method=args.certify_method)  # fmt: skip
 
 
 def run_from_args(args: argparse.Namespace) -> RunSettings:

@@ -69,7 +69,7 @@ from margins.work import (
 
 # settings that do not change a row's bits: left out of the fingerprint a resume must match
 _VOLATILE = {"command", "checkpoint", "data_dir", "indices_file", "torch_version", "data", "source", "bases"}
-_VOLATILE |= {"run", "epoch", "global_step", "world_size", "trainer_precision"}
+_VOLATILE |= {"run", "epoch", "global_step", "world_size", "trainer_precision", "bound"}
 _VOLATILE_DATA_KEYS = ("data_dir", "batch_size", "eval_batch_size", "num_workers", "pin_memory", "download")
 
 
@@ -241,6 +241,7 @@ def make_job(
         "engine_version": ENGINE_VERSION,
         "torch_version": torch.__version__,
     }
+    attack.check_model(model, subspaces.image_shape)
     fingerprint = fingerprint_of(settings)
     figure = settings["subspace"] != "grid"  # a 2-D grid gets its map instead (frequency_analysis.py map2d)
     return MarginJob(model, dataset, indices, subspaces, folder, settings, fingerprint, title, figure)

@@ -20,7 +20,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogFormatter
 
-from margins.names import quantity
+from margins.names import bound, quantity
 
 SAMPLE_COLOR = "tab:blue"
 NOT_CONVERGED_COLOR = "red"
@@ -77,7 +77,8 @@ def plot_margins(
     and ends at the last subspace.
 
     Artists (stable, tests rely on them): one PathCollection labelled "samples" holding the converged
-    (correctly classified) points, one labelled "not converged (k)" only when k > 0, one labelled
+    (correctly classified) points, one labelled "not converged (k)" ("no label change found (k)" for certified
+    bounds) only when k > 0, one labelled
     "misclassified (m of N samples)" only when m > 0, one Line2D labelled "median", one filled band labelled
     IQR_LABEL. Title: `title` (default `describe_run(model, dataset, transform)`), then `subtitle` (default
     "N samples, S subspaces" and the misclassified / not-converged counts) on a second line. The legend sits
@@ -118,7 +119,7 @@ def plot_margins(
             s=18,
             marker="x",
             color=NOT_CONVERGED_COLOR,
-            label=f"not converged ({missed})",
+            label=f"{_missed_label(estimator)} ({missed})",
         )
     subspaces = np.arange(num_subspaces)
     low, high = np.percentile(margins, [25, 75], axis=1)
@@ -131,18 +132,24 @@ def plot_margins(
     title = title or describe_run(model, dataset, transform)
     if estimator is not None:
         title = f"{title}: {quantity(estimator)}s" if title else f"{_capital(quantity(estimator))}s"
-    subtitle = subtitle or _counts(num_samples, num_subspaces, num_wrong, missed)
+    subtitle = subtitle or _counts(num_samples, num_subspaces, num_wrong, missed, _missed_label(estimator))
     ax.set_title("\n".join(t for t in (title, subtitle) if t), fontsize="medium")
     if legend:
         outside_legend(ax)
     return fig
 
 
-def _counts(num_samples: int, num_subspaces: int, num_wrong: int, missed: int) -> str:
+def _missed_label(estimator: str | None) -> str:
+    """What `converged == False` means: an attack that did not change the label; for the certifier, that its
+    upper-bound attack found no label change (the row has a certified bound but no interval)."""
+    return "no label change found" if bound(estimator) == "lower" else "not converged"
+
+
+def _counts(num_samples: int, num_subspaces: int, num_wrong: int, missed: int, what: str = "not converged") -> str:
     """ "100 samples, 21 subspaces, 2 misclassified, 1 not converged" (zero counts left out)."""
     parts = [f"{num_samples} samples", f"{num_subspaces} subspaces"]
     parts += [f"{num_wrong} misclassified"] if num_wrong else []
-    parts += [f"{missed} not converged"] if missed else []
+    parts += [f"{missed} {what}"] if missed else []
     return ", ".join(parts)
 
 

@@ -26,8 +26,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from attacks.certify import SubspaceCertifier, certify_network
+from attacks.certify.certifier import METHODS as CERTIFY_METHODS
 from attacks.common import precision_record
 from attacks.deepfool import SubspaceDeepFool
+from attacks.estimator import MarginEstimator
 from attacks.fmn import SubspaceFMN
 from attacks.kernels import KERNELS, PreparedModel
 from common.errors import InputError
@@ -36,12 +39,13 @@ from frequency.subspaces import SubspaceFamily
 from margins.chunks import ChunkStore, fingerprint_digest
 from margins.guard import disk_full, disk_full_error
 from margins.measure import gather_samples
-from margins.names import folder_suffix
+from margins.names import bound, folder_suffix
 from margins.results import OPTIONAL_FILES, RESULT_FILES, MarginReport, json_safe, remove_stale_tmp_dirs
 from margins.sharding import row_grid
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
-ESTIMATORS = ("deepfool", "fmn")
+ESTIMATORS = ("deepfool", "fmn", "certify")
+DEFAULT_DTYPES = {"certify": "float64"}  # an estimator's precision when none is given (else float32)
 CHUNK_DIR = "chunks"
 BYTES_PER_ROW = 64  # a committed chunk's bytes per row, about (arrays, npz and journal overhead included)
 
@@ -51,19 +55,26 @@ class AttackSettings:
     """The margin estimator and its settings, the chunk size, and the engine's precision and kernels.
 
     estimator: "deepfool" (the paper's, `attacks.deepfool.SubspaceDeepFool`: `overshoot`, `max_iter`,
-    `num_candidates`, the release's defaults) or "fmn" (minimum-norm, `attacks.fmn.SubspaceFMN`: `fmn_steps` steps,
-    `num_candidates` for its first step). `chunk_rows` (sample, subspace) rows are attacked as one batch and
-    committed as one file: it bounds memory and fixes the float results (keep it to resume); None: 64 for
-    ImageNet, else 512. `kernels`: "auto" or "off" (`attacks.kernels`)."""
+    `num_candidates`, the release's defaults), "fmn" (minimum-norm, `attacks.fmn.SubspaceFMN`: `fmn_steps` steps,
+    `num_candidates` for its first step) or "certify" (certified lower bounds, `attacks.certify.SubspaceCertifier`
+    with `certify_method`). `chunk_rows` (sample, subspace) rows are attacked as one batch and committed as one file:
+    it bounds memory and fixes the float results (keep it to resume); None: 64 for ImageNet, else 512. `dtype`:
+    None is float64 for the certifier, float32 for the attacks. `kernels`: "auto" or "off" (`attacks.kernels`;
+    the attacks' only)."""
 
     overshoot: float = 0.02
     max_iter: int = 100
     num_candidates: int = 10
     chunk_rows: int | None = None
-    dtype: str = "float32"
+    dtype: str | None = None
     kernels: str = "auto"
     estimator: str = "deepfool"
     fmn_steps: int = 200
+    certify_method: str = "crown"
+
+    def __post_init__(self) -> None:
+        if self.dtype is None:
+            self.dtype = DEFAULT_DTYPES.get(self.estimator, "float32")
 
     def check(self) -> None:
         """InputError naming the parameter when a setting is out of range."""
@@ -81,6 +92,11 @@ class AttackSettings:
             raise InputError(f"estimator must be one of {', '.join(ESTIMATORS)} (--estimator), got {self.estimator!r}")
         if self.fmn_steps < 1:
             raise InputError(f"fmn_steps must be >= 1 (--fmn-steps), got {self.fmn_steps}")
+        if self.certify_method not in CERTIFY_METHODS:
+            raise InputError(
+                f"certify_method must be one of {', '.join(CERTIFY_METHODS)} (--certify-method), got "
+                f"{self.certify_method!r}"
+            )
         if self.kernels not in ("auto", "off"):
             raise InputError(f"kernels must be 'auto' or 'off', got {self.kernels!r} (kernels: {', '.join(KERNELS)})")
 
@@ -88,22 +104,32 @@ class AttackSettings:
         """The settings a result folder records, all in the fingerprint a resume must match: the estimator and its
         own settings (DeepFool's also at the top level, as folders have always held them; an FMN run carries no
         DeepFool setting), the chunk size, the precision and the kernels."""
-        own: dict[str, Any] = {}
+        own: dict[str, Any] = {"kernels": self.kernels}
         if self.estimator == "deepfool":
-            own = {"overshoot": self.overshoot, "max_iter": self.max_iter, "num_candidates": self.num_candidates}
+            own.update(overshoot=self.overshoot, max_iter=self.max_iter, num_candidates=self.num_candidates)
         elif self.estimator == "fmn":
-            own = {"num_candidates": self.num_candidates}
+            own.update(num_candidates=self.num_candidates)
+        else:
+            own = {}  # the certifier runs the model as written: no kernels
         return {"estimator": self.estimator, "estimator_settings": self.engine().settings(), **own,
-                "chunk_rows": self.chunk_rows, "dtype": self.dtype, "kernels": self.kernels}  # fmt: skip
+                "chunk_rows": self.chunk_rows, "dtype": self.dtype, "bound": bound(self.estimator)}  # fmt: skip
+
+    def check_model(self, model: nn.Module, image_shape: tuple[int, ...]) -> None:
+        """The certifier's layers check before anything is written: `UnsupportedLayerError` (an InputError) naming
+        the first layer it cannot bound; nothing for the attacks, which run any differentiable model."""
+        if self.estimator == "certify":
+            certify_network(model, tuple(image_shape), DTYPES[self.dtype])
 
     def default_folder(self, folder: Path) -> Path:
         """A default result folder named by the estimator: as given for DeepFool, `<folder>_<estimator>` otherwise
         (`margins.names.folder_suffix`)."""
         return folder.with_name(folder.name + folder_suffix(self.estimator))
 
-    def engine(self) -> SubspaceDeepFool | SubspaceFMN:
+    def engine(self) -> MarginEstimator:
         """The estimator these settings describe."""
         batch, dtype = self.chunk_rows or 512, DTYPES[self.dtype]
+        if self.estimator == "certify":  # rows bounded together: `batch`, fewer where memory needs (its docs)
+            return SubspaceCertifier(method=self.certify_method, batch_size=batch, dtype=dtype)
         if self.estimator == "fmn":
             return SubspaceFMN(steps=self.fmn_steps, num_candidates=self.num_candidates, batch_size=batch, dtype=dtype,
                                kernels=self.kernels)  # fmt: skip
@@ -366,6 +392,16 @@ def wait_for_chunks(store: ChunkStore, chunks: list[range], fingerprint: str, po
         raise RuntimeError(f"chunks of {store.root} failed their check after the run: {'; '.join(scan.warnings())}")
 
 
+def to_float32(values: np.ndarray, round_down: bool = False) -> np.ndarray:
+    """`values` as float32: rounded to nearest, or (`round_down`, for certified lower bounds, which must stay
+    proven) to the largest float32 not above each value."""
+    out = np.asarray(values).astype(np.float32)
+    if round_down:
+        above = out.astype(np.float64) > np.asarray(values, dtype=np.float64)
+        out[above] = np.nextafter(out[above], np.float32(-np.inf))
+    return out
+
+
 def merge_chunks(job: MarginJob, store: ChunkStore, chunks: list[range]) -> MarginReport:
     """Rank 0: every committed chunk into `[S, N]` arrays (float32 margins) and the report; its `seconds` count
     from the job's start (loading included) to now."""
@@ -376,10 +412,11 @@ def merge_chunks(job: MarginJob, store: ChunkStore, chunks: list[range]) -> Marg
     iterations, perturbed = np.zeros(grid, np.int64), np.zeros(grid, np.int64)
     predicted, targets = np.zeros(num_samples, np.int64), np.zeros(num_samples, np.int64)
     fingerprint = fingerprint_digest(job.fingerprint)
+    lower = bound(job.settings.get("estimator")) == "lower"
     for c, rows in enumerate(chunks):
         data = store.load(c, rows, fingerprint)
         sl = slice(rows.start, rows.stop)
-        margins.reshape(-1)[sl] = data["margins"].astype(np.float32)
+        margins.reshape(-1)[sl] = to_float32(data["margins"], round_down=lower)
         converged.reshape(-1)[sl], iterations.reshape(-1)[sl] = data["converged"], data["iterations"]
         perturbed.reshape(-1)[sl] = data["perturbed_labels"]
         samples = np.arange(rows.start, rows.stop) // num_subspaces

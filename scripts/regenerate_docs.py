@@ -8,7 +8,9 @@
    docs/analysis_*.png (2-D maps, DCT vs random subspaces, Fourier heat maps, comparison);
 3. `scripts/estimator_study.py --docs` on the LeNets of step 1: the section "How tight are DeepFool's margins?"
    of docs/RESULTS.md;
-4. `scripts/tensorboard_screenshots.py` (when Chromium is installed): docs/tensorboard_*.png from two short fits.
+4. `scripts/certify_study.py --docs` on the LeNets of step 1 (reusing step 3's DeepFool and FMN folders): the
+   section "Certified margins" of docs/RESULTS.md;
+5. `scripts/tensorboard_screenshots.py` (when Chromium is installed): docs/tensorboard_*.png from two short fits.
 Each step reuses what an interrupted earlier run of it left (trainings resume, finished measurements are reused).
 """
 
@@ -46,6 +48,9 @@ def main(argv: list[str] | None = None) -> None:
                       str(args.out / "analyses_mnist"), "--checkpoints", *checkpoints, "--docs"])  # fmt: skip
     step("estimators", ["scripts/estimator_study.py", "--reproduction", str(reproduction), "--data-dir",
                         str(args.data_dir), "--out", str(args.out / "estimator_study"), "--docs"])  # fmt: skip
+    step("certified margins", ["scripts/certify_study.py", "--reproduction", str(reproduction), "--data-dir",
+                               str(args.data_dir), "--out", str(args.out / "certify_study"), "--estimator-study",
+                               str(args.out / "estimator_study"), "--docs"])  # fmt: skip
     screenshots = REPO / "scripts" / "tensorboard_screenshots.py"
     if screenshots.is_file() and shutil.which("chromium"):
         step("TensorBoard", [str(screenshots.relative_to(REPO)), "--data-dir", str(args.data_dir)])
