@@ -13,8 +13,9 @@ Lines per case (float32; CUDA when present):
   implementation of the release's algorithm pays for its passes alone. "/floor" divides a line's time by it.
 - `baseline (subprocess)` (--baseline DIR): the engine of the checkout DIR, timed in a fresh process
   (`benchmarks/engine_timer.py`) on the same model and inputs, beside `engine (subprocess)`, this checkout's engine
-  timed the same way. --subprocess-memory: fresh processes with `keep_freed_memory` (glibc keeps freed memory) and
-  with glibc's default malloc, to measure what keeping freed memory buys (ResNet-50's case).
+  timed the same way; the line says whether the two engines' margins are bit-equal. --subprocess-memory: fresh
+  processes with `KeepFreedMemory` (glibc keeps freed memory) and with glibc's default malloc, to measure what
+  keeping freed memory buys (ResNet-50's case).
 Cases: LeNet briefly trained on real MNIST, 100 samples x 21 DCT subspaces (8x8, step 1); ResNet-18-MNIST
 (BatchNorm, briefly trained) 20 x 21; full space, LeNet, 1000 samples (with foolbox's batched L2DeepFool when
 installed); ResNet-50 at 224x224, random weights, 2 x 14 subspaces (16x16, step 16). Times are CPU seconds of the
@@ -246,6 +247,8 @@ def run_case(title: str, model, x, family, family_spec: list, args, with_loop: b
             extra = "reference"
         else:
             extra = compare(run.margins, run.iterations, reference) if run.margins is not None else ""
+        if name.startswith("baseline") and "engine (subprocess)" in runs:
+            extra += f"; bit-equal to this engine: {torch.equal(run.margins, runs['engine (subprocess)'].margins)}"
         report(name, rows, run, loops, None if name == "floor" else floor, extra)
     return runs
 
@@ -306,7 +309,7 @@ def main() -> None:
     parser.add_argument(
         "--subprocess-memory",
         action="store_true",
-        help="also time the engine in fresh processes with glibc's malloc and with keep_freed_memory",
+        help="also time the engine in fresh processes with glibc's malloc and with KeepFreedMemory",
     )
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--ablations", help="comma-separated kernels to switch off one at a time (default: all)")
