@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 
 from common.errors import InputError
 from margins.guard import START_TIMEOUT, Watchdog, install_signal_handlers, restore_signal_handlers, watch_children
+from margins.names import estimator_of, quantity
 from margins.work import CHUNK_DIR, ChunkWork, RunSettings
 
 _LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
@@ -127,8 +128,11 @@ def predict_chunks(trainer: L.Trainer, work: ChunkWork, watchdog: Watchdog) -> N
 
 
 def progress_description(work: ChunkWork) -> str:
-    """The bar's label, naming the family measured and what the bar counts (one bar per family of a command)."""
-    return f"margins along {work.job.settings.get('subspace', 'the')} subspaces: (sample, subspace) rows"
+    """The bar's label, naming what is measured ("DeepFool margins", "certified lower bounds", ...), the family and
+    what the bar counts (one bar per family of a command)."""
+    settings = work.job.settings
+    what = quantity(estimator_of(settings))
+    return f"{what}s along {settings.get('subspace', 'the')} subspaces: (sample, subspace) rows"
 
 
 class MarginPredictor(L.LightningModule):

@@ -259,3 +259,14 @@ def test_the_callbacks_certify_equals_evaluate_margin_on_the_saved_checkpoint(tm
     saved = read_report(folder)
     assert saved.settings["bound"] == "lower" and saved.settings["dtype"] == "float64"
     assert saved.settings["estimator_settings"] == read_report(out).settings["estimator_settings"]
+
+
+def test_progress_bars_say_what_they_measure():
+    from margins.predict import progress_description
+
+    def described(settings: dict) -> str:
+        return progress_description(SimpleNamespace(job=SimpleNamespace(settings=settings)))
+
+    certify = described({"estimator": "certify", "subspace": "dct"})
+    assert certify == "certified lower bounds along dct subspaces: (sample, subspace) rows"
+    assert described({"estimator": "fmn", "subspace": "random"}).startswith("FMN margins along random subspaces")
