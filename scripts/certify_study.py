@@ -131,7 +131,8 @@ def band(margins: np.ndarray, which: str) -> np.ndarray:
 def claims(reports: dict[str, dict[str, MarginReport]]) -> list[dict]:
     """Each claim "band A larger than band B" these models decide, with the certified bounds on A's side against
     each attack's margins on B's side: the ratio of band medians, whether it exceeds the claim's threshold, and the
-    fraction of samples (aligned by dataset index) whose own band medians exceed it."""
+    fraction of samples (aligned by dataset index) whose own band medians exceed it. A row where the attack found no
+    label change has no upper bound: it counts as infinite (`upper_bounds`)."""
     out = []
     for claim in CLAIMS["mnist"]:
         (a_kind, a_band), (b_kind, b_band) = claim.numerator, claim.denominator
@@ -147,9 +148,9 @@ def claims(reports: dict[str, dict[str, MarginReport]]) -> list[dict]:
         for attack in ("deepfool", "fmn"):
             upper = reports[b_kind][attack]
             a, b = _aligned(lower, upper)
-            upper_b = float(np.median(band(upper.margins, b_band).astype(np.float64)))
+            upper_b = float(np.median(band(upper_bounds(upper), b_band)))
             per_sample_lower = np.median(band(lower.margins[:, a].astype(np.float64), a_band), axis=0)
-            per_sample_upper = np.median(band(upper.margins[:, b].astype(np.float64), b_band), axis=0)
+            per_sample_upper = np.median(band(upper_bounds(upper)[:, b], b_band), axis=0)
             ratio = row["certified_A"] / upper_b
             row[attack] = {
                 "upper_B": upper_b,
@@ -157,9 +158,15 @@ def claims(reports: dict[str, dict[str, MarginReport]]) -> list[dict]:
                 "holds": bool(ratio > claim.threshold),
                 "fraction_of_samples": float(np.mean(per_sample_lower > claim.threshold * per_sample_upper)),
                 "samples": int(len(a)),
+                "rows_without_label_change": int((~band(upper.converged, b_band)).sum()),
             }
         out.append(row)
     return out
+
+
+def upper_bounds(report: MarginReport) -> np.ndarray:
+    """An attack's margins `[S, N]` as upper bounds on the true margins: infinite where it changed no label."""
+    return np.where(report.converged, report.margins.astype(np.float64), np.inf)
 
 
 def _aligned(a: MarginReport, b: MarginReport) -> tuple[np.ndarray, np.ndarray]:
