@@ -91,6 +91,8 @@ class SubspaceDeepFool(MarginEstimator):
 
     share_first_step = True  # ablation switches of the two algorithmic ideas (module docstring)
     refill = True
+    name, version = "deepfool", ENGINE_VERSION
+    setting_names = ("overshoot", "max_iter", "num_candidates", "min_step")
 
     def __init__(
         self,
@@ -108,17 +110,6 @@ class SubspaceDeepFool(MarginEstimator):
         self.overshoot = float(overshoot)
         self.max_iter = int(max_iter)
         self.min_step = float(min_step)
-
-    def settings(self) -> dict[str, object]:
-        """The settings that determine the results, for result summaries."""
-        return {
-            "estimator": "deepfool",
-            "version": ENGINE_VERSION,
-            "overshoot": self.overshoot,
-            "max_iter": self.max_iter,
-            "num_candidates": self.num_candidates,
-            "min_step": self.min_step,
-        }
 
     def _attack(self, task: RowTask) -> RowResult:
         return _Run(self, task).rows()

@@ -94,6 +94,9 @@ class MarginEstimator:
     """
 
     observer: PassObserver = PassObserver()  # an instance attribute replaces it (benchmarks: `PassStats`)
+    name: str  # "estimator" in `settings()`
+    version: int  # changed whenever the estimator's float results move; result folders record it
+    setting_names: tuple[str, ...] = ()  # the attributes that determine the results, in `settings()` order
 
     def __init__(self, num_candidates: int, batch_size: int, dtype: torch.dtype | None, kernels: str | Collection[str]):
         if batch_size < 1 or num_candidates < 2:
@@ -106,8 +109,9 @@ class MarginEstimator:
         self.kernels = kernels
 
     def settings(self) -> dict[str, object]:
-        """The settings that determine the results, for result summaries."""
-        raise NotImplementedError
+        """The settings that determine the results, for result summaries: the estimator's name and version, then
+        `setting_names`."""
+        return {"estimator": self.name, "version": self.version, **{k: getattr(self, k) for k in self.setting_names}}
 
     def prepare(self, model: nn.Module, device: torch.device | str | None = None) -> PreparedModel:
         """The working copy of `model` this estimator runs (`attacks.kernels.prepare_model` with its dtype and

@@ -133,6 +133,9 @@ class SubspaceFMN(MarginEstimator):
     and the same call gives the same bits.
     """
 
+    name, version = "fmn", FMN_VERSION
+    setting_names = ("steps", "gamma", "step_ratio", "search_steps", "num_candidates")
+
     def __init__(
         self,
         steps: int = 200,
@@ -158,18 +161,6 @@ class SubspaceFMN(MarginEstimator):
         self.gamma = float(gamma)
         self.step_ratio = float(step_ratio)
         self.search_steps = int(search_steps)
-
-    def settings(self) -> dict[str, object]:
-        """The settings that determine the results, for result summaries."""
-        return {
-            "estimator": "fmn",
-            "version": FMN_VERSION,
-            "steps": self.steps,
-            "gamma": self.gamma,
-            "step_ratio": self.step_ratio,
-            "search_steps": self.search_steps,
-            "num_candidates": self.num_candidates,
-        }
 
     def _attack(self, task: RowTask) -> RowResult:
         model, x, sample_index = task.model, task.x, task.sample_index
