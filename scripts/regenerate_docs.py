@@ -1,6 +1,6 @@
 """Regenerate every results page and figure of docs/ from the current code, in one command:
 
-    python scripts/regenerate_docs.py [--data-dir ../shared/data] [--out outputs]
+    python scripts/regenerate_docs.py [--data-dir ../shared/data] [--out outputs] [--epochs N]
 
 1. `scripts/reproduce.py --dataset mnist --docs`: trains the seven MNIST experiments, measures their margins and
    writes docs/RESULTS.md and docs/mnist_margins.png (about an hour on 2 CPU cores);
@@ -37,10 +37,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
     p.add_argument("--out", type=Path, default=REPO / "outputs", help="where the runs behind the pages go")
+    p.add_argument("--epochs", type=int, help="training epochs per model (default: reproduce.py's, 10 for MNIST)")
     args = p.parse_args(argv)
     reproduction = args.out / "reproduce_mnist"
+    epochs = ["--epochs", str(args.epochs)] if args.epochs else []
     step("reproduction", ["scripts/reproduce.py", "--dataset", "mnist", "--data-dir", str(args.data_dir), "--out",
-                          str(reproduction), "--docs"])  # fmt: skip
+                          str(reproduction), *epochs, "--docs"])  # fmt: skip
     logs = reproduction / "logs"
     checkpoints = [str(logs / name / "reproduce" / "checkpoints" / "last.ckpt") for name in
                    ("mnist_lenet", "mnist_flipped_lenet")]  # fmt: skip
