@@ -56,7 +56,7 @@ def add_attack_arguments(p: argparse.ArgumentParser) -> None:
     a(
         "--chunk-rows",
         type=int,
-        help="(sample, subspace) rows per chunk: memory and resume unit (64 ImageNet, else 512)",
+        help="(sample, subspace) rows per chunk: memory and resume unit (64 for ImageNet or certify, else 512)",
     )
     a("--dtype", choices=tuple(DTYPES), help="precision (default float32; float64 for --estimator certify)")
     a("--kernels", choices=("auto", "off"), default="auto", help="the engine's CPU kernels (default auto)")

@@ -155,7 +155,7 @@ def job_from_checkpoint(
     loaded = load_source(source)
     dm, hp, info = loaded.datamodule, loaded.hparams, loaded.info
     if attack.chunk_rows is None:
-        attack.chunk_rows = 64 if dm.name == "imagenet" else 512
+        attack.chunk_rows = attack.default_chunk_rows(dm.name)
     family = family if family is not None else make_subspaces(subspace or SubspaceSpec(), dm)
     family.check_image_shape(tuple(dm.image_shape))
     from_checkpoint = source.data_dir is None and dm.hparams.data_dir == info.data_hparams.get("data_dir")
@@ -207,7 +207,7 @@ def job_from_model(
     missing = [name for name, v in (("model", model), ("dataset", dataset), ("output_dir", output_dir)) if v is None]
     if missing:
         raise InputError(f"without a checkpoint, pass {', '.join(missing)} (and subspaces, default: full space)")
-    attack.chunk_rows = attack.chunk_rows or 512
+    attack.chunk_rows = attack.chunk_rows or attack.default_chunk_rows()
     if indices is None:
         indices = choose_indices(num_samples, seed, None, len(dataset), "given dataset")
     x, y = gather_samples(dataset, np.asarray(indices)[:2])

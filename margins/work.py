@@ -58,7 +58,7 @@ class AttackSettings:
     `num_candidates`, the release's defaults), "fmn" (minimum-norm, `attacks.fmn.SubspaceFMN`: `fmn_steps` steps,
     `num_candidates` for its first step) or "certify" (certified lower bounds, `attacks.certify.SubspaceCertifier`
     with `certify_method`). `chunk_rows` (sample, subspace) rows are attacked as one batch and committed as one file:
-    it bounds memory and fixes the float results (keep it to resume); None: 64 for ImageNet, else 512. `dtype`:
+    it bounds memory and fixes the float results (keep it to resume); None: `default_chunk_rows`. `dtype`:
     None is float64 for the certifier, float32 for the attacks. `kernels`: "auto" or "off" (`attacks.kernels`;
     the attacks' only)."""
 
@@ -114,6 +114,11 @@ class AttackSettings:
         return {"estimator": self.estimator, "estimator_settings": self.engine().settings(), **own,
                 "chunk_rows": self.chunk_rows, "dtype": self.dtype, "bound": bound(self.estimator)}  # fmt: skip
 
+    def default_chunk_rows(self, dataset: str = "") -> int:
+        """Rows per chunk when none is given: 64 for ImageNet (memory) and for the certifier (a certified row costs
+        hundreds of DeepFool's: progress and resume stay fine-grained), else 512."""
+        return 64 if dataset == "imagenet" or self.estimator == "certify" else 512
+
     def check_model(self, model: nn.Module, image_shape: tuple[int, ...]) -> None:
         """The certifier's layers check before anything is written: `UnsupportedLayerError` (an InputError) naming
         the first layer it cannot bound; nothing for the attacks, which run any differentiable model."""
@@ -127,7 +132,7 @@ class AttackSettings:
 
     def engine(self) -> MarginEstimator:
         """The estimator these settings describe."""
-        batch, dtype = self.chunk_rows or 512, DTYPES[self.dtype]
+        batch, dtype = self.chunk_rows or self.default_chunk_rows(), DTYPES[self.dtype]
         if self.estimator == "certify":  # rows bounded together: `batch`, fewer where memory needs (its docs)
             return SubspaceCertifier(method=self.certify_method, batch_size=batch, dtype=dtype)
         if self.estimator == "fmn":

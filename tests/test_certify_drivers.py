@@ -101,6 +101,19 @@ def test_certify_writes_a_lower_bound_folder_like_deepfools(certified):
     assert "float64" in certified.printed
 
 
+def test_certify_chunks_are_smaller_by_default(lenet, tmp_path):
+    """A chunk is the unit of progress and resume: the certifier's are 64 rows, DeepFool's 512."""
+    from margins.evaluate import job_from_checkpoint
+    from margins.inputs import ModelSource, SubspaceSpec
+
+    source = ModelSource(lenet.ckpt, "lenet", "mnist", data_dir=str(lenet.data))
+    rows = {}
+    for estimator in ("certify", "deepfool"):
+        job = job_from_checkpoint(source, 2, 0, tmp_path, AttackSettings(estimator=estimator), SubspaceSpec("dct"))
+        rows[estimator] = job.settings["chunk_rows"]
+    assert rows == {"certify": 64, "deepfool": 512}
+
+
 def test_an_unsupported_layer_stops_before_anything_is_written(tmp_path):
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 3))
     data = TensorDataset(torch.rand(4, 1, 4, 4), torch.arange(4) % 3)
