@@ -111,9 +111,12 @@ def ball_points(count: int, k: int, radius: torch.Tensor, generator: torch.Gener
 
 
 # ---- soundness: bounds contain sampled values -----------------------------------------------------------------------
+@pytest.mark.parametrize("keep", ["all", "cut"])
 @pytest.mark.parametrize("intermediate", ["backward", "forward"])
 @pytest.mark.parametrize("name", list(NETWORKS))
-def test_every_bound_contains_the_values_at_points_sampled_in_the_ball(name, intermediate):
+def test_every_bound_contains_the_values_at_points_sampled_in_the_ball(name, intermediate, keep):
+    """keep "all": every operation's linear bounds formed and kept for the check; "cut": as in a run (ReLUs read
+    only by max-pools stay implicit; the cut's linear bounds are checked)."""
     build, side = NETWORKS[name]
     model = build().to(F64).eval()
     family = random_family(side, (3, 5), seed=1)
@@ -125,7 +128,9 @@ def test_every_bound_contains_the_values_at_points_sampled_in_the_ball(name, int
     unique, position = torch.unique(subspace, return_inverse=True)
     per_subspace, prefix = prefix_functions(net, plan, basis_images(family, unique, x), x[sample])
     eps = torch.tensor([0.05, 0.3, 1.0, 0.1, 0.5, 2.0], dtype=F64)
-    propagation = Propagation(net, plan, prefix.with_rows(per_subspace, position), eps, intermediate).run()
+    propagation = Propagation(net, plan, prefix.with_rows(per_subspace, position), eps, intermediate)
+    propagation.keep_linear = set(range(len(net.ops))) if keep == "all" else None
+    propagation.run()
     labels = model(x).argmax(1)[sample]
     specs = margin_specs(labels, net.num_classes, F64)
     final = propagation.backward(net.output, specs)

@@ -33,6 +33,7 @@ few unit roundoffs of their endpoints so that rounding of their slopes cannot cu
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -59,10 +60,25 @@ class LinearBounds:
     upper_const: torch.Tensor
     magnitude: torch.Tensor
     exact: bool = False
+    _centre: tuple[torch.Tensor, ...] | None = field(default=None, repr=False)
+    _norms: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False)
 
     @staticmethod
-    def exact_function(coef: torch.Tensor, const: torch.Tensor, magnitude: torch.Tensor) -> LinearBounds:
-        return LinearBounds(coef, const, coef, const, magnitude, exact=True)
+    def exact_function(
+        coef: torch.Tensor, const: torch.Tensor, magnitude: torch.Tensor, norm: torch.Tensor | None = None
+    ) -> LinearBounds:
+        return LinearBounds(coef, const, coef, const, magnitude, True, None, None if norm is None else (norm, norm))
+
+    def norms(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """`(||lower_coef||, ||upper_coef||)` over z per neuron [R, *shape] (computed once)."""
+        if self._norms is None:
+            lower = torch.linalg.vector_norm(self.lower_coef, dim=1)
+            self._norms = (lower, lower if self.exact else torch.linalg.vector_norm(self.upper_coef, dim=1))
+        return self._norms
+
+    def changed(self) -> None:
+        """Forget what was computed from the coefficients (after writing into them)."""
+        self._centre = self._norms = None
 
     def select(self, rows: torch.Tensor) -> LinearBounds:
         if self.exact:
@@ -75,19 +91,39 @@ class LinearBounds:
             self.magnitude[rows],
         )
 
+    def centre_radius(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`(mid_coef, rad_coef, mid_const, rad_const)`: the centre and half-width functions (computed once)."""
+        if self._centre is None:
+            self._centre = (
+                (self.lower_coef + self.upper_coef) / 2.0,
+                (self.upper_coef - self.lower_coef) / 2.0,
+                (self.lower_const + self.upper_const) / 2.0,
+                (self.upper_const - self.lower_const) / 2.0,
+            )
+        return self._centre
+
     def concretize(self, eps: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Concrete bounds [R, *shape] on the balls of radii `eps` [R], moved outward by the rounding allowance."""
-        view = (-1,) + (1,) * (self.lower_const.dim() - 1)
-        radius = eps.view(view)
-        lower_spread = radius * self.lower_coef.norm(dim=1)
-        lower = self.lower_const - lower_spread
-        lower = lower - tau * (self.magnitude + self.lower_const.abs() + lower_spread)
-        if self.exact:
-            upper = self.lower_const + lower_spread
-            return lower, upper + tau * (self.magnitude + self.lower_const.abs() + lower_spread)
-        upper_spread = radius * self.upper_coef.norm(dim=1)
-        upper = self.upper_const + upper_spread
-        return lower, upper + tau * (self.magnitude + self.upper_const.abs() + upper_spread)
+        lower_norm, upper_norm = self.norms()
+        return concretized(eps, tau, self.lower_const, lower_norm, self.upper_const, upper_norm, self.magnitude)
+
+
+def concretized(
+    eps: torch.Tensor,
+    tau: float,
+    lower_const: torch.Tensor,
+    lower_norm: torch.Tensor,
+    upper_const: torch.Tensor,
+    upper_norm: torch.Tensor,
+    magnitude: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`lower_const - eps ||a_l||` and `upper_const + eps ||a_u||` [R, *shape] on balls of radii `eps` [R], each
+    moved outward by `tau (magnitude + |const| + eps ||a||)`."""
+    radius = eps.view((-1,) + (1,) * (lower_const.dim() - 1))
+    lower_spread, upper_spread = radius * lower_norm, radius * upper_norm
+    lower = lower_const - lower_spread - tau * (magnitude + lower_const.abs() + lower_spread)
+    upper = upper_const + upper_spread + tau * (magnitude + upper_const.abs() + upper_spread)
+    return lower, upper
 
 
 @dataclass
@@ -121,6 +157,14 @@ class PoolRelaxation:
     upper_index: torch.Tensor
     upper_use: torch.Tensor
     upper_shift: torch.Tensor
+    area: int = 1
+
+    def masks(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """One-hot weights [R, m, C, oh, ow] of the lower and upper bounds on the window's inputs."""
+        positions = torch.arange(self.area, device=self.lower_index.device).view(1, -1, 1, 1, 1)
+        lower = (self.lower_index.unsqueeze(1) == positions).to(dtype)
+        upper = ((self.upper_index.unsqueeze(1) == positions) & self.upper_use.unsqueeze(1)).to(dtype)
+        return lower, upper
 
     @staticmethod
     def of(op: MaxPool, lower: torch.Tensor, upper: torch.Tensor) -> PoolRelaxation:
@@ -145,13 +189,17 @@ class PoolRelaxation:
         offset = torch.where(torch.isfinite(second), (second - low_j).clamp(min=0.0) + roundoff, 0.0)
         use = (low_j + first) / 2.0 + offset <= first
         shift = torch.where(use, offset, first)
-        return PoolRelaxation(lower_index, upper_index, use, shift)
+        return PoolRelaxation(lower_index, upper_index, use, shift, high.shape[1])
 
 
 def windows(h: torch.Tensor, op: MaxPool, fill: float) -> torch.Tensor:
     """The pooling windows of `h: [..., C, H, W]` as `[..., m, C, oh, ow]` (m = kernel area; padding = `fill`)."""
     (kh, kw), (sh, sw), (ph, pw) = op.kernel, op.stride, op.padding
-    _, oh, ow = op.shape
+    channels, oh, ow = op.shape
+    if _tiles(op):
+        lead = h.shape[: h.dim() - 3]
+        tiles = h.reshape(*lead, channels, oh, kh, ow, kw).movedim((-3, -1), (-5, -4))
+        return tiles.reshape(*lead, kh * kw, channels, oh, ow)
     if ph or pw:
         h = torch.nn.functional.pad(h, (pw, pw, ph, ph), value=fill)
     parts = [
@@ -166,11 +214,23 @@ def unwindows(w: torch.Tensor, op: MaxPool) -> torch.Tensor:
     channels, height, width = op.in_shape
     _, oh, ow = op.shape
     lead = w.shape[: w.dim() - 4]
+    if _tiles(op):
+        tiles = w.reshape(*lead, kh, kw, channels, oh, ow).movedim((-5, -4), (-3, -1))
+        return tiles.reshape(*lead, channels, height, width)
     out = w.new_zeros(*lead, channels, height + 2 * ph, width + 2 * pw)
     for position in range(kh * kw):
         i, j = divmod(position, kw)
         out[..., i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw] += w[..., position, :, :, :]
     return out[..., ph : ph + height, pw : pw + width]
+
+
+def _tiles(op: MaxPool) -> bool:
+    """Whether the windows tile the input exactly (no overlap, no padding, nothing left over)."""
+    _, height, width = op.in_shape
+    _, oh, ow = op.shape
+    return (
+        op.stride == op.kernel and op.padding == (0, 0) and height == op.kernel[0] * oh and width == op.kernel[1] * ow
+    )
 
 
 @dataclass
@@ -188,6 +248,12 @@ class Plan:
     cut: set[int]
     direct: set[int]
     pre: set[int]
+    relu_only: set[int]  # operations read only by ReLUs (only their unstable neurons need tight bounds)
+    last_reader: dict[int, int]  # the last operation reading each operation
+    pools_only: set[int] = field(default_factory=set)  # operations read only by max-pools
+
+    def read_by_pools_only(self, index: int) -> bool:
+        return index in self.pools_only
 
     @staticmethod
     def of(net: Network) -> Plan:
@@ -209,7 +275,10 @@ class Plan:
             elif isinstance(op, Affine) and len(op.inputs) == 1 and (op.inputs[0] in cut or op.inputs[0] in direct):
                 direct.add(index)
         frontier = [i for i in sorted(exact) if any(r not in exact for r in readers.get(i, [])) or i == net.output]
-        return Plan(exact, frontier, cut, direct, pre)
+        relu_only = {i for i, users in readers.items() if all(isinstance(net.ops[u], ReLU) for u in users)}
+        last_reader = {i: max(users) for i, users in readers.items()}
+        pools_only = {i for i, users in readers.items() if all(isinstance(net.ops[u], MaxPool) for u in users)}
+        return Plan(exact, frontier, cut, direct, pre, relu_only, last_reader, pools_only)
 
 
 @dataclass
@@ -220,17 +289,20 @@ class Prefix:
     coef: dict[int, torch.Tensor]
     const: dict[int, torch.Tensor]
     magnitude: dict[int, torch.Tensor]
+    norm: dict[int, torch.Tensor] = field(default_factory=dict)  # ||coef|| over z [R, *shape]
 
     def with_rows(self, per_subspace: dict[int, torch.Tensor], position: torch.Tensor) -> Prefix:
         """This prefix with its coefficients gathered from `per_subspace` ({index: [U, k, *shape]}) at each row's
         subspace position `position` [R]."""
-        return Prefix({i: t[position] for i, t in per_subspace.items()}, self.const, self.magnitude)
+        norms = {i: torch.linalg.vector_norm(t, dim=1)[position] for i, t in per_subspace.items()}
+        return Prefix({i: t[position] for i, t in per_subspace.items()}, self.const, self.magnitude, norms)
 
     def select(self, rows: torch.Tensor) -> Prefix:
         return Prefix(
             {i: t[rows] for i, t in self.coef.items()},
             {i: t[rows] for i, t in self.const.items()},
             {i: t[rows] for i, t in self.magnitude.items()},
+            {i: t[rows] for i, t in self.norm.items()},
         )
 
 
@@ -295,17 +367,24 @@ class Propagation:
         self.box: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.relax: dict[int, ReluRelaxation | PoolRelaxation] = {}
         self.linear: dict[int, LinearBounds] = {}
+        self.keep_linear: set[int] | None = None  # operations whose linear bounds outlive their readers (tests)
+        self.lazy: dict[int, int] = {}  # ReLU index -> its exact input, linear bounds not formed (`_lazy`)
 
     @property
     def rows(self) -> int:
         return self.eps.shape[0]
 
     def run(self) -> Propagation:
+        """Every operation's bounds in topological order; linear bounds are kept only where a backward pass may
+        stop (the cut) or a later operation still reads them."""
+        keep = self.plan.cut if self.keep_linear is None else self.keep_linear
         for index, op in enumerate(self.net.ops):
             if index in self.plan.exact:
                 if index in self.prefix.coef:
+                    prefix = self.prefix
+                    norm = prefix.norm.get(index)
                     self.linear[index] = LinearBounds.exact_function(
-                        self.prefix.coef[index], self.prefix.const[index], self.prefix.magnitude[index]
+                        prefix.coef[index], prefix.const[index], prefix.magnitude[index], norm
                     )
                     self.box[index] = self.linear[index].concretize(self.eps, self.tau)
                 continue
@@ -313,6 +392,9 @@ class Propagation:
                 self._nonlinear(index, op)
             else:
                 self._affine(index, op)
+            for source in op.inputs:
+                if self.plan.last_reader.get(source) == index and source not in keep:
+                    self.linear.pop(source, None)
         return self
 
     # ---- one operation ---------------------------------------------------------------------------------------
@@ -328,22 +410,47 @@ class Propagation:
             relax = PoolRelaxation.of(op, lower, upper)
             box = (windows(lower, op, -torch.inf).amax(dim=1), windows(upper, op, -torch.inf).amax(dim=1))
         self.relax[index] = relax
-        if index in self.plan.cut or self.intermediate == "forward":
-            self.linear[index] = self._forward_nonlinear(op, relax, self.linear[source])
-            box = _intersect(box, self.linear[index].concretize(self.eps, self.tau))
-        self.box[index] = box
+        if isinstance(op, ReLU) and self._lazy(index):
+            self.lazy[index] = source  # its linear bounds stay implicit: slopes times the exact input's
+            self.box[index] = _intersect(box, self._lazy_concretized(index))
+            return
+        self.linear[index] = self._forward_nonlinear(op, relax, source)
+        self.box[index] = _intersect(box, self.linear[index].concretize(self.eps, self.tau))
+
+    def _lazy(self, index: int) -> bool:
+        """Whether the ReLU `index` needs no explicit linear bounds: its input is exact and only max-pools read it
+        (they gather what they pick)."""
+        source = self.net.ops[index].inputs[0]
+        exact = source in self.linear and self.linear[source].exact
+        keep = self.keep_linear is not None and index in self.keep_linear
+        return exact and not keep and self.plan.read_by_pools_only(index)
+
+    def _lazy_concretized(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        relax, source = self.relax[index], self.linear[self.lazy[index]]
+        norm = source.norms()[0]
+        low, up = relax.lower_slope, relax.upper_slope
+        magnitude = torch.maximum(low, up) * source.magnitude + relax.upper_shift
+        const = source.lower_const
+        return concretized(self.eps, self.tau, low * const, low * norm, up * const + relax.upper_shift, up * norm,
+                           magnitude)  # fmt: skip
 
     def _affine(self, index: int, op: Affine) -> None:
         box = _interval_affine(op, [self.box[i] for i in op.inputs])
-        if index in self.plan.direct or self.intermediate == "forward":
-            self.linear[index] = _forward_affine(op, [self.linear[i] for i in op.inputs])
-            box = _intersect(box, self.linear[index].concretize(self.eps, self.tau))
-        elif index in self.plan.pre:
-            box = _intersect(box, self._backward_box(index, op))
+        self.linear[index] = _forward_affine(op, [self.linear[i] for i in op.inputs])
+        box = _intersect(box, self.linear[index].concretize(self.eps, self.tau))
+        backward = self.intermediate == "backward" and index not in self.plan.direct
+        if backward and index in self.plan.pre:
+            needed = (
+                (box[0] < 0) & (box[1] > 0)
+                if index in self.plan.relu_only
+                else torch.ones_like(box[0], dtype=torch.bool)
+            )
+            box = self._backward_box(index, op, box, needed)
         self.box[index] = box
 
-    def _forward_nonlinear(self, op: Op, relax, source: LinearBounds) -> LinearBounds:
+    def _forward_nonlinear(self, op: Op, relax, source_index: int) -> LinearBounds:
         if isinstance(relax, ReluRelaxation):
+            source = self.linear[source_index]
             low, up = relax.lower_slope, relax.upper_slope
             return LinearBounds(
                 low.unsqueeze(1) * source.lower_coef,
@@ -353,31 +460,72 @@ class Propagation:
                 torch.maximum(low, up) * source.magnitude + relax.upper_shift.abs(),
             )
         assert isinstance(op, MaxPool)
-        lower_coef = _pick(windows(source.lower_coef, op, 0.0), relax.lower_index.unsqueeze(1), dim=2)
-        upper_coef = _pick(windows(source.upper_coef, op, 0.0), relax.upper_index.unsqueeze(1), dim=2)
-        use = relax.upper_use.to(upper_coef.dtype)
-        lower_const = _pick(windows(source.lower_const, op, 0.0), relax.lower_index, dim=1)
-        upper_const = _pick(windows(source.upper_const, op, 0.0), relax.upper_index, dim=1)
-        magnitude = windows(source.magnitude, op, 0.0).amax(dim=1) + relax.upper_shift.abs()
+        positions = window_positions(op, self.eps.device)  # [m, C, oh, ow] flat input positions
+        lower_at = _flat_pick(positions, relax.lower_index)  # [R, C*oh*ow]
+        upper_at = _flat_pick(positions, relax.upper_index)
+        use = relax.upper_use.flatten(1).to(self.eps.dtype)
+        shift = relax.upper_shift.flatten(1)
+        if source_index in self.lazy:  # ReLU of an exact function: slopes times its coefficients
+            relu, exact = self.relax[source_index], self.linear[self.lazy[source_index]]
+            low = _gather_flat(relu.lower_slope, lower_at)
+            up = _gather_flat(relu.upper_slope, upper_at) * use
+            lower_coef = _gather_coef(exact.lower_coef, lower_at) * low.unsqueeze(1)
+            upper_coef = _gather_coef(exact.lower_coef, upper_at) * up.unsqueeze(1)
+            lower_const = _gather_flat(exact.lower_const, lower_at) * low
+            upper_shift = _gather_flat(relu.upper_shift, upper_at) * use
+            upper_const = _gather_flat(exact.lower_const, upper_at) * up + upper_shift + shift
+            inner = torch.maximum(relu.lower_slope, relu.upper_slope) * exact.magnitude + relu.upper_shift
+        else:
+            source = self.linear[source_index]
+            lower_coef = _gather_coef(source.lower_coef, lower_at)
+            upper_coef = _gather_coef(source.upper_coef, upper_at) * use.unsqueeze(1)
+            lower_const = _gather_flat(source.lower_const, lower_at)
+            upper_const = _gather_flat(source.upper_const, upper_at) * use + shift
+            inner = source.magnitude
+        magnitude = torch.maximum(_gather_flat(inner, lower_at), _gather_flat(inner, upper_at)) + shift.abs()
+        shape = (self.rows, *op.shape)
+        k = lower_coef.shape[1]
         return LinearBounds(
-            lower_coef, lower_const, upper_coef * use.unsqueeze(1), upper_const * use + relax.upper_shift, magnitude
+            lower_coef.view(self.rows, k, *op.shape),
+            lower_const.view(shape),
+            upper_coef.view(self.rows, k, *op.shape),
+            upper_const.view(shape),
+            magnitude.view(shape),
         )
 
-    def _backward_box(self, index: int, op: Op) -> tuple[torch.Tensor, torch.Tensor]:
-        """Concrete bounds of every neuron of operation `index` by backward passes (specifications e_i and -e_i)."""
-        size = op.size
-        lower = self.eps.new_empty(self.rows, size)
-        upper = self.eps.new_empty(self.rows, size)
+    def _backward_box(
+        self, index: int, op: Op, box: tuple[torch.Tensor, torch.Tensor], needed: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`box` tightened by backward passes for the `needed` neurons (bool [R, *shape]): specifications e_i and
+        -e_i per needed neuron, at most `spec_chunk` per pass; rows pad their list of needed neurons."""
+        rows = self.rows
+        flat_needed = needed.reshape(rows, -1)
+        lower, upper = box[0].reshape(rows, -1).clone(), box[1].reshape(rows, -1).clone()
+        counts = flat_needed.sum(dim=1)
+        most = int(counts.max()) if rows else 0
+        if most == 0:
+            return box
+        # the needed neurons of each row first (stable sort keeps their order), padded with unneeded ones
+        order = torch.sort((~flat_needed).to(torch.int8), dim=1, stable=True).indices[:, :most]
+        valid = torch.arange(most, device=order.device).unsqueeze(0) < counts.unsqueeze(1)
         chunk = max(1, self.spec_chunk // 2)
-        for start in range(0, size, chunk):
-            stop = min(size, start + chunk)
-            eye = self.eps.new_zeros(stop - start, size)
-            eye[torch.arange(stop - start), torch.arange(start, stop)] = 1.0
-            lam = torch.cat([eye, -eye]).view(1, 2 * (stop - start), *op.shape).expand(self.rows, -1, *op.shape)
-            bound = self.backward(index, lam).lower(self.eps, self.tau)  # [R, 2n]
-            lower[:, start:stop] = bound[:, : stop - start]
-            upper[:, start:stop] = -bound[:, stop - start :]
-        return lower.view(self.rows, *op.shape), upper.view(self.rows, *op.shape)
+        for start in range(0, most, chunk):
+            neurons = order[:, start : start + chunk]  # [R, n]
+            count = neurons.shape[1]
+            lam = self.eps.new_zeros(rows, 2 * count, op.size)
+            positions = torch.arange(count, device=neurons.device).unsqueeze(0).expand(rows, -1)
+            lam[torch.arange(rows).unsqueeze(1), positions, neurons] = 1.0
+            lam[torch.arange(rows).unsqueeze(1), positions + count, neurons] = -1.0
+            specs = self.backward(index, lam.view(rows, 2 * count, *op.shape))
+            bound = specs.lower(self.eps, self.tau)
+            ok = valid[:, start : start + chunk]
+            new_lower = torch.maximum(lower.gather(1, neurons), bound[:, :count])
+            new_upper = torch.minimum(upper.gather(1, neurons), -bound[:, count:])
+            lower.scatter_(1, neurons, torch.where(ok, new_lower, lower.gather(1, neurons)))
+            upper.scatter_(1, neurons, torch.where(ok, new_upper, upper.gather(1, neurons)))
+            if index in self.linear:
+                _write_rows(self.linear[index], neurons, ok, specs, count)
+        return lower.view_as(box[0]), upper.view_as(box[1])
 
     # ---- backward pass ---------------------------------------------------------------------------------------
     def backward(
@@ -416,10 +564,10 @@ class Propagation:
                 slope = relax.lower_slope.unsqueeze(1)
                 if lower_slopes is not None and index in lower_slopes:
                     slope = torch.where(relax.unstable.unsqueeze(1), lower_slopes[index], slope)
-                positive, negative = weights.clamp(min=0.0), weights.clamp(max=0.0)
-                back = positive * slope + negative * relax.upper_slope.unsqueeze(1)
-                const = const + _dot(negative, relax.upper_shift.unsqueeze(1))
-                magnitude = magnitude + _dot(negative.abs(), relax.upper_shift.abs().unsqueeze(1))
+                negative = weights.clamp(max=0.0)
+                back = weights * slope + negative * (relax.upper_slope.unsqueeze(1) - slope)
+                shift = _dot(negative, relax.upper_shift.unsqueeze(1))  # <= 0: the shifts are >= 0
+                const, magnitude = const + shift, magnitude - shift
                 pending[op.inputs[0]] = back if op.inputs[0] not in pending else pending[op.inputs[0]] + back
             else:
                 assert isinstance(op, MaxPool)
@@ -463,7 +611,8 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def _at_cut(weights: torch.Tensor, bounds: LinearBounds) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`weights . h` bounded below by the linear bounds of h: (coef [R, n, k], const [R, n], magnitude [R, n])."""
+    """`weights . h` bounded below by the linear bounds of h: (coef [R, n, k], const [R, n], magnitude [R, n]), as
+    `weights . mid - |weights| . rad` (equal to `w+ . lower + w- . upper`)."""
     rows, count = weights.shape[:2]
     flat = weights.reshape(rows, count, -1)
     k = bounds.lower_coef.shape[1]
@@ -472,37 +621,77 @@ def _at_cut(weights: torch.Tensor, bounds: LinearBounds) -> tuple[torch.Tensor, 
         const = torch.bmm(flat, bounds.lower_const.reshape(rows, -1, 1)).squeeze(2)
         size = torch.bmm(flat.abs(), bounds.magnitude.reshape(rows, -1, 1)).squeeze(2)
         return coef, const, size
-    positive, negative = flat.clamp(min=0.0), flat.clamp(max=0.0)
-    coef = torch.bmm(positive, bounds.lower_coef.reshape(rows, k, -1).transpose(1, 2))
-    coef = coef + torch.bmm(negative, bounds.upper_coef.reshape(rows, k, -1).transpose(1, 2))
-    const = torch.bmm(positive, bounds.lower_const.reshape(rows, -1, 1)).squeeze(2)
-    const = const + torch.bmm(negative, bounds.upper_const.reshape(rows, -1, 1)).squeeze(2)
-    size = torch.bmm(flat.abs(), bounds.magnitude.reshape(rows, -1, 1)).squeeze(2)
-    return coef, const, size
+    mid_coef, rad_coef, mid_const, rad_const = bounds.centre_radius()
+    absolute = flat.abs()
+    coef = torch.bmm(flat, mid_coef.reshape(rows, k, -1).transpose(1, 2))
+    coef = coef - torch.bmm(absolute, rad_coef.reshape(rows, k, -1).transpose(1, 2))
+    const = torch.bmm(flat, mid_const.reshape(rows, -1, 1)).squeeze(2)
+    radius_size = torch.stack([rad_const.reshape(rows, -1), bounds.magnitude.reshape(rows, -1)], dim=2)
+    both = torch.bmm(absolute, radius_size)  # [R, n, 2]
+    return coef, const - both[..., 0], both[..., 0] + both[..., 1]
 
 
 def _pool_backward(
     op: MaxPool, relax: PoolRelaxation, weights: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Through a max-pool's relaxation: the weights on its input [R, n, *in_shape], const and magnitude [R, n]."""
-    positive, negative = weights.clamp(min=0.0), weights.clamp(max=0.0)
-    rows, count = weights.shape[:2]
-    area = op.kernel[0] * op.kernel[1]
-    spread = weights.new_zeros(rows, count, area, *op.shape)
-    lower_index = relax.lower_index.unsqueeze(1).unsqueeze(2).expand(rows, count, 1, *op.shape)
-    upper_index = relax.upper_index.unsqueeze(1).unsqueeze(2).expand(rows, count, 1, *op.shape)
-    use = relax.upper_use.to(weights.dtype).unsqueeze(1)
-    spread.scatter_add_(2, lower_index, positive.unsqueeze(2))
-    spread.scatter_add_(2, upper_index, (negative * use).unsqueeze(2))
-    shift = relax.upper_shift.unsqueeze(1)
-    return unwindows(spread, op), _dot(negative, shift), _dot(negative.abs(), shift.abs())
+    negative = weights.clamp(max=0.0)
+    lower_mask, upper_mask = relax.masks(weights.dtype)  # [R, m, C, oh, ow]
+    spread = weights.unsqueeze(2) * lower_mask.unsqueeze(1)
+    spread = spread + negative.unsqueeze(2) * (upper_mask - lower_mask).unsqueeze(1)
+    shift = _dot(negative, relax.upper_shift.unsqueeze(1))
+    return unwindows(spread, op), shift, -_dot(negative, relax.upper_shift.abs().unsqueeze(1))
 
 
-def _pick(values: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
-    """`values` at `index` along `dim` (index broadcast over the other dimensions), that dimension removed."""
-    shape = list(values.shape)
-    shape[dim] = 1
-    return values.gather(dim, index.unsqueeze(dim).expand(shape)).squeeze(dim)
+def _write_rows(bounds: LinearBounds, neurons: torch.Tensor, ok: torch.Tensor, specs: SpecBounds, count: int) -> None:
+    """Replace the linear bounds of `neurons` [R, n] (where `ok`) by those of backward passes (`specs`: lower
+    bounds of e_i for the first `count` specifications, of -e_i for the next), which concretise tighter."""
+    rows, k = bounds.lower_coef.shape[:2]
+    at = neurons.unsqueeze(1).expand(rows, k, -1)
+    keep = ok.unsqueeze(1)
+    for coef, const, sign, part in (
+        (bounds.lower_coef, bounds.lower_const, 1.0, slice(0, count)),
+        (bounds.upper_coef, bounds.upper_const, -1.0, slice(count, 2 * count)),
+    ):
+        flat_coef, flat_const = coef.view(rows, k, -1), const.view(rows, -1)
+        new_coef = sign * specs.coef[:, part].transpose(1, 2)
+        flat_coef.scatter_(2, at, torch.where(keep, new_coef, flat_coef.gather(2, at)))
+        flat_const.scatter_(1, neurons, torch.where(ok, sign * specs.const[:, part], flat_const.gather(1, neurons)))
+    flat_magnitude = bounds.magnitude.view(rows, -1)
+    size = torch.maximum(specs.magnitude[:, :count], specs.magnitude[:, count:])
+    old = flat_magnitude.gather(1, neurons)
+    flat_magnitude.scatter_(1, neurons, torch.where(ok, torch.maximum(old, size), old))
+    bounds.changed()
+
+
+_POSITIONS: dict[tuple, torch.Tensor] = {}
+
+
+def window_positions(op: MaxPool, device: torch.device) -> torch.Tensor:
+    """The flat input position (in [C, H, W]) of every window element, long [m, C, oh, ow] (padding: 0, never
+    picked since its bounds are -inf)."""
+    key = (op.kernel, op.stride, op.padding, op.in_shape, op.shape, str(device))
+    if key not in _POSITIONS:
+        flat = torch.arange(math.prod(op.in_shape), device=device, dtype=torch.float64).view(1, *op.in_shape)
+        _POSITIONS[key] = windows(flat, op, 0.0)[0].round().long()
+    return _POSITIONS[key]
+
+
+def _flat_pick(positions: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """The flat input positions chosen by `index` [R, C, oh, ow] (window slots): long [R, C*oh*ow]."""
+    expanded = positions.unsqueeze(0).expand(index.shape[0], *positions.shape)
+    return expanded.gather(1, index.unsqueeze(1)).squeeze(1).flatten(1)
+
+
+def _gather_flat(values: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """`values: [R, *shape]` at flat positions `at: [R, n]` -> [R, n]."""
+    return values.flatten(1).gather(1, at)
+
+
+def _gather_coef(coef: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
+    """`coef: [R, k, *shape]` at flat positions `at: [R, n]` -> [R, k, n]."""
+    flat = coef.flatten(2)
+    return flat.gather(2, at.unsqueeze(1).expand(-1, flat.shape[1], -1))
 
 
 def _forward_affine(op: Affine, sources: list[LinearBounds]) -> LinearBounds:

@@ -127,7 +127,10 @@ class SubspaceCertifier(MarginEstimator):
             unique, position = torch.unique(subspace_index[chunk], return_inverse=True)
             per_subspace, prefix = prefix_functions(net, plan, basis_images(family, unique, x), x[sample_index[chunk]])
             prefix = prefix.with_rows(per_subspace, position)
-            radius, steps = certified_radii(net, plan, prefix, labels[chunk], cap[chunk], self.search, self.last_stats)
+            clean = clean_margins(net, x[sample_index[chunk]], labels[chunk])
+            radius, steps = certified_radii(
+                net, plan, prefix, labels[chunk], cap[chunk], clean, self.search, self.last_stats
+            )
             margins[chunk], iterations[chunk] = radius, steps
             bar.update(chunk.numel())
         bar.close()
@@ -176,6 +179,14 @@ def rows_per_batch(net: Network, plan: Plan, batch_size: int, element_size: int,
     kept = sum(net.ops[i].size for i in (*plan.cut, *plan.direct))
     per_row = 4 * k * kept * element_size
     return max(1, min(batch_size, MEMORY_BYTES // max(per_row, 1)))
+
+
+def clean_margins(net: Network, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`min_j f_l(x) - f_j(x)` [R] for images `x: [R, *image_shape]` with labels `labels` [R]."""
+    with torch.no_grad():
+        logits = net.forward(x)[net.output]
+    own = logits.gather(1, labels.unsqueeze(1)).squeeze(1)
+    return own - logits.scatter(1, labels.unsqueeze(1), -torch.inf).amax(dim=1)
 
 
 def basis_images(family: SubspaceFamily, subspaces: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -73,46 +73,97 @@ def certified_radii(
     prefix: Prefix,
     labels: torch.Tensor,
     upper: torch.Tensor,
+    clean_margin: torch.Tensor,
     settings: SearchSettings,
     stats: SearchStats,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Certified radii [R] and evaluations used [R] for rows with clean labels `labels` [R] and upper bounds
-    `upper` [R] (inf: none), by the search of the module docstring."""
+    """Certified radii [R] and evaluations used [R] for rows with clean labels `labels` [R], upper bounds `upper`
+    [R] (inf: none) and clean margins `clean_margin` [R] (`min_j f_l - f_j` at x0, the bound at eps = 0), by the
+    search of the module docstring."""
     rows = labels.shape[0]
     dtype, device = upper.dtype, upper.device
     certified = torch.zeros(rows, dtype=dtype, device=device)
     evaluations = torch.zeros(rows, dtype=torch.long, device=device)
-    low = torch.zeros_like(certified)
-    high = upper.clone()
+    search = _Search.start(upper, clean_margin)
     eps = torch.where(torch.isfinite(upper), upper * settings.first_fraction, 1.0)
     active = upper > 0
     for _ in range(settings.steps):
         index = active.nonzero().squeeze(1)
         if index.numel() == 0:
             break
-        radius, phi = evaluate(net, plan, prefix.select(index), eps[index], labels[index], settings, stats)
-        proved = radius >= eps[index]
+        tried = eps[index]
+        radius, _, bound = evaluate(net, plan, prefix.select(index), tried, labels[index], settings, stats)
         certified[index] = torch.maximum(certified[index], radius)
-        low[index] = certified[index]
-        high[index] = torch.where(proved, high[index], eps[index])
         evaluations[index] += 1
-        eps[index] = _next_radius(proved, eps[index], phi, low[index], high[index], settings.rtol)
-        active[index] = ~(high[index] <= low[index] * (1.0 + settings.rtol))
+        search.update(index, tried, bound, radius >= tried)
+        eps[index] = search.next_radius(index, certified[index], settings.rtol)
+        active[index] = search.high[index] > certified[index] * (1.0 + settings.rtol)
     return certified, evaluations
 
 
-def _next_radius(
-    proved: torch.Tensor, eps: torch.Tensor, phi: torch.Tensor, low: torch.Tensor, high: torch.Tensor, rtol: float
+@dataclass
+class _Search:
+    """Per row: the bracket (`low` the largest radius proved, 0 at first; `high` the smallest radius that failed, at
+    first the upper bound, which no certificate can reach) with the margin's lower bound at each end
+    (`low_bound`: the clean margin at radius 0; `high_bound`: nan until a radius fails), and the evaluation before
+    the last (`before`: radius and bound, nan at first)."""
+
+    low: torch.Tensor
+    low_bound: torch.Tensor
+    high: torch.Tensor
+    high_bound: torch.Tensor
+    m0: torch.Tensor
+    last: torch.Tensor
+    before: torch.Tensor
+
+    @staticmethod
+    def start(upper: torch.Tensor, clean_margin: torch.Tensor) -> _Search:
+        nan = torch.full((2, upper.shape[0]), torch.nan, dtype=upper.dtype, device=upper.device)
+        return _Search(torch.zeros_like(upper), clean_margin.clone(), upper.clone(),
+                       torch.full_like(upper, torch.nan), clean_margin.clone(), nan, nan.clone())  # fmt: skip
+
+    def update(self, index: torch.Tensor, eps: torch.Tensor, bound: torch.Tensor, proved: torch.Tensor) -> None:
+        """After evaluating `eps` [A] at rows `index`: `bound` the smallest lower bound of a margin on the ball."""
+        raise_low = proved & (eps > self.low[index])
+        lower_high = ~proved & (eps < self.high[index])
+        self.low[index] = torch.where(raise_low, eps, self.low[index])
+        self.low_bound[index] = torch.where(raise_low, bound, self.low_bound[index])
+        self.high[index] = torch.where(lower_high, eps, self.high[index])
+        self.high_bound[index] = torch.where(lower_high, bound, self.high_bound[index])
+        self.before[:, index] = self.last[:, index]
+        self.last[0, index], self.last[1, index] = eps, bound
+
+    def next_radius(self, index: torch.Tensor, certified: torch.Tensor, rtol: float) -> torch.Tensor:
+        """The root of a model of the margin's lower bound, `m(eps) = m0 - c eps^p`, through the clean margin and two
+        evaluations: the bracket's ends once a radius has failed and one has been proved, else the last two (p = 2
+        with one), kept strictly inside the bracket by rtol / 2 (else the bracket's geometric mean; without a finite
+        bracket, twice the largest radius tried)."""
+        low, high = torch.maximum(self.low[index], certified), self.high[index]
+        m0 = self.m0[index]
+        bracketed = (self.low[index] > 0) & torch.isfinite(self.high_bound[index])
+        e1 = torch.where(bracketed, self.low[index], self.before[0, index])
+        m1 = torch.where(bracketed, self.low_bound[index], self.before[1, index])
+        e2 = torch.where(bracketed, self.high[index], self.last[0, index])
+        m2 = torch.where(bracketed, self.high_bound[index], self.last[1, index])
+        root = _power_law_root(m0, e1, m1, e2, m2)
+        floor, ceiling = low * (1.0 + rtol / 2.0), high / (1.0 + rtol / 2.0)
+        finite = torch.isfinite(high)
+        middle = torch.where(low > 0, torch.sqrt(low * torch.where(finite, high, 1.0)), high / 8.0)
+        fallback = torch.where(finite, middle, torch.maximum(low, self.last[0, index]) * 2.0)
+        return torch.where(torch.isfinite(root), torch.minimum(torch.maximum(root, floor), ceiling), fallback)
+
+
+def _power_law_root(
+    m0: torch.Tensor, e1: torch.Tensor, m1: torch.Tensor, e2: torch.Tensor, m2: torch.Tensor
 ) -> torch.Tensor:
-    """After a proved radius: phi (where the last bounds would still prove; at least eps (1 + 2 rtol)), no further
-    than the bracket's geometric mean; after a failed one: the geometric mean of the bracket, or eps / 8 while
-    nothing is certified."""
-    finite = torch.isfinite(high)
-    middle = torch.sqrt(low * torch.where(finite, high, 1.0))
-    optimistic = torch.where(torch.isfinite(phi), torch.maximum(phi, eps * (1.0 + 2.0 * rtol)), eps * 8.0)
-    after_proof = torch.where(finite, torch.minimum(optimistic, middle), optimistic)
-    after_failure = torch.where(low > 0, middle, eps / 8.0)
-    return torch.where(proved, after_proof, after_failure)
+    """The root of `m0 - c eps^p` through (e1, m1) and (e2, m2) (p = 2 through (e2, m2) alone where e1 is nan or
+    the pair gives no positive p); nan where the model does not apply (m2 >= m0)."""
+    drop1, drop2 = m0 - m1, m0 - m2
+    power = torch.log(drop1 / drop2) / torch.log(e1 / e2)
+    power = torch.where(torch.isfinite(power) & (power > 0), power, 2.0)
+    scale = drop2 / e2**power
+    root = (m0 / scale) ** (1.0 / power)
+    return torch.where((drop2 > 0) & (m0 > 0), root, torch.nan)
 
 
 def evaluate(
@@ -123,8 +174,9 @@ def evaluate(
     labels: torch.Tensor,
     settings: SearchSettings,
     stats: SearchStats,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bounds at radii `eps` [R]: the certified radius (closed form, <= eps) and `phi` (closed form uncapped)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Bounds at radii `eps` [R]: the certified radius (closed form, <= eps), `phi` (the closed form uncapped) and
+    the smallest lower bound of a margin on the eps-ball."""
     start = time.perf_counter()
     with torch.no_grad():
         propagation = Propagation(net, plan, prefix, eps, settings.intermediate, settings.spec_chunk).run()
@@ -138,7 +190,8 @@ def evaluate(
         start = stats.add("alpha", start)
     stats.evaluations += int(eps.numel())
     tau = rounding_tau(eps.dtype)
-    return bounds.radius(eps, tau), bounds.radius(torch.full_like(eps, torch.inf), tau)
+    infinite = torch.full_like(eps, torch.inf)
+    return bounds.radius(eps, tau), bounds.radius(infinite, tau), bounds.lower(eps, tau).amin(dim=1)
 
 
 def optimised_slopes(
