@@ -1,5 +1,5 @@
-"""The margin engine against the release's per-sample loop, its own floor, its kernels switched off one at a time,
-foolbox, and (with --baseline) another checkout's engine, all in one run.
+"""The margin engine against the release's per-sample loop, the same passes on the model as written, a FLOP bound,
+its kernels switched off one at a time, foolbox, and (with --baseline) another checkout's engine, all in one run.
 
 Lines per case (float32; CUDA when present):
 - `release form`: the per-sample loop with the release's cost structure (`attacks.reference`, `release_cost=True`:
@@ -8,21 +8,30 @@ Lines per case (float32; CUDA when present):
 - `engine`: `SubspaceDeepFool()` (kernels "auto"); `kernels off`: the model as written; `-name`: every kernel but
   `name` (its own gain, the ablation of docs/ENGINE.md); `share_first_step off`, `refill off`: the two algorithmic
   ideas switched off.
-- `floor`: the same model forward and input-gradient passes, at the same batch sizes as the engine's run (the
-  `PassStats.passes` of an observer attached to it), run outside the engine on the plain model: what any batched
-  implementation of the release's algorithm pays for its passes alone. "/floor" divides a line's time by it.
+- `plain passes`: the same model forward and input-gradient passes, at the same batch sizes as the engine's run (the
+  `PassStats.passes` of an observer attached to it), run outside the engine on the model as written: what a batched
+  implementation of the release's algorithm pays for its passes without the engine's kernels. "/plain" divides a
+  line's time by it (below 1: the kernels make the passes cheaper than the model as written; it is not a lower bound).
+- `FLOP bound`: a true lower bound, the fewer of the FLOPs counted (matmuls and convolutions, forward and backward,
+  `torch.utils.flop_counter`'s formulas) in the engine's run and in the plain passes, at the peak rate measured on
+  this machine (the best of 5 float32 1024x1024 matmuls at the same thread count, per CPU second): no run of these
+  passes can take less. "/bound" divides a line's time by it.
 - `baseline (subprocess)` (--baseline DIR): the engine of the checkout DIR, timed in a fresh process
   (`benchmarks/engine_timer.py`) on the same model and inputs, beside `engine (subprocess)`, this checkout's engine
   timed the same way; the line says whether the two engines' margins are bit-equal. --subprocess-memory: fresh
   processes with `KeepFreedMemory` (glibc keeps freed memory) and with glibc's default malloc, to measure what
   keeping freed memory buys (ResNet-50's case).
 Cases: LeNet briefly trained on real MNIST, 100 samples x 21 DCT subspaces (8x8, step 1); ResNet-18-MNIST
-(BatchNorm, briefly trained) 20 x 21; full space, LeNet, 1000 samples (with foolbox's batched L2DeepFool when
-installed); ResNet-50 at 224x224, random weights, 2 x 14 subspaces (16x16, step 16). Times are CPU seconds of the
-process that ran them (`time.process_time`, robust to other processes sharing the cores; wall seconds on CUDA); the
-variants of a case run round robin, in a new shuffled order each round, and the fastest run of each is shown. One
-thread by default. `fill` = images per model pass / batch size. Margin differences are relative to the lean loop
-(to the engine where there is no loop).
+(BatchNorm, briefly trained) 20 x 21; full space, LeNet, 1000 samples; ResNet-50 at 224x224, random weights, 2 x 14
+subspaces (16x16, step 16). In full space, with foolbox installed (`pip install foolbox`: not a requirement of this
+project; its lines are skipped, saying so, without it), foolbox's batched `L2DeepFoolAttack` with the release's
+settings runs in the same round robin at the same thread count: `foolbox, no box` solves the engine's problem
+(bounds (-inf, inf): no clipping), `foolbox, [0, 1] box` another, harder one (every iterate clipped to valid pixels,
+so it iterates longer); only the first compares like with like. Times are CPU seconds of the process that ran them
+(`time.process_time`, robust to other processes sharing the cores; wall seconds on CUDA); the variants of a case run
+round robin, in a new shuffled order each round, and the fastest run of each is shown. One thread by default
+(`--threads N`: every line with N). `fill` = images per model pass / batch size. Margin differences are relative to
+the lean loop (to the engine where there is no loop).
 
     python benchmarks/bench_deepfool.py [--quick] [--no-ablations] [--repeats 2] [--threads 1] [--device cpu]
         [--cases lenet,resnet18,full,resnet50] [--baseline ../old-checkout] [--subprocess-memory] [--data-dir DIR]
@@ -42,6 +51,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -58,6 +69,40 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+class FlopCount(TorchDispatchMode):
+    """FLOPs of the matmuls and convolutions (forward and backward) dispatched inside the block, by
+    `torch.utils.flop_counter`'s formulas. (`FlopCounterMode` itself hooks modules, which `autograd.grad` on a
+    leaf rejects.)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = flop_registry.get(func._overloadpacket)
+        if formula is not None:
+            self.flops += formula(*args, **kwargs, out_val=out)
+        return out
+
+
+def counted_flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one untimed call of `fn`."""
+    with FlopCount() as count:
+        fn()
+    return count.flops
+
+
+def peak_flops(device: torch.device, size: int = 1024, repeats: int = 5) -> float:
+    """The machine's measured peak: FLOPs per second (per CPU second on CPU) of the best of `repeats` float32
+    `size` x `size` matmuls at the current thread count."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    a @ b  # warm-up
+    best = min(timed(lambda: a @ b, device)[1] for _ in range(repeats))
+    return 2 * size**3 / best
+
+
 @dataclass
 class Timing:
     cpu: float  # CPU seconds (wall seconds on CUDA)
@@ -65,6 +110,7 @@ class Timing:
     margins: torch.Tensor | None = None
     iterations: torch.Tensor | None = None
     stats: PassStats | None = None
+    note: str = ""
 
 
 # ---- models and data ------------------------------------------------------------------------------------------
@@ -124,8 +170,8 @@ def engine_run(attack: SubspaceDeepFool, model, x, family, device) -> Timing:
     return Timing(cpu, wall, result.margins, result.iterations, stats)
 
 
-def floor_run(model: torch.nn.Module, x: torch.Tensor, passes: list[tuple[str, int]], candidates: int, device):
-    """The passes of an engine run, replayed on the plain model: clean and check passes as no-grad forwards,
+def plain_passes(model: torch.nn.Module, x: torch.Tensor, passes: list[tuple[str, int]], candidates: int):
+    """The passes of an engine run, replayed on the model as written: clean and check passes as no-grad forwards,
     gradient passes as a forward and `candidates - 1` input-gradient backward passes, on images of `x`."""
 
     def replay() -> None:
@@ -140,6 +186,10 @@ def floor_run(model: torch.nn.Module, x: torch.Tensor, passes: list[tuple[str, i
             for k in range(1, candidates):
                 torch.autograd.grad((f[:, k] - f[:, 0]).sum(), points, retain_graph=k < candidates - 1)
 
+    return replay
+
+
+def plain_run(replay: Callable[[], None], device: torch.device) -> Timing:
     _, cpu, wall = timed(replay, device)
     return Timing(cpu, wall)
 
@@ -191,17 +241,17 @@ def _without(idea: str) -> SubspaceDeepFool:
 
 
 HEADER = (
-    f"{'variant':34s} {'cpu s':>8s} {'wall s':>8s} {'rows/s':>9s} {'x rel.':>7s} {'x loop':>7s} {'/floor':>7s}"
-    f" {'passes':>7s} {'fill':>5s}  vs reference"
+    f"{'variant':34s} {'cpu s':>8s} {'wall s':>8s} {'rows/s':>9s} {'x rel.':>7s} {'x loop':>7s} {'/plain':>7s}"
+    f" {'/bound':>7s} {'passes':>7s} {'fill':>5s}  vs reference"
 )
 
 
-def report(name: str, rows: int, run: Timing, loops: dict, floor: float | None, extra: str) -> None:
+def report(name: str, rows: int, run: Timing, loops: dict, plain: float | None, bound: float | None, extra: str):
     ratios = " ".join(f"{loops[k] / run.cpu:7.1f}" if loops.get(k) else f"{'-':>7s}" for k in ("release", "loop"))
-    per_floor = f"{run.cpu / floor:7.2f}" if floor else f"{'-':>7s}"
+    per = " ".join(f"{run.cpu / ref:7.2f}" if ref else f"{'-':>7s}" for ref in (plain, bound))
     stats = run.stats
     passes = f"{stats.gradient_passes + stats.check_passes:7d} {stats.fill:5.2f}" if stats else f"{'-':>7s} {'-':>5s}"
-    line = f"{name:34s} {run.cpu:8.2f} {run.wall:8.2f} {rows / run.cpu:9.3g} {ratios} {per_floor} {passes}  {extra}"
+    line = f"{name:34s} {run.cpu:8.2f} {run.wall:8.2f} {rows / run.cpu:9.3g} {ratios} {per} {passes}  {extra}"
     print(line, flush=True)
 
 
@@ -213,7 +263,8 @@ def compare(margins: torch.Tensor, iterations: torch.Tensor | None, ref: Timing)
     return text
 
 
-def run_case(title: str, model, x, family, family_spec: list, args, with_loop: bool, ablations: list[str] | None):
+def run_case(title: str, model, x, family, family_spec: list, args, with_loop: bool, ablations: list[str] | None,
+             others: dict[str, Callable[[], Timing]] | None = None):  # fmt: skip
     device, rows = torch.device(args.device), x.shape[0] * len(family)
     print(f"\n== {title}: {x.shape[0]} samples x {len(family)} subspaces = {rows} rows ==\n{HEADER}")
     loops, reference = {}, None
@@ -222,25 +273,33 @@ def run_case(title: str, model, x, family, family_spec: list, args, with_loop: b
         (margins, iterations), loops["loop"], wall = timed(lambda: reference_margins(model, x, bases), device)
         reference = Timing(loops["loop"], wall, margins, iterations)
         (release, _), loops["release"], release_wall = timed(lambda: reference_margins(model, x, bases, True), device)
-        report("release form (per-sample loop)", rows, Timing(loops["release"], release_wall), loops, None,
+        report("release form (per-sample loop)", rows, Timing(loops["release"], release_wall), loops, None, None,
                compare(release, None, reference))  # fmt: skip
-        report("lean per-sample loop", rows, reference, loops, None, "reference")
+        report("lean per-sample loop", rows, reference, loops, None, None, "reference")
     chosen = variants(not args.no_ablations and ablations != [], ablations)
     probe = SubspaceDeepFool()
     probe_stats = probe.observer = PassStats(probe.batch_size)
-    probe(model, x, family)  # the engine's passes, replayed by the floor; warms caches for everybody
+    probe(model, x, family)  # the engine's passes, replayed on the plain model; warms caches for everybody
     plain = model.eval().requires_grad_(False)
+    replay = plain_passes(plain, x, probe_stats.passes, probe.num_candidates)
+    engine_flops = counted_flops(lambda: SubspaceDeepFool()(model, x, family))
+    plain_flops, peak = counted_flops(replay), peak_flops(device)
+    bound = min(engine_flops, plain_flops) / peak
+    threads = torch.get_num_threads()
+    print(f"FLOPs (matmuls, convolutions): engine {engine_flops / 1e9:.2f} G, plain passes {plain_flops / 1e9:.2f} "
+          f"G; measured peak {peak / 1e9:.1f} GFLOP/s ({threads} threads): FLOP bound {bound:.3f} s")  # fmt: skip
     runners: dict[str, Callable[[], Timing]] = {
         name: (lambda make=make: engine_run(make(), model, x, family, device)) for name, make in chosen.items()
     }
-    runners["floor"] = lambda: floor_run(plain, x, probe_stats.passes, probe.num_candidates, device)
+    runners["plain passes"] = lambda: plain_run(replay, device)
+    runners.update(others or {})
     with tempfile.TemporaryDirectory() as tmp:
         case_file = Path(tmp) / "case.pt"
         torch.save({"model": model, "x": x, "family": family_spec}, case_file)
         for label, repo, keep in subprocess_variants(args):
             runners[label] = lambda repo=repo, keep=keep: subprocess_run(repo, case_file, {}, args.threads, keep)
         runs = round_robin(runners, args.repeats)
-    floor = runs["floor"].cpu
+    plain_cpu = runs["plain passes"].cpu
     for name, run in runs.items():
         if reference is None and run.margins is not None:
             reference = run  # no loop: the other lines compare to the engine
@@ -249,7 +308,9 @@ def run_case(title: str, model, x, family, family_spec: list, args, with_loop: b
             extra = compare(run.margins, run.iterations, reference) if run.margins is not None else ""
         if name.startswith("baseline") and "engine (subprocess)" in runs:
             extra += f"; bit-equal to this engine: {torch.equal(run.margins, runs['engine (subprocess)'].margins)}"
-        report(name, rows, run, loops, None if name == "floor" else floor, extra)
+        if name.startswith("foolbox"):
+            extra = f"{run.cpu / runs['engine'].cpu:.1f}x the engine's time; {run.note}; {extra}"
+        report(name, rows, run, loops, None if name == "plain passes" else plain_cpu, bound, extra)
     return runs
 
 
@@ -278,23 +339,30 @@ def round_robin(runners: dict[str, Callable[[], Timing]], repeats: int) -> dict[
     return {name: min(timings, key=lambda t: t.cpu) for name, timings in runs.items()}
 
 
-def run_foolbox(model: torch.nn.Module, x: torch.Tensor, device: torch.device, engine: Timing, labels) -> None:
+def foolbox_runners(model: torch.nn.Module, x: torch.Tensor, labels: torch.Tensor) -> dict[str, Callable[[], Timing]]:
     """foolbox's batched L2DeepFool with the release's settings (10 candidates, overshoot 0.02, 100 steps, logit
-    loss). It clips to [0, 1] and runs every sample until all are adversarial, so margins differ slightly."""
+    loss) on the engine's problem (no box) and, as another problem, with pixels clipped to [0, 1]; {} (with a line
+    saying so) when foolbox is not installed. It runs every sample until all are adversarial."""
     try:
         import foolbox as fb
     except ImportError:
-        print("foolbox not installed (pip install foolbox): skipped")
-        return
-    fmodel = fb.PyTorchModel(model, bounds=(0, 1), device=device)
+        print("foolbox not installed (pip install foolbox; not a requirement of this project): its lines skipped")
+        return {}
     attack = fb.attacks.L2DeepFoolAttack(steps=100, candidates=10, overshoot=0.02, loss="logits")
     criterion = fb.criteria.Misclassification(labels)
-    (_, clipped, success), cpu, wall = timed(lambda: attack(fmodel, x, criterion, epsilons=None), device)
-    margins = (clipped - x).flatten(1).norm(dim=1)[None]
-    extra = f"engine {cpu / engine.cpu:.1f}x faster; success {success.float().mean():.3f}; " + compare(
-        margins, None, engine
-    )
-    report("foolbox L2DeepFoolAttack", x.shape[0], Timing(cpu, wall), {}, None, extra)
+
+    def runner(bounds: tuple[float, float]) -> Callable[[], Timing]:
+        fmodel = fb.PyTorchModel(model, bounds=bounds, device=x.device)
+
+        def run() -> Timing:
+            (_, adversarial, success), cpu, wall = timed(lambda: attack(fmodel, x, criterion, epsilons=None), x.device)
+            margins = (adversarial - x).flatten(1).norm(dim=1)[None]
+            return Timing(cpu, wall, margins, note=f"success {success.float().mean():.3f}")
+
+        return run
+
+    inf = float("inf")
+    return {"foolbox, no box (same problem)": runner((-inf, inf)), "foolbox, [0, 1] box (another)": runner((0, 1))}
 
 
 def main() -> None:
@@ -302,7 +370,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes, a smoke run of every case")
     parser.add_argument("--no-ablations", action="store_true", help="no kernel / idea ablation lines")
     parser.add_argument("--repeats", type=int, default=2, help="runs per variant; the fastest is shown")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: shared cores)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch intra-op threads of every line, foolbox's included (default 1)")  # fmt: skip
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--cases", default="lenet,resnet18,full,resnet50", help="comma-separated subset")
     parser.add_argument("--baseline", help="another checkout whose engine is timed beside this one")
@@ -329,10 +398,10 @@ def main() -> None:
         run_case("ResNet-18 / MNIST", resnet, images18[:n_resnet], mnist, mnist_spec, args, True, None)
     if "full" in cases:
         full, x = FullSpace((1, 28, 28)), images[:n_full]
-        runs = run_case("full space, LeNet / MNIST", lenet, x, full, ["full", (1, 28, 28)], args, False, [])
         with torch.no_grad():
             labels = lenet(x).argmax(1)
-        run_foolbox(lenet, x, device, runs["engine"], labels)
+        run_case("full space, LeNet / MNIST", lenet, x, full, ["full", (1, 28, 28)], args, False, [],
+                 foolbox_runners(lenet, x, labels))  # fmt: skip
     if "resnet50" in cases:
         torch.manual_seed(0)
         norm = Normalize(IMAGENET_MEAN, IMAGENET_STD, (3, 224, 224))
