@@ -112,3 +112,22 @@ def test_the_readme_python_runs_as_pasted(mnist_root, tmp_path):
         assert done.returncode == 0, f"README block failed:\n{block}\n{done.stderr[-3000:]}"
         for expected in PRINTS.findall(block):
             assert expected in done.stdout, f"expected {expected!r} in the output:\n{done.stdout}"
+
+
+def heading_anchors(page: Path) -> set[str]:
+    """GitHub's anchors of a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    headings = re.findall(r"^#+ (.+)$", PYTHON_BLOCK.sub("", SHELL_BLOCK.sub("", page.read_text())), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_every_anchor_names_a_heading(page):
+    broken = []
+    for target in LINK.findall(page.read_text()):
+        if re.match(r"[a-z]+:", target) or "#" not in target:
+            continue
+        file_part, anchor = target.split("#", 1)
+        linked = (page.parent / file_part) if file_part else page
+        if linked.suffix == ".md" and linked.exists() and anchor not in heading_anchors(linked):
+            broken.append(target)
+    assert not broken, f"{page.name} links to headings that do not exist: {broken}"
