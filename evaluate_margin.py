@@ -14,12 +14,21 @@ Writes --output-dir (default outputs/margins/<model>_<dataset>[_<transform>]_<ru
 DeepFool): margins.npy float32 [S, N], converged.npy, iterations.npy, perturbed_labels.npy [S, N], indices.npy,
 predicted.npy, targets.npy [N], summary.json, margins.png; chunks/ holds the committed chunks: re-running an
 interrupted command resumes.
-Bad input: one line `error: ...`, exit 2. Anything else is a bug: traceback, exit 1. Library: margins.evaluate.
+Bad input: one line `error: ...`, exit 2. Stopped by SIGINT (Ctrl-C), SIGUSR1 or SIGTERM: one line `stopped: ...`,
+exit 130, 138 or 143 (a lost process: 3); rerun the same command to resume. Anything else is a bug: traceback,
+exit 1. Library: margins.evaluate.
 """
 
+# ruff: noqa: E402 - the stop signals are handled before the imports below, which take seconds
 from __future__ import annotations
 
+from common.stop import CommandExit, RunStopped, stop_while_loading
+
+if __name__ == "__main__":  # a signal while the modules load: its exit code and line, not a bare kill
+    stop_while_loading()
+
 import argparse
+import gc
 import logging
 import sys
 import warnings
@@ -95,20 +104,26 @@ def print_summary(report: MarginReport, folder: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (0 ok, 2 bad input). Other errors propagate (exit 1)."""
+    """Command-line entry point; returns the exit status (0 ok, 2 bad input, 3 a process lost, 130/138/143 stopped
+    by SIGINT/SIGUSR1/SIGTERM: `margins.guard.EXIT_CODES`). Other errors propagate (exit 1)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     warnings.filterwarnings("ignore", message=r".*(LeafSpec|does not have many workers).*")
     for name in ("lightning.pytorch", "lightning.fabric"):  # no "GPU available" banners
         logging.getLogger(name).setLevel(logging.WARNING)
-    try:
-        args = build_parser().parse_args(argv)
-        report, folder = run(args, argv)
-    except InputError as err:
-        return input_error(err)
-    if report is not None:
-        print_summary(report, folder)
+    with CommandExit() as command:
+        try:
+            args = build_parser().parse_args(argv)
+            report, folder = run(args, argv)
+            if report is not None:
+                print_summary(report, folder)
+        except InputError as err:
+            return input_error(err)
+        except RunStopped as stop:
+            return command.stopped(stop)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    gc.freeze()  # the process ends: what it built is not collected on the way out (seconds on a busy machine)
+    sys.exit(status)

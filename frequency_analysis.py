@@ -25,12 +25,24 @@ Writes to --output-dir (default outputs/frequency_analysis/<command>/<model>_<da
   random:  dct/ and random/ (or basis/): one result folder per family, dct_vs_random.png, analysis.json
            (spread = max/min of the per-subspace medians of each family).
   heatmap: heatmap.npy [H, W] (error rate, unshifted FFT order), heatmap.json (eps, clean error, ...), heatmap.png.
-Result folders work with `compare_margins.py` (comparison, per-sample CSV). Bad input: exit 2, `error: ...`.
+Result folders work with `compare_margins.py` (comparison, per-sample CSV). Rerunning an interrupted map2d or
+random resumes it: a finished result folder of the same settings (random's DCT part) is reused, its missing chunks
+and files are made. Each command's own files are written whole or not at all, its marker of a finished analysis
+last (map2d.npy, analysis.json, heatmap.json). Bad input (a full disk included): exit 2, `error: ...`; stopped by a
+signal: `stopped: ...`, exit 130 (SIGINT), 138 (SIGUSR1), 143 (SIGTERM), as evaluate_margin.py.
 """
 
+# ruff: noqa: E402 - the stop signals are handled before the imports below, which take seconds
 from __future__ import annotations
 
+from common.stop import CommandExit, RunStopped, stop_while_loading
+
+if __name__ == "__main__":  # a signal while the modules load: its exit code and line, not a bare kill
+    stop_while_loading()
+
 import argparse
+import gc
+import io
 import json
 import logging
 import sys
@@ -41,6 +53,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from matplotlib.figure import Figure
 
 from analysis.fourier_heatmap import VALID_RANGES, FourierHeatmap, fourier_heatmap
 from analysis.maps import median_map, spread_ratio
@@ -48,7 +61,8 @@ from analysis.plots import plot_dct_vs_random, plot_fourier_heatmaps, plot_margi
 from common.cli import ArgumentParser
 from common.errors import InputError
 from frequency.grid import DCTGridSubspaces
-from margins import gather_samples, save_figure
+from margins import gather_samples
+from margins.chunks import atomic_write
 from margins.cli import (
     add_attack_arguments,
     add_run_arguments,
@@ -62,7 +76,15 @@ from margins.cli import (
     source_from_args,
 )
 from margins.evaluate import evaluate_margins
-from margins.inputs import SubspaceSpec, choose_indices, default_output_dir, load_source, make_subspaces
+from margins.guard import disk_full, disk_full_error
+from margins.inputs import (
+    SubspaceSpec,
+    choose_indices,
+    default_output_dir,
+    load_source,
+    make_subspaces,
+    margin_dataset,
+)
 from margins.names import estimator_of, quantity
 from margins.plot import describe_run, describe_settings
 from margins.results import MarginReport, time_line
@@ -129,12 +151,47 @@ def margins_of(
     args: argparse.Namespace, argv: list[str], spec: SubspaceSpec, folder: Path | None
 ) -> tuple[MarginReport | None, Path]:
     """evaluate_margins with the command's flags along the family `spec`, into `folder` (None: a folder named
-    after the model and run under outputs/frequency_analysis/<command>/)."""
+    after the model and run under outputs/frequency_analysis/<command>/); a finished folder of these settings is
+    reused (`extra["reused"]`): the command resumes after it."""
     return evaluate_margins(
         source_from_args(args), subspace=spec, indices_file=args.indices, num_samples=args.num_samples,
         seed=args.seed, output_dir=folder, output_root=f"{OUTPUT_ROOT}/{args.command}", attack=attack_from_args(args),
-        run=run_from_args(args), command=["frequency_analysis.py", *argv],
+        run=run_from_args(args), command=["frequency_analysis.py", *argv], reuse_finished=True,
     )  # fmt: skip
+
+
+def refuse_finished(folder: Path, marker: str) -> None:
+    """InputError when `folder` holds a finished analysis (its `marker` file), as for a finished evaluation."""
+    if (folder / marker).is_file():
+        raise InputError(
+            f"{folder.resolve()} already holds a finished evaluation ({marker}); overwrite it (--overwrite) or "
+            "choose another output folder"
+        )
+
+
+def save_files(folder: Path, contents: dict[str, bytes]) -> None:
+    """Write each file whole (atomically) into `folder`, in the given order (the marker of a finished analysis
+    last); a full disk is the one-line InputError naming the folder and the space these files need."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, data in contents.items():
+            atomic_write(folder / name, data)
+    except OSError as err:
+        if disk_full(err):
+            raise disk_full_error(folder, sum(len(data) for data in contents.values())) from err
+        raise
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def png_bytes(figure: Figure, dpi: int = 150) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    return buffer.getvalue()
 
 
 def run_map2d(args: argparse.Namespace, argv: list[str]) -> Path | None:
@@ -142,13 +199,14 @@ def run_map2d(args: argparse.Namespace, argv: list[str]) -> Path | None:
     report, folder = margins_of(args, argv, spec, Path(args.output_dir) if args.output_dir else None)
     if report is None:  # ranks > 0: rank 0 reports
         return None
+    if report.extra.get("reused"):
+        refuse_finished(folder, "map2d.npy")
     s = report.settings
     family = DCTGridSubspaces(tuple(s["model"]["image_shape"]), s["subspace_block"], s["subspace_step"])
     grid = median_map(report.margins, family)
-    np.save(folder / "map2d.npy", grid)
     what = quantity(estimator_of(s))
     figure = plot_margin_maps({describe_settings(s): grid}, family, num_samples=report.margins.shape[1], quantity=what)
-    save_figure(figure, folder / "map2d.png")
+    save_files(folder, {"map2d.png": png_bytes(figure), "map2d.npy": npy_bytes(grid)})
     print(f"2-D map {family.grid_shape}: median {what} from {np.nanmin(grid):.3g} to {np.nanmax(grid):.3g}")
     print(time_line(report))
     return folder
@@ -158,6 +216,8 @@ def run_random(args: argparse.Namespace, argv: list[str]) -> Path | None:
     loaded = load_source(source_from_args(args))
     default = attack_from_args(args).default_folder(_default_folder(args, "random", loaded))
     out = Path(args.output_dir) if args.output_dir else default
+    if not args.overwrite:
+        refuse_finished(out, "analysis.json")
     kind = "basis" if args.bases else "random"
     dct_spec = SubspaceSpec("dct", args.subspace_dim, args.subspace_step)
     control = SubspaceSpec(kind, None if args.bases else args.subspace_dim, None if args.bases else args.subspace_step,
@@ -169,14 +229,14 @@ def run_random(args: argparse.Namespace, argv: list[str]) -> Path | None:
         return None
     spreads = {"dct": spread_ratio(dct.margins), kind: spread_ratio(ctl.margins)}
     analysis = {"spread_max_over_min_median": spreads, "command": ["frequency_analysis.py", *argv]}
-    (out / "analysis.json").write_text(json.dumps(analysis, indent=2) + "\n")
     dim, what = dct.settings["subspace_dims"], quantity(estimator_of(dct.settings))
     figure = plot_dct_vs_random(
         {f"{describe_settings(dct.settings)}: {what}s": (dct.margins, ctl.margins)},
         f"DCT blocks vs {kind} subspaces of dimension {dim}",
         quantity=what,
     )
-    save_figure(figure, out / "dct_vs_random.png")
+    analysis_text = (json.dumps(analysis, indent=2) + "\n").encode()
+    save_files(out, {"dct_vs_random.png": png_bytes(figure), "analysis.json": analysis_text})
     print(f"max/min of per-subspace median {what}s: DCT {spreads['dct']:.3g}, {kind} {spreads[kind]:.3g}")
     print(time_line(dct, ctl))
     return out
@@ -190,7 +250,7 @@ def run_heatmap(args: argparse.Namespace, argv: list[str]) -> Path:
     out = Path(args.output_dir) if args.output_dir else _default_folder(args, "heatmap", loaded)
     if (out / "heatmap.json").is_file() and not args.overwrite:
         raise InputError(f"{out} already holds a heat map; pass --overwrite or choose another --output-dir")
-    dataset = dm.margin_dataset()
+    dataset = margin_dataset(dm, args.data_dir is None, "frequency_analysis.py")
     indices = choose_indices(args.num_samples, args.seed, args.indices, len(dataset), dm.name)
     x, y = gather_samples(dataset, indices)
     valid = args.valid or DEFAULT_VALID.get(dm.hparams.transform, "none")
@@ -209,11 +269,10 @@ def run_heatmap(args: argparse.Namespace, argv: list[str]) -> Path:
 
 
 def _heatmap_report(heat: FourierHeatmap, output_dir: Path, title: str, extra: dict[str, Any]) -> None:
-    """heatmap.npy (unshifted), heatmap.json (settings + extra) and heatmap.png in `output_dir`."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    np.save(output_dir / "heatmap.npy", heat.error)
-    (output_dir / "heatmap.json").write_text(json.dumps({**heat.settings(), **extra}, indent=2, default=str))
-    save_figure(plot_fourier_heatmaps({title: heat}), output_dir / "heatmap.png")
+    """heatmap.npy (unshifted), heatmap.png and heatmap.json (settings + extra; written last) in `output_dir`."""
+    settings = json.dumps({**heat.settings(), **extra}, indent=2, default=str).encode()
+    figure = png_bytes(plot_fourier_heatmaps({title: heat}))
+    save_files(output_dir, {"heatmap.npy": npy_bytes(heat.error), "heatmap.png": figure, "heatmap.json": settings})
 
 
 def _heatmap_device(accelerator: str) -> torch.device:
@@ -237,20 +296,26 @@ def _default_folder(args: argparse.Namespace, command: str, loaded=None) -> Path
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Command-line entry point; returns the exit status (as evaluate_margin.py's). Other errors propagate."""
     argv = list(sys.argv[1:] if argv is None else argv)
     warnings.filterwarnings("ignore", message=r".*(LeafSpec|does not have many workers).*")
     for name in ("lightning.pytorch", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    try:
-        args = build_parser().parse_args(argv)
-        torch.manual_seed(args.seed)
-        out = {"map2d": run_map2d, "random": run_random, "heatmap": run_heatmap}[args.command](args, argv)
-        if out is not None:  # rank 0 (ranks > 0 of map2d / random return None)
-            print(f"results: {out.resolve()}")
-    except InputError as err:  # anything else is a bug: its traceback is shown
-        return input_error(err)
+    with CommandExit() as command:
+        try:
+            args = build_parser().parse_args(argv)
+            torch.manual_seed(args.seed)
+            out = {"map2d": run_map2d, "random": run_random, "heatmap": run_heatmap}[args.command](args, argv)
+            if out is not None:  # rank 0 (ranks > 0 of map2d / random return None)
+                print(f"results: {out.resolve()}")
+        except InputError as err:  # anything else is a bug: its traceback is shown
+            return input_error(err)
+        except RunStopped as stop:
+            return command.stopped(stop)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    gc.freeze()  # the process ends: what it built is not collected on the way out (seconds on a busy machine)
+    sys.exit(status)

@@ -50,7 +50,13 @@ CHUNK = 4096  # images per chunk when transforming or reducing in-memory tensors
 
 
 class DatasetNotFoundError(InputError, FileNotFoundError):
-    """The data files are not where the datamodule looked; the message names the directory, layout and fix."""
+    """The data files are not where the datamodule looked: `problem` names the directory and the layout it
+    expects, `fix` how to get them in train.py's flags (the message: "<problem> Fix: <fix>"); a command with other
+    flags says its own fix after `problem`."""
+
+    def __init__(self, problem: str, fix: str = ""):
+        super().__init__(f"{problem} Fix: {fix}" if fix else problem)
+        self.problem, self.fix = problem, fix
 
 
 class FrequencyTransform:

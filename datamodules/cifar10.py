@@ -29,8 +29,9 @@ def resolve_cifar10_root(data_dir: str | Path) -> Path:
     raise DatasetNotFoundError(
         f"CIFAR-10 not found in data_dir={str(data_dir)!r}: looked in {(data_dir / FOLDER).resolve()}, missing "
         f"{', '.join(missing)}. Expected torchvision's python layout <data_dir>/{FOLDER}/{FILES[0]} (and "
-        f"{', '.join(FILES[1:])} in the same folder). Fix: pass --data.download true (prepare_data downloads and "
-        f"extracts cifar-10-python.tar.gz), or extract that archive into data_dir yourself (it creates {FOLDER}/)."
+        f"{', '.join(FILES[1:])} in the same folder).",
+        "pass --data.download true (prepare_data downloads and extracts cifar-10-python.tar.gz), or extract that "
+        f"archive into data_dir yourself (it creates {FOLDER}/).",
     )
 
 

@@ -22,11 +22,13 @@ from torch.utils.data import Dataset, Subset
 
 from datamodules.base import DatasetNotFoundError, FrequencyDataModule, split_indices
 
-HOW_TO_GET = (
+LAYOUT = (
     "Expected image folders <data_dir>/train/<class>/*.JPEG and <data_dir>/val/<class>/*.JPEG (validation images "
     "sorted into class folders). ImageNet cannot be downloaded automatically: get ILSVRC2012 from "
-    "https://image-net.org, extract it into that layout, and point --data.data_dir at it."
+    "https://image-net.org and extract it into that layout."
 )
+FIX = "point --data.data_dir at it."
+HOW_TO_GET = f"{LAYOUT} Then {FIX}"
 
 
 class ImageNetDataModule(FrequencyDataModule):
@@ -61,14 +63,12 @@ class ImageNetDataModule(FrequencyDataModule):
     def _split_dir(self, split: str) -> Path:
         path = self.data_path / split
         if not path.is_dir():
-            raise DatasetNotFoundError(self._missing_message(f"no {split}/ directory"))
+            raise self._missing(f"no {split}/ directory")
         return path
 
-    def _missing_message(self, problem: str) -> str:
-        return (
-            f"ImageNet not found in data_dir={str(self.data_path)!r} (resolved: {self.data_path.resolve()}): "
-            f"{problem}. {HOW_TO_GET}"
-        )
+    def _missing(self, problem: str) -> DatasetNotFoundError:
+        where = f"ImageNet not found in data_dir={str(self.data_path)!r} (resolved: {self.data_path.resolve()})"
+        return DatasetNotFoundError(f"{where}: {problem}. {LAYOUT}", FIX)
 
     @property
     def classes(self) -> list[str]:
@@ -76,13 +76,13 @@ class ImageNetDataModule(FrequencyDataModule):
         if self._classes is None:
             split = "train" if (self.data_path / "train").is_dir() else "val"
             if not (self.data_path / split).is_dir():
-                raise DatasetNotFoundError(self._missing_message("neither train/ nor val/ exists"))
+                raise self._missing("neither train/ nor val/ exists")
             from torchvision.datasets.folder import find_classes
 
             try:
                 self._classes = find_classes(str(self.data_path / split))[0]
             except FileNotFoundError as err:  # no class folders
-                raise DatasetNotFoundError(self._missing_message(str(err))) from err
+                raise self._missing(str(err)) from err
         return self._classes
 
     @property
@@ -107,7 +107,7 @@ class ImageNetDataModule(FrequencyDataModule):
             root = str(self._split_dir(split))
             self._datasets[key] = FixedClassImageFolder(root, self.classes, self._transforms(train_transforms))
             if len(self._datasets[key]) == 0:
-                raise DatasetNotFoundError(self._missing_message(f"no images found under {root}"))
+                raise self._missing(f"no images found under {root}")
         return self._datasets[key]
 
     def _fit_indices(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,9 +43,9 @@ def resolve_mnist_root(data_dir: str | Path) -> Path:
     raise DatasetNotFoundError(
         f"MNIST not found in data_dir={str(data_dir)!r}: looked in {raw.resolve()}, missing {', '.join(missing)}. "
         f"Expected the uncompressed torchvision layout <data_dir>/MNIST/raw/{RAW_FILES[0]} "
-        f"(and {', '.join(RAW_FILES[1:])} in the same folder). Fix: pass --data.download true (prepare_data "
-        "downloads them; it also extracts .gz files already placed in MNIST/raw), or copy the four files there, or "
-        "point data_dir at the directory that contains MNIST/."
+        f"(and {', '.join(RAW_FILES[1:])} in the same folder).",
+        "pass --data.download true (prepare_data downloads them; it also extracts .gz files already placed in "
+        "MNIST/raw), or copy the four files there, or point data_dir at the directory that contains MNIST/.",
     )
 
 

@@ -139,15 +139,19 @@ class ChunkStore:
     ) -> None:
         """Write chunk `chunk` (its rows' arrays and `rows`) with the run's `fingerprint` digest atomically, then
         append its journal line (fsynced); `seconds`: its engine time."""
-        buffer = io.BytesIO()
-        np.savez(buffer, fingerprint=np.asarray(fingerprint), **{k: np.asarray(arrays[k]) for k in CHUNK_FIELDS})
-        data = buffer.getvalue()
+        data = _chunk_file(arrays, fingerprint)
         name = self.chunk_name(chunk)
         atomic_write(self.root / name, data)
-        entry = {"chunk": chunk, "file": name, "sha256": hashlib.sha256(data).hexdigest(), "fingerprint": fingerprint}
-        if seconds is not None:
-            entry["seconds"] = float(seconds)
-        _append_line(self.root / f"journal-rank{rank}.jsonl", json.dumps(entry))
+        _append_line(self.root / f"journal-rank{rank}.jsonl", _journal_line(chunk, data, fingerprint, seconds))
+
+    @staticmethod
+    def bytes_per_chunk(rows: int, margin_dtype: str = "float32") -> int:
+        """What committing a chunk of `rows` rows writes: its file (exact, an uncompressed npz of fixed-size
+        arrays) and its journal line."""
+        arrays = {k: np.zeros(rows, np.int64) for k in CHUNK_FIELDS}
+        arrays.update(margins=np.zeros(rows, margin_dtype), converged=np.zeros(rows, bool), rows=np.zeros(2, np.int64))
+        data = _chunk_file(arrays, "0" * 64)
+        return len(data) + len(_journal_line(10**6, data, "0" * 64, 1e-3 / 3)) + 1
 
     def load(self, chunk: int, rows: range, fingerprint: str) -> dict[str, np.ndarray]:
         """The arrays of chunk `chunk`, checked to hold `rows` of the run `fingerprint` (ChunkError otherwise, also
@@ -226,6 +230,20 @@ class ChunkStore:
             except (IndexError, ValueError):
                 continue
         return ids
+
+
+def _chunk_file(arrays: dict[str, np.ndarray], fingerprint: str) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, fingerprint=np.asarray(fingerprint), **{k: np.asarray(arrays[k]) for k in CHUNK_FIELDS})
+    return buffer.getvalue()
+
+
+def _journal_line(chunk: int, data: bytes, fingerprint: str, seconds: float | None) -> str:
+    entry = {"chunk": chunk, "file": ChunkStore.chunk_name(chunk), "sha256": hashlib.sha256(data).hexdigest(),
+             "fingerprint": fingerprint}  # fmt: skip
+    if seconds is not None:
+        entry["seconds"] = float(seconds)
+    return json.dumps(entry)
 
 
 def atomic_write(path: Path, data: bytes) -> None:

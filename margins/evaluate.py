@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -33,6 +34,7 @@ from margins.guard import (
     EXIT_BAD_INPUT,
     EXIT_BUG,
     FolderLock,
+    RunStopped,
     Watchdog,
     disk_full,
     disk_full_error,
@@ -54,7 +56,7 @@ from margins.inputs import (
 from margins.measure import gather_samples
 from margins.names import describe_held
 from margins.predict import device_type, make_trainer, predict_chunks
-from margins.results import SUMMARY_FILE, MarginReport, json_safe, remove_stale_tmp_dirs, write_report
+from margins.results import SUMMARY_FILE, MarginReport, json_safe, read_report, remove_stale_tmp_dirs, write_report
 from margins.sharding import chunk_ranges
 from margins.work import (
     CHUNK_DIR,
@@ -62,6 +64,7 @@ from margins.work import (
     ChunkWork,
     MarginJob,
     RunSettings,
+    bytes_to_write,
     merge_chunks,
     record_device,
     wait_for_chunks,
@@ -93,6 +96,7 @@ def evaluate_margins(
     run: RunSettings | None = None,
     title: str = "",
     command: list[str] | None = None,
+    reuse_finished: bool = False,
 ) -> tuple[MarginReport | None, Path]:
     """Measure margins and write the result folder; returns `(report, folder)` (report None on ranks > 0).
 
@@ -102,8 +106,9 @@ def evaluate_margins(
     or a `SubspaceSpec`) with `subspace_dim` / `subspace_step`, resolved against the checkpoint's dataset (default:
     the paper's DCT blocks). Samples: `indices` or `indices_file`, or `num_samples` drawn with `seed`. Results go to
     `output_dir` (default for a checkpoint: `<output_root>/<model>_<dataset>[_<transform>][_<kind>]_<run>`).
-    `title` heads the figure (default: model, dataset and transform). Raises InputError on bad input, naming the
-    parameter.
+    `title` heads the figure (default: model, dataset and transform). `reuse_finished`: a folder holding a
+    finished evaluation of these very settings is read back (`extra["reused"]`) instead of refused (a command of
+    several parts resumes after a finished part). Raises InputError on bad input, naming the parameter.
     """
     started = time.perf_counter()
     attack, run = attack or AttackSettings(), run or RunSettings()
@@ -134,7 +139,7 @@ def evaluate_margins(
             indices = choose_indices(num_samples, seed, str(indices_file), len(dataset), "given dataset")
         job = job_from_model(model, dataset, subspaces, indices, num_samples, seed, output_dir, attack, title)
     job.started = started
-    return run_job(job, attack, run)
+    return run_job(job, attack, run, reuse_finished)
 
 
 def job_from_checkpoint(
@@ -159,7 +164,7 @@ def job_from_checkpoint(
     family = family if family is not None else make_subspaces(subspace or SubspaceSpec(), dm)
     family.check_image_shape(tuple(dm.image_shape))
     from_checkpoint = source.data_dir is None and dm.hparams.data_dir == info.data_hparams.get("data_dir")
-    dataset = margin_dataset(dm, from_checkpoint)
+    dataset = margin_dataset(dm, from_checkpoint, Path(command[0]).name if command else None)
     if indices is None:
         file = None if indices_file is None else str(indices_file)
         indices = choose_indices(num_samples, seed, file, len(dataset), dm.name)
@@ -265,24 +270,52 @@ def state_sha256(model: nn.Module) -> str:
 
 
 # ---- the run -----------------------------------------------------------------------------------------------
-def run_job(job: MarginJob, attack: AttackSettings, run: RunSettings) -> tuple[MarginReport | None, Path]:
+def run_job(
+    job: MarginJob, attack: AttackSettings, run: RunSettings, reuse_finished: bool = False
+) -> tuple[MarginReport | None, Path]:
     """Check the folder, attack the pending chunks on every rank through Lightning's `Trainer.predict`, merge on
     rank 0. The main process holds the folder's lock (`guard.FolderLock`); every process runs a watchdog
     (`guard.Watchdog`), so an error, a signal or a lost process on any rank ends them all within seconds. A folder
-    this call created is removed again when the run fails before committing anything."""
+    this call created is removed again when the run fails before committing anything. A full disk anywhere is the
+    one-line InputError naming the folder and the space the run still needs. `reuse_finished`: see
+    `evaluate_margins`."""
     trainer = make_trainer(run, job.output_dir)  # bad devices etc.: an error before anything is written
     record_device(job, device_type(trainer), run.threads)
     # speed only, so not in the fingerprint; recorded as it takes effect (glibc only) in every process's block
     job.settings["keep_freed_memory"] = run.keep_freed_memory and can_keep_freed_memory()
+    rank = env_rank()
+    if reuse_finished and not run.overwrite and (finished := finished_report(job)) is not None:
+        return (finished if rank == 0 else None), job.output_dir
     check_output_dir(job, run.overwrite)
-    rank, created = env_rank(), not job.output_dir.exists()
+    created = not job.output_dir.exists()
     try:
         with FolderLock(job.output_dir) if rank == 0 else contextlib.nullcontext():
             return _run_locked(job, attack, run, trainer, rank)
-    except BaseException:
+    except BaseException as err:
         if created and rank == 0:
             remove_if_unused(job.output_dir)
+        if isinstance(err, OSError) and disk_full(err):  # before the run's own handling (the lock's file)
+            chunks = chunk_ranges(len(job.indices) * len(job.subspaces), attack.chunk_rows)
+            store = ChunkStore(job.output_dir / CHUNK_DIR)
+            raise disk_full_error(job.output_dir, bytes_to_write(job, store, chunks, attack.dtype)) from err
         raise
+
+
+def finished_report(job: MarginJob) -> MarginReport | None:
+    """The report of a finished evaluation of the job's very settings in its folder (the chunks' manifest holds
+    the job's fingerprint, every result file its recorded SHA-256), marked `extra["reused"]`; else None."""
+    if not (job.output_dir / SUMMARY_FILE).is_file():
+        return None
+    try:
+        manifest = ChunkStore(job.output_dir / CHUNK_DIR).read_manifest()
+        if manifest is None or manifest["fingerprint"] != json.loads(json.dumps(job.fingerprint)):
+            return None
+        report = read_report(job.output_dir)
+    except (OSError, ValueError):  # ResumeMismatchError, an unreadable or inconsistent set: not reused
+        return None
+    seconds = time.perf_counter() - job.started
+    report.extra = {**report.extra, "reused": True, "seconds": seconds}  # this run's seconds (`time_line`)
+    return report
 
 
 def _run_locked(
@@ -297,7 +330,7 @@ def _run_locked(
             remove_markers(store.root)  # the other ranks, if any, are not started yet
     chunks = chunk_ranges(len(job.indices) * len(job.subspaces), attack.chunk_rows)
     work = ChunkWork(job, attack, run, store, chunks)
-    with Watchdog(store.root, rank, trainer.world_size) as watchdog:
+    with Watchdog(store.root, rank, trainer.world_size, requeue=SLURMEnvironment.detect()) as watchdog:
         try:
             done = store.scan(chunks, work.fingerprint) if not run.overwrite else None
             if done is None or done.problems or len(done.committed) < len(chunks):
@@ -307,24 +340,28 @@ def _run_locked(
                 return None, job.output_dir
             wait_for_chunks(store, chunks, work.fingerprint)
             report = merge_chunks(job, store, chunks)
-            _write(job, report, work)
-        except InputError as err:
-            watchdog.write_stop(EXIT_BAD_INPUT, f"error: {' '.join(str(err).split())}")
-            raise
+            write_report(job.output_dir, report, figure=job.figure, title=job.title)
         except BaseException as err:
-            watchdog.write_stop(EXIT_BUG, f"rank {rank} failed: {type(err).__name__}: {' '.join(str(err).split())}")
-            raise
+            stop = _stop_everywhere(err, watchdog, work, rank)
+            if stop is err:
+                raise
+            raise stop from err
     remove_markers(store.root)
     return report, job.output_dir
 
 
-def _write(job: MarginJob, report: MarginReport, work: ChunkWork) -> None:
-    try:
-        write_report(job.output_dir, report, figure=job.figure, title=job.title)
-    except OSError as err:
-        if disk_full(err):
-            raise disk_full_error(job.output_dir, work.bytes_needed()) from err
-        raise
+def _stop_everywhere(err: BaseException, watchdog: Watchdog, work: ChunkWork, rank: int) -> BaseException:
+    """What the run raises for `err`, once the stop file tells every other rank (exit 2 for an input error, 1 for
+    a bug); a full disk becomes the one-line InputError naming the folder and the space the run still needs."""
+    if isinstance(err, RunStopped):
+        return err  # its stop file is written: by this rank's signal handler, its watchdog, or another rank
+    if isinstance(err, OSError) and disk_full(err):
+        err = disk_full_error(work.job.output_dir, work.bytes_needed())
+    if isinstance(err, InputError):
+        watchdog.write_stop(EXIT_BAD_INPUT, f"error: {' '.join(str(err).split())}")
+    else:
+        watchdog.write_stop(EXIT_BUG, f"rank {rank} failed: {type(err).__name__}: {' '.join(str(err).split())}")
+    return err
 
 
 def remove_if_unused(folder: Path) -> None:

@@ -5,10 +5,13 @@ A run's processes (ranks) share its result folder. In `<folder>/chunks/`:
 - `.done-rank<r>`: rank r finished its share of the chunks;
 - `.stop`: why the run stops (JSON: exit code, message, rank), written by the rank that found out.
 Every watchdog polls them: a stop file written during this run, or a peer whose heartbeat stopped for
-`PEER_TIMEOUT` seconds (or that never started within `START_TIMEOUT`), ends its process with the stop's exit code
-and, on the main process, one line saying which rank and why. So a signal to one rank, a killed rank, a user error
-or a full disk found on any rank ends every process within seconds (`PEER_TIMEOUT` for a rank that vanished without
-a word), and the exit code says what happened (`EXIT_CODES`). Committed chunks are kept: the same command resumes.
+`PEER_TIMEOUT` seconds (or that never started within `START_TIMEOUT`), stops its process: the watchdog raises
+`RunStopped` in the main thread (`common.stop.request_stop`), and the command's main() ends the process with the
+stop's exit code and, on the main process, one line saying which rank and why (a main thread stuck in a C call is
+ended by the command's `common.stop.CommandExit` within its grace period). A signal received by a rank writes the
+stop file first (the watchdog's `stop_signals` reaction). So a signal to one rank, a killed rank, a user error or a
+full disk found on any rank ends every process within seconds (`PEER_TIMEOUT` for a rank that vanished without a
+word), and the exit code says what happened (`EXIT_CODES`). Committed chunks are kept: the same command resumes.
 
 A stop file counts for the run that wrote it (`run_id`: shared by the ranks of one launch, new for the next);
 heartbeats count when written after this process started, and are compared on the folder's own filesystem clock
@@ -25,6 +28,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -36,18 +40,20 @@ from pathlib import Path
 from typing import Any
 
 from common.errors import InputError
+from common.stop import EXIT_SIGINT, EXIT_SIGTERM, EXIT_SIGUSR1, RunStopped, request_stop, stop_signals
+from common.stop import env_rank as env_rank
 
 EXIT_OK, EXIT_BUG, EXIT_BAD_INPUT, EXIT_PEER_LOST = 0, 1, 2, 3
-EXIT_SIGTERM = 128 + signal.SIGTERM  # 143: stopped by SIGTERM (a scheduler's preemption, kill): rerun to resume
-EXIT_SIGUSR1 = 128 + signal.SIGUSR1  # 138: stopped by SIGUSR1 (SLURM's requeue signal): requeued, or rerun
 EXIT_CODES = {
     EXIT_OK: "every result file is written",
     EXIT_BUG: "a bug: its traceback is shown",
     EXIT_BAD_INPUT: "bad input (a flag, a file, a folder, a full disk): the line `error: ...` says what to fix",
     EXIT_PEER_LOST: "a process of the run was lost (killed, out of memory, its node failed): rerun to resume",
-    EXIT_SIGTERM: "stopped by SIGTERM: committed chunks are kept, rerun the same command to resume",
+    EXIT_SIGINT: "stopped by SIGINT (Ctrl-C): committed chunks are kept, rerun the same command to resume",
     EXIT_SIGUSR1: "stopped by SIGUSR1 (SLURM requeue): the job is requeued and resumes",
+    EXIT_SIGTERM: "stopped by SIGTERM: committed chunks are kept, rerun the same command to resume",
 }
+SIGNAL_EXITS = {signal.SIGINT: EXIT_SIGINT, signal.SIGUSR1: EXIT_SIGUSR1, signal.SIGTERM: EXIT_SIGTERM}
 HEARTBEAT = 2.0  # seconds between heartbeats
 PEER_TIMEOUT = 60.0  # a peer silent this long is lost
 START_TIMEOUT = 600.0  # a peer that never started within this time is lost (imports, data, rendezvous)
@@ -56,26 +62,6 @@ STOP_FILE, LOCK_FILE = ".stop", ".lock"
 RESUME = "committed chunks are kept; run the same command to resume"
 _CHILDREN: list = []  # the subprocess.Popen of the ranks this process started (watch_children)
 STOPPED: list[int] = []  # the exit code, once this process wrote the run's stop file (it then ends on its own)
-
-
-class RunStopped(SystemExit):
-    """This process ends because the run stops (`code`, `message`)."""
-
-    def __init__(self, code: int, message: str):
-        super().__init__(code)
-        self.code, self.message = code, message
-
-
-def env_rank() -> int:
-    """This process's global rank from its launcher's environment, before any process group exists: torchrun
-    (RANK), SLURM (SLURM_PROCID), Lightning's own launcher (NODE_RANK, LOCAL_RANK); 0 for a single process."""
-    for name in ("RANK", "SLURM_PROCID"):
-        if name in os.environ:
-            return int(os.environ[name])
-    if "LOCAL_RANK" in os.environ or "NODE_RANK" in os.environ:
-        local = int(os.environ.get("LOCAL_RANK", 0))
-        return int(os.environ.get("NODE_RANK", 0)) * int(os.environ.get("LOCAL_WORLD_SIZE", 1)) + local
-    return 0
 
 
 def run_id() -> str:
@@ -112,20 +98,28 @@ def watch_children(processes: list) -> None:
 
 
 class Watchdog:
-    """Rank `rank` of `world_size` working in `folder` (module docstring). Use as a context manager; `done()` when
-    the rank's share is committed; `write_stop(code, message)` to end the run everywhere (the writer ends itself)."""
+    """Rank `rank` of `world_size` working in `folder` (module docstring). Use as a context manager (in the main
+    thread, it also handles SIGTERM, SIGUSR1 and SIGINT: `signals`; with `requeue`, rank 0 requeues the SLURM job
+    on SIGUSR1); `done()` when the rank's share is committed; `write_stop(code, message)` to end the run
+    everywhere (the writer raises its own stop)."""
 
-    def __init__(self, folder: Path, rank: int, world_size: int, poll: float = 0.5):
+    def __init__(
+        self, folder: Path, rank: int, world_size: int, poll: float = 0.5, requeue: bool = False, signals: bool = True
+    ):
         self.folder, self.rank, self.world_size, self.poll = Path(folder), rank, world_size, poll
+        self.requeue, self.signals = requeue, signals
         self.run = run_id()
         self.start = process_start_time() - 2.0  # heartbeats written since (clock slack) belong to this run
         self._finished = threading.Event()
         self._thread: threading.Thread | None = None
+        self._handling = contextlib.ExitStack()
 
     def __enter__(self) -> Watchdog:
         STOPPED.clear()  # a new run of this process (the Python API may run several)
         self.folder.mkdir(parents=True, exist_ok=True)
         self._touch(f".alive-rank{self.rank}")
+        if self.signals:
+            self._handling.enter_context(stop_signals(self._on_signal))
         self._thread = threading.Thread(target=self._watch, name=f"margins-watchdog-{self.rank}", daemon=True)
         self._thread.start()
         return self
@@ -134,6 +128,17 @@ class Watchdog:
         self._finished.set()
         if self._thread is not None:
             self._thread.join()
+        self._handling.close()
+
+    def _on_signal(self, signum: int) -> RunStopped:
+        """A stop signal received by this rank (in the main thread): requeue the SLURM job on SIGUSR1 (rank 0, with
+        `requeue`), write the stop file, so that every rank stops within a poll; the stop this process raises."""
+        requeued = ""
+        if signum == signal.SIGUSR1 and self.requeue and self.rank == 0:
+            requeued = " and requeued the job" if _slurm_requeue() else " (requeueing the job failed)"
+        message = f"rank {self.rank} received {signal.Signals(signum).name}{requeued}; {RESUME}"
+        self.write_stop(SIGNAL_EXITS[signum], message)
+        return RunStopped(SIGNAL_EXITS[signum], message)
 
     def done(self) -> None:
         """This rank's share is committed: peers stop expecting its heartbeat."""
@@ -146,11 +151,14 @@ class Watchdog:
         record = json.dumps({"code": code, "message": message, "rank": self.rank, "run": self.run})
         tmp = self.folder / f"{STOP_FILE}.tmp-{os.getpid()}"
         try:
-            tmp.write_text(record)
+            with open(tmp, "w") as file:
+                file.write(record)
             os.replace(tmp, self.folder / STOP_FILE)
-        except OSError:  # a full disk may refuse the text: an empty stop file still stops the run
+        except OSError:  # a full disk refused the text: an empty stop file (no space needed) still stops the run
             with contextlib.suppress(OSError):
-                (self.folder / STOP_FILE).touch()
+                tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                open(self.folder / STOP_FILE, "w").close()
 
     def check(self) -> None:
         """Raise RunStopped when the run stops (a stop file of this run, or a lost peer)."""
@@ -167,17 +175,18 @@ class Watchdog:
 
     # ---- the thread ------------------------------------------------------------------------------------------
     def _watch(self) -> None:
-        last_beat = time.monotonic()
+        last_beat, stopping = time.monotonic(), False
         while not self._finished.wait(self.poll):
             if time.monotonic() - last_beat >= HEARTBEAT:
                 self._touch(f".alive-rank{self.rank}")
                 last_beat = time.monotonic()
-            if STOPPED:
-                continue  # this process is ending on its own
+            if STOPPED or stopping:
+                continue  # this process is ending
             try:
                 self.check()
             except RunStopped as stop:
-                end_process(stop.code, stop.message, self.rank)
+                stopping = True
+                request_stop(stop)  # the main thread raises it; the command's main() ends the process
 
     def _stop_record(self) -> tuple[int, str] | None:
         """The stop file's (code, message) when another rank wrote it during this run."""
@@ -202,7 +211,11 @@ class Watchdog:
             code = process.poll()
             if code:
                 how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with code {code}"
-                run_code = code if code in (EXIT_BAD_INPUT, EXIT_SIGTERM, EXIT_SIGUSR1) else EXIT_PEER_LOST
+                if code in SIGNAL_EXITS.values():
+                    how = f"was stopped by {signal.Signals(code - 128).name} (exit {code})"
+                run_code = code if code in (EXIT_BAD_INPUT, *SIGNAL_EXITS.values()) else EXIT_PEER_LOST
+                if code < 0 and -code in SIGNAL_EXITS:  # a stop signal before its handler was in: the same stop
+                    run_code = SIGNAL_EXITS[-code]
                 return run_code, f"rank {number} (process {process.pid}) {how}"
         return None
 
@@ -244,14 +257,6 @@ class Watchdog:
             return time.time()
 
 
-def end_process(code: int, message: str, rank: int) -> None:
-    """End this process now with `code`: the main process (rank 0) prints the one line saying why."""
-    if rank == 0:
-        line = message if message.startswith("error:") else f"stopped: {message}"
-        print(line, file=sys.stderr, flush=True)
-    os._exit(code)
-
-
 def remove_markers(folder: Path) -> None:
     """Before a run's ranks start, and after a finished run: heartbeats, done marks and clock files, and the stop
     file of an earlier (stopped) run."""
@@ -259,35 +264,6 @@ def remove_markers(folder: Path) -> None:
         for path in Path(folder).glob(pattern):
             with contextlib.suppress(OSError):
                 path.unlink()
-
-
-def install_signal_handlers(watchdog: Watchdog, requeue: bool) -> dict:
-    """SIGTERM and SIGUSR1 stop the whole run: the receiving rank writes the stop file (every rank ends within a
-    poll) and ends at once with `EXIT_SIGTERM` / `EXIT_SIGUSR1`; with `requeue` (under SLURM) rank 0 first requeues
-    the job on SIGUSR1. Returns the previous handlers (for `restore_signal_handlers`). Only the main thread can
-    install handlers: elsewhere this does nothing."""
-    if threading.current_thread() is not threading.main_thread():
-        return {}
-
-    def handler(signum: int, frame: Any) -> None:
-        name = signal.Signals(signum).name
-        code = EXIT_SIGUSR1 if signum == signal.SIGUSR1 else EXIT_SIGTERM
-        requeued = ""
-        if signum == signal.SIGUSR1 and requeue and watchdog.rank == 0:
-            requeued = " and requeued the job" if _slurm_requeue() else " (requeueing the job failed)"
-        message = f"rank {watchdog.rank} received {name}{requeued}; {RESUME}"
-        watchdog.write_stop(code, message)
-        end_process(code, message, watchdog.rank)
-
-    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    for sig in previous:
-        signal.signal(sig, handler)
-    return previous
-
-
-def restore_signal_handlers(previous: dict) -> None:
-    for sig, old in previous.items():
-        signal.signal(sig, old if old is not None else signal.SIG_DFL)
 
 
 def _slurm_requeue() -> bool:
@@ -368,8 +344,12 @@ class FolderLock:
             return "another process"
 
 
+_SHORT_WRITE = re.compile(r"\d+ requested and \d+ written")  # numpy's message for a short write (errno None)
+
+
 def disk_full(err: OSError) -> bool:
-    return err.errno in (errno.ENOSPC, errno.EDQUOT)
+    """Whether `err` says the disk (or the quota) is full: ENOSPC, EDQUOT, or numpy's errno-less short write."""
+    return err.errno in (errno.ENOSPC, errno.EDQUOT) or (err.errno is None and bool(_SHORT_WRITE.search(str(err))))
 
 
 def disk_full_error(folder: Path, needed_bytes: int) -> InputError:

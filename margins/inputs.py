@@ -18,6 +18,7 @@ from torch import nn
 
 from common.errors import InputError
 from datamodules import DATASETS, FrequencyDataModule, build_datamodule
+from datamodules.base import DatasetNotFoundError
 from frequency.families import FAMILY_KINDS, build_subspace_family
 from frequency.grid import DCTGridSubspaces
 from frequency.random_subspaces import RandomSubspaces
@@ -104,14 +105,18 @@ def make_datamodule(src: ModelSource, info: CheckpointInfo) -> FrequencyDataModu
         raise InputError(f"cannot build the {dataset} datamodule: {' '.join(str(err).split())}") from err
 
 
-def margin_dataset(dm: FrequencyDataModule, data_dir_from_checkpoint: bool) -> Any:
-    """The margin dataset (test split); a missing dataset gets a hint on --data-dir."""
+def margin_dataset(dm: FrequencyDataModule, data_dir_from_checkpoint: bool, command: str | None = None) -> Any:
+    """The margin dataset (test split). Missing, it is an error whose fix names `command`'s own flag (--data-dir;
+    the Python API's data_dir without a command), not the datamodule's (train.py's --data.download)."""
     try:
         return dm.margin_dataset()
-    except InputError as err:  # DatasetNotFoundError
-        where = "data_dir came from the checkpoint; " if data_dir_from_checkpoint else ""
-        hint = f" [evaluate_margin.py never downloads: {where}pass --data-dir DIR pointing at the dataset]"
-        raise type(err)(" ".join(str(err).split()) + hint) from err
+    except DatasetNotFoundError as err:
+        where = "; data_dir came from the checkpoint" if data_dir_from_checkpoint else ""
+        if command is None:
+            fix = f"pass data_dir (ModelSource) pointing at the dataset (evaluate_margins never downloads{where})"
+        else:
+            fix = f"pass --data-dir DIR pointing at the dataset ({command} never downloads{where})"
+        raise DatasetNotFoundError(" ".join(err.problem.split()), fix) from err
 
 
 def choose_indices(num_samples: int, seed: int, indices_file: str | None, size: int, name: str) -> np.ndarray:

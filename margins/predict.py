@@ -7,9 +7,10 @@ batch ends. No collective follows: each rank marks its share done, and rank 0 wa
 committed (`margins.work.wait_for_chunks`) before it merges, while the processes watch each other
 (`margins.guard`): a signal, an error or a lost process on any rank ends every process within seconds.
 
-Lightning's own SIGTERM handling (a broadcast inside the signal handler, which hangs when only one rank is
-signalled), its SLURM requeue handler (it saves a checkpoint into the chunk folder) and its child-process observer
-(it kills the main process without saying why) are replaced by `margins.guard`'s for these runs.
+Lightning's own signal handling (for SIGTERM a broadcast inside the signal handler, which hangs when only one rank
+is signalled; for SIGUSR1 under SLURM a checkpoint saved into the chunk folder; Ctrl-C: exit 1 and no line) and its
+child-process observer (it kills the main process without saying why) are replaced by `margins.guard`'s for these
+runs: the watchdog's `common.stop.stop_signals` handles the signals, and the trainer never installs its own.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
 from common.errors import InputError
-from margins.guard import START_TIMEOUT, Watchdog, install_signal_handlers, restore_signal_handlers, watch_children
+from margins.guard import START_TIMEOUT, Watchdog, watch_children
 from margins.names import estimator_of, quantity
 from margins.work import CHUNK_DIR, ChunkWork, RunSettings
 
@@ -70,6 +71,9 @@ def make_trainer(run: RunSettings, folder: Path) -> L.Trainer:
             f"cannot run on accelerator {run.accelerator!r}, devices {devices!r}, num_nodes {nodes!r}, "
             f"strategy {run.strategy!r}: {' '.join(str(err).split())}"
         ) from err
+    # the run's watchdog handles SIGTERM, SIGUSR1 and SIGINT (module docstring): no public switch turns Lightning's
+    # handlers off, so its connector does not register them (the previous handlers stay in place)
+    trainer._signal_connector.register_signal_handlers = lambda: None
     if isinstance(trainer.strategy, DDPStrategy):  # bounded collectives (Lightning's default: 30 minutes)
         trainer.strategy._timeout = datetime.timedelta(seconds=START_TIMEOUT)
     if type(trainer.strategy.launcher) is _SubprocessScriptLauncher:
@@ -136,8 +140,8 @@ def progress_description(work: ChunkWork) -> str:
 
 
 class MarginPredictor(L.LightningModule):
-    """Attacks one chunk per predict step; `setup` installs the run's signal handlers (over Lightning's), prepares
-    the process (`ChunkWork.process`) and, on rank 0, the chunk folder, and broadcasts the plan."""
+    """Attacks one chunk per predict step; `setup` prepares the process (`ChunkWork.process`) and, on rank 0, the
+    chunk folder, and broadcasts the plan."""
 
     def __init__(self, work: ChunkWork, watchdog: Watchdog):
         super().__init__()
@@ -146,8 +150,6 @@ class MarginPredictor(L.LightningModule):
         self._process = contextlib.ExitStack()
 
     def setup(self, stage: str) -> None:
-        previous = install_signal_handlers(self.watchdog, requeue=SLURMEnvironment.detect())
-        self._process.callback(restore_signal_handlers, previous)
         self._process.enter_context(self.work.process(self.trainer.strategy.root_device))
         plan: Any = None
         if self.trainer.is_global_zero:
@@ -161,10 +163,6 @@ class MarginPredictor(L.LightningModule):
         self.pending = plan
         if self.trainer.is_global_zero:
             self.work.start_progress(plan, progress_description(self.work))
-
-    def on_predict_start(self) -> None:
-        # Lightning registers its own handlers after `setup` (`Trainer._run`): the run's go over them again
-        install_signal_handlers(self.watchdog, requeue=SLURMEnvironment.detect())
 
     def teardown(self, stage: str) -> None:
         self._process.close()

@@ -12,9 +12,11 @@ Layout of `output_dir` (our files only; anything else in the directory is never 
                    "stats" is `summarize(...)` of the stored float32 margins (NaN medians stored as null),
                    "files" maps each file of the set to its SHA-256.
 
-Atomicity: everything (arrays, plot, JSON) is first written and fsynced into a temporary sibling directory
-`.<name>.tmp-*` in the same parent, so any failure (bad settings, plotting error, full disk) leaves
-`output_dir` untouched and the temporary directory is removed. Commit:
+Atomicity: everything (arrays, plot, JSON) is first made in memory, then written and fsynced into a temporary
+sibling directory `.<name>.tmp-*` in the same parent, so any failure (bad settings, plotting error, full disk)
+leaves `output_dir` untouched and the temporary directory is removed; a full disk (any write, numpy's errno-less
+short writes included) is the one-line InputError of `margins.guard.disk_full_error`, with the set's exact size.
+Commit:
   - `output_dir` absent: the whole temporary directory is renamed into place (one atomic rename).
   - `output_dir` present: each data file is moved in with `os.replace` (atomic per file), then
     `summary.json` LAST. `summary.json` records the SHA-256 of every file of its set, and
@@ -32,19 +34,21 @@ from __future__ import annotations
 import dataclasses
 import enum
 import hashlib
+import io
 import json
 import math
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
 
+from margins.guard import disk_full, disk_full_error
 from margins.names import estimator_of
 
 SCHEMA_VERSION = 2
@@ -128,10 +132,51 @@ def time_line(*reports: MarginReport) -> str:
 def write_report(output_dir: str | Path, report: MarginReport, figure: bool = True, title: str = "") -> Path:
     """Validate `report` and write it atomically to `output_dir` (module docstring); returns `output_dir`.
 
-    All validation and JSON conversion happen before anything is written; `report.stats` is recomputed from
-    the stored float32 margins.
+    All validation, JSON conversion and drawing happen before anything is written; `report.stats` is recomputed
+    from the stored float32 margins. A full disk: InputError naming the folder and the set's size.
     """
     output_dir = Path(output_dir)
+    contents = _set_contents(report, figure, title)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"output_dir {output_dir} exists and is not a directory; choose another path")
+    tmp = output_dir.parent / f".{output_dir.name}.tmp-{uuid.uuid4().hex}"
+    try:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_tmp_dirs(output_dir)
+        tmp.mkdir()  # default permissions (umask), unlike tempfile.mkdtemp's 0700: it may become output_dir
+        for name, data in contents.items():
+            _write_file(tmp / name, data)
+        _commit(tmp, output_dir, list(contents))
+    except OSError as err:
+        if disk_full(err):
+            raise disk_full_error(output_dir, sum(len(data) for data in contents.values())) from err
+        raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return output_dir
+
+
+def report_bytes(num_subspaces: int, num_samples: int, settings: Mapping, figure: bool = True) -> int:
+    """About the bytes `write_report` writes for an `[S, N]` report with `settings`: the arrays exactly,
+    summary.json and the figure as made for placeholder margins of that shape (their sizes depend little on the
+    values)."""
+    shape = (num_subspaces, num_samples)
+    zeros = np.zeros(shape, np.int64)
+    placeholder = MarginReport(
+        margins=np.random.default_rng(0).gamma(2.0, 1.0, shape).astype(np.float32),
+        converged=np.ones(shape, bool),
+        indices=np.arange(num_samples),
+        settings=dict(settings),
+        iterations=zeros,
+        perturbed_labels=zeros,
+        predicted=zeros[0],
+        targets=zeros[0],
+    )
+    return sum(len(data) for data in _set_contents(placeholder, figure, "").values())
+
+
+def _set_contents(report: MarginReport, figure: bool, title: str) -> dict[str, bytes]:
+    """Validate `report`; every file of its set as bytes, summary.json last (it records the others' SHA-256)."""
     margins, converged = _check_margins(np.asarray(report.margins), np.asarray(report.converged))
     margins = margins.astype(np.float32)
     indices = _check_indices(np.asarray(report.indices), margins.shape[1])
@@ -146,20 +191,22 @@ def write_report(output_dir: str | Path, report: MarginReport, figure: bool = Tr
         "stats": json_safe(summarize(margins, converged), "stats"),
         "extra": json_safe(dict(report.extra), "extra"),
     }
-    if output_dir.exists() and not output_dir.is_dir():
-        raise NotADirectoryError(f"output_dir {output_dir} exists and is not a directory; choose another path")
+    contents = {name: _npy_bytes(array) for name, array in arrays.items()}
+    if figure:
+        from margins.plot import plot_margins  # matplotlib only when a figure is drawn
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_tmp_dirs(output_dir)
-    tmp = output_dir.parent / f".{output_dir.name}.tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()  # default permissions (umask), unlike tempfile.mkdtemp's 0700: it may become output_dir
-    try:
-        plot_arguments = _figure_arguments(report, margins, converged, title) if figure else None
-        files = _write_set(tmp, arrays, payload, plot_arguments)
-        _commit(tmp, output_dir, files)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return output_dir
+        drawing = io.BytesIO()
+        plot_margins(**_figure_arguments(report, margins, converged, title)).savefig(drawing, format="png", dpi=150)
+        contents[FIGURE_FILE] = drawing.getvalue()
+    payload["files"] = {name: hashlib.sha256(data).hexdigest() for name, data in contents.items()}
+    contents[SUMMARY_FILE] = (json.dumps(payload, indent=2, allow_nan=False) + "\n").encode()
+    return contents
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
 
 
 def _optional_arrays(report: MarginReport, shape: tuple[int, int]) -> dict[str, np.ndarray]:
@@ -248,23 +295,6 @@ def _figure_arguments(report: MarginReport, margins: np.ndarray, converged: np.n
             "estimator": estimator_of(report.settings), "family": report.settings.get("subspace")}  # fmt: skip
 
 
-def _write_set(tmp: Path, arrays: dict[str, np.ndarray], payload: dict, figure: dict | None) -> list[str]:
-    """Write the full set into `tmp`; returns the file names, summary.json last."""
-    for name, array in arrays.items():
-        _write_file(tmp / name, lambda f, a=array: np.save(f, a, allow_pickle=False))
-    names = list(arrays)
-    if figure is not None:
-        from margins.plot import plot_margins  # matplotlib only when a figure is drawn
-
-        fig = plot_margins(**figure)
-        _write_file(tmp / FIGURE_FILE, lambda f: fig.savefig(f, format="png", dpi=150))
-        names.append(FIGURE_FILE)
-    payload = {**payload, "files": {name: _sha256(tmp / name) for name in names}}
-    text = json.dumps(payload, indent=2, allow_nan=False) + "\n"
-    _write_file(tmp / SUMMARY_FILE, lambda f: f.write(text.encode()))
-    return [*names, SUMMARY_FILE]
-
-
 def _commit(tmp: Path, output_dir: Path, files: list[str]) -> None:
     """Move the set from `tmp` into `output_dir`: one directory rename if absent, else per file, summary last."""
     if not output_dir.exists():
@@ -280,9 +310,9 @@ def _commit(tmp: Path, output_dir: Path, files: list[str]) -> None:
             (output_dir / name).unlink(missing_ok=True)
 
 
-def _write_file(path: Path, writer: Callable[[IO[bytes]], Any]) -> None:
+def _write_file(path: Path, data: bytes) -> None:
     with open(path, "wb") as f:
-        writer(f)
+        f.write(data)
         f.flush()
         os.fsync(f.fileno())
 

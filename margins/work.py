@@ -40,14 +40,13 @@ from margins.chunks import ChunkStore, fingerprint_digest
 from margins.guard import disk_full, disk_full_error
 from margins.measure import gather_samples
 from margins.names import bound, folder_suffix
-from margins.results import OPTIONAL_FILES, RESULT_FILES, MarginReport, json_safe, remove_stale_tmp_dirs
+from margins.results import OPTIONAL_FILES, RESULT_FILES, MarginReport, json_safe, remove_stale_tmp_dirs, report_bytes
 from margins.sharding import row_grid
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 ESTIMATORS = ("deepfool", "fmn", "certify")
 DEFAULT_DTYPES = {"certify": "float64"}  # an estimator's precision when none is given (else float32)
 CHUNK_DIR = "chunks"
-BYTES_PER_ROW = 64  # a committed chunk's bytes per row, about (arrays, npz and journal overhead included)
 
 
 @dataclass
@@ -322,10 +321,8 @@ class ChunkWork:
             raise
 
     def bytes_needed(self) -> int:
-        """About how many bytes the run still writes: its uncommitted chunks and the result files."""
-        pending = [c for c in range(len(self.chunks)) if not (self.store.root / self.store.chunk_name(c)).is_file()]
-        rows = self.chunks[-1].stop if self.chunks else 0
-        return BYTES_PER_ROW * (sum(len(self.chunks[c]) for c in pending) + rows) + 2**20
+        """About how many bytes the run still writes (`bytes_to_write`)."""
+        return bytes_to_write(self.job, self.store, self.chunks, self.attack_settings.dtype)
 
 
 class _Progress:
@@ -372,6 +369,15 @@ def record_device(job: MarginJob, device_type: str, threads: int) -> None:
         if threads < 1:
             raise InputError(f"threads must be >= 1, got {threads}")
         job.fingerprint["cpu_threads"] = job.settings["cpu_threads"] = threads
+
+
+def bytes_to_write(job: MarginJob, store: ChunkStore, chunks: list[range], dtype: str) -> int:
+    """About how many bytes a run still writes: each chunk not on disk yet (exactly: `ChunkStore.bytes_per_chunk`)
+    and the result files (`margins.results.report_bytes`)."""
+    pending = [len(rows) for c, rows in enumerate(chunks) if not (store.root / store.chunk_name(c)).is_file()]
+    sizes = {rows: store.bytes_per_chunk(rows, dtype) for rows in set(pending)}
+    return sum(sizes[rows] for rows in pending) + report_bytes(len(job.subspaces), len(job.indices), job.settings,
+                                                               job.figure)  # fmt: skip
 
 
 def summary_extra(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import re
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -39,6 +40,26 @@ class CheckpointNotFoundError(CheckpointReadError, FileNotFoundError):
 
 class UntrustedCheckpointError(InputError, pickle.UnpicklingError):
     """The file holds pickled Python objects, which `torch.load(weights_only=True)` refuses to run."""
+
+
+# what torch's weights-only unpickler says when it refuses an object it does not allow (not a damaged file)
+_NEEDS_TRUST = re.compile(r"not an allowed global|whose module \S+ is blocked|call reduce for|Can only (build|create)")
+
+
+def needs_trust(err: pickle.UnpicklingError) -> bool:
+    """Whether torch's weights-only load refused the file for objects it does not allow (a function to call, a
+    class outside its allowlist), not for damaged bytes."""
+    return bool(_NEEDS_TRUST.search(str(err)))
+
+
+def untrusted_pickle_error(path: str | Path, flag: str = "--trusted-pickle") -> UntrustedCheckpointError:
+    """The one line refusing a checkpoint whose pickle needs trust: what it is, why it is not loaded, and `flag`,
+    the command's option that allows it (evaluate_margin.py's --trusted-pickle by default)."""
+    return UntrustedCheckpointError(
+        f"{path} is a pickle that needs trust: it holds Python objects besides tensors, and unpickling them can run "
+        f"arbitrary code, so it is not loaded; if (and only if) you trust this file (e.g. a MadryLab robustness "
+        f"checkpoint), pass {flag}"
+    )
 
 
 @dataclass
@@ -69,13 +90,9 @@ def read_checkpoint(path: str | Path, trusted_pickle: bool = False, map_location
     try:
         return torch.load(path, map_location=map_location, weights_only=not trusted_pickle)
     except pickle.UnpicklingError as err:
+        if not trusted_pickle and needs_trust(err):
+            raise untrusted_pickle_error(path, "--trusted-pickle (trusted_pickle=True)") from err
         detail = _unpickler_detail(str(err))
-        if not trusted_pickle and "unsupported global" in detail.lower():
-            raise UntrustedCheckpointError(
-                f"{path} contains pickled Python objects, which are not loaded by default because unpickling can "
-                "run arbitrary code; if (and only if) you trust this file (e.g. a MadryLab robustness checkpoint), "
-                "pass --trusted-pickle (trusted_pickle=True)"
-            ) from err
         raise CheckpointReadError(f"{path} is not a readable PyTorch checkpoint (corrupt pickle: {detail})") from err
     except Exception as err:  # noqa: BLE001 - torch.load on foreign bytes fails in many ways; all mean "bad file"
         raise CheckpointReadError(

@@ -21,9 +21,23 @@ from torch import nn
 
 from common.errors import InputError
 
-from .checkpoint import CheckpointReadError, UntrustedCheckpointError, checkpoint_kind, read_checkpoint
+from .checkpoint import (
+    CheckpointReadError,
+    UntrustedCheckpointError,
+    checkpoint_kind,
+    needs_trust,
+    read_checkpoint,
+    untrusted_pickle_error,
+)
 
-__all__ = ["CheckpointMismatchError", "UntrustedCheckpointError", "guess_architecture", "load_weights"]
+__all__ = [
+    "CheckpointMismatchError",
+    "UntrustedCheckpointError",
+    "guess_architecture",
+    "load_weights",
+    "needs_trust",
+    "untrusted_pickle_error",
+]
 from .normalization import NormalizedModel
 
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile

@@ -13,7 +13,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -169,26 +168,25 @@ def test_few_samples_on_two_processes(setup, samples, chunk):
     _check_against_reference(setup, out, chunk)
 
 
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGUSR1])
-def test_killed_run_resumes_to_the_uninterrupted_result(setup, sig):
-    """Kill the process once its first chunk is committed; the same command then finishes with the same bits.
-    SIGUSR1 stops the run with its own exit code (138) and a line saying how to resume (SIGTERM, 143:
-    tests/test_no_hang.py)."""
+def test_killed_run_resumes_to_the_uninterrupted_result(setup, sig, tmp_path):
+    """Kill the process once it committed a chunk (it then waits for the test: tests.test_no_hang's gate); the
+    same command then finishes with the same bits. SIGUSR1 stops the run with its own exit code (138) and a line
+    saying how to resume (SIGTERM, 143: tests/test_no_hang.py)."""
+    from tests.test_no_hang import _start_gated, _wait_for_gate
+
     argv = _argv(setup, setup.root / f"killed_{sig.name}", samples=8, chunk=2, max_iter=30)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, str(REPO / "evaluate_margin.py"), *argv, "--devices", "1"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc, gate = _start_gated(argv, 1, tmp_path)
     chunks = setup.root / f"killed_{sig.name}" / "chunks"
-    deadline = time.time() + 120
-    while not list(chunks.glob("chunk-*.npz")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    _wait_for_gate(gate, proc, 1)
     proc.send_signal(sig)
-    proc.wait(timeout=60)
-    assert not (chunks.parent / "summary.json").exists(), "killed too late: the run had finished"
+    _, err = proc.communicate(timeout=60)
+    assert not (chunks.parent / "summary.json").exists()
     assert proc.returncode == {signal.SIGKILL: -9, signal.SIGTERM: 143, signal.SIGUSR1: 138}[sig]
     if sig != signal.SIGKILL:
         line = f"stopped: rank 0 received {sig.name}; {RESUME}"
-        assert proc.stderr.read().decode().strip().splitlines()[-1] == line
+        assert err.strip().splitlines()[-1] == line
     committed_before = {p.name: p.read_bytes() for p in chunks.glob("chunk-*.npz")}
     assert committed_before
     resumed = _cli(argv)

@@ -258,6 +258,58 @@ def test_interrupted_map2d_resumes_from_its_committed_chunks(trained, runs, tmp_
     assert code == 0 and read_report(out).settings["max_iter"] == 5
 
 
+def test_random_stopped_after_its_dct_part_resumes_the_random_part(trained, runs, tmp_path, capsys):
+    """What a kill during the random part leaves: dct/ finished, random/ with a committed chunk and no results.
+    The same command reuses the DCT results (not a byte touched), attacks only the random part's missing chunk and
+    writes the uninterrupted run's files; once finished, a rerun is refused as for any finished evaluation."""
+    out = tmp_path / "random"
+    shutil.copytree(runs.random, out)
+    for name in ("analysis.json", "dct_vs_random.png"):
+        (out / name).unlink()
+    for name in (*STANDARD, "margins.png"):
+        (out / "random" / name).unlink()
+    chunks = out / "random" / "chunks"
+    (chunks / "chunk-000001.npz").unlink()  # 3 samples x 3 subspaces in chunks of 8 rows: 2 chunks, one left
+    journal = chunks / "journal-rank0.jsonl"
+    journal.write_text("".join(line + "\n" for line in journal.read_text().splitlines() if '"chunk": 1,' not in line))
+    dct = {p: p.stat().st_mtime_ns for p in (out / "dct").rglob("*")}
+    kept = (chunks / "chunk-000000.npz").stat().st_mtime_ns
+
+    flags = [*common(trained), "--count", "3", "--output-dir", out]
+    code, stdout, stderr = main(["random", *flags], capsys)
+    assert code == 0, stderr
+    assert {p: p.stat().st_mtime_ns for p in (out / "dct").rglob("*")} == dct
+    assert (chunks / "chunk-000000.npz").stat().st_mtime_ns == kept
+    assert [json.loads(line)["chunk"] for line in journal.read_text().splitlines()] == [0, 1]
+    for kind in ("dct", "random"):
+        assert_same_arrays(runs.random / kind, out / kind)
+    spreads = [json.loads((d / "analysis.json").read_text())["spread_max_over_min_median"] for d in (out, runs.random)]
+    assert spreads[0] == spreads[1]
+    assert "max/min of per-subspace median" in stdout
+    code, stdout, stderr = main(["random", *flags], capsys)
+    assert code == 2 and "already holds a finished evaluation" in stderr and "--overwrite" in stderr
+
+
+def test_a_full_disk_while_writing_the_2d_map_is_one_line_and_a_rerun_finishes(trained, runs, tmp_path, monkeypatch,
+                                                                              capsys):  # fmt: skip
+    """map2d's own files after the result folder: a full disk there is one line (exit 2), nothing half-written,
+    and the same command then writes them from the finished evaluation (nothing measured again)."""
+    from tests.test_no_hang import FullDisk
+
+    out = tmp_path / "map2d"
+    flags = [*common(trained), "--subspace-dim", "8", "--subspace-step", "4", "--output-dir", out]
+    disk = FullDisk(monkeypatch, r"map2d\.(png|npy)", errno_less=True)
+    code, _, stderr = main(["map2d", *flags], capsys)
+    assert disk.failed and code == 2 and stderr.startswith(f"error: no space left on the disk holding {out}"), stderr
+    assert len(stderr.strip().splitlines()) == 1 and not list(out.glob("map2d*")) and not list(out.glob(".*tmp*"))
+    monkeypatch.undo()
+    summary = (out / "summary.json").read_bytes()
+    code, stdout, _ = main(["map2d", *flags], capsys)
+    assert code == 0 and "2-D map (3, 3)" in stdout and (out / "summary.json").read_bytes() == summary
+    assert (out / "map2d.npy").read_bytes() == (runs.map2d / "map2d.npy").read_bytes()
+    assert (out / "map2d.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_deprecated_flags_warn_once_each_and_still_work(trained, runs, tmp_path, capsys):
     old = ["--checkpoint", trained.ckpt, "--num-samples", 3, "--max-iter", 10, "--no-progress"]
     argv = ["map2d", *old, "--block", 8, "--stride", 4, "--batch-size", 8, "--device", "cpu"]

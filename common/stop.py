@@ -1,0 +1,224 @@
+"""How a command's process stops: a signal, or a stop another thread finds, becomes one exception in the main
+thread, and the command's `main()` turns it into the exit status and one line. Standard library only, so that a
+command installs it before it loads anything else:
+
+    if __name__ == "__main__":  # first in a command, before its other imports
+        stop_while_loading()  # a signal while the modules load: its exit status and line
+
+    def main(argv=None) -> int:
+        with CommandExit() as command:
+            try:
+                ...  # the command
+            except RunStopped as stop:
+                return command.stopped(stop)  # the line (main process only) and the exit status
+
+Exit statuses of the signals: 128 + the signal's number, as shells report a process a signal ended: SIGINT (Ctrl-C)
+130, SIGUSR1 (SLURM's requeue signal) 138, SIGTERM (a scheduler's preemption, `kill`) 143. While they are handled
+(`stop_signals`, entered by `CommandExit` and by the work that runs, e.g. a margin run's watchdog), each raises
+`RunStopped` in the main thread, after the innermost work's reaction (`reaction(signum) -> RunStopped`: a
+multi-process run writes its stop file there, so that every process stops). A thread that finds that the run must
+stop calls `request_stop`: the reason is recorded and the main thread interrupted (SIGINT to itself), whose handler
+raises it. The first stop of a process wins; further signals are ignored while it ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+EXIT_SIGINT = 128 + signal.SIGINT  # 130: Ctrl-C
+EXIT_SIGUSR1 = 128 + signal.SIGUSR1  # 138: SLURM's requeue signal
+EXIT_SIGTERM = 128 + signal.SIGTERM  # 143: a scheduler's preemption, kill
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+GRACE = 10.0  # seconds main() has to end the process after a stop, before CommandExit's last resort does
+RERUN = "run the same command again"
+
+
+class RunStopped(SystemExit):
+    """This process ends because its run stops: exit status `code`; `message` says why, in one line."""
+
+    def __init__(self, code: int, message: str):
+        super().__init__(code)
+        self.code, self.message = code, message
+
+    def line(self) -> str:
+        """What the main process prints: an `error: ...` message as it is, any other as `stopped: ...`."""
+        return self.message if self.message.startswith("error:") else f"stopped: {self.message}"
+
+
+def env_rank() -> int:
+    """This process's global rank from its launcher's environment, before any process group exists: torchrun
+    (RANK), SLURM (SLURM_PROCID), Lightning's own launcher (NODE_RANK, LOCAL_RANK); 0 for a single process."""
+    for name in ("RANK", "SLURM_PROCID"):
+        if name in os.environ:
+            return int(os.environ[name])
+    if "LOCAL_RANK" in os.environ or "NODE_RANK" in os.environ:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        return int(os.environ.get("NODE_RANK", 0)) * int(os.environ.get("LOCAL_WORLD_SIZE", 1)) + local
+    return 0
+
+
+def signal_stop(signum: int, resume: str = RERUN, when: str = "") -> RunStopped:
+    """The stop of this process for signal `signum`: exit status 128 + its number, "rank R received NAME; resume"."""
+    return RunStopped(128 + signum, f"rank {env_rank()} received {signal.Signals(signum).name}{when}; {resume}")
+
+
+Reaction = Callable[[int], RunStopped]
+
+
+class _Handling:
+    """This process's handling of the stop signals: the handlers it replaced, the running work's reactions, the
+    stop once there is one, and the command that owns the exit."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.previous: dict[int, Any] = {}
+        self.reactions: list[Reaction] = []
+        self.stop: RunStopped | None = None
+        self.raised = False
+        self.ignore_sigint = False
+        self.command: CommandExit | None = None
+        self.pid = os.getpid()
+
+
+_HANDLING = _Handling()
+
+
+def _handler(signum: int, frame: Any) -> None:
+    state = _HANDLING
+    if os.getpid() != state.pid:  # a forked process (a DataLoader worker) inherited it: the signal's own action
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    if state.raised:
+        return  # the main thread is already ending (a second Ctrl-C while it unwinds)
+    if state.stop is None:
+        if signum == signal.SIGINT and state.ignore_sigint:
+            return  # started with Ctrl-C ignored (a background job of a shell script): it stays ignored
+        reaction = state.reactions[-1] if state.reactions else signal_stop
+        _record(reaction(signum))
+    state.raised = True
+    raise state.stop
+
+
+def _record(stop: RunStopped) -> bool:
+    """Keep the first stop of this process and arm its command's last resort; whether `stop` was the first."""
+    state = _HANDLING
+    if state.stop is not None:
+        return False
+    state.stop = stop
+    if state.command is not None:
+        state.command._arm(stop)
+    return True
+
+
+def request_stop(stop: RunStopped) -> None:
+    """From a thread other than the main one (a watchdog): the run stops with `stop`. While the stop signals are
+    handled here, the main thread raises it as soon as it runs Python (a SIGINT to itself interrupts a sleep);
+    elsewhere the main thread is left alone (its collectives time out)."""
+    first = _record(stop)
+    if first and _HANDLING.depth and threading.current_thread() is not threading.main_thread():
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+
+def install_stop_handlers() -> None:
+    """This module's handlers for the stop signals again, after a library replaced them (a Lightning trainer does)."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _handler)
+
+
+@contextlib.contextmanager
+def stop_signals(reaction: Reaction | None = None) -> Iterator[None]:
+    """Inside: SIGTERM, SIGUSR1 and SIGINT raise `RunStopped` in the main thread, the stop `reaction(signum)` returns
+    (default `signal_stop`). Nests: the innermost reaction acts; the outermost block restores the handlers it found
+    and starts afresh (a Python session may run several commands). Only the main thread can handle signals:
+    elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    state = _HANDLING
+    if state.depth == 0:
+        state.previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+        state.ignore_sigint = state.previous[signal.SIGINT] == signal.SIG_IGN
+        state.stop, state.raised, state.pid = None, False, os.getpid()
+    install_stop_handlers()
+    state.depth += 1
+    if reaction is not None:
+        state.reactions.append(reaction)
+    try:
+        yield
+    finally:
+        if reaction is not None:
+            state.reactions.remove(reaction)
+        state.depth -= 1
+        if state.depth == 0:
+            for sig, previous in state.previous.items():
+                signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+
+
+class CommandExit:
+    """What a command's main() enters first: the stop signals are handled for the whole command (`stop_signals`),
+    and main() turns a stop into the exit (`stopped`). The last resort, for a main thread that cannot: Python runs
+    a signal handler only between bytecodes, so a main thread stuck in a C call (a collective waiting for a process
+    that is gone) never raises its stop; `grace` seconds after a stop that main() has not turned into the exit by
+    then, this object prints the line and ends the process itself, with the stop's exit status."""
+
+    def __init__(self, grace: float = GRACE):
+        self.grace = grace
+        self._said = threading.Lock()  # held by whoever printed the line: it is printed once
+        self._timer: threading.Timer | None = None
+        self._signals = contextlib.ExitStack()
+
+    def __enter__(self) -> CommandExit:
+        self._signals.enter_context(stop_signals())
+        _HANDLING.command = self
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        _HANDLING.command = None
+        if self._timer is not None:
+            self._timer.cancel()
+        self._signals.close()
+
+    def stopped(self, stop: RunStopped) -> int:
+        """The exit status for main() to return: `stop`'s, after its line (on the main process only)."""
+        self._say(stop)
+        return stop.code
+
+    def _arm(self, stop: RunStopped) -> None:
+        if self._timer is None:
+            self._timer = threading.Timer(self.grace, self._last_resort, args=(stop,))
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _last_resort(self, stop: RunStopped) -> None:
+        # main() has not ended the process `grace` seconds after the stop: its main thread is stuck where Python
+        # cannot interrupt it (a C call, a collective waiting for a lost process). Ending the process here is the
+        # only way left to keep the promise that every process of a stopped run ends within a bounded time.
+        self._say(stop)
+        os._exit(stop.code)
+
+    def _say(self, stop: RunStopped) -> None:
+        if self._said.acquire(blocking=False) and env_rank() == 0:
+            print(stop.line(), file=sys.stderr, flush=True)
+
+
+def stop_while_loading(resume: str = RERUN) -> None:
+    """First in a command, before its other imports: a signal while its modules load (seconds) ends the process
+    with the signal's exit status and its line (on the main process), before the command did anything. A Ctrl-C
+    ignored from the start stays ignored. main()'s `CommandExit` takes over."""
+
+    def handler(signum: int, frame: Any) -> None:
+        stop = signal_stop(signum, resume, " while starting")
+        if env_rank() == 0:
+            print(stop.line(), file=sys.stderr, flush=True)
+        raise stop  # a SystemExit: the imports unwind and the interpreter ends with its code
+
+    for sig in reversed(STOP_SIGNALS):  # SIGTERM's last: once it is handled, all are
+        if sig != signal.SIGINT or signal.getsignal(sig) != signal.SIG_IGN:
+            signal.signal(sig, handler)
