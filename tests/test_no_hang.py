@@ -66,26 +66,32 @@ def _start(argv: list[str], devices: int = 2, env: dict | None = None, script: P
 
 
 GATED = """
-import os, sys, time
+import importlib, os, sys, time
 from pathlib import Path
-import margins.chunks
-gate, commit = Path(os.environ["MARGINS_TEST_GATE"]), margins.chunks.ChunkStore.commit
-def gated(self, chunk, arrays, rank, *args, **kwargs):  # each rank, once a chunk is committed, waits for the test
-    commit(self, chunk, arrays, rank, *args, **kwargs)
-    (gate / f"rank{rank}").touch()
+from common.stop import env_rank
+gate = Path(os.environ["MARGINS_TEST_GATE"])
+module, path = os.environ["MARGINS_TEST_GATE_AT"].split(":")  # e.g. margins.chunks:ChunkStore.commit
+owner, name = importlib.import_module(module), path.split(".")[-1]
+for part in path.split(".")[:-1]:
+    owner = getattr(owner, part)
+original = getattr(owner, name)
+def gated(*args, **kwargs):  # each rank, once the gated step is done, waits for the test
+    result = original(*args, **kwargs)
+    (gate / f"rank{env_rank()}").touch()
     while not (gate / "go").exists():
         time.sleep(0.02)
-margins.chunks.ChunkStore.commit = gated
+    return result
+setattr(owner, name, gated)
 command = os.environ["MARGINS_TEST_COMMAND"]  # run as `python evaluate_margin.py` (Lightning's launcher starts the
 exec(compile(Path(command).read_text(), command, "exec"), {"__name__": "__main__"})  # other ranks as this script)
 """
 
 
 def _start_gated(
-    argv: list[str], devices: int, tmp_path: Path, env: dict | None = None
+    argv: list[str], devices: int, tmp_path: Path, env: dict | None = None, at: str = "margins.chunks:ChunkStore.commit"
 ) -> tuple[subprocess.Popen, Path]:
-    """evaluate_margin.py whose every rank, once it committed a chunk, waits (touching `<gate>/rank<r>`) until
-    `<gate>/go` exists: a signal then lands mid-run, never after the run finished."""
+    """evaluate_margin.py whose every rank, once it did the step `at` (default: committed a chunk), waits (touching
+    `<gate>/rank<r>`) until `<gate>/go` exists: a signal then lands at that moment, never after the run finished."""
     gate = tmp_path / "gate"
     gate.mkdir()
     (tmp_path / "gated.py").write_text(GATED)
@@ -93,6 +99,7 @@ def _start_gated(
         **ENV,
         **(env or {}),
         "MARGINS_TEST_GATE": str(gate),
+        "MARGINS_TEST_GATE_AT": at,
         "MARGINS_TEST_COMMAND": str(REPO / "evaluate_margin.py"),
     }
     return _start(argv, devices, env, tmp_path / "gated.py"), gate
@@ -345,6 +352,31 @@ def test_ctrl_c_stops_every_process_with_130_and_one_line_and_a_rerun_resumes(se
     done = _run(_argv(setup, out), devices=devices)
     assert done.returncode == 0, done.stderr
     _same_results(out, reference)
+
+
+@pytest.mark.timeout(240)
+def test_a_signal_while_the_results_are_written_leaves_none_half_written_and_a_rerun_resumes(setup, tmp_path):
+    """SIGTERM once the first result file is written (every chunk committed): 143, one line, no result file
+    and no temporary folder left; the rerun merges the kept chunks (none attacked again)."""
+    out = tmp_path / "writing"
+    argv = _argv(setup, out, samples=8, chunk=32)
+    proc, gate = _start_gated(argv, 1, tmp_path, at="margins.results:_write_file")
+    _wait_for_gate(gate, proc, 1)
+    start = time.time()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    seconds = time.time() - start
+    assert proc.returncode == EXIT_SIGTERM and _lines(err) == [f"stopped: rank 0 received SIGTERM; {RESUME}"], err
+    _report("SIGTERM to rank 0 of 1, writing the results", seconds, proc.returncode, _lines(err)[0])
+    assert sorted(p.name for p in out.iterdir()) == ["chunks"] and sorted(p.name for p in tmp_path.iterdir()) == [
+        "gate", "gated.py", "writing"]  # fmt: skip
+    journal = (out / "chunks" / "journal-rank0.jsonl").read_text()
+    done = _run(argv)
+    assert done.returncode == 0, done.stderr
+    assert (out / "chunks" / "journal-rank0.jsonl").read_text() == journal  # resumed: nothing attacked again
+    fresh = tmp_path / "fresh"
+    assert _run(_argv(setup, fresh, samples=8, chunk=32)).returncode == 0
+    _same_results(out, fresh)
 
 
 @pytest.mark.timeout(180)
@@ -628,3 +660,12 @@ def test_a_second_run_waits_for_the_folders_holder_and_a_stale_lock_never_blocks
     (stale / ".lock").write_text('{"pid": 1, "host": "gone", "since": "yesterday", "command": "killed -9"}')
     with FolderLock(stale, wait=0.0):  # no wait at all: a dead holder's file is not a lock
         pass
+
+
+def test_only_a_commands_last_resort_ends_a_process_with_os_exit():
+    """Library code raises and a command's main() returns the exit status; the one `os._exit` left is
+    common.stop.CommandExit's last resort, for a main thread stuck where Python cannot interrupt it."""
+    listed = subprocess.run(["git", "ls-files", "*.py"], cwd=REPO, capture_output=True, text=True).stdout.split()
+    sources = [name for name in listed if not name.startswith("tests/") and (REPO / name).is_file()]
+    assert sources, "no source files listed"
+    assert [name for name in sources if "os._exit(" in (REPO / name).read_text()] == ["common/stop.py"]
