@@ -262,8 +262,11 @@ def margin_command(exp: Experiment, ckpt: Path, args: argparse.Namespace) -> lis
     return cmd + shlex.split(args.margin_args)
 
 
-def accuracies(exp: Experiment, ckpt: Path, args: argparse.Namespace) -> dict[str, float]:
-    """Clean accuracy on the whole test split; accuracy under L2 PGD (20 steps) on its first `--robust-samples`."""
+def accuracies(
+    exp: Experiment, ckpt: Path, args: argparse.Namespace, say: Callable[[str], None] = lambda text: None
+) -> dict[str, float]:
+    """Clean accuracy on the whole test split; accuracy under L2 PGD (20 steps) on its first `--robust-samples`,
+    a line to `say` per batch of 250 attacked samples."""
     from attacks.pgd import L2PGD
     from margins.inputs import ModelSource, load_source
 
@@ -289,6 +292,7 @@ def accuracies(exp: Experiment, ckpt: Path, args: argparse.Namespace) -> dict[st
         x, y = x_all[i : min(i + 250, n)], y_all[i : min(i + 250, n)]
         with torch.no_grad():
             robust.append(model(attack(model, x, y)).argmax(1) == y)
+        say(f"L2 PGD accuracy: {min(i + 250, n)}/{n} samples attacked")
     return {
         "clean_accuracy": float((predicted == y_all).float().mean()),
         "pgd_eps": exp.pgd_eps,
@@ -357,14 +361,16 @@ def run_experiment(exp: Experiment, args: argparse.Namespace, clock: float) -> d
         if ckpt.is_file():  # an earlier run of this command: resume (a finished training ends at once)
             cmd += ["--ckpt_path", str(ckpt)]
         train_seconds = run(cmd, log, args, say)
-    say("margins")
+    log = args.out / "logs" / f"{exp.name}_margins.log"
+    say(f"margins of {args.num_samples} test samples (log: {log})")
     # --overwrite: the model may have been retrained since an earlier measurement in this folder
-    run([*margin_command(exp, ckpt, args), "--overwrite"], args.out / "logs" / f"{exp.name}_margins.log", args, say)
+    run([*margin_command(exp, ckpt, args), "--overwrite"], log, args, say)
     record = NOT_RECORDED if exp.name in args.given else training_record(ckpt)
     result = {**measured(exp, ckpt, folder), "train_seconds": train_seconds, **record}
     result["trained_by"] = "given checkpoint" if exp.name in args.given else "this run"
     if args.robust_samples > 0:
-        result.update(accuracies(exp, ckpt, args))
+        say(f"clean accuracy on the test split, L2 PGD accuracy (eps {exp.pgd_eps:g}) on {args.robust_samples} samples")
+        result.update(accuracies(exp, ckpt, args, say))
     say(f"low/high median margin {result['low_band_median']:.3g}/{result['high_band_median']:.3g}")
     return result
 
