@@ -369,10 +369,20 @@ class Propagation:
         self.linear: dict[int, LinearBounds] = {}
         self.keep_linear: set[int] | None = None  # operations whose linear bounds outlive their readers (tests)
         self.lazy: dict[int, int] = {}  # ReLU index -> its exact input, linear bounds not formed (`_lazy`)
+        self.owner: torch.Tensor | None = None  # a rows view's row of `linear` for each of its rows
 
     @property
     def rows(self) -> int:
         return self.eps.shape[0]
+
+    def rows_view(self, index: torch.Tensor) -> Propagation:
+        """This propagation's relaxations and exact linear bounds for rows `index` [D] (repeats allowed): enough for
+        backward passes that stop at the exact prefix (`cut=plan.exact`)."""
+        view = Propagation(self.net, self.plan, self.prefix, self.eps[index], self.intermediate, self.spec_chunk)
+        view.relax = {i: _select_fields(r, index) for i, r in self.relax.items()}
+        view.linear = {i: b for i, b in self.linear.items() if i in self.plan.exact}
+        view.owner = index if self.owner is None else self.owner[index]
+        return view
 
     def run(self) -> Propagation:
         """Every operation's bounds in topological order; linear bounds are kept only where a backward pass may
@@ -534,11 +544,13 @@ class Propagation:
         lam: torch.Tensor,
         cut: set[int] | None = None,
         lower_slopes: dict[int, torch.Tensor] | None = None,
+        record: dict[int, torch.Tensor] | None = None,
     ) -> SpecBounds:
         """Linear lower bounds `coef z + const <= lam . h_target(z)` on the ball, for `lam: [R, n, *shape]` (n
         specifications). `cut`: where the pass stops (default the plan's cut; it needs those operations' linear
         bounds); `lower_slopes`: per-specification lower ReLU slopes {index: [R, n, *shape]} replacing the
-        relaxation's (alpha-CROWN)."""
+        relaxation's (alpha-CROWN); `record`: filled with the negative part of the weights reaching each ReLU
+        ({index: [R, n, *shape]}, which the upper lines multiply; branch and bound scores neurons with it)."""
         cut = self.plan.cut if cut is None else cut
         rows, count = lam.shape[0], lam.shape[1]
         pending: dict[int, torch.Tensor] = {target: lam}
@@ -551,7 +563,7 @@ class Propagation:
                 continue
             op = self.net.ops[index]
             if index in cut:
-                part, shift, size = _at_cut(weights, self.linear[index])
+                part, shift, size = _at_cut(weights, self.linear[index], self.owner)
                 coef = part if coef is None else coef + part
                 const, magnitude = const + shift, magnitude + size
             elif isinstance(op, Affine):
@@ -565,6 +577,8 @@ class Propagation:
                 if lower_slopes is not None and index in lower_slopes:
                     slope = torch.where(relax.unstable.unsqueeze(1), lower_slopes[index], slope)
                 negative = weights.clamp(max=0.0)
+                if record is not None:
+                    record[index] = negative
                 back = weights * slope + negative * (relax.upper_slope.unsqueeze(1) - slope)
                 shift = _dot(negative, relax.upper_shift.unsqueeze(1))  # <= 0: the shifts are >= 0
                 const, magnitude = const + shift, magnitude - shift
@@ -605,14 +619,25 @@ class SpecBounds:
 
 
 # ---- helpers --------------------------------------------------------------------------------------------------
+def _select_fields(relax, index: torch.Tensor):
+    """A relaxation with every per-row tensor field taken at rows `index`."""
+    values = {name: value[index] if isinstance(value, torch.Tensor) else value for name, value in vars(relax).items()}
+    return type(relax)(**values)
+
+
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Sum of `a * b` over the per-sample dimensions (everything after [R, n])."""
     return (a * b).flatten(2).sum(-1)
 
 
-def _at_cut(weights: torch.Tensor, bounds: LinearBounds) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _at_cut(
+    weights: torch.Tensor, bounds: LinearBounds, owner: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`weights . h` bounded below by the linear bounds of h: (coef [R, n, k], const [R, n], magnitude [R, n]), as
-    `weights . mid - |weights| . rad` (equal to `w+ . lower + w- . upper`)."""
+    `weights . mid - |weights| . rad` (equal to `w+ . lower + w- . upper`). `owner` [R]: the row of exact `bounds`
+    each row of `weights` belongs to (rows views: the bounds are not repeated per row)."""
+    if owner is not None:
+        return _at_exact_cut_by_owner(weights, bounds, owner)
     rows, count = weights.shape[:2]
     flat = weights.reshape(rows, count, -1)
     k = bounds.lower_coef.shape[1]
@@ -629,6 +654,26 @@ def _at_cut(weights: torch.Tensor, bounds: LinearBounds) -> tuple[torch.Tensor, 
     radius_size = torch.stack([rad_const.reshape(rows, -1), bounds.magnitude.reshape(rows, -1)], dim=2)
     both = torch.bmm(absolute, radius_size)  # [R, n, 2]
     return coef, const - both[..., 0], both[..., 0] + both[..., 1]
+
+
+def _at_exact_cut_by_owner(
+    weights: torch.Tensor, bounds: LinearBounds, owner: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`_at_cut` for exact bounds shared by the rows of `weights` with the same `owner`: one product per owner."""
+    if not bounds.exact:
+        raise ValueError("a rows view stops only at exact operations (cut=plan.exact)")
+    rows, count = weights.shape[:2]
+    flat = weights.reshape(rows, count, -1)
+    k = bounds.lower_coef.shape[1]
+    coef = flat.new_empty(rows, count, k)
+    const, size = flat.new_empty(rows, count), flat.new_empty(rows, count)
+    for row in torch.unique(owner).tolist():
+        members = (owner == row).nonzero().squeeze(1)
+        part = flat[members].reshape(-1, flat.shape[2])
+        coef[members] = (part @ bounds.lower_coef[row].reshape(k, -1).T).view(-1, count, k)
+        const[members] = (part @ bounds.lower_const[row].reshape(-1)).view(-1, count)
+        size[members] = (part.abs() @ bounds.magnitude[row].reshape(-1)).view(-1, count)
+    return coef, const, size
 
 
 def _pool_backward(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
@@ -17,7 +19,7 @@ from frequency.subspaces import SubspaceFamily
 
 # Bumped whenever a change moves the certified values (relaxations, search); result folders record it.
 CERTIFY_VERSION = 1
-METHODS = ("crown", "alpha-crown")
+METHODS = ("crown", "alpha-crown", "bab")
 INTERMEDIATE = ("backward", "forward")
 UPPER = ("deepfool", "fmn", "none")
 
@@ -65,6 +67,7 @@ class SubspaceCertifier(MarginEstimator):
         rtol: float = 0.01,
         alpha_steps: int = 20,
         alpha_lr: float = 0.5,
+        bab_domains: int = 16,
         batch_size: int = 32,
         dtype: torch.dtype = torch.float64,
     ):
@@ -74,14 +77,14 @@ class SubspaceCertifier(MarginEstimator):
             raise ValueError(f"intermediate must be one of {', '.join(INTERMEDIATE)}, got {intermediate!r}")
         if upper not in UPPER:
             raise ValueError(f"upper must be one of {', '.join(UPPER)}, got {upper!r}")
-        if steps < 1 or not rtol > 0 or alpha_steps < 0 or not alpha_lr > 0:
-            raise ValueError("steps must be >= 1, rtol > 0, alpha_steps >= 0 and alpha_lr > 0")
+        if steps < 1 or not rtol > 0 or alpha_steps < 0 or not alpha_lr > 0 or bab_domains < 1:
+            raise ValueError("steps and bab_domains must be >= 1, rtol > 0, alpha_steps >= 0 and alpha_lr > 0")
         if dtype not in (torch.float32, torch.float64):
             raise ValueError(f"dtype must be torch.float64 or torch.float32, got {dtype}")
         super().__init__(2, batch_size, dtype, "off")  # candidates: unused (the margin is bounded against every class)
         self.method, self.intermediate, self.upper = method, intermediate, upper
         self.search = SearchSettings(method, intermediate, int(steps), float(rtol), alpha_steps=int(alpha_steps),
-                                     alpha_lr=float(alpha_lr))  # fmt: skip
+                                     alpha_lr=float(alpha_lr), bab_domains=int(bab_domains))  # fmt: skip
         self.last_stats = SearchStats()
 
     def settings(self) -> dict[str, object]:
@@ -98,6 +101,8 @@ class SubspaceCertifier(MarginEstimator):
         }
         if self.method == "alpha-crown":
             out.update(alpha_steps=self.search.alpha_steps, alpha_lr=self.search.alpha_lr)
+        if self.method == "bab":
+            out.update(bab_domains=self.search.bab_domains)
         return out
 
     def prepare(self, model: nn.Module, device: torch.device | str | None = None) -> PreparedModel:
@@ -113,14 +118,17 @@ class SubspaceCertifier(MarginEstimator):
                 f"the model was prepared with the kernels {sorted(model.kernels)}; the certifier needs the plain "
                 "model: pass the model itself or certifier.prepare(model)"
             )
+        self.last_stats = SearchStats()
+        start = time.perf_counter()
         net = network_ops(model.module, tuple(x.shape[1:]), model.dtype, model.device)
         family = subspaces.to(model.device)
         attack = self._upper_bounds(model.module, x, subspaces, sample_index, subspace_index, task.return_perturbations)
+        self.last_stats.add("upper", start)
         labels = attack.labels
         cap = torch.where(attack.converged, attack.margins, torch.inf)
         margins = torch.zeros_like(cap)
         iterations = torch.zeros_like(sample_index)
-        plan, self.last_stats = Plan.of(net), SearchStats()
+        plan = Plan.of(net)
         order = torch.sort(subspace_index, stable=True).indices
         bar = progress_bar(order.numel(), task.progress, "certified (sample, subspace) rows")
         for chunk in order.split(rows_per_batch(net, plan, self.batch_size, x.element_size())):

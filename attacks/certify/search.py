@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from attacks.certify.bounds import Plan, Prefix, Propagation, ReluRelaxation, SpecBounds, rounding_tau
+from attacks.certify.branching import branch_and_bound
 from attacks.certify.graph import Network
 
 
@@ -42,15 +43,18 @@ class SearchSettings:
     first_fraction: float = 1.0 / 16.0
     alpha_steps: int = 20
     alpha_lr: float = 0.5
+    bab_domains: int = 16
     spec_chunk: int = 512
 
 
 @dataclass
 class SearchStats:
-    """Seconds per part of the last search (`intermediate` bounds, `final` bounds and closed form, `alpha` slope
-    optimisation) and the number of row evaluations."""
+    """Seconds (wall) per part of the last call (`upper`: the upper-bound attack; `intermediate` bounds, `final`
+    bounds and closed form, `alpha` slope optimisation, `bab` branch and bound) and the number of row evaluations."""
 
-    seconds: dict[str, float] = field(default_factory=lambda: {"intermediate": 0.0, "final": 0.0, "alpha": 0.0})
+    seconds: dict[str, float] = field(
+        default_factory=lambda: {"upper": 0.0, "intermediate": 0.0, "final": 0.0, "alpha": 0.0, "bab": 0.0}
+    )
     evaluations: int = 0
 
     def add(self, part: str, start: float) -> float:
@@ -115,12 +119,14 @@ class _Search:
     m0: torch.Tensor
     last: torch.Tensor
     before: torch.Tensor
+    below: torch.Tensor  # how many model roots in a row fell at or below the proved end
 
     @staticmethod
     def start(upper: torch.Tensor, clean_margin: torch.Tensor) -> _Search:
         nan = torch.full((2, upper.shape[0]), torch.nan, dtype=upper.dtype, device=upper.device)
+        below = torch.zeros_like(upper, dtype=torch.long)
         return _Search(torch.zeros_like(upper), clean_margin.clone(), upper.clone(),
-                       torch.full_like(upper, torch.nan), clean_margin.clone(), nan, nan.clone())  # fmt: skip
+                       torch.full_like(upper, torch.nan), clean_margin.clone(), nan, nan.clone(), below)  # fmt: skip
 
     def update(self, index: torch.Tensor, eps: torch.Tensor, bound: torch.Tensor, proved: torch.Tensor) -> None:
         """After evaluating `eps` [A] at rows `index`: `bound` the smallest lower bound of a margin on the ball."""
@@ -150,7 +156,14 @@ class _Search:
         finite = torch.isfinite(high)
         middle = torch.where(low > 0, torch.sqrt(low * torch.where(finite, high, 1.0)), high / 8.0)
         fallback = torch.where(finite, middle, torch.maximum(low, self.last[0, index]) * 2.0)
-        return torch.where(torch.isfinite(root), torch.minimum(torch.maximum(root, floor), ceiling), fallback)
+        # a root at or below the proved end again and again: the model misses (e.g. branch and bound proved more than
+        # the bound it reports suggests); the step above the proved end grows fourfold each time instead
+        below = torch.isfinite(root) & (root <= floor)
+        self.below[index] = torch.where(below, self.below[index] + 1, 0)
+        step = low * (1.0 + rtol / 2.0 * 4.0 ** (self.below[index] - 1).clamp(min=0))
+        floor = torch.where(below, torch.minimum(step, torch.where(finite, middle, step)), floor)
+        clamped = torch.minimum(torch.maximum(root, floor), ceiling)
+        return torch.where(torch.isfinite(root), clamped, fallback)
 
 
 def _power_law_root(
@@ -190,6 +203,20 @@ def evaluate(
         start = stats.add("alpha", start)
     stats.evaluations += int(eps.numel())
     tau = rounding_tau(eps.dtype)
+    if settings.method == "bab":
+        radius, phi, worst = bounds.radius(eps, tau), bounds.radius(torch.full_like(eps, torch.inf), tau), None
+        failed = (radius < eps).nonzero().squeeze(1)
+        worst = bounds.lower(eps, tau).amin(dim=1)
+        if failed.numel():
+            view = propagation.rows_view(failed)
+            view.owner = None
+            view.linear = {i: b.select(failed) for i, b in view.linear.items()}
+            branched = branch_and_bound(view, lam[failed], settings.bab_domains)
+            radius[failed], phi[failed], worst[failed] = (
+                torch.maximum(a, b) for a, b in zip(branched, (radius[failed], phi[failed], worst[failed]))
+            )
+        stats.add("bab", start)
+        return radius, phi, worst
     infinite = torch.full_like(eps, torch.inf)
     return bounds.radius(eps, tau), bounds.radius(infinite, tau), bounds.lower(eps, tau).amin(dim=1)
 
