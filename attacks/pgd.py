@@ -23,11 +23,13 @@ from torch import nn
 
 from attacks.common import EvalMode as _EvalMode
 from attacks.dykstra import BoxProjection, Projection, project_box, project_flipped_box
-from attacks.kernels.convolutions import native_stem_gradients
+from attacks.kernels.convolutions import NativeStemGradients
 from frequency.transforms import flip
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """`loss(logits [B, K], y [B]) -> per-sample losses [B]` to be maximised."""
+Forward = Callable[[torch.Tensor], torch.Tensor]
+"""The model's forward pass, `x [B, C, H, W] -> logits [B, K]`."""
 
 _BOX_TOLERANCE = 1e-4  # clean inputs may sit this far outside the box (float error of the flip round trip)
 
@@ -57,14 +59,16 @@ class L2PGD:
         generator: default `torch.Generator` for the random start (same device as the inputs).
         native_stem_grad: on CPU, input gradients of image-stem convolutions (at most 4 input channels) come from
             PyTorch's native kernel instead of oneDNN's, 4x faster there (`attacks.kernels.convolutions`; LeNet's
-            PGD step takes half the time). Values equal up to float rounding.
+            PGD step takes half the time). Values equal up to float rounding. A torch function mode on during the
+            model's forward passes (`NativeStemGradients`): the model itself is not changed.
 
     Call: `attack(model, x, y, generator=None) -> x_adv` with `x: [B, C, H, W]` in the model's input space (pixels
     in [0, 1], or their flip when `flipped=True`; normalisation is inside the model) and `y: [B]` int64 labels.
     Returns `x_adv` detached, same shape/dtype/device as `x`, with `||x_adv - x||_2 <= eps` per sample and, for
     the box modes, `x_adv` valid. The model runs in eval mode and every submodule's own training flag is restored
-    afterwards; gradients are taken w.r.t. the input only (parameter `.grad` is never written). Works when called
-    under `torch.inference_mode()` or `torch.no_grad()`.
+    afterwards; nothing else about it changes (no patched method, no hook, the same state); gradients are taken
+    w.r.t. the input only (parameter `.grad` is never written). Works when called under `torch.inference_mode()`
+    or `torch.no_grad()`.
     """
 
     def __init__(
@@ -111,16 +115,14 @@ class L2PGD:
         if y.shape != (x.shape[0],):
             raise ValueError(f"y must hold one label per sample, shape ({x.shape[0]},), got {tuple(y.shape)}")
         generator = generator if generator is not None else self.generator
-        stem_grad = self.native_stem_grad and x.device.type == "cpu"
-        with (
-            torch.inference_mode(False),
-            torch.enable_grad(),
-            _EvalMode(model),
-            native_stem_gradients(model, stem_grad),
-        ):
+        forward: Forward = model
+        stems = NativeStemGradients(model) if self.native_stem_grad and x.device.type == "cpu" else None
+        if stems is not None and stems.weights:
+            forward = _ForwardIn(model, stems)
+        with torch.inference_mode(False), torch.enable_grad(), _EvalMode(model):
             x, y = x.detach().clone(), y.detach().clone()
             self._check_clean_input(x)
-            return self._run(model, x, y, generator)
+            return self._run(forward, x, y, generator)
 
     def _check_clean_input(self, x: torch.Tensor) -> None:
         if not torch.isfinite(x).all():
@@ -145,9 +147,7 @@ class L2PGD:
                 "constraint) or a custom `box` projection for other data."
             )
 
-    def _run(
-        self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None
-    ) -> torch.Tensor:
+    def _run(self, model: Forward, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         x_adv = self._start(x, generator)
         best_x, best_loss = None, None
         for _ in range(self.steps):
@@ -174,7 +174,7 @@ class L2PGD:
             return self.projection(start, x, self.eps).detach()
 
     def _losses(
-        self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, keep_logits: bool = False
+        self, model: Forward, x_adv: torch.Tensor, y: torch.Tensor, keep_logits: bool = False
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """Per-sample losses `[B]`; with `keep_logits`, `(logits, losses)`. Half-precision logits (autocast) are cast
         to float32 first, so that the loss and its gradient at the logits are float32 too."""
@@ -198,6 +198,17 @@ class L2PGD:
             f"L2PGD(eps={self.eps}, steps={self.steps}, step_size={self.step_size}, random_start={self.random_start}, "
             f"projection={self.projection!r}, use_best={self.use_best})"
         )
+
+
+class _ForwardIn:
+    """`model(x)` with a context (a torch function mode) on during the forward pass only."""
+
+    def __init__(self, model: nn.Module, context: contextlib.AbstractContextManager):
+        self.model, self.context = model, context
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        with self.context:
+            return self.model(x)
 
 
 def _full_precision(device: torch.device) -> contextlib.AbstractContextManager:

@@ -11,7 +11,13 @@ from torch import nn
 
 from attacks.deepfool import SubspaceDeepFool
 from attacks.kernels import KERNELS
-from attacks.kernels.convolutions import STEM_CHANNELS, is_plain_conv, patch_convolutions, unrolled_matrix
+from attacks.kernels.convolutions import (
+    STEM_CHANNELS,
+    NativeStemGradients,
+    is_plain_conv,
+    patch_convolutions,
+    unrolled_matrix,
+)
 from attacks.reference import dct_block_basis, reference_deepfool
 from frequency import DCTBlockSubspaces
 
@@ -177,3 +183,33 @@ def test_convolutions_that_are_not_plain_are_left_alone():
     assert not is_plain_conv(nn.Conv2d(1, 4, 3, padding="same"))
     assert not is_plain_conv(nn.Conv1d(1, 4, 3))
     assert is_plain_conv(nn.Conv2d(1, 4, 3, padding=1))
+
+
+def _model_state(model: nn.Module) -> tuple:
+    """What a live model exposes: per-module own attributes that shadow methods, hooks, and the state dict."""
+    shadows = [sorted(k for k in vars(m) if k == "forward") for m in model.modules()]
+    hooks = [len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()]
+    return shadows, hooks, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_native_stem_gradients_reroute_the_stems_convolutions_without_changing_the_model():
+    model, x = small_map_net(), torch.rand(6, 1, 8, 8, **CPU64)
+    seed = torch.randn(6, 10, **CPU64)
+    before = _model_state(model)
+    plain = output_and_input_gradient(model, x, seed)
+    mode = NativeStemGradients(model)
+    with mode:
+        assert backward_name(model[0], x) == "_StemConvBackward"  # the 1-channel stem: native input gradient
+        other = nn.Conv2d(1, 4, 3, padding=1).to(**CPU64)
+        assert backward_name(other, x) == "ConvolutionBackward0"  # another model's stem: as it is
+        assert backward_name(model[0], x[0]) == "SqueezeBackward1"  # unbatched [C, H, W]: the layer's own path
+        during = _model_state(model)
+    assert backward_name(model[0], x) == "ConvolutionBackward0"  # off again after the block
+    with mode:  # the same mode again: the outputs and input gradients of the model as written
+        point = x.clone().requires_grad_(True)
+        out = model(point)
+    (grad,) = torch.autograd.grad(out, point, seed)
+    torch.testing.assert_close(out.detach(), plain[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad, plain[1], rtol=1e-12, atol=1e-12)
+    for state in (during, _model_state(model)):
+        assert state[:2] == before[:2] and all(torch.equal(state[2][k], v) for k, v in before[2].items())

@@ -195,6 +195,39 @@ def test_model_flags_buffers_and_grads_untouched(data_and_model):
     assert all(p.grad is None for p in model.parameters())
 
 
+def _exposed(model: nn.Module) -> tuple[list, list, dict]:
+    """What code holding the model sees of it: own attributes shadowing `forward`, hooks, the state dict."""
+    shadows = ["forward" in vars(m) for m in model.modules()]
+    hooks = [len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules()]
+    return shadows, hooks, {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_the_callers_model_is_the_same_during_and_after_the_attack(data_and_model):
+    """The native stem gradient (a 1-channel stem on the CPU) reaches the live model without patching it: during
+    the attack (seen from the loss, which runs between forward and backward passes) and after it."""
+    x, y, model = data_and_model
+    before, seen = _exposed(model), []
+
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        seen.append(_exposed(model))
+        return F.cross_entropy(logits, labels, reduction="none")
+
+    L2PGD(1.0, steps=3, loss=loss)(model, x, y)
+    assert len(seen) == 3
+    for state in (*seen, _exposed(model)):
+        assert state[:2] == before[:2] and not any(state[0])
+        assert state[2].keys() == before[2].keys() and all(torch.equal(state[2][k], v) for k, v in before[2].items())
+    assert type(model[0]).forward is nn.Conv2d.forward
+
+
+def test_native_stem_gradients_change_nothing_but_rounding(data_and_model):
+    x, y, net = data_and_model
+    model, x = copy.deepcopy(net).double(), x.double()
+    native = L2PGD(1.0, steps=4, native_stem_grad=True)(model, x, y, generator=torch.Generator().manual_seed(4))
+    plain = L2PGD(1.0, steps=4, native_stem_grad=False)(model, x, y, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(native, plain, rtol=1e-10, atol=1e-12)
+
+
 def test_eval_mode_makes_the_attack_deterministic_despite_dropout(data_and_model):
     """With the model in train mode, dropout would randomise gradients; the attack runs in eval mode."""
     x, y, net = data_and_model

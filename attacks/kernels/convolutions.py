@@ -13,6 +13,11 @@ waste most of that time on a CPU (measured with `benchmarks/bench_deepfool.py`, 
 
 `patch_convolutions(model, native_stem_grad, unroll_small)` replaces the `forward` of the plain `nn.Conv2d`
 layers of a working copy of the model (never the caller's). Patched layers give their weights no gradient.
+`NativeStemGradients(model)` gives a live model's stems the native input gradient without changing the model: a
+torch function mode that reroutes their convolutions while it is on (L2 PGD during training).
+
+The native kernel is picked by switching oneDNN off (`torch.backends.mkldnn.enabled`, a process-wide switch: no
+thread-local one exists) around the one backward-data call, and back on in `finally`.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import functools
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 STEM_CHANNELS = 4  # convolutions reading at most this many channels count as the image stem
 
@@ -40,23 +47,39 @@ def patch_convolutions(model: nn.Module, native_stem_grad: bool, unroll_small: b
     return patched
 
 
-@contextlib.contextmanager
-def native_stem_gradients(model: nn.Module, enabled: bool = True) -> Iterator[None]:
-    """Inside the block, `model`'s image-stem convolutions (plain `nn.Conv2d` reading at most `STEM_CHANNELS`
-    channels) take their input gradient from PyTorch's native kernel; their own `forward` comes back on exit. For
-    attacks on a live model (L2 PGD during training), which cannot work on a prepared copy; no weight gradients
-    flow through the patched layers inside the block."""
-    patched = []
-    if enabled:
-        for module in model.modules():
-            if is_plain_conv(module) and module.in_channels <= STEM_CHANNELS and "forward" not in vars(module):
-                module.forward = functools.partial(_forward, module, True, False, {})
-                patched.append(module)
-    try:
-        yield
-    finally:
-        for module in patched:
-            del module.forward
+class NativeStemGradients(TorchFunctionMode):
+    """While on (`with NativeStemGradients(model):`, this thread only), the image-stem convolutions of `model` (plain
+    `nn.Conv2d` reading at most `STEM_CHANNELS` channels, on CPU batches) take their input gradient from PyTorch's
+    native kernel and give their weights no gradient; everything else runs as it is. For attacks on a live model
+    (L2 PGD during training), which cannot work on a prepared copy: the model itself is never changed. Turn it on
+    around forward passes only: it sees every torch call made while it is on. `weights`: the ids of the stems'
+    weights (empty: nothing to reroute)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        stems = (m for m in model.modules() if is_plain_conv(m) and m.in_channels <= STEM_CHANNELS)
+        self.weights = {id(conv.weight) for conv in stems}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.conv2d and self.weights:
+            call = _conv_call(args, kwargs)
+            x, weight, padding = call[0], call[1], call[4]
+            if id(weight) in self.weights and x.dim() == 4 and x.device.type == "cpu" and not isinstance(padding, str):
+                return _StemConv.apply(*call)
+        return func(*args, **kwargs)
+
+
+_CONV_ARGUMENTS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_DEFAULTS = (None, None, None, 1, 0, 1, 1)
+
+
+def _conv_call(args: tuple, kwargs: dict) -> tuple:
+    """`F.conv2d`'s arguments in order, defaults filled in."""
+    values = dict(zip(_CONV_ARGUMENTS, _CONV_DEFAULTS, strict=True))
+    values.update(zip(_CONV_ARGUMENTS, args))
+    values.update(kwargs)
+    return tuple(values[name] for name in _CONV_ARGUMENTS)
 
 
 def is_plain_conv(module: nn.Module) -> bool:
@@ -70,13 +93,14 @@ def is_plain_conv(module: nn.Module) -> bool:
 
 
 def _forward(conv: nn.Conv2d, stem_grad: bool, unroll_small: bool, matrices: dict, x: torch.Tensor) -> torch.Tensor:
-    if x.dim() != 4:  # unbatched input: the layer's own path
-        return conv._conv_forward(x, conv.weight, conv.bias)
+    call = (x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+    if x.dim() != 4:  # unbatched input: the layer's own path (a plain convolution: zero padding)
+        return F.conv2d(*call)
     if unroll_small and _is_small(conv, x):
         return _unrolled(conv, x, matrices)
     if stem_grad and conv.in_channels <= STEM_CHANNELS and x.device.type == "cpu":
-        return _StemConv.apply(x, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation, conv.groups)
-    return conv._conv_forward(x, conv.weight, conv.bias)
+        return _StemConv.apply(*call)
+    return F.conv2d(*call)
 
 
 def _is_small(conv: nn.Conv2d, x: torch.Tensor) -> bool:
@@ -150,10 +174,11 @@ class _StemConv(torch.autograd.Function):
 
 @contextlib.contextmanager
 def _onednn_off() -> Iterator[None]:
-    """oneDNN off for CPU convolutions inside the block (`torch.backends.mkldnn.flags` also resets TF32 settings)."""
-    enabled = torch._C._get_mkldnn_enabled()
-    torch._C._set_mkldnn_enabled(False)
+    """oneDNN off for CPU convolutions inside the block, restored after (module docstring). Only this switch:
+    `torch.backends.mkldnn.flags()` would also set oneDNN's TF32 and determinism flags, with a warning."""
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
     try:
         yield
     finally:
-        torch._C._set_mkldnn_enabled(enabled)
+        torch.backends.mkldnn.enabled = enabled

@@ -102,7 +102,7 @@ class _ChannelsLastMaxPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, kernel, stride, padding):
         x_last = x.contiguous(memory_format=torch.channels_last)
-        pooled, indices = torch.ops.aten.max_pool2d_with_indices(x_last, kernel, stride, padding, [1, 1], False)
+        pooled, indices = F.max_pool2d(x_last, kernel, stride, padding, return_indices=True)
         ctx.save_for_backward(x, indices.contiguous())
         ctx.pool = (kernel, stride, padding)
         return pooled.contiguous()
@@ -125,7 +125,7 @@ class _PoolThenRelu(torch.autograd.Function):
     def forward(ctx, h, kernel, stride, padding, fast):
         wide = fast and h.shape[1] >= CHANNELS_LAST_POOL
         source = h.contiguous(memory_format=torch.channels_last) if wide else h
-        pooled, indices = torch.ops.aten.max_pool2d_with_indices(source, kernel, stride, padding, [1, 1], False)
+        pooled, indices = F.max_pool2d(source, kernel, stride, padding, return_indices=True)
         out = torch.relu(pooled.contiguous())
         ctx.save_for_backward(h, indices.contiguous(), out)
         ctx.pool = (kernel, stride, padding)
