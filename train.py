@@ -8,7 +8,13 @@ The model's `num_classes` and `image_shape` are linked from the datamodule, so a
 network; checkpoints keep both the model's and the datamodule's hyperparameters (dataset, transform).
 """
 
+# ruff: noqa: E402 - the stop signals are handled before the imports below, which take seconds
 from __future__ import annotations
+
+from common.stop import CommandExit, env_rank, stop_while_loading
+
+if __name__ == "__main__":  # a signal while the modules load: its exit status and line, not a bare kill
+    stop_while_loading()
 
 import difflib
 import importlib
@@ -29,6 +35,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from callbacks import MarginCallback
 from callbacks.margin import terminal_print
 from common.errors import InputError
+from common.process import GRACE, TrainingControl
 from datamodules import FrequencyDataModule
 from lightning_modules import ClassifierModule
 from models.checkpoint import CheckpointReadError, UntrustedCheckpointError, read_checkpoint
@@ -131,6 +138,13 @@ def reserve_version(folder: Path) -> int:
 
 
 class HoldMeTightCLI(LightningCLI):
+    """LightningCLI with the project's defaults, one-line usage errors and, from `cli()`, the process control of
+    the run (`control`: `common.process.TrainingControl`, which adopts the trainer)."""
+
+    def __init__(self, *args: Any, control: TrainingControl | None = None, **kwargs: Any):
+        self.control = control
+        super().__init__(*args, **kwargs)
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(MarginCallback, "margin")  # `margin:` section, `--margin.num_samples 20`
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
@@ -200,6 +214,12 @@ class HoldMeTightCLI(LightningCLI):
         if "_class_path" in hparams:
             hparams = {"class_path": hparams.pop("_class_path"), "dict_kwargs": hparams}
         self.config = self.parser.parse_object({self.config.subcommand: {"model": hparams}}, self.config)
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        trainer = super().instantiate_trainer(**kwargs)
+        if self.control is not None:
+            self.control.adopt(trainer)
+        return trainer
 
     def instantiate_classes(self) -> None:
         """LightningCLI's instantiation; a constructor's refusal of a value (ValueError, TypeError, Lightning's
@@ -285,8 +305,9 @@ def class_arguments(class_path: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def main(args: list[str] | None = None, run: bool = True) -> HoldMeTightCLI:
-    """Parse `args` (default: sys.argv) and run the subcommand; `run=False` only instantiates (no subcommand)."""
+def main(args: list[str] | None = None, run: bool = True, control: TrainingControl | None = None) -> HoldMeTightCLI:
+    """Parse `args` (default: sys.argv) and run the subcommand; `run=False` only instantiates (no subcommand).
+    `control`: the command's process control (`cli`)."""
     return HoldMeTightCLI(
         ClassifierModule,
         FrequencyDataModule,
@@ -298,21 +319,30 @@ def main(args: list[str] | None = None, run: bool = True) -> HoldMeTightCLI:
         trainer_defaults={"callbacks": [RunFolder(), RunSummary()]},
         args=args,
         run=run,
+        control=control,
     )
 
 
 def cli(argv: list[str] | None = None) -> int:
-    """`python train.py ...` (`argv`: default sys.argv): this project's input errors (e.g. a resume contradicting the
-    checkpoint's schedule) become one line `error: ...` with exit status 2; anything else keeps its traceback."""
-    try:
-        main(argv)
-    except InputError as err:
-        RunFolder.remove_if_unused()
-        print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
-        return 2
-    except BaseException:
-        RunFolder.remove_if_unused()
-        raise
+    """`python train.py ...` (`argv`: default sys.argv), its process control around it (`TrainingControl`): an input
+    error is one line `error: ...` (exit 2); a stop one line `stopped: ...` naming the rank, the cause and the command
+    that resumes (exit 143 SIGTERM, 130 SIGINT, 138 SIGUSR1, 3 a lost process, 1 or 2 another rank failed); exit 0
+    only when the subcommand finished; anything else is a bug: its traceback (exit 1)."""
+    arguments = sys.argv[1:] if argv is None else argv
+    with CommandExit(grace=GRACE) as command, TrainingControl(arguments) as control:
+        try:
+            main(argv, control=control)
+        except InputError as err:
+            RunFolder.remove_if_unused()
+            if env_rank() == 0:
+                print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
+            return 2
+        except BaseException as err:
+            RunFolder.remove_if_unused()
+            stop = control.outcome(err)
+            if stop is None:
+                raise
+            return command.stopped(stop)
     return 0
 
 

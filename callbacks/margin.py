@@ -29,11 +29,12 @@ from callbacks.tensorboard import (
 from callbacks.tensorboard import describe_module as _describe
 from callbacks.tensorboard import tensorboard_logger as _tensorboard_logger
 from common.errors import InputError
+from common.stop import RunStopped, stop_handled
 from frequency import DCTBlockSubspaces
 from margins import select_indices, write_report
 from margins.chunks import ChunkStore
 from margins.evaluate import make_job, state_sha256
-from margins.guard import Watchdog, remove_markers
+from margins.guard import EXIT_BAD_INPUT, EXIT_BUG, Watchdog, remove_markers
 from margins.results import MarginReport
 from margins.sharding import chunk_ranges, shard_range
 from margins.work import (
@@ -46,6 +47,8 @@ from margins.work import (
     record_device,
     wait_for_chunks,
 )
+
+ON_ERROR = ("raise", "skip")  # what a failed measurement does in a fit (`on_error`)
 
 
 class MarginCallback(L.Callback):
@@ -69,6 +72,10 @@ class MarginCallback(L.Callback):
         log_figure: log the paper's plot `margin/distribution` and the history image `margin/evolution`.
         progress: a progress bar on rank 0 while measuring (the summary after each measurement is always printed).
         enabled: False turns the callback off (`--margin.enabled false`).
+        on_error: a measurement that fails on any rank stops on every rank (the chunk folder's stop file), then
+            "raise": raises through Lightning, which ends the run as for any exception (the last checkpoint stays,
+            `--ckpt_path` resumes); "skip": one warning line, no result for this measurement, training goes on.
+            A stop of the run (a signal, a lost process) always raises.
 
     The measurement runs the chunk work of `evaluate_margin.py` (`margins.work.ChunkWork`): the rows are cut into
     chunks of `chunk_rows` sample-major rows, each rank attacks its contiguous share of the pending chunks (each
@@ -99,6 +106,7 @@ class MarginCallback(L.Callback):
         log_figure: bool = True,
         progress: bool = True,
         enabled: bool = True,
+        on_error: str = "raise",
     ):
         for name, value in (("num_samples", num_samples), ("every_n_epochs", every_n_epochs),
                             ("band_width", band_width), ("threads", threads)):  # fmt: skip
@@ -111,6 +119,11 @@ class MarginCallback(L.Callback):
                                      estimator=estimator, fmn_steps=fmn_steps)  # fmt: skip
         self.attack.check()
         self.threads, self.log_figure, self.progress, self.enabled = threads, log_figure, progress, enabled
+        if on_error not in ON_ERROR:
+            raise InputError(
+                f"margin.on_error must be one of {', '.join(ON_ERROR)}, got {on_error!r} (--margin.on_error)"
+            )
+        self.on_error = on_error
         self.history: dict[int, list[float]] = {}  # epoch -> median margin per subspace
         self._reset_fit_state()
 
@@ -175,7 +188,33 @@ class MarginCallback(L.Callback):
     ) -> Path | None:
         """Measure on every rank (each its share of the chunks), merge, write and log on rank 0 at `step` (default:
         the current Lightning log step); `epoch` given: record the medians in the history. Must be called on every
-        rank. Returns the output dir on rank 0."""
+        rank. Returns the output dir on rank 0. A failure raises, or with `on_error: skip` is one warning line
+        (rank 0) and returns None; a stop of the run (`RunStopped`: a signal, a lost process) raises."""
+        try:
+            return self._measure(trainer, pl_module, run_name, step, epoch, folder_epoch)
+        except RunStopped as stop:
+            if self.on_error != "skip" or stop.code not in (EXIT_BUG, EXIT_BAD_INPUT):
+                raise
+            stop_handled(stop)  # another rank's failure: this process goes on
+            reason = stop.message
+        except Exception as err:
+            if self.on_error != "skip":
+                raise
+            reason = failure(err, trainer.global_rank)
+        if trainer.is_global_zero:
+            print(f"warning: margins {run_label(run_name)} skipped ({reason}); training goes on (margin.on_error: "
+                  "skip)", file=sys.stderr, flush=True)  # fmt: skip
+        return None
+
+    def _measure(
+        self,
+        trainer: L.Trainer,
+        pl_module: L.LightningModule,
+        run_name: str,
+        step: int | None,
+        epoch: int | None,
+        folder_epoch: int | None,
+    ) -> Path | None:
         start = time.perf_counter()
         step = log_step(trainer) if step is None else step
         out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "margins" / run_name  # a broadcast: all ranks
@@ -188,19 +227,25 @@ class MarginCallback(L.Callback):
         work = ChunkWork(job, self.attack, run, store, chunks)
         rank = trainer.global_rank
         with torch.inference_mode(False), work.process(device), Watchdog(store.root, rank, trainer.world_size) as dog:
-            pending = trainer.strategy.broadcast(self._pending(work) if trainer.is_global_zero else None, src=0)
-            mine = [pending[i] for i in shard_range(len(pending), rank, trainer.world_size)]
-            if trainer.is_global_zero:
-                work.start_progress(pending, f"margins {run_label(run_name)}: (sample, subspace) rows")
             try:
-                for batch in work.loader(mine, device):
-                    work.commit(work.attack(batch, device), rank)
-            finally:
-                work.close_progress()
-            dog.done()
-            if not trainer.is_global_zero:
-                return None  # no collective: this rank goes on training, rank 0 merges what every rank committed
-            wait_for_chunks(store, chunks, work.fingerprint)
+                pending = trainer.strategy.broadcast(self._pending(work) if trainer.is_global_zero else None, src=0)
+                mine = [pending[i] for i in shard_range(len(pending), rank, trainer.world_size)]
+                if trainer.is_global_zero:
+                    work.start_progress(pending, f"margins {run_label(run_name)}: (sample, subspace) rows")
+                try:
+                    for batch in work.loader(mine, device):
+                        work.commit(work.attack(batch, device), rank)
+                finally:
+                    work.close_progress()
+                dog.done()
+                if not trainer.is_global_zero:
+                    return None  # no collective: this rank goes on training, rank 0 merges what every rank committed
+                wait_for_chunks(store, chunks, work.fingerprint)
+            except RunStopped:
+                raise  # the stop file is written: by this rank's signal handling, its watchdog, or another rank
+            except Exception as err:  # every rank stops this measurement (their watchdogs read the stop file)
+                dog.write_stop(EXIT_BAD_INPUT if isinstance(err, InputError) else EXIT_BUG, failure(err, rank))
+                raise
         remove_markers(store.root)
         report = merge_chunks(job, store, chunks)
         if epoch is not None:
@@ -264,6 +309,11 @@ class MarginCallback(L.Callback):
         history = self.history if self.log_figure else None
         log_measurement(logger, trainer, pl_module, report, title, run, run_label(run), step, state=self._board,
                         band_width=self.band_width, num_samples=self.num_samples, history=history)  # fmt: skip
+
+
+def failure(err: BaseException, rank: int) -> str:
+    """ "rank R failed: <type>: <message>" on one line."""
+    return f"rank {rank} failed: {type(err).__name__}: {' '.join(str(err).split())[:300]}"
 
 
 def run_label(run_name: str) -> str:

@@ -18,7 +18,10 @@ Exit statuses of the signals: 128 + the signal's number, as shells report a proc
 `RunStopped` in the main thread, after the innermost work's reaction (`reaction(signum) -> RunStopped`: a
 multi-process run writes its stop file there, so that every process stops). A thread that finds that the run must
 stop calls `request_stop`: the reason is recorded and the main thread interrupted (SIGINT to itself), whose handler
-raises it. The first stop of a process wins; further signals are ignored while it ends.
+raises it. The first stop of a process wins; further signals are ignored while it ends. Work whose processes
+must stop together (a multi-process training run) defers them (`stop_signals(defer=True)`): a stop is recorded (the
+reaction keeps it for the work), not raised, and the work raises it where all its processes meet; a nested block
+that does not defer (a margin measurement inside the run) raises a pending stop as it starts and any stop as usual.
 """
 
 from __future__ import annotations
@@ -84,6 +87,7 @@ class _Handling:
         self.ignore_sigint = False
         self.command: CommandExit | None = None
         self.pid = os.getpid()
+        self.deferring: list[bool] = []  # per nested block: whether its stops wait for the work (`defer`)
 
 
 _HANDLING = _Handling()
@@ -102,8 +106,25 @@ def _handler(signum: int, frame: Any) -> None:
             return  # started with Ctrl-C ignored (a background job of a shell script): it stays ignored
         reaction = state.reactions[-1] if state.reactions else signal_stop
         _record(reaction(signum))
+    if _deferred():
+        return  # recorded: the work raises it where its processes meet (its reaction kept it)
     state.raised = True
     raise state.stop
+
+
+def _deferred() -> bool:
+    """Whether the innermost block defers its stops."""
+    return bool(_HANDLING.deferring) and _HANDLING.deferring[-1]
+
+
+def stop_handled(stop: RunStopped) -> None:
+    """The work caught `stop` and goes on (a training run's margin measurement that another rank's failure stopped,
+    skipped by its settings): it no longer stops this process, and the command's last resort is disarmed."""
+    state = _HANDLING
+    if state.stop is stop:
+        state.stop, state.raised = None, False
+        if state.command is not None:
+            state.command._disarm()
 
 
 def _record(stop: RunStopped) -> bool:
@@ -122,7 +143,8 @@ def request_stop(stop: RunStopped) -> None:
     handled here, the main thread raises it as soon as it runs Python (a SIGINT to itself interrupts a sleep);
     elsewhere the main thread is left alone (its collectives time out)."""
     first = _record(stop)
-    if first and _HANDLING.depth and threading.current_thread() is not threading.main_thread():
+    main = threading.current_thread() is threading.main_thread()
+    if first and _HANDLING.depth and not _deferred() and not main:
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
 
@@ -133,11 +155,12 @@ def install_stop_handlers() -> None:
 
 
 @contextlib.contextmanager
-def stop_signals(reaction: Reaction | None = None) -> Iterator[None]:
+def stop_signals(reaction: Reaction | None = None, defer: bool = False) -> Iterator[None]:
     """Inside: SIGTERM, SIGUSR1 and SIGINT raise `RunStopped` in the main thread, the stop `reaction(signum)` returns
-    (default `signal_stop`). Nests: the innermost reaction acts; the outermost block restores the handlers it found
-    and starts afresh (a Python session may run several commands). Only the main thread can handle signals:
-    elsewhere nothing changes."""
+    (default `signal_stop`); with `defer` they are recorded only, for the work to raise. Nests: the
+    innermost reaction acts, a block that does not defer inside one that does raises a pending stop at once; the
+    outermost block restores the handlers it found and starts afresh (a Python session may run several commands).
+    Only the main thread can handle signals: elsewhere nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -147,7 +170,11 @@ def stop_signals(reaction: Reaction | None = None) -> Iterator[None]:
         state.ignore_sigint = state.previous[signal.SIGINT] == signal.SIG_IGN
         state.stop, state.raised, state.pid = None, False, os.getpid()
     install_stop_handlers()
+    if state.stop is not None and not defer and not state.raised and _deferred():
+        state.raised = True
+        raise state.stop  # deferred so far: this block cannot wait for it
     state.depth += 1
+    state.deferring.append(defer)
     if reaction is not None:
         state.reactions.append(reaction)
     try:
@@ -155,6 +182,7 @@ def stop_signals(reaction: Reaction | None = None) -> Iterator[None]:
     finally:
         if reaction is not None:
             state.reactions.remove(reaction)
+        state.deferring.pop()
         state.depth -= 1
         if state.depth == 0:
             for sig, previous in state.previous.items():
@@ -195,6 +223,11 @@ class CommandExit:
             self._timer = threading.Timer(self.grace, self._last_resort, args=(stop,))
             self._timer.daemon = True
             self._timer.start()
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
     def _last_resort(self, stop: RunStopped) -> None:
         # main() has not ended the process `grace` seconds after the stop: its main thread is stuck where Python

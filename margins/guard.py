@@ -190,16 +190,18 @@ class Watchdog:
 
     def _stop_record(self) -> tuple[int, str] | None:
         """The stop file's (code, message) when another rank wrote it during this run."""
-        path = self.folder / STOP_FILE
+        path, mtime = self.folder / STOP_FILE, 0.0
         try:
             mtime = path.stat().st_mtime
-            record = json.loads(path.read_text() or "{}")
+            record = json.loads(path.read_text() or "null")
         except FileNotFoundError:
             return None
-        except (OSError, json.JSONDecodeError):  # a full disk left it empty: trust it if written since we started
-            record = {} if mtime >= self.start else {"run": None}
-        if record.get("run", self.run) != self.run:
-            return None  # left by an earlier run
+        except (OSError, json.JSONDecodeError):
+            record = None
+        if record is None:  # a full disk left it empty: it counts when written since this process started
+            record = {"run": self.run if mtime >= self.start else None}
+        if not isinstance(record, dict) or record.get("run") != self.run:
+            return None  # another run's, or no run's: only a stop file with this run's id counts
         if record.get("rank") == self.rank:
             return None  # written by this process, which ends itself
         code = int(record.get("code", EXIT_BAD_INPUT))
