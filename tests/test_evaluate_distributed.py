@@ -168,7 +168,7 @@ def test_few_samples_on_two_processes(setup, samples, chunk):
     _check_against_reference(setup, out, chunk)
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGUSR1])
 def test_killed_run_resumes_to_the_uninterrupted_result(setup, sig, tmp_path):
     """Kill the process once it committed a chunk (it then waits for the test: tests.test_no_hang's gate); the
@@ -181,7 +181,7 @@ def test_killed_run_resumes_to_the_uninterrupted_result(setup, sig, tmp_path):
     chunks = setup.root / f"killed_{sig.name}" / "chunks"
     _wait_for_gate(gate, proc, 1)
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=300)
     assert not (chunks.parent / "summary.json").exists()
     assert proc.returncode == {signal.SIGKILL: -9, signal.SIGTERM: 143, signal.SIGUSR1: 138}[sig]
     if sig != signal.SIGKILL:

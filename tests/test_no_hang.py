@@ -49,8 +49,8 @@ def setup(tmp_path_factory) -> SimpleNamespace:
     return SimpleNamespace(root=root, data=root / "data", ckpt=root / "lenet.t7")
 
 
-def _argv(s: SimpleNamespace, out: Path, samples: int = 64, chunk: int = 16) -> list[str]:
-    """64 samples x 21 subspaces in chunks of 16: 84 chunks, several seconds on 2 processes."""
+def _argv(s: SimpleNamespace, out: Path, samples: int = 16, chunk: int = 16) -> list[str]:
+    """16 samples x 21 subspaces in chunks of 16: 21 chunks (a signal lands mid-run by the gate, not by the size)."""
     return [
         "--model", "lenet", "--dataset", "mnist", "--checkpoint", str(s.ckpt), "--data-dir", str(s.data),
         "--num-samples", str(samples), "--chunk-rows", str(chunk), "--accelerator", "cpu", "--no-progress",
@@ -106,10 +106,10 @@ def _start_gated(
 
 
 def _wait_for_gate(gate: Path, proc: subprocess.Popen, devices: int) -> None:
-    deadline = time.time() + 180
+    deadline = time.time() + 600
     while not all((gate / f"rank{r}").exists() for r in range(devices)):
-        assert proc.poll() is None, f"the run ended before its ranks committed a chunk: {proc.communicate()}"
-        assert time.time() < deadline, "no chunk committed within 180 s"
+        assert proc.poll() is None, f"the run ended before its ranks reached the gate: {proc.communicate()}"
+        assert time.time() < deadline, "the ranks did not reach the gate within 600 s"
         time.sleep(0.05)
 
 
@@ -125,7 +125,7 @@ def _wait_until_handled(proc: subprocess.Popen, sig: signal.Signals, pid: int | 
     start, pid = time.time(), pid or proc.pid
     while not _handles(pid, sig):
         assert proc.poll() is None, proc.communicate()
-        assert time.time() - start < 120, f"{sig.name} not handled within 120 s"
+        assert time.time() - start < 300, f"{sig.name} not handled within 300 s"
         time.sleep(0.005)
     return time.time() - start
 
@@ -142,12 +142,12 @@ def _lines(err: str) -> list[str]:
 
 def _run(argv: list[str], devices: int = 1) -> subprocess.CompletedProcess:
     cmd = [sys.executable, str(REPO / "evaluate_margin.py"), *argv, "--devices", str(devices)]
-    return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
 
 
 def _child(proc: subprocess.Popen) -> int:
     """The pid of the second rank (Lightning starts it as a child of the main process)."""
-    deadline = time.time() + 60
+    deadline = time.time() + 600
     while time.time() < deadline:
         found = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
         if found:
@@ -175,7 +175,7 @@ def _same_results(a: Path, b: Path) -> None:
 
 
 # ---- 1. no hang: a signal or a kill on one rank ends every process, with a line naming the rank and the cause -----
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize(
     "target, sig, code",
     [("child", signal.SIGTERM, EXIT_SIGTERM), ("main", signal.SIGTERM, EXIT_SIGTERM),
@@ -187,9 +187,9 @@ def test_a_signal_to_one_rank_ends_every_process_and_a_rerun_resumes(setup, refe
     _wait_for_gate(gate, proc, 2)  # both ranks mid-run
     start = time.time()
     os.kill(_child(proc) if target == "child" else proc.pid, sig)
-    _, err = proc.communicate(timeout=120)  # before the fix: both ranks blocked in a futex, for ever
+    _, err = proc.communicate(timeout=300)  # before the fix: both ranks blocked in a futex, for ever
     seconds = time.time() - start
-    assert proc.returncode == code and seconds < 30, (seconds, err)
+    assert proc.returncode == code and seconds < 60, (seconds, err)
     rank = 1 if target == "child" else 0
     cause = "was killed by SIGKILL" if sig == signal.SIGKILL else f"received {sig.name}"
     lines = _lines(err)
@@ -246,7 +246,7 @@ sys.exit(main())
 """
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize(
     "mode, code, line",
     [("child-error", 2, "error: --data-dir /x is missing on rank 1's node"),
@@ -265,11 +265,11 @@ def test_the_main_process_ends_with_the_cause_found_on_another_rank(tmp_path, mo
         rank1 = subprocess.Popen([sys.executable, str(script), str(folder), mode], cwd=REPO, env=env,
                                  stdin=subprocess.PIPE)  # fmt: skip
     start = time.time()
-    out, err = main.communicate(timeout=60)
+    out, err = main.communicate(timeout=600)  # rank 1's start counts (a minute on a busy machine)
     seconds = time.time() - start
     if rank1 is not None:
         rank1.stdin.close()
-        rank1.wait(timeout=60)
+        rank1.wait(timeout=300)
     assert main.returncode == code, (out, err)
     assert line in err and "not stopped" not in out
     assert len(err.strip().splitlines()) == 1  # one line from the main process
@@ -310,14 +310,14 @@ def test_a_manifest_that_is_not_one_is_one_line_and_exit_2(setup, capsys):
 
 
 # ---- 3. never a false success: SIGTERM to a single process exits non-zero, with no result files -------------------
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(900)
 def test_sigterm_to_a_single_process_is_not_a_success(setup, reference, tmp_path):
     out = setup.root / "single_sigterm"
     proc, gate = _start_gated(_argv(setup, out), 1, tmp_path)
     _wait_for_gate(gate, proc, 1)
     start = time.time()
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=300)
     seconds = time.time() - start
     assert proc.returncode == EXIT_SIGTERM and _lines(err) == [f"stopped: rank 0 received SIGTERM; {RESUME}"], err
     _report("SIGTERM to rank 0 of 1, attack", seconds, proc.returncode, _lines(err)[0])
@@ -329,7 +329,7 @@ def test_sigterm_to_a_single_process_is_not_a_success(setup, reference, tmp_path
 
 # ---- 4. Ctrl-C, and a signal while the command starts ---------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("devices", [1, 2])
 def test_ctrl_c_stops_every_process_with_130_and_one_line_and_a_rerun_resumes(setup, reference, tmp_path, devices):
     """SIGINT to the command's process group (a terminal's Ctrl-C reaches every rank) mid-run; the 2-process run
@@ -340,7 +340,7 @@ def test_ctrl_c_stops_every_process_with_130_and_one_line_and_a_rerun_resumes(se
     committed = {p.name: p.read_bytes() for p in (out / "chunks").glob("chunk-*.npz")}
     start = time.time()
     os.killpg(proc.pid, signal.SIGINT)
-    _, err = proc.communicate(timeout=120)  # EOF: every process of the run (they share its stderr) has ended
+    _, err = proc.communicate(timeout=300)  # EOF: every process of the run (they share its stderr) has ended
     seconds = time.time() - start
     assert proc.returncode == 130, err
     assert _lines(err) == [f"stopped: rank 0 received SIGINT; {RESUME}"], err
@@ -354,7 +354,7 @@ def test_ctrl_c_stops_every_process_with_130_and_one_line_and_a_rerun_resumes(se
     _same_results(out, reference)
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(900)
 def test_a_signal_while_the_results_are_written_leaves_none_half_written_and_a_rerun_resumes(setup, tmp_path):
     """SIGTERM once the first result file is written (every chunk committed): 143, one line, no result file
     and no temporary folder left; the rerun merges the kept chunks (none attacked again)."""
@@ -364,7 +364,7 @@ def test_a_signal_while_the_results_are_written_leaves_none_half_written_and_a_r
     _wait_for_gate(gate, proc, 1)
     start = time.time()
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=300)
     seconds = time.time() - start
     assert proc.returncode == EXIT_SIGTERM and _lines(err) == [f"stopped: rank 0 received SIGTERM; {RESUME}"], err
     _report("SIGTERM to rank 0 of 1, writing the results", seconds, proc.returncode, _lines(err)[0])
@@ -379,7 +379,7 @@ def test_a_signal_while_the_results_are_written_leaves_none_half_written_and_a_r
     _same_results(out, fresh)
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1])
 def test_a_signal_while_the_command_starts_ends_it_with_its_code_and_line(setup, tmp_path, sig):
     """The signal as soon as the command handles it (SIGTERM's handler goes in last), while its modules load."""
@@ -388,7 +388,7 @@ def test_a_signal_while_the_command_starts_ends_it_with_its_code_and_line(setup,
     since_start = _wait_until_handled(proc, signal.SIGTERM)
     start = time.time()
     proc.send_signal(sig)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=300)
     seconds = time.time() - start
     assert proc.returncode == 128 + sig, err
     lines = _lines(err)
@@ -398,7 +398,7 @@ def test_a_signal_while_the_command_starts_ends_it_with_its_code_and_line(setup,
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(900)
 def test_a_rank_signalled_while_it_starts_ends_the_run_held_in_its_rendezvous(setup):
     """SIGTERM to rank 1 as soon as it exists (before or after its handlers are in, while its modules load): it
     ends at once, while rank 0 waits for it in the process group's rendezvous (a C call no Python handler
@@ -408,7 +408,7 @@ def test_a_rank_signalled_while_it_starts_ends_the_run_held_in_its_rendezvous(se
     child = _child(proc)
     start = time.time()
     os.kill(child, signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=300)
     seconds = time.time() - start
     assert proc.returncode == EXIT_SIGTERM, err
     lines = _lines(err)
@@ -585,7 +585,7 @@ def test_train_py_bad_margin_settings_and_typos_are_one_line_and_leave_no_versio
         ([*base("synthetic_lenet"), "--margin.num_sample", "7"], "did you mean --margin.num_samples"),
         ([*base("mnist_lenet"), "--data.data_dir", str(tmp_path / "none")], "MNIST not found"),
     ):
-        done = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+        done = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
         assert done.returncode == 2 and words in done.stderr, done.stderr[-2000:]
         assert not list(tmp_path.rglob("version_*")), f"{command[-2:]}: an empty version folder was left"
 
@@ -606,7 +606,7 @@ def test_a_rerun_removes_what_a_killed_merge_left_and_counts_the_whole_run(setup
     assert not [p.name for p in (out / "chunks").iterdir() if p.name.startswith(".")]  # no markers, no lock
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(900)
 def test_sigusr1_under_slurm_stops_without_a_checkpoint_in_the_folder(setup, tmp_path):
     out = setup.root / "slurm"
     slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "margins", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
@@ -615,7 +615,7 @@ def test_sigusr1_under_slurm_stops_without_a_checkpoint_in_the_folder(setup, tmp
     _wait_for_gate(gate, proc, 1)
     start = time.time()
     proc.send_signal(signal.SIGUSR1)
-    _, err = proc.communicate(timeout=60)
+    _, err = proc.communicate(timeout=300)
     seconds = time.time() - start
     assert proc.returncode == EXIT_SIGUSR1 and len(_lines(err)) == 1 and "received SIGUSR1" in err, err
     _report("SIGUSR1 to rank 0 of 1 under SLURM (no scontrol), attack", seconds, proc.returncode, _lines(err)[0])
@@ -633,7 +633,7 @@ with FolderLock(Path(sys.argv[1])):
 """
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(900)
 def test_a_second_run_waits_for_the_folders_holder_and_a_stale_lock_never_blocks(setup, tmp_path):
     out = tmp_path / "locked"
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out)], cwd=REPO, env=ENV, stdin=subprocess.PIPE,
@@ -648,8 +648,8 @@ def test_a_second_run_waits_for_the_folders_holder_and_a_stale_lock_never_blocks
             break
     assert waiting in "".join(seen), "".join(seen)
     holder.stdin.close()
-    holder.wait(timeout=60)
-    _, err = second.communicate(timeout=240)
+    holder.wait(timeout=300)
+    _, err = second.communicate(timeout=600)
     assert second.returncode == 0, err
     assert (out / "summary.json").is_file()
     with pytest.raises(InputError, match=rf"in use by process {os.getpid()} .*choose another output folder"):
