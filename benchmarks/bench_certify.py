@@ -7,16 +7,18 @@ Cases (float64, the 21 DCT 8x8 subspaces of MNIST, step 1; the first `--samples`
   steps on real MNIST (the recipe of benchmarks/bench_deepfool.py);
 - `resnet18`: ResNet-18-MNIST of `--resnet-checkpoint`, else the same recipe, `--resnet-samples` images.
 Per case: DeepFool and FMN (their defaults, float64) on the rows, the references; then each method of `--methods`
-(`SubspaceCertifier` with its defaults otherwise; "crown" first, the others' gain is per row against it): CPU seconds
+(`SubspaceCertifier` with its defaults otherwise; the first, "crown", on every sample, the others on the first
+`--tight-samples`; their gain is the median per-row ratio to the first on the same rows): CPU seconds
 of this process (`time.process_time`; wall seconds on CUDA) and wall seconds of the certifier's call, the wall
 split (upper: its DeepFool run; intermediate: pre-activation bounds; final: the margins' bounds and closed form;
-alpha: slope optimisation), bound evaluations per row, the median over rows of certified / FMN and certified /
-DeepFool (rows where that attack changed the label), the gain over crown and the count of certificates above an
-attack's margin (a bug if ever > 0). Per subspace (crown and the tightest method): median certified bound, FMN,
+a/bab: slope optimisation or branching), bound evaluations per row, the median over rows of certified / FMN and
+certified / DeepFool (rows where that attack changed the label), the gain over crown and the count of certificates
+above an attack's margin (a bug if ever > 0). Per subspace (crown and the tightest method): median certified bound, FMN,
 DeepFool, and the medians of the row ratios. Benchmarks print figures and assert nothing.
 
     python benchmarks/bench_certify.py [--checkpoint PATH] [--resnet-checkpoint PATH] [--samples 100]
-        [--resnet-samples 20] [--cases lenet,resnet18] [--methods crown,alpha-crown] [--threads 2] [--device cpu]
+        [--resnet-samples 20] [--cases lenet,resnet18] [--methods crown,alpha-crown,bab] [--tight-samples N]
+        [--threads 2] [--device cpu]
         [--train-steps 300] [--data-dir ../shared/data]
 """
 
@@ -69,37 +71,43 @@ def run_case(name: str, checkpoint: Path | None, samples: int, args) -> None:
     fmn, seconds, wall = timed(lambda: SubspaceFMN(dtype=F64)(model, x, family), args.device)
     print(f"FMN: {seconds:.1f} s CPU, {wall:.1f} s wall; converged {fmn.converged.float().mean():.3f}")
     header = (
-        f"{'method':<12} {'CPU s':>8} {'wall s':>8} {'upper':>7} {'interm':>7} {'final':>7} {'alpha':>7} "
+        f"{'method':<12} {'CPU s':>8} {'wall s':>8} {'upper':>7} {'interm':>7} {'final':>7} {'a/bab':>7} "
         f"{'evals':>6} {'cert/FMN':>9} {'cert/DF':>8} {'gain':>6} {'above':>6}"
     )
     print(header)
     results: dict[str, MarginResult] = {}
-    for method in args.methods:
+    tight = min(args.tight_samples or samples, samples)
+    for number, method in enumerate(args.methods):
+        n = samples if number == 0 else tight  # the tighter modes on the first `tight` samples
         certifier = SubspaceCertifier(method=method)
-        result, seconds, wall = timed(lambda c=certifier: c(model, x, family), args.device)
+        result, seconds, wall = timed(lambda c=certifier, n=n: c(model, x[:n], family), args.device)
         results[method] = result
         split = certifier.last_stats.seconds
-        base = results[args.methods[0]].margins
+        base = results[args.methods[0]].margins[:, :n]
         gain = (result.margins / base.clamp(min=1e-300)).median().item()
-        above = int(((result.margins > fmn.margins) & fmn.converged).sum())
-        above += int(((result.margins > deepfool.margins) & deepfool.converged).sum())
+        f, d = fmn.margins[:, :n], deepfool.margins[:, :n]
+        f_ok, d_ok = fmn.converged[:, :n], deepfool.converged[:, :n]
+        above = int(((result.margins > f) & f_ok).sum()) + int(((result.margins > d) & d_ok).sum())
         print(
             f"{method:<12} {seconds:>8.1f} {wall:>8.1f} {split['upper']:>7.1f} {split['intermediate']:>7.1f} "
-            f"{split['final']:>7.1f} {split['alpha']:>7.1f} {result.iterations.float().mean().item():>6.2f} "
-            f"{medians(result.margins / fmn.margins, fmn.converged):>9.4f} "
-            f"{medians(result.margins / deepfool.margins, deepfool.converged):>8.4f} {gain:>6.3f} {above:>6d}"
+            f"{split['final']:>7.1f} {split['alpha'] + split['bab']:>7.1f} {result.iterations.float().mean():>6.2f} "
+            f"{medians(result.margins / f, f_ok):>9.4f} {medians(result.margins / d, d_ok):>8.4f} {gain:>6.3f} "
+            f"{above:>6d}  ({n} samples)"
         )
-    tightest = max(results, key=lambda m: results[m].margins.median().item())
-    for method in dict.fromkeys([args.methods[0], tightest]):
-        per_subspace(method, results[method], fmn, deepfool)
+    per_subspace(args.methods[0], results[args.methods[0]], fmn, deepfool)
+    if len(args.methods) > 1:
+        tightest = max(args.methods[1:], key=lambda m: results[m].margins.median().item())
+        per_subspace(tightest, results[tightest], fmn, deepfool)
 
 
 def per_subspace(method: str, result: MarginResult, fmn: MarginResult, deepfool: MarginResult) -> None:
-    print(f"per subspace, {method}: medians of the certified bound, FMN, DeepFool and of the row ratios")
+    print(f"per subspace, {method} ({result.margins.shape[1]} samples): medians of the certified bound, FMN, DeepFool "
+          "and of the row ratios")  # fmt: skip
     print(f"{'subspace':>8} {'certified':>10} {'FMN':>8} {'DeepFool':>9} {'cert/FMN':>9} {'cert/DF':>8}")
+    n = result.margins.shape[1]
     for s in range(result.margins.shape[0]):
-        cert, f, d = result.margins[s], fmn.margins[s], deepfool.margins[s]
-        fmn_ok, df_ok = fmn.converged[s], deepfool.converged[s]
+        cert, f, d = result.margins[s], fmn.margins[s, :n], deepfool.margins[s, :n]
+        fmn_ok, df_ok = fmn.converged[s, :n], deepfool.converged[s, :n]
         print(
             f"{s:>8d} {medians(cert):>10.4f} {medians(f, fmn_ok):>8.3f} {medians(d, df_ok):>9.3f} "
             f"{medians(cert / f, fmn_ok):>9.4f} {medians(cert / d, df_ok):>8.4f}"
@@ -113,7 +121,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--resnet-samples", type=int, default=20)
     parser.add_argument("--cases", default="lenet,resnet18")
-    parser.add_argument("--methods", default="crown,alpha-crown")
+    parser.add_argument("--methods", default="crown,alpha-crown,bab", help="the first on every sample, the baseline")
+    parser.add_argument("--tight-samples", type=int, default=None, help="samples for the other methods (all)")
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")

@@ -21,6 +21,7 @@ from attacks.certify.bounds import Plan, Propagation, prefix_functions, rounding
 from attacks.certify.certifier import basis_images
 from attacks.certify.graph import network_ops
 from attacks.certify.search import margin_specs
+from attacks.deepfool import SubspaceDeepFool
 from attacks.fmn import SubspaceFMN
 from attacks.kernels import prepare_model
 from common.errors import InputError
@@ -427,3 +428,46 @@ def test_a_tighter_mode_is_never_looser_than_crown(method):
     tighter = SubspaceCertifier(method=method, upper="deepfool", steps=10)(model, x, family)
     assert (tighter.margins >= crown.margins * (1 - 1e-2)).all()
     assert tighter.margins.median() > crown.margins.median()
+
+
+# ---- a trained LeNet ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_on_a_trained_lenet_certified_bounds_lie_below_both_attacks_and_modes_tighten(mnist_root):
+    """LeNet after 200 SGD steps on real MNIST, 3 test images x 3 DCT subspaces (low, middle, high): every
+    certified bound is at most FMN's and DeepFool's margin on rows where they changed the label, FMN is at most
+    DeepFool on most of them, and alpha-CROWN and branch and bound are at least CROWN (to the search's rtol)."""
+    from datamodules.mnist import read_mnist, resolve_mnist_root
+    from models import build_model
+
+    root = resolve_mnist_root(mnist_root)
+    train_images, train_labels = read_mnist(root, True)
+    test_images, _ = read_mnist(root, False)
+    torch.manual_seed(0)
+    model = NormalizedModel(Normalize(0.1307, 0.3081, (1, 28, 28)), build_model("lenet"))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(200):
+        batch = torch.randint(0, train_images.shape[0], (64,))
+        images = train_images[batch].unsqueeze(1).float() / 255.0
+        loss = nn.functional.cross_entropy(model(images), train_labels[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    x = test_images[:3].unsqueeze(1).float() / 255.0
+    family = DCTBlockSubspaces((1, 28, 28), 8, 1)
+    samples, subspaces = torch.arange(3).repeat(3), torch.tensor([0, 10, 20]).repeat_interleave(3)
+    fmn = SubspaceFMN(dtype=F64).attack_rows(model, x, family, samples, subspaces)
+    deepfool = SubspaceDeepFool(dtype=F64).attack_rows(model, x, family, samples, subspaces)
+    settings = {"crown": {}, "alpha-crown": {"alpha_steps": 10}, "bab": {"bab_domains": 8}}
+    results = {
+        m: SubspaceCertifier(method=m, **s).attack_rows(model, x, family, samples, subspaces)
+        for m, s in settings.items()
+    }
+    both = fmn.converged & deepfool.converged
+    assert both.sum() >= 7
+    assert (fmn.margins[both] <= deepfool.margins[both]).float().mean() >= 0.9
+    for method, result in results.items():
+        assert (result.margins > 0).all(), method
+        assert (result.margins[fmn.converged] <= fmn.margins[fmn.converged]).all(), method
+        assert (result.margins[deepfool.converged] <= deepfool.margins[deepfool.converged]).all(), method
+        assert (result.margins >= results["crown"].margins * (1 - 1e-2)).all(), method

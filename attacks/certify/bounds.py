@@ -26,9 +26,12 @@ Intermediate bounds (the pre-activation bounds every relaxation needs):
 Concrete bounds are always intersected with interval arithmetic on the inputs' concrete bounds.
 
 Floating point: every concrete bound is moved outward by `tau * M`, where M sums the absolute values of the terms
-that formed it (`|b|`, `eps ||a||`, and a running magnitude of the constants accumulated through the layers) and
-`tau = 2**16` unit roundoffs of the dtype (float64: 1.5e-11; float32: 7.8e-3). Relaxation lines are moved up by a
-few unit roundoffs of their endpoints so that rounding of their slopes cannot cut into the function.
+that formed it (`|b|`, `eps ||a||`, and a magnitude of the constants: in a backward pass the absolute values of
+every term it adds, in a forward layer that layer's `|W| |h| + |b|`) and `tau = 2**16` unit roundoffs of the dtype
+(float64: 1.5e-11; float32: 7.8e-3). Relaxation lines are moved up by a few unit roundoffs of their endpoints so
+that rounding of their slopes cannot cut into the function. This is an allowance sized far above the rounding of
+float64 sums of the lengths met here (at most about 1e4 terms per dot product), not a worst-case error analysis
+(which would compound |W| products over the depth).
 """
 
 from __future__ import annotations
@@ -741,9 +744,11 @@ def _gather_coef(coef: torch.Tensor, at: torch.Tensor) -> torch.Tensor:
 
 def _forward_affine(op: Affine, sources: list[LinearBounds]) -> LinearBounds:
     """Linear bounds after an affine operation: exact inputs map exactly; otherwise centre and radius functions
-    (`W mid`, `|W| rad`), which equals `W+ lower + W- upper` and `W+ upper + W- lower`."""
-    magnitude = op.absolute([s.magnitude for s in sources])
-    magnitude = magnitude + op.forward([torch.zeros_like(s.magnitude) for s in sources]).abs()
+    (`W mid`, `|W| rad`), which equals `W+ lower + W- upper` and `W+ upper + W- lower`. The magnitude is this
+    layer's: `|W| max(|lower const|, |upper const|) + |b|` (carrying the inputs' magnitudes through |W| would grow
+    like a product of |W| over the depth; the allowance is relative to each layer's terms, `rounding_tau`)."""
+    sizes = [torch.maximum(s.lower_const.abs(), s.upper_const.abs()) for s in sources]
+    magnitude = op.absolute(sizes) + op.forward([torch.zeros_like(size) for size in sizes]).abs()
     if all(s.exact for s in sources):
         coef = op.linear([s.lower_coef for s in sources])
         return LinearBounds.exact_function(coef, op.forward([s.lower_const for s in sources]), magnitude)
@@ -751,7 +756,6 @@ def _forward_affine(op: Affine, sources: list[LinearBounds]) -> LinearBounds:
     rad_coef = op.absolute([(s.upper_coef - s.lower_coef) / 2.0 for s in sources])
     mid_const = op.forward([(s.lower_const + s.upper_const) / 2.0 for s in sources])
     rad_const = op.absolute([(s.upper_const - s.lower_const) / 2.0 for s in sources])
-    magnitude = magnitude + rad_const.abs()
     return LinearBounds(
         mid_coef - rad_coef, mid_const - rad_const, mid_coef + rad_coef, mid_const + rad_const, magnitude
     )
