@@ -77,7 +77,9 @@ def add_run_arguments(p: argparse.ArgumentParser, default_output: str) -> None:
     a("--num-nodes", type=int, help="nodes (default 1; under torchrun: from its environment)")
     a("--strategy", default="auto", help="Lightning strategy: auto, ddp, ddp_spawn, ... (default auto)")
     a("--num-workers", type=int, default=0, help="DataLoader workers reading samples (default 0)")
-    a("--threads", type=int, default=1, help="CPU threads per process (default 1; on CPU use --devices to scale)")
+    a("--threads", type=int, default=1,
+      help="CPU threads per process (default 1: on cores shared with other jobs 1 thread measured fastest, "
+      "docs/ENGINE.md; on idle cores try --threads N or --devices N; float bits depend on it)")  # fmt: skip
     a(
         "--return-freed-memory",
         action="store_true",
