@@ -7,6 +7,9 @@ Terminal (rank 0): a bar over the (sample, subspace) rows while measuring, then 
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import json
 import sys
 import time
 from pathlib import Path
@@ -32,10 +35,11 @@ from common.errors import InputError
 from common.stop import RunStopped, stop_handled
 from frequency import DCTBlockSubspaces
 from margins import select_indices, write_report
-from margins.chunks import ChunkStore
-from margins.evaluate import make_job, state_sha256
-from margins.guard import EXIT_BAD_INPUT, EXIT_BUG, Watchdog, remove_markers
-from margins.results import MarginReport
+from margins.chunks import ChunkStore, ResumeMismatchError
+from margins.evaluate import fingerprint_of, make_job, state_sha256
+from margins.guard import EXIT_BAD_INPUT, EXIT_BUG, FolderLock, Watchdog, remove_markers
+from margins.names import differing, estimator_of, quantity
+from margins.results import SUMMARY_FILE, MarginReport
 from margins.sharding import chunk_ranges, shard_range
 from margins.work import (
     CHUNK_DIR,
@@ -81,9 +85,13 @@ class MarginCallback(L.Callback):
     chunks of `chunk_rows` sample-major rows, each rank attacks its contiguous share of the pending chunks (each
     chunk alone, with only its own samples) and commits them to `<log_dir>/margins/<run>/chunks/`, and rank 0
     merges them into the same result files, so results are bit-identical for any number of processes and equal
-    `evaluate_margin.py` on the same weights. The margins are computed in float32 whatever the trainer's precision
-    (mixed-precision autocast is switched off around the attack). Only rank 0 writes the report and logs to
-    TensorBoard. The median history (`margin/evolution`) is part of `state_dict`, so a resumed run keeps it.
+    `evaluate_margin.py` on the same weights. Nothing is ever removed: a run folder holding another measurement
+    (other weights or settings) is kept, and this one goes to the first free or compatible `<run>-2`, `<run>-3`,
+    ... next to it (one note line); a folder of this very measurement is resumed. Rank 0 chooses the folder before
+    any rank works in it and holds its lock (`margins.guard.FolderLock`) until the results are written. The
+    margins are computed in float32 whatever the trainer's precision (mixed-precision autocast is switched off
+    around the attack). Only rank 0 writes the report and logs to TensorBoard. The median history
+    (`margin/evolution`) is part of `state_dict`, so a resumed run keeps it.
     """
 
     def __init__(
@@ -217,18 +225,55 @@ class MarginCallback(L.Callback):
     ) -> Path | None:
         start = time.perf_counter()
         step = log_step(trainer) if step is None else step
-        out_dir = Path(trainer.log_dir or trainer.default_root_dir) / "margins" / run_name  # a broadcast: all ranks
-        job = self._job(trainer, pl_module, out_dir, run_name, epoch if epoch is not None else folder_epoch)
+        base = Path(trainer.log_dir or trainer.default_root_dir) / "margins" / run_name  # a broadcast: all ranks
+        job = self._job(trainer, pl_module, base, run_name, epoch if epoch is not None else folder_epoch)
+        record_device(job, pl_module.device.type, self.threads)
+        with contextlib.ExitStack() as lock:  # rank 0: the folder's lock, held until its results are written
+            job.output_dir = self._folder(trainer, job, lock)
+            report = self._attack(trainer, pl_module, job, run_name)
+            if report is None:
+                return None  # no collective: this rank goes on training, rank 0 merges what every rank committed
+            if epoch is not None:
+                self.history[epoch] = np.median(report.margins, axis=1).tolist()
+            write_report(job.output_dir, report, title=job.title)
+        logger = _tensorboard_logger(trainer)
+        if logger is not None:
+            self._log_tensorboard(trainer, pl_module, logger, report, job.title, job.output_dir.name, step,
+                                  run_label(run_name))  # fmt: skip
+        seconds = time.perf_counter() - start
+        terminal_print(summary_lines(report, self.band_width, run_label(run_name), seconds, job.output_dir))
+        return job.output_dir
+
+    def _folder(self, trainer: L.Trainer, job: MarginJob, lock: contextlib.ExitStack) -> Path:
+        """The measurement's folder on every rank, chosen and locked (into `lock`) by rank 0 before any rank works
+        in it (`choose_folder`); a failure there stops every rank (a `RunStopped` on the others)."""
+        if not trainer.is_global_zero:
+            folder, code, reason = trainer.strategy.broadcast(None, src=0)
+            if folder is None:
+                raise RunStopped(code, reason)
+            return Path(folder)
+        try:
+            folder = choose_folder(job.output_dir, job.fingerprint, lock)
+        except BaseException as err:
+            trainer.strategy.broadcast((None, *stop_of(err)), src=0)
+            raise
+        trainer.strategy.broadcast((str(folder), 0, ""), src=0)
+        return folder
+
+    def _attack(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, job: MarginJob, run_name: str
+    ) -> MarginReport | None:
+        """Every rank attacks its share of the pending chunks of `job.output_dir`; rank 0 waits for all of them and
+        merges them (None on the other ranks)."""
         device = pl_module.device
-        record_device(job, device.type, self.threads)
-        store = ChunkStore(out_dir / CHUNK_DIR)
+        store = ChunkStore(job.output_dir / CHUNK_DIR)
         chunks = chunk_ranges(len(job.indices) * len(job.subspaces), self.attack.chunk_rows)
         run = RunSettings(threads=self.threads, progress=self.progress and trainer.is_global_zero)
         work = ChunkWork(job, self.attack, run, store, chunks)
         rank = trainer.global_rank
         with torch.inference_mode(False), work.process(device), Watchdog(store.root, rank, trainer.world_size) as dog:
             try:
-                pending = trainer.strategy.broadcast(self._pending(work) if trainer.is_global_zero else None, src=0)
+                pending = trainer.strategy.broadcast(work.prepare_folder() if trainer.is_global_zero else None, src=0)
                 mine = [pending[i] for i in shard_range(len(pending), rank, trainer.world_size)]
                 if trainer.is_global_zero:
                     work.start_progress(pending, f"margins {run_label(run_name)}: (sample, subspace) rows")
@@ -239,7 +284,7 @@ class MarginCallback(L.Callback):
                     work.close_progress()
                 dog.done()
                 if not trainer.is_global_zero:
-                    return None  # no collective: this rank goes on training, rank 0 merges what every rank committed
+                    return None
                 wait_for_chunks(store, chunks, work.fingerprint)
             except RunStopped:
                 raise  # the stop file is written: by this rank's signal handling, its watchdog, or another rank
@@ -247,16 +292,7 @@ class MarginCallback(L.Callback):
                 dog.write_stop(EXIT_BAD_INPUT if isinstance(err, InputError) else EXIT_BUG, failure(err, rank))
                 raise
         remove_markers(store.root)
-        report = merge_chunks(job, store, chunks)
-        if epoch is not None:
-            self.history[epoch] = np.median(report.margins, axis=1).tolist()
-        write_report(out_dir, report, title=job.title)
-        logger = _tensorboard_logger(trainer)
-        if logger is not None:
-            self._log_tensorboard(trainer, pl_module, logger, report, job.title, run_name, step)
-        seconds = time.perf_counter() - start
-        terminal_print(summary_lines(report, self.band_width, run_label(run_name), seconds, out_dir))
-        return out_dir
+        return merge_chunks(job, store, chunks)
 
     def _job(
         self, trainer: L.Trainer, pl_module: L.LightningModule, out_dir: Path, run_name: str, epoch: int | None
@@ -287,14 +323,6 @@ class MarginCallback(L.Callback):
         title = f"{_describe(pl_module, datamodule)}, {run_label(run_name)}"
         return make_job(model, dataset, indices, subspaces, out_dir, self.attack, settings, title)
 
-    def _pending(self, work: ChunkWork) -> list[int]:
-        """Rank 0: the chunk ids still to attack; a folder left by other weights or settings starts again."""
-        manifest = work.store.read_manifest()
-        if manifest is not None and manifest.get("fingerprint") != work.job.fingerprint:
-            print(f"note: {work.job.output_dir} held another measurement; measuring again", file=sys.stderr)
-            work.store.reset()
-        return work.prepare_folder()
-
     # ---- TensorBoard (rank 0 only: no collectives below) -------------------------------------------------
     def _log_tensorboard(
         self,
@@ -305,10 +333,113 @@ class MarginCallback(L.Callback):
         title: str,
         run: str,
         step: int,
+        label: str,
     ) -> None:
         history = self.history if self.log_figure else None
-        log_measurement(logger, trainer, pl_module, report, title, run, run_label(run), step, state=self._board,
+        log_measurement(logger, trainer, pl_module, report, title, run, label, step, state=self._board,
                         band_width=self.band_width, num_samples=self.num_samples, history=history)  # fmt: skip
+
+
+# ---- the measurement's folder (rank 0) -------------------------------------------------------------------------
+def choose_folder(base: Path, fingerprint: dict[str, Any], lock: contextlib.ExitStack) -> Path:
+    """`base` when it is free or holds this very measurement (`fingerprint`: resumed), else the first such
+    `<base>-2`, `<base>-3`, ... next to it, with one note line; the folder is locked (`FolderLock`) until `lock`
+    closes. Nothing is ever removed."""
+    skipped: list[tuple[Path, str]] = []
+    for n in itertools.count(1):
+        folder = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        held = other_measurement(folder, fingerprint)
+        if held is None:
+            held = _lock_unless_other(folder, fingerprint, lock)
+        if held is None:
+            if skipped:
+                print(folder_note(skipped, folder), file=sys.stderr, flush=True)
+            return folder
+        skipped.append((folder, held))
+    raise AssertionError("unreachable")
+
+
+def _lock_unless_other(folder: Path, fingerprint: dict[str, Any], lock: contextlib.ExitStack) -> str | None:
+    """Lock `folder` into `lock` unless, once locked, it holds another measurement: then what it holds. A folder
+    another process keeps past the lock's wait is passed over only if it holds another measurement."""
+    with contextlib.ExitStack() as attempt:
+        try:
+            attempt.enter_context(FolderLock(folder))
+        except InputError:
+            if (held := other_measurement(folder, fingerprint)) is None:
+                raise
+            return held
+        held = other_measurement(folder, fingerprint)  # written while this process waited for the lock
+        if held is None:
+            lock.enter_context(attempt.pop_all())
+        return held
+
+
+def other_measurement(folder: Path, fingerprint: dict[str, Any]) -> str | None:
+    """What `folder` holds when it is not free for the measurement `fingerprint` (a chunks manifest or result files
+    of other weights or settings, something unreadable, a file), else None: free, or this very measurement."""
+    if folder.exists() and not folder.is_dir():
+        return "a file, not a folder"
+    now = json.loads(json.dumps(fingerprint))
+    try:
+        manifest = ChunkStore(folder / CHUNK_DIR).read_manifest()
+    except ResumeMismatchError:
+        return "an unreadable chunks manifest"
+    if manifest is not None and differing(manifest["fingerprint"], now):
+        return describe_other(manifest["fingerprint"], now)
+    if not (folder / SUMMARY_FILE).is_file():
+        return None
+    try:
+        there = fingerprint_of(json.loads((folder / SUMMARY_FILE).read_text())["settings"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"an unreadable {SUMMARY_FILE}"
+    there = {k: there.get(k) for k in now}  # the result files add the device's name and precision
+    return describe_other(there, now) if differing(there, now) else None
+
+
+def describe_other(before: dict[str, Any], now: dict[str, Any], limit: int = 3) -> str:
+    """Another measurement in brief: its values, its weights (a SHA-256 prefix) and the first `limit` other
+    settings that differ, e.g. "DeepFool margins of weights 1a2b3c4d5e6f; num_samples 4 (now 6)"."""
+    weights, these = (str(f.get("checkpoint_sha256"))[:12] for f in (before, now))
+    text = f"{quantity(estimator_of(before))}s of weights {weights}" + ("" if weights == these else f" (now {these})")
+    changes = _changes(before, now)
+    changes.sort(key=lambda c: (c[0] != "estimator", c[0].endswith("_sha256")))
+    shown = "; ".join(f"{k} {_short(a)} (now {_short(b)})" for k, a, b in changes[:limit])
+    more = f" (+{len(changes) - limit} more)" if len(changes) > limit else ""
+    return text + (f"; {shown}{more}" if shown else "")
+
+
+def _changes(before: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, there, now) for each differing setting but the weights; one level into dicts (`model.lr`)."""
+    out = []
+    for key in differing(before, now):
+        a, b = before.get(key), now.get(key)
+        if key == "checkpoint_sha256":
+            continue
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [(f"{key}.{sub}", a.get(sub), b.get(sub)) for sub in differing(a, b)]
+        else:
+            out.append((key, a, b))
+    return out
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 24 else text[:21] + "..."
+
+
+def folder_note(skipped: list[tuple[Path, str]], folder: Path) -> str:
+    """ "note: <first> holds another measurement (<what>)[; so does/do <the others>]; this one goes to <folder>"."""
+    (first, held), others = skipped[0], [p.name for p, _ in skipped[1:]]
+    also = f"; so does {others[0]}" if len(others) == 1 else f"; so do {others[0]} to {others[-1]}" if others else ""
+    return f"note: {first} holds another measurement ({held}){also}; this one goes to {folder}"
+
+
+def stop_of(err: BaseException) -> tuple[int, str]:
+    """The exit status and one-line reason with which the other ranks stop for rank 0's `err`."""
+    if isinstance(err, RunStopped):
+        return err.code, err.message
+    return (EXIT_BAD_INPUT if isinstance(err, InputError) else EXIT_BUG), failure(err, 0)
 
 
 def failure(err: BaseException, rank: int) -> str:

@@ -1,9 +1,13 @@
 """Margin callback: files, TensorBoard tags, schedule, the same bits as evaluate_margin.py on the saved checkpoint,
-a folder of other weights measured again, and DDP equivalence with a single process."""
+a folder of another measurement kept (the new one next to it), a folder of the same one resumed under its lock, and
+DDP equivalence with a single process."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,12 +22,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import evaluate_margin
 from attacks.deepfool import SubspaceDeepFool
 from callbacks import MarginCallback
-from callbacks.margin import median_tags
+from callbacks.margin import median_tags, other_measurement
 from datamodules import SyntheticDataModule
 from frequency import DCTBlockSubspaces
 from lightning_modules import ClassifierModule
-from margins import MarginReport, gather_samples, read_report, select_indices
-from margins.evaluate import state_sha256
+from margins import MarginReport, gather_samples, read_report, select_indices, write_report
+from margins.evaluate import fingerprint_of, state_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 SYNTHETIC = dict(image_shape=(1, 16, 16), num_train=256, num_test=64, batch_size=64, sigma=0.5, eps=4.0)
@@ -156,25 +160,102 @@ def test_bf16_mixed_fit_measures_margins_in_float32_like_evaluate_margin(tmp_pat
     assert saved.settings["precision"]["dtype"] == cli.settings["precision"]["dtype"] == "float32"
 
 
-def test_a_folder_holding_other_weights_is_measured_again(tmp_path, capsys):
-    """A second fit logging into the same version folder: its epoch_000 folder holds the first model's chunks,
-    which are discarded (a note on stderr), not merged into the new report."""
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder`: relative path -> bytes."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def notes(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("note:")]
+
+
+def test_a_folder_holding_another_measurement_is_kept_and_the_new_one_goes_next_to_it(tmp_path, capsys):
+    """Fits logging into the same version folder, with other margin settings, then other weights: every earlier
+    folder keeps its bytes, each new measurement goes to the first free folder next to it (one note line saying
+    what the run's folder holds), and the history, title and TensorBoard still name the epoch."""
     fit_with_callback(tmp_path, MarginCallback(num_samples=4, max_iter=20, chunk_rows=8), epochs=1, version="same")
-    first = read_report(tmp_path / "run" / "same" / "margins" / "epoch_000")
+    root = tmp_path / "run" / "same" / "margins"
+    first = folder_bytes(root / "epoch_000")
     capsys.readouterr()
-    callback = MarginCallback(num_samples=4, max_iter=20, chunk_rows=8)
+
+    callback = MarginCallback(num_samples=6, max_iter=20, chunk_rows=8)  # other settings, the same weights
+    trainer, model = fit_with_callback(tmp_path, callback, epochs=1, version="same")
+    sha, printed = state_sha256(model.model)[:12], capsys.readouterr()
+    [note] = notes(printed.err)
+    assert re.fullmatch(
+        rf"note: {re.escape(str(root / 'epoch_000'))} holds another measurement \(DeepFool margins of weights {sha}; "
+        rf"num_samples 4 \(now 6\); indices_sha256 .*\); this one goes to {re.escape(str(root / 'epoch_000-2'))}",
+        note,
+    ), note
+    assert folder_bytes(root / "epoch_000") == first
+    assert sorted(p.name for p in root.iterdir()) == ["epoch_000", "epoch_000-2"]
+    second = read_report(root / "epoch_000-2")
+    assert second.margins.shape == (9, 6) and second.settings["run"] == "epoch_000"
+    assert callback.history[0] == np.median(second.margins, axis=1).tolist()
+    summary = rf"margins epoch 0: 6 samples x 9 subspaces in .* -> {re.escape(str(root / 'epoch_000-2'))}\n"
+    assert re.search(summary, printed.out), printed.out
+    events = EventAccumulator(str(trainer.log_dir), size_guidance={"scalars": 0})
+    events.Reload()
+    assert "margin/profile/epoch_000-2" in events.Tags()["scalars"]
+    kept = folder_bytes(root / "epoch_000-2")
+
+    callback = MarginCallback(num_samples=4, max_iter=20, chunk_rows=8)  # the first settings, other weights
     trainer, model = fit_with_callback(tmp_path, callback, epochs=1, lr=0.05, version="same")
-    assert "held another measurement; measuring again" in capsys.readouterr().err
-    folder = Path(trainer.log_dir) / "margins" / "epoch_000"
-    second = read_report(folder)
-    assert second.settings["checkpoint_sha256"] == state_sha256(model.model) != first.settings["checkpoint_sha256"]
-    assert not np.array_equal(second.margins, first.margins)
+    [note] = notes(capsys.readouterr().err)
+    assert note == (
+        f"note: {root / 'epoch_000'} holds another measurement (DeepFool margins of weights {sha} (now "
+        f"{state_sha256(model.model)[:12]}); model.lr 0.2 (now 0.05)); so does epoch_000-2; this one goes to "
+        f"{root / 'epoch_000-3'}"
+    )
+    assert folder_bytes(root / "epoch_000") == first and folder_bytes(root / "epoch_000-2") == kept
+    third = read_report(root / "epoch_000-3")
     dm = trainer.datamodule
-    x, _ = gather_samples(dm.margin_dataset(), second.indices)
+    x, _ = gather_samples(dm.margin_dataset(), third.indices)
     direct = SubspaceDeepFool(max_iter=20)(model.model, x, dm.subspaces())
-    np.testing.assert_allclose(second.margins, direct.margins.numpy(), rtol=1e-5)
-    journal = [line for p in (folder / "chunks").glob("journal-rank*.jsonl") for line in p.read_text().splitlines()]
-    assert len(journal) == second.extra["num_chunks"] == 5  # only the new run's chunks: 4 x 9 rows in chunks of 8
+    np.testing.assert_allclose(third.margins, direct.margins.numpy(), rtol=1e-5)
+    journal = (root / "epoch_000-3" / "chunks" / "journal-rank0.jsonl").read_text().splitlines()
+    assert len(journal) == third.extra["num_chunks"] == 5  # only its own chunks: 4 x 9 rows in chunks of 8
+
+    results_only = tmp_path / "results_only"  # no chunks manifest: the result files say what the folder holds
+    shutil.copytree(root / "epoch_000", results_only, ignore=shutil.ignore_patterns("chunks"))
+    there = read_report(root / "epoch_000").settings
+    assert other_measurement(results_only, fingerprint_of(there)) is None
+    indices = json.dumps(there["indices_sha256"])[:21]
+    assert other_measurement(results_only, fingerprint_of(second.settings)) == (
+        f"DeepFool margins of weights {sha}; num_samples 4 (now 6); indices_sha256 {indices}... (now "
+        f"{json.dumps(second.settings['indices_sha256'])[:21]}...)"
+    )
+
+
+def test_a_folder_of_the_same_measurement_is_resumed_in_place_under_its_lock(tmp_path, capsys, monkeypatch):
+    """The same fit twice into one version folder, the first measurement cut after two committed chunks and before
+    its results: the second resumes it in the same folder (those chunk files untouched, no note, no second folder),
+    holds the folder's lock while it writes, and gives the same bytes."""
+    fit_with_callback(tmp_path, MarginCallback(num_samples=4, max_iter=20, chunk_rows=8), epochs=1, version="same")
+    root = tmp_path / "run" / "same" / "margins"
+    folder, margins = root / "epoch_000", (root / "epoch_000" / "margins.npy").read_bytes()
+    journal = folder / "chunks" / "journal-rank0.jsonl"
+    lines = journal.read_text().splitlines(keepends=True)
+    journal.write_text("".join(lines[:2]))  # killed before the third chunk's journal line
+    for name in RESULT_FILES:
+        (folder / name).unlink()
+    chunks = [folder / "chunks" / json.loads(line)["file"] for line in lines[:2]]
+    before = [(p.stat().st_ino, p.stat().st_mtime_ns) for p in chunks]
+    locked: list[int] = []
+
+    def spy(out_dir: Path, *args, **kwargs) -> Path:
+        locked.append(json.loads((Path(out_dir) / ".lock").read_text())["pid"])
+        return write_report(out_dir, *args, **kwargs)
+
+    monkeypatch.setattr("callbacks.margin.write_report", spy)
+    capsys.readouterr()
+    fit_with_callback(tmp_path, MarginCallback(num_samples=4, max_iter=20, chunk_rows=8), epochs=1, version="same")
+    assert notes(capsys.readouterr().err) == []
+    assert sorted(p.name for p in root.iterdir()) == ["epoch_000"]
+    assert locked == [os.getpid()] and not (folder / ".lock").exists()
+    assert [(p.stat().st_ino, p.stat().st_mtime_ns) for p in chunks] == before
+    assert len(journal.read_text().splitlines()) == 5  # 2 kept + the 3 attacked now
+    assert (folder / "margins.npy").read_bytes() == margins
 
 
 def test_callback_runs_in_validate_and_test_under_inference_mode(tmp_path):
