@@ -366,6 +366,7 @@ def test_a_stop_file_counts_only_with_this_runs_id(tmp_path, monkeypatch):
     stop.write_text("")
     os.utime(stop, (1.0, 1.0))  # an empty stop file of long ago
     dog = Watchdog(tmp_path, rank=0, world_size=2)
+    (tmp_path / ".alive-rank1").touch()  # rank 1 is alive (else, in a process older than the start timeout: lost)
     dog.check()
     for record in (old, {**old, "run": "another-run"}):
         stop.write_text(json.dumps(record))
