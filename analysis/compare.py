@@ -127,12 +127,12 @@ def _row_ratios(reference: np.ndarray, run: np.ndarray, both: np.ndarray) -> dic
             "fraction_smaller": float((ratio < 1).mean()), "both_converged": int(keep.sum())}  # fmt: skip
 
 
-def write_csv(rows: list[dict], path: str | Path) -> Path:
-    """The comparison rows as CSV (columns `COLUMNS`; NaN written empty)."""
+def write_csv(rows: list[dict], path: str | Path, columns: tuple[str, ...] = COLUMNS) -> Path:
+    """The comparison rows as CSV (columns `columns`, default `COLUMNS`; NaN written empty)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS)
+        writer = csv.DictWriter(handle, fieldnames=columns)
         writer.writeheader()
         for row in rows:
             writer.writerow({k: "" if isinstance(v, float) and np.isnan(v) else v for k, v in row.items()})
@@ -244,14 +244,7 @@ def interval_rows(lower: Run, upper: Run) -> list[dict]:
 
 def write_interval_csv(rows: list[dict], path: str | Path) -> Path:
     """The interval rows as CSV (columns `INTERVAL_COLUMNS`; NaN written empty)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=INTERVAL_COLUMNS)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: "" if isinstance(v, float) and np.isnan(v) else v for k, v in row.items()})
-    return path
+    return write_csv(rows, path, INTERVAL_COLUMNS)
 
 
 def plot_interval(lower: Run, upper: Run, title: str = "") -> Figure:
