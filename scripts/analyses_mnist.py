@@ -258,14 +258,15 @@ def _models_phrase(settings: dict) -> str:
     return f"a standard and a frequency-flipped LeNet trained {settings['epochs']} epochs each"
 
 
-def render(summary: dict) -> str:
+def render(summary: dict, date: str | None = None) -> str:
+    """docs/ANALYSES.md from the summary; `date`: the day the page says it was written (default today)."""
     n, s = summary["numbers"], summary["settings"]
     sp, spread, heat = n["spearman"], n["spread"], n["heatmap_max_error"]
     given = " --checkpoints STANDARD FLIPPED" if s.get("checkpoints") else ""
     return "\n".join([
         "# Analyses beyond the paper: MNIST",
         "",
-        f"Written by `python scripts/analyses_mnist.py --docs{given}` on {dt.date.today().isoformat()} (torch "
+        f"Written by `python scripts/analyses_mnist.py --docs{given}` on {date or dt.date.today().isoformat()} (torch "
         f"{summary['torch']}, 2 CPU cores shared with other jobs, {summary['seconds'] / 60:.1f} minutes in all): "
         f"{_models_phrase(s)} (clean accuracy on the "
         "margin samples: "

@@ -10,7 +10,10 @@
    of docs/RESULTS.md;
 4. `scripts/certify_study.py --docs` on the LeNets of step 1 (reusing step 3's DeepFool and FMN folders): the
    section "Certified margins" of docs/RESULTS.md;
-5. `scripts/tensorboard_screenshots.py` (when Chromium is installed): docs/tensorboard_*.png from two short fits.
+5. `scripts/tensorboard_screenshots.py` (when Chromium is installed): docs/tensorboard_*.png from two short fits;
+6. `scripts/docs_data.py`: the summaries of steps 1-4 copied into docs/data/<name>.json (and the checkpoints their
+   result folders measured into docs/data/checkpoints.json), the source files of those pages' numbers, which
+   tests/test_docs_numbers.py re-renders and compares with the pages.
 Each step reuses what an interrupted earlier run of it left (trainings resume, finished measurements are reused).
 """
 
@@ -58,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         step("TensorBoard", [str(screenshots.relative_to(REPO)), "--data-dir", str(args.data_dir)])
     else:
         print("TensorBoard screenshots skipped: needs Chromium (apt-get install chromium)", flush=True)
+    step("docs data", ["scripts/docs_data.py", "--out", str(args.out)])
 
 
 if __name__ == "__main__":

@@ -121,12 +121,14 @@ def claim_values(results: dict, dataset: str, per_net: bool) -> dict[str, float]
     return out
 
 
-def render(summary: dict) -> str:
+def render(summary: dict, date: str | None = None) -> str:
     """The results page of a reproduction's summary (scripts/reproduce.py): every number on it from the summary
-    (the run's own records), every note about an experiment only where that experiment ran."""
+    (the run's own records), every note about an experiment only where that experiment ran. `date`: the day the
+    page says it was written (default today)."""
     settings, results = summary["settings"], summary["results"]
     dataset = settings["dataset"]
-    lines = [f"# Results: the paper's {summary['label']} experiments, reproduced", "", _provenance(summary), ""]
+    on = date or dt.date.today().isoformat()
+    lines = [f"# Results: the paper's {summary['label']} experiments, reproduced", "", _provenance(summary, on), ""]
     lines += [f"![Margins per DCT subspace, low to high frequency]({summary['figure']})", "", FIGURE_TEXT, ""]
     lines += (
         _accuracy_table(results) + [""] + [*pgd_text(results), ""] * any("pgd_accuracy" in r for r in results.values())
@@ -175,7 +177,7 @@ def summary_file(summary: dict) -> str:
     return summary.get("summary_file") or (f"{out}/summary.json" if out else "summary.json")
 
 
-def _provenance(summary: dict) -> str:
+def _provenance(summary: dict, date: str) -> str:
     s, results = summary["settings"], summary["results"]
     overrides = f" (training overrides: `{s['train_args']}`)" if s.get("train_args") else ""
     subspaces = "; ".join(sorted({r["subspaces"] for r in results.values()}))
@@ -184,7 +186,7 @@ def _provenance(summary: dict) -> str:
     minutes = summary["seconds"] / 60
     took = f"{minutes:.0f} minute{'' if round(minutes) == 1 else 's'}"
     return (
-        f"Written by `{summary['command']}` on {dt.date.today().isoformat()} (torch {summary['torch']}, "
+        f"Written by `{summary['command']}` on {date} (torch {summary['torch']}, "
         f"{summary['device']}, {took} in all) from its records `{summary_file(summary)}` and the margin folders it "
         f"names: {training_text(results)}{overrides}; margins of {samples} random test samples (seed {s['seed']}) "
         f"along DCT subspaces ({subspaces}), {attacks}. The paper: [arXiv:2002.06349]({PAPER}); its figures are "
