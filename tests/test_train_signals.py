@@ -167,9 +167,9 @@ def reference(tmp_path_factory) -> Path:
 CASES = [  # signal, moment, ranks, exit status, the cause in the line, global step of last.ckpt, resumed
     ("SIGTERM", "train", [0], 143, "rank 0 received SIGTERM", 4, True),
     ("SIGTERM", "validation", [1], 143, "rank 1 received SIGTERM", 4, False),
-    ("SIGTERM", "margin", [1], 143, "rank 1 received SIGTERM", 4, True),
+    ("SIGTERM", "margin", [1], 143, "rank 1 received SIGTERM", 4, False),  # last.ckpt as in the first case
     ("SIGTERM", "margin", [0, 1], 143, "rank [01] received SIGTERM", 4, False),  # the first to stop is named
-    ("SIGTERM", "checkpoint", [0], 143, "rank 0 received SIGTERM", 8, False),  # the save completes, then the stop
+    ("SIGTERM", "checkpoint", [0], 143, "rank 0 received SIGTERM", 8, True),  # the save completes, then the stop
     ("SIGUSR1", "train", [1], 138, "rank 1 received SIGUSR1", 4, False),  # outside SLURM: as SIGTERM
     ("SIGINT", "validation", [0, 1], 130, "rank 0 received SIGINT", 4, False),  # Ctrl-C: every process of the group
     ("SIGKILL", "train", [1], 3, r"rank 1 \(process {pid}\) was killed by SIGKILL", 4, False),
