@@ -575,21 +575,6 @@ def test_a_full_disk_leaves_no_temporary_stop_file(tmp_path, monkeypatch):
     assert disk.failed and [p.name for p in folder.iterdir() if p.name.startswith(".stop")] == [".stop"]
 
 
-def test_train_py_bad_margin_settings_and_typos_are_one_line_and_leave_no_version_folder(tmp_path):
-    def base(config: str) -> list[str]:
-        return [sys.executable, str(REPO / "train.py"), "fit", "--config", str(REPO / "configs" / f"{config}.yaml"),
-                "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "1"]  # fmt: skip
-
-    for command, words in (
-        ([*base("synthetic_lenet"), "--margin.num_samples", "0"], "margin.num_samples must be >= 1"),
-        ([*base("synthetic_lenet"), "--margin.num_sample", "7"], "did you mean --margin.num_samples"),
-        ([*base("mnist_lenet"), "--data.data_dir", str(tmp_path / "none")], "MNIST not found"),
-    ):
-        done = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
-        assert done.returncode == 2 and words in done.stderr, done.stderr[-2000:]
-        assert not list(tmp_path.rglob("version_*")), f"{command[-2:]}: an empty version folder was left"
-
-
 # ---- 6. nothing left behind -------------------------------------------------------------------------------------
 def test_a_rerun_removes_what_a_killed_merge_left_and_counts_the_whole_run(setup, tmp_path):
     out = tmp_path / "merged"

@@ -112,13 +112,24 @@ def run_cli(args: list[str], capsys) -> tuple[int, list[str]]:
      (["--data.batch_size", "0"], "batch sizes must be positive, got batch_size=0"),
      (["--trainer.devices", "0"], "Trainer(devices='0')` value is not a valid input"),
      (["--trainer.max_epochs", "x"], "trainer.max_epochs: expected int or None, got 'x'"),
-     (["--ckpt_path", "missing.ckpt"], "checkpoint file not found: missing.ckpt")],
+     (["--ckpt_path", "missing.ckpt"], "checkpoint file not found: missing.ckpt"),
+     (["--margin.num_samples", "0"], "margin.num_samples must be >= 1")],
 )  # fmt: skip
 def test_a_bad_value_is_one_line_exit_2_and_leaves_no_folder(tmp_path, monkeypatch, capsys, flags, words):
     monkeypatch.chdir(tmp_path)
     code, err = run_cli(["fit", *TINY, "--trainer.default_root_dir", str(tmp_path / "runs"), *flags], capsys)
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and words in err[0], err
     assert list(tmp_path.iterdir()) == []  # neither runs/ nor runs/synthetic_lenet/ nor a version folder
+
+
+def test_missing_mnist_is_one_line_naming_the_flag_and_leaves_no_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    config = str(REPO / "configs" / "mnist_lenet.yaml")
+    args = ["fit", "--config", config, "--trainer.default_root_dir", str(tmp_path / "runs"), "--trainer.max_steps", "1",
+            "--data.data_dir", str(tmp_path / "none")]  # fmt: skip
+    code, err = run_cli(args, capsys)
+    assert code == 2 and len(err) == 1 and "MNIST not found" in err[0] and "--data.download true" in err[0], err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_checkpoint_holding_pickled_objects_is_refused_and_names_the_flag_that_trusts_it(tmp_path, capsys):
