@@ -10,6 +10,7 @@
 
     # Fourier heat map (Yin et al. 2019): error rate under x + r * eps * U(i, j) for every 2-D frequency
     python frequency_analysis.py heatmap --checkpoint last.ckpt --eps 10 [--num-samples 1000 --radius 15]
+    #   (--images-per-pass N: perturbed images per forward pass; --batch-size is its old, deprecated name)
 
 map2d and random measure margins exactly as evaluate_margin.py does (the same flags, chunks, processes, resume and
 result files: `--accelerator cpu --devices 2` or torchrun share the rows out, rerunning an interrupted command
@@ -55,7 +56,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from analysis.fourier_heatmap import VALID_RANGES, FourierHeatmap, fourier_heatmap
+from analysis.fourier_heatmap import IMAGES_PER_PASS, VALID_RANGES, FourierHeatmap, fourier_heatmap
 from analysis.maps import median_map, spread_ratio
 from analysis.plots import plot_dct_vs_random, plot_fourier_heatmaps, plot_margin_maps
 from common.cli import ArgumentParser
@@ -85,12 +86,14 @@ from margins.inputs import (
     make_subspaces,
     margin_dataset,
 )
+from margins.measure import DEFAULT_NUM_SAMPLES
 from margins.names import estimator_of, quantity
 from margins.plot import describe_run, describe_settings
 from margins.results import MarginReport, time_line
 
 DEFAULT_VALID = {"none": "box", "flip": "flipped_box"}  # other transforms (low/high pass) have no box: "none"
 OUTPUT_ROOT = "outputs/frequency_analysis"
+HEATMAP_SAMPLES = 1000  # heatmap's --num-samples default (map2d and random: the margins' DEFAULT_NUM_SAMPLES)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("map2d", "2-D margin map"), ("random", "DCT vs random subspaces"), ("heatmap", "heat map")):
         sub = commands.add_parser(name, help=text, description=text)
         add_source_arguments(sub)
-        add_sample_arguments(sub, default_samples=1000 if name == "heatmap" else 100)
+        add_sample_arguments(sub, HEATMAP_SAMPLES if name == "heatmap" else DEFAULT_NUM_SAMPLES)
         if name == "heatmap":
             _heatmap_arguments(sub)
             continue
@@ -121,7 +124,10 @@ def _heatmap_arguments(sub: argparse.ArgumentParser) -> None:
     a("--eps", type=float, required=True, help="L2 norm of the perturbation (MNIST LeNet: 10)")
     a("--radius", type=int, help="only frequencies with |i|, |j| <= radius (default all)")
     a("--valid", choices=VALID_RANGES, help="valid range (default: from the transform)")
-    a("--batch-size", type=int, default=2048, help="perturbed images per forward pass (default 2048)")
+    a("--images-per-pass", type=int, default=IMAGES_PER_PASS,
+      help=f"perturbed images per forward pass (default {IMAGES_PER_PASS})")  # fmt: skip
+    a("--batch-size", dest="images_per_pass", type=int, action=deprecated("--images-per-pass", int),
+      help=argparse.SUPPRESS)  # fmt: skip
     a("--accelerator", default="auto", help="cpu, gpu or auto (default: gpu when available); one device")
     a("--device", dest="accelerator", action=deprecated("--accelerator"), help=argparse.SUPPRESS)
     a("--output-dir", help=f"where results go (default {OUTPUT_ROOT}/heatmap/<model>_<dataset>_<transform>_<run>)")
@@ -255,7 +261,7 @@ def run_heatmap(args: argparse.Namespace, argv: list[str]) -> Path:
     x, y = gather_samples(dataset, indices)
     valid = args.valid or DEFAULT_VALID.get(dm.hparams.transform, "none")
     model = loaded.model.to(device)
-    heat = fourier_heatmap(model, x, y, args.eps, valid, args.seed, args.batch_size, args.radius,
+    heat = fourier_heatmap(model, x, y, args.eps, valid, args.seed, args.images_per_pass, args.radius,
                            progress=not args.no_progress)  # fmt: skip
     settings = {"command": ["frequency_analysis.py", *argv], "dataset": dm.name, "transform": dm.hparams.transform,
                 "checkpoint": str(Path(args.checkpoint).resolve()), "checkpoint_sha256": loaded.sha256,

@@ -29,6 +29,7 @@ from common.errors import InputError
 from frequency.transforms import flip
 
 VALID_RANGES = ("box", "flipped_box", "none")
+IMAGES_PER_PASS = 2048  # perturbed images per forward pass when none is given (`fourier_heatmap`'s batch_size)
 
 
 @dataclass
@@ -104,7 +105,7 @@ def fourier_heatmap(
     eps: float,
     valid: str = "box",
     seed: int = 0,
-    batch_size: int = 2048,
+    batch_size: int = IMAGES_PER_PASS,
     radius: int | None = None,
     progress: bool = False,
 ) -> FourierHeatmap:

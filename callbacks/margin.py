@@ -38,11 +38,13 @@ from margins import select_indices, write_report
 from margins.chunks import ChunkStore, ResumeMismatchError
 from margins.evaluate import fingerprint_of, make_job, state_sha256
 from margins.guard import EXIT_BAD_INPUT, EXIT_BUG, FolderLock, Watchdog, remove_markers
+from margins.measure import DEFAULT_NUM_SAMPLES
 from margins.names import differing, estimator_of, quantity
 from margins.results import SUMMARY_FILE, MarginReport
 from margins.sharding import chunk_ranges, shard_range
 from margins.work import (
     CHUNK_DIR,
+    DEFAULT_CHUNK_ROWS,
     AttackSettings,
     ChunkWork,
     MarginJob,
@@ -66,10 +68,11 @@ class MarginCallback(L.Callback):
             unless the last validation already measured it.
         on_test: also measure at the end of `test` runs.
         subspace_dim, subspace_step: DCT block side and step (default: the datamodule's, the paper's settings).
-        max_iter, overshoot: DeepFool settings (release: 100, 0.02).
+        max_iter, overshoot: DeepFool settings (default: the release's, `AttackSettings`').
         estimator: "deepfool" (the paper's) or "fmn" (minimum-norm, `attacks.fmn`, `fmn_steps` steps per row):
             margins, upper bounds; "certify": certified lower bounds (`attacks.certify`, float64).
-        chunk_rows: (sample, subspace) rows per chunk, attacked as one batch: the unit shared out under DDP.
+        chunk_rows: (sample, subspace) rows per chunk, attacked as one batch: the unit shared out under DDP
+            (default `margins.work.DEFAULT_CHUNK_ROWS`, whatever the estimator).
         threads: CPU threads while measuring (float bits depend on them: pinned, so 1 and k processes agree).
         kernels: the engine's kernels, "auto" or "off" (`attacks.kernels`).
         band_width: subspaces in the low and in the high band (capped at half the subspaces).
@@ -96,20 +99,20 @@ class MarginCallback(L.Callback):
 
     def __init__(
         self,
-        num_samples: int = 100,
+        num_samples: int = DEFAULT_NUM_SAMPLES,
         seed: int = 0,
         every_n_epochs: int = 1,
         measure_at_fit_end: bool = True,
         on_test: bool = True,
         subspace_dim: int | None = None,
         subspace_step: int | None = None,
-        max_iter: int = 100,
-        overshoot: float = 0.02,
-        chunk_rows: int = 512,
-        estimator: str = "deepfool",
-        fmn_steps: int = 200,
-        threads: int = 1,
-        kernels: str = "auto",
+        max_iter: int = AttackSettings.max_iter,
+        overshoot: float = AttackSettings.overshoot,
+        chunk_rows: int = DEFAULT_CHUNK_ROWS,
+        estimator: str = AttackSettings.estimator,
+        fmn_steps: int = AttackSettings.fmn_steps,
+        threads: int = RunSettings.threads,
+        kernels: str = AttackSettings.kernels,
         band_width: int = 3,
         log_figure: bool = True,
         progress: bool = True,

@@ -20,7 +20,16 @@ from common.errors import InputError
 from datamodules import DATASETS, TRANSFORMS
 from margins.guard import EXIT_BAD_INPUT, STOPPED, env_rank
 from margins.inputs import ModelSource
-from margins.work import CERTIFY_METHODS, DTYPES, ESTIMATORS, AttackSettings, RunSettings
+from margins.measure import DEFAULT_NUM_SAMPLES
+from margins.work import (
+    CERTIFY_METHODS,
+    DEFAULT_CHUNK_ROWS,
+    DTYPES,
+    ESTIMATORS,
+    SMALL_CHUNK_ROWS,
+    AttackSettings,
+    RunSettings,
+)
 from models import MODEL_NAMES
 
 
@@ -36,7 +45,7 @@ def add_source_arguments(p: argparse.ArgumentParser) -> None:
     a("--trusted-pickle", action="store_true", help="allow pickled objects (MadryLab); ONLY for files you trust")
 
 
-def add_sample_arguments(p: argparse.ArgumentParser, default_samples: int = 100) -> None:
+def add_sample_arguments(p: argparse.ArgumentParser, default_samples: int = DEFAULT_NUM_SAMPLES) -> None:
     a = p.add_argument
     a("--num-samples", type=int, default=default_samples, help=f"test samples drawn at random ({default_samples})")
     a("--seed", type=int, default=0, help="seed of the draw (default 0)")
@@ -50,35 +59,40 @@ def add_subspace_arguments(p: argparse.ArgumentParser, step_help: str = "DCT blo
 
 
 def add_attack_arguments(p: argparse.ArgumentParser) -> None:
-    a = p.add_argument
-    a("--max-iter", type=int, default=100, help="DeepFool iterations per row (default 100)")
-    a("--overshoot", type=float, default=0.02, help="overshoot (default 0.02)")
+    """The estimator's flags; each default is `AttackSettings`' field default."""
+    a, d = p.add_argument, AttackSettings
+    a("--max-iter", type=int, default=d.max_iter, help=f"DeepFool iterations per row (default {d.max_iter})")
+    a("--overshoot", type=float, default=d.overshoot, help=f"overshoot (default {d.overshoot})")
     a(
         "--chunk-rows",
         type=int,
-        help="(sample, subspace) rows per chunk: memory and resume unit (64 for ImageNet or certify, else 512)",
+        help=f"(sample, subspace) rows per chunk: memory and resume unit ({SMALL_CHUNK_ROWS} for ImageNet or certify, "
+        f"else {DEFAULT_CHUNK_ROWS})",
     )
     a("--dtype", choices=tuple(DTYPES), help="precision (default float32; float64 for --estimator certify)")
-    a("--kernels", choices=("auto", "off"), default="auto", help="the engine's CPU kernels (default auto)")
+    a("--kernels", choices=("auto", "off"), default=d.kernels, help=f"the engine's CPU kernels (default {d.kernels})")
     a(
         "--estimator",
         choices=ESTIMATORS,
-        default="deepfool",
+        default=d.estimator,
         help="deepfool (the paper's) or fmn: attacks, margins that are upper bounds; certify: certified lower bounds",
     )
-    a("--fmn-steps", type=int, default=200, help="FMN steps per row (default 200)")
-    a("--certify-method", choices=CERTIFY_METHODS, default="crown", help="the certifier's bounds (default crown)")
+    a("--fmn-steps", type=int, default=d.fmn_steps, help=f"FMN steps per row (default {d.fmn_steps})")
+    a("--certify-method", choices=CERTIFY_METHODS, default=d.certify_method,
+      help=f"the certifier's bounds (default {d.certify_method})")  # fmt: skip
 
 
 def add_run_arguments(p: argparse.ArgumentParser, default_output: str) -> None:
-    a = p.add_argument
-    a("--accelerator", default="auto", help="Lightning accelerator: cpu, gpu, auto (default)")
+    """The process and output flags; each default is `RunSettings`' field default."""
+    a, d = p.add_argument, RunSettings
+    a("--accelerator", default=d.accelerator, help=f"Lightning accelerator: cpu, gpu, auto (default {d.accelerator})")
     a("--devices", help="devices (processes) per node (default 1; under torchrun: its nproc-per-node)")
     a("--num-nodes", type=int, help="nodes (default 1; under torchrun: from its environment)")
-    a("--strategy", default="auto", help="Lightning strategy: auto, ddp, ddp_spawn, ... (default auto)")
-    a("--num-workers", type=int, default=0, help="DataLoader workers reading samples (default 0)")
-    a("--threads", type=int, default=1,
-      help="CPU threads per process (default 1: on cores shared with other jobs 1 thread measured fastest, "
+    a("--strategy", default=d.strategy, help=f"Lightning strategy: auto, ddp, ddp_spawn, ... (default {d.strategy})")
+    a("--num-workers", type=int, default=d.num_workers,
+      help=f"DataLoader workers reading samples (default {d.num_workers})")  # fmt: skip
+    a("--threads", type=int, default=d.threads,
+      help=f"CPU threads per process (default {d.threads}: on cores shared with other jobs 1 thread measured fastest, "
       "docs/ENGINE.md; on idle cores try --threads N or --devices N; float bits depend on it)")  # fmt: skip
     a(
         "--return-freed-memory",

@@ -53,7 +53,7 @@ from margins.inputs import (
     margin_dataset,
     tensor_bytes,
 )
-from margins.measure import gather_samples
+from margins.measure import DEFAULT_NUM_SAMPLES, gather_samples
 from margins.names import describe_held
 from margins.predict import device_type, make_trainer, predict_chunks
 from margins.results import SUMMARY_FILE, MarginReport, json_safe, read_report, remove_stale_tmp_dirs, write_report
@@ -88,7 +88,7 @@ def evaluate_margins(
     subspace_step: int | None = None,
     indices: np.ndarray | None = None,
     indices_file: str | Path | None = None,
-    num_samples: int = 100,
+    num_samples: int = DEFAULT_NUM_SAMPLES,
     seed: int = 0,
     output_dir: str | Path | None = None,
     output_root: str = "outputs/margins",
@@ -108,7 +108,8 @@ def evaluate_margins(
     `output_dir` (default for a checkpoint: `<output_root>/<model>_<dataset>[_<transform>][_<kind>]_<run>`).
     `title` heads the figure (default: model, dataset and transform). `reuse_finished`: a folder holding a
     finished evaluation of these very settings is read back (`extra["reused"]`) instead of refused (a command of
-    several parts resumes after a finished part). Raises InputError on bad input, naming the parameter.
+    several parts resumes after a finished part). `attack` and `run` are read, never changed (the job carries a
+    copy of `attack` with its chunk size given). Raises InputError on bad input, naming the parameter.
     """
     started = time.perf_counter()
     attack, run = attack or AttackSettings(), run or RunSettings()
@@ -139,7 +140,7 @@ def evaluate_margins(
             indices = choose_indices(num_samples, seed, str(indices_file), len(dataset), "given dataset")
         job = job_from_model(model, dataset, subspaces, indices, num_samples, seed, output_dir, attack, title)
     job.started = started
-    return run_job(job, attack, run, reuse_finished)
+    return run_job(job, job.attack, run, reuse_finished)
 
 
 def job_from_checkpoint(
@@ -156,11 +157,11 @@ def job_from_checkpoint(
     title: str = "",
     output_root: str = "outputs/margins",
 ) -> MarginJob:
-    """Load and validate the checkpoint's model and data, choose samples and subspaces (InputError if bad)."""
+    """Load and validate the checkpoint's model and data, choose samples and subspaces (InputError if bad); the
+    job's `attack` is a copy of `attack` with the dataset's default chunk size when none is given."""
     loaded = load_source(source)
     dm, hp, info = loaded.datamodule, loaded.hparams, loaded.info
-    if attack.chunk_rows is None:
-        attack.chunk_rows = attack.default_chunk_rows(dm.name)
+    attack = attack.resolved(dm.name)
     family = family if family is not None else make_subspaces(subspace or SubspaceSpec(), dm)
     family.check_image_shape(tuple(dm.image_shape))
     from_checkpoint = source.data_dir is None and dm.hparams.data_dir == info.data_hparams.get("data_dir")
@@ -212,7 +213,7 @@ def job_from_model(
     missing = [name for name, v in (("model", model), ("dataset", dataset), ("output_dir", output_dir)) if v is None]
     if missing:
         raise InputError(f"without a checkpoint, pass {', '.join(missing)} (and subspaces, default: full space)")
-    attack.chunk_rows = attack.chunk_rows or attack.default_chunk_rows()
+    attack = attack.resolved()
     if indices is None:
         indices = choose_indices(num_samples, seed, None, len(dataset), "given dataset")
     x, y = gather_samples(dataset, np.asarray(indices)[:2])
@@ -249,7 +250,7 @@ def make_job(
     attack.check_model(model, subspaces.image_shape)
     fingerprint = fingerprint_of(settings)
     figure = settings["subspace"] != "grid"  # a 2-D grid gets its map instead (frequency_analysis.py map2d)
-    return MarginJob(model, dataset, indices, subspaces, folder, settings, fingerprint, title, figure)
+    return MarginJob(model, dataset, indices, subspaces, folder, settings, fingerprint, title, figure, attack=attack)
 
 
 def fingerprint_of(settings: dict[str, Any]) -> dict[str, Any]:

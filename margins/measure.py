@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
+DEFAULT_NUM_SAMPLES = 100  # samples a margin evaluation draws when none are given (the paper's)
+
 
 def select_indices(dataset_size: int, num_samples: int, seed: int) -> np.ndarray:
     """`num_samples` distinct dataset indices drawn uniformly with `np.random.default_rng(seed)`.

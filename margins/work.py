@@ -47,9 +47,11 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 ESTIMATORS = ("deepfool", "fmn", "certify")
 DEFAULT_DTYPES = {"certify": "float64"}  # an estimator's precision when none is given (else float32)
 CHUNK_DIR = "chunks"
+DEFAULT_CHUNK_ROWS = 512  # rows per chunk when none is given (`AttackSettings.default_chunk_rows`)
+SMALL_CHUNK_ROWS = 64  # the same for ImageNet and for the certifier
 
 
-@dataclass
+@dataclass(frozen=True)
 class AttackSettings:
     """The margin estimator and its settings, the chunk size, and the engine's precision and kernels.
 
@@ -59,7 +61,7 @@ class AttackSettings:
     with `certify_method`). `chunk_rows` (sample, subspace) rows are attacked as one batch and committed as one file:
     it bounds memory and fixes the float results (keep it to resume); None: `default_chunk_rows`. `dtype`:
     None is float64 for the certifier, float32 for the attacks. `kernels`: "auto" or "off" (`attacks.kernels`;
-    the attacks' only)."""
+    the attacks' only). Frozen: a variant is `dataclasses.replace(settings, ...)`, never a change to the caller's."""
 
     overshoot: float = 0.02
     max_iter: int = 100
@@ -72,8 +74,8 @@ class AttackSettings:
     certify_method: str = "crown"
 
     def __post_init__(self) -> None:
-        if self.dtype is None:
-            self.dtype = DEFAULT_DTYPES.get(self.estimator, "float32")
+        if self.dtype is None:  # the estimator's precision (frozen: set once, while constructed)
+            object.__setattr__(self, "dtype", DEFAULT_DTYPES.get(self.estimator, "float32"))
 
     def check(self) -> None:
         """InputError naming the parameter when a setting is out of range."""
@@ -114,9 +116,16 @@ class AttackSettings:
                 "chunk_rows": self.chunk_rows, "dtype": self.dtype, "bound": bound(self.estimator)}  # fmt: skip
 
     def default_chunk_rows(self, dataset: str = "") -> int:
-        """Rows per chunk when none is given: 64 for ImageNet (memory) and for the certifier (a certified row costs
-        hundreds of DeepFool's: progress and resume stay fine-grained), else 512."""
-        return 64 if dataset == "imagenet" or self.estimator == "certify" else 512
+        """Rows per chunk when none is given: `SMALL_CHUNK_ROWS` (64) for ImageNet (memory) and for the certifier (a
+        certified row costs hundreds of DeepFool's: progress and resume stay fine-grained), else
+        `DEFAULT_CHUNK_ROWS` (512)."""
+        return SMALL_CHUNK_ROWS if dataset == "imagenet" or self.estimator == "certify" else DEFAULT_CHUNK_ROWS
+
+    def resolved(self, dataset: str = "") -> AttackSettings:
+        """These settings with `chunk_rows` given (`default_chunk_rows(dataset)` when None): a copy, never `self`
+        changed."""
+        rows = self.default_chunk_rows(dataset) if self.chunk_rows is None else self.chunk_rows
+        return dataclasses.replace(self, chunk_rows=rows)
 
     def check_model(self, model: nn.Module, image_shape: tuple[int, ...]) -> None:
         """The certifier's layers check before anything is written: `UnsupportedLayerError` (an InputError) naming
@@ -141,12 +150,13 @@ class AttackSettings:
                                 batch_size=batch, dtype=dtype, kernels=self.kernels)  # fmt: skip
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunSettings:
     """Processes and run policy: Lightning's `accelerator`, `devices` (None: from torchrun's environment, else 1),
     `num_nodes` and `strategy`; DataLoader workers reading samples; whether an earlier evaluation in the folder is
     discarded (`overwrite`); a progress bar; CPU intra-op threads per process (float bits depend on them, so they
-    are part of a CPU run); glibc keeping freed memory for reuse (`common.memory`, process-wide)."""
+    are part of a CPU run); glibc keeping freed memory for reuse (`common.memory`, process-wide). Frozen, as
+    `AttackSettings`."""
 
     accelerator: str = "auto"
     devices: int | str | None = None
@@ -182,6 +192,7 @@ class MarginJob:
     title: str
     figure: bool = True  # the paper's plot in the result folder (not for 2-D grids)
     started: float = dataclasses.field(default_factory=time.perf_counter)  # `seconds` of the report count from here
+    attack: AttackSettings | None = None  # the settings the job was made with, `chunk_rows` given
 
 
 class ChunkDataset(Dataset):

@@ -28,13 +28,14 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from analysis.compare import compare_runs, load_runs, plot_comparison, write_csv  # noqa: E402
-from analysis.fourier_heatmap import FourierHeatmap, fourier_heatmap  # noqa: E402
+from analysis.fourier_heatmap import IMAGES_PER_PASS, FourierHeatmap, fourier_heatmap  # noqa: E402
 from analysis.maps import median_map, reflection_correlations, spread_ratio  # noqa: E402
 from analysis.plots import plot_dct_vs_random, plot_fourier_heatmaps, plot_margin_maps  # noqa: E402
 from frequency.families import build_subspace_family  # noqa: E402
 from margins import gather_samples, read_report, save_figure, select_indices  # noqa: E402
 from margins.evaluate import evaluate_margins  # noqa: E402
 from margins.inputs import ModelSource, load_model_and_data  # noqa: E402
+from margins.measure import DEFAULT_NUM_SAMPLES  # noqa: E402
 from margins.plot import describe_run  # noqa: E402
 from margins.work import RunSettings  # noqa: E402
 
@@ -78,7 +79,7 @@ def analyse(name: str, checkpoint: Path, args: argparse.Namespace) -> dict:
         seconds[kind] = time.perf_counter() - start
     hx, hy = gather_samples(dataset, select_indices(len(dataset), args.heatmap_samples, 0))
     start = time.perf_counter()
-    heat = fourier_heatmap(model, hx, hy, args.eps, valid, seed=0, batch_size=2048)
+    heat = fourier_heatmap(model, hx, hy, args.eps, valid, seed=0, batch_size=IMAGES_PER_PASS)
     seconds["heatmap"] = time.perf_counter() - start
     np.save(out / "heatmap.npy", heat.error)
     with torch.no_grad():
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
     parser.add_argument("--out", type=Path, default=REPO / "outputs" / "analyses_mnist")
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--num-samples", type=int, default=100)
+    parser.add_argument("--num-samples", type=int, default=DEFAULT_NUM_SAMPLES)
     parser.add_argument("--heatmap-samples", type=int, default=500)
     parser.add_argument("--eps", type=float, default=10.0, help="L2 norm of the heat map's Fourier perturbation")
     parser.add_argument("--checkpoints", nargs=2, type=Path, metavar=("STANDARD", "FLIPPED"), help="skip training")

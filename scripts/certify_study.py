@@ -38,6 +38,7 @@ from analysis.compare import Run, interval_rows, paired_columns  # noqa: E402
 from margins import read_report  # noqa: E402
 from margins.evaluate import evaluate_margins  # noqa: E402
 from margins.inputs import ModelSource  # noqa: E402
+from margins.measure import DEFAULT_NUM_SAMPLES  # noqa: E402
 from margins.results import MarginReport  # noqa: E402
 from margins.work import AttackSettings, RunSettings  # noqa: E402
 from models import file_sha256  # noqa: E402
@@ -283,11 +284,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=REPO / "outputs" / "certify_study")
     p.add_argument("--estimator-study", type=Path, default=REPO / "outputs" / "estimator_study",
                    help="estimator_study.py's --out: its finished DeepFool and FMN folders are reused")  # fmt: skip
-    p.add_argument("--num-samples", type=int, default=100)
+    p.add_argument("--num-samples", type=int, default=DEFAULT_NUM_SAMPLES)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--subspace-step", type=int, default=1, help="DCT block step (8x8 blocks; default 1: 21 blocks)")
-    p.add_argument("--fmn-steps", type=int, default=200)
-    p.add_argument("--certify-method", default=AttackSettings().certify_method)
+    p.add_argument("--fmn-steps", type=int, default=AttackSettings.fmn_steps)
+    p.add_argument("--certify-method", default=AttackSettings.certify_method)
     p.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS))
     p.add_argument("--docs", action="store_true", help="write the section into docs/RESULTS.md")
     p.add_argument("--page", type=Path, default=REPO / "docs" / "RESULTS.md", help=argparse.SUPPRESS)

@@ -27,6 +27,7 @@ from analysis.compare import Run, compare_runs, plot_row_ratios  # noqa: E402
 from margins import read_report, save_figure  # noqa: E402
 from margins.evaluate import evaluate_margins  # noqa: E402
 from margins.inputs import ModelSource  # noqa: E402
+from margins.measure import DEFAULT_NUM_SAMPLES  # noqa: E402
 from margins.results import MarginReport  # noqa: E402
 from margins.work import AttackSettings, RunSettings  # noqa: E402
 from models import file_sha256  # noqa: E402
@@ -177,9 +178,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--reproduction", type=Path, default=REPO / "outputs" / "reproduce_mnist")
     p.add_argument("--data-dir", type=Path, default=REPO.parent / "shared" / "data")
     p.add_argument("--out", type=Path, default=REPO / "outputs" / "estimator_study")
-    p.add_argument("--num-samples", type=int, default=100)
+    p.add_argument("--num-samples", type=int, default=DEFAULT_NUM_SAMPLES)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fmn-steps", type=int, default=200)
+    p.add_argument("--fmn-steps", type=int, default=AttackSettings.fmn_steps)
     p.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS))
     p.add_argument("--docs", action="store_true", help="write the section into docs/RESULTS.md")
     args = p.parse_args(argv)

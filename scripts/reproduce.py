@@ -47,6 +47,7 @@ sys.path.insert(0, str(REPO))  # run as a file from a clone: the project's packa
 from callbacks.epoch_line import LINE as EPOCH_LINE  # noqa: E402
 from configs import config_path  # noqa: E402
 from margins import read_report  # noqa: E402
+from margins.measure import DEFAULT_NUM_SAMPLES  # noqa: E402
 from margins.plot import describe_run, grid_shape, panel_axes, plot_margins, shared_legend  # noqa: E402
 from scripts.results_doc import band_medians, claim_values, render  # noqa: E402
 
@@ -540,7 +541,8 @@ def build_parser() -> argparse.ArgumentParser:
       "each epoch prints a line: loss, accuracy, seconds)")  # fmt: skip
     a("--train-args", default="", help='more train.py flags, e.g. --train-args="--trainer.max_steps 5"')
     a("--margin-args", default="", help='more evaluate_margin.py flags, e.g. --margin-args="--max-iter 50"')
-    a("--num-samples", type=int, default=100, help="test samples for the margins (default 100)")
+    a("--num-samples", type=int, default=DEFAULT_NUM_SAMPLES,
+      help=f"test samples for the margins (default {DEFAULT_NUM_SAMPLES})")  # fmt: skip
     a("--robust-samples", type=int, help="test samples attacked for PGD accuracy (default: MNIST 1000, else 0: none)")
     a("--seed", type=int, default=0, help="seed of training and of the sample draw (default 0)")
     a("--quick", action="store_true", help=QUICK_HELP)

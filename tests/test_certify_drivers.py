@@ -109,8 +109,10 @@ def test_certify_chunks_are_smaller_by_default(lenet, tmp_path):
     source = ModelSource(lenet.ckpt, "lenet", "mnist", data_dir=str(lenet.data))
     rows = {}
     for estimator in ("certify", "deepfool"):
-        job = job_from_checkpoint(source, 2, 0, tmp_path, AttackSettings(estimator=estimator), SubspaceSpec("dct"))
+        attack = AttackSettings(estimator=estimator)
+        job = job_from_checkpoint(source, 2, 0, tmp_path, attack, SubspaceSpec("dct"))
         rows[estimator] = job.settings["chunk_rows"]
+        assert job.attack.chunk_rows == rows[estimator] and attack.chunk_rows is None  # the caller's: unchanged
     assert rows == {"certify": 64, "deepfool": 512}
 
 

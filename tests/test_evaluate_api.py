@@ -6,6 +6,8 @@ Independent reference: the engine called directly on each chunk of rows with onl
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import signal
 
@@ -22,7 +24,7 @@ from margins.evaluate import evaluate_margins
 from margins.inputs import SubspaceSpec, describe_family
 from margins.results import read_report
 from margins.sharding import chunk_ranges, row_grid
-from margins.work import AttackSettings, RunSettings
+from margins.work import DEFAULT_CHUNK_ROWS, AttackSettings, RunSettings
 from models import build_model
 
 RUN = RunSettings(accelerator="cpu", devices=1, progress=False)
@@ -97,6 +99,21 @@ def test_kernels_are_passed_to_the_engine_and_part_of_the_fingerprint(tmp_path):
     with pytest.raises(InputError, match="kernels must be 'auto' or 'off'"):
         evaluate_margins(**common, output_dir=tmp_path / "bad", attack=AttackSettings(kernels="fast"), run=RUN)
     assert not (tmp_path / "bad").exists()
+
+
+def test_settings_are_frozen_and_the_callers_objects_stay_as_passed(tmp_path):
+    """The chunk size a run chooses (None: the default) goes into the job's copy, never into the caller's object."""
+    attack, run = AttackSettings(max_iter=3), RunSettings(accelerator="cpu", devices=1, progress=False)
+    passed = copy.deepcopy((attack, run))
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    report, _ = evaluate_margins(model=_model(), dataset=[(x[i], i) for i in range(2)], subspaces=FullSpace((1, 8, 8)),
+                                 output_dir=tmp_path / "out", num_samples=2, attack=attack, run=run)  # fmt: skip
+    assert (attack, run) == passed and attack.chunk_rows is None
+    assert report.settings["chunk_rows"] == DEFAULT_CHUNK_ROWS
+    for settings, field in ((attack, "chunk_rows"), (run, "threads")):
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(settings, field, 2)
+    assert dataclasses.replace(attack, chunk_rows=8).chunk_rows == 8 and attack.chunk_rows is None
 
 
 def test_chunks_of_another_engine_version_are_not_resumed(tmp_path):

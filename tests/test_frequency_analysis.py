@@ -9,6 +9,7 @@ uninterrupted and single-process runs for resumed and 2-process ones.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -339,7 +340,7 @@ def test_deprecated_flags_warn_once_each_and_still_work(trained, runs, tmp_path,
 
 def test_heatmap_keeps_its_own_loop_and_refuses_to_overwrite(trained, tmp_path, capsys):
     flags = ["--checkpoint", trained.ckpt, "--num-samples", 4, "--eps", 2, "--no-progress", "--output-dir", tmp_path]
-    code, _, stderr = main(["heatmap", *flags, "--accelerator", "cpu", "--batch-size", 64], capsys)
+    code, _, stderr = main(["heatmap", *flags, "--accelerator", "cpu", "--images-per-pass", 64], capsys)
     assert code == 0 and "warning" not in stderr
     heat = np.load(tmp_path / "heatmap.npy")
     settings = json.loads((tmp_path / "heatmap.json").read_text())
@@ -353,12 +354,26 @@ def test_heatmap_keeps_its_own_loop_and_refuses_to_overwrite(trained, tmp_path, 
     code, _, stderr = main(["heatmap", *flags], capsys)
     assert code == 2 and "already holds a heat map; pass --overwrite" in stderr
     assert (tmp_path / "heatmap.json").read_bytes() == before
-    code, _, stderr = main(["heatmap", *flags, "--overwrite", "--device", "cpu"], capsys)
+    code, _, stderr = main(["heatmap", *flags, "--overwrite", "--device", "cpu", "--batch-size", 32], capsys)
     assert code == 0 and "warning: --device is deprecated, use --accelerator" in stderr
+    assert "warning: --batch-size is deprecated, use --images-per-pass" in stderr.splitlines()
     np.testing.assert_array_equal(np.load(tmp_path / "heatmap.npy"), heat)  # same samples, same seed
     if not torch.cuda.is_available():
         code, _, stderr = main(["heatmap", *flags, "--overwrite", "--accelerator", "gpu"], capsys)
         assert code == 2 and "CUDA is not available" in stderr
+
+
+def test_a_flag_shown_in_two_subcommands_means_one_thing():
+    """Each flag a subcommand's help shows stores into one destination in every subcommand (heatmap's images per
+    forward pass are `--images-per-pass`, not map2d's old `--batch-size`, an alias of `--chunk-rows`)."""
+    commands = frequency_analysis.build_parser()._subparsers._group_actions[0].choices
+    dests: dict[str, set[str]] = {}
+    for sub in commands.values():
+        for action in sub._actions:
+            for flag in action.option_strings if action.help != argparse.SUPPRESS else ():
+                dests.setdefault(flag, set()).add(action.dest)
+    assert {flag: d for flag, d in dests.items() if len(d) > 1} == {}
+    assert "--batch-size" not in dests and dests["--images-per-pass"] == {"images_per_pass"}
 
 
 def test_default_folders_are_named_after_command_model_dataset_and_run(trained, tmp_path, monkeypatch, capsys):
