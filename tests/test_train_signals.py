@@ -322,8 +322,8 @@ from common.process import TrainingControl
 from common.stop import CommandExit, stop_signals
 store = dist.TCPStore("127.0.0.1", int(sys.argv[1]), 2, True, datetime.timedelta(seconds=120), wait_for_workers=False)
 with CommandExit(grace=float(sys.argv[2])) as command, TrainingControl(["fit", "--config", "x.yaml"]) as control:
-    # armed: a trainer runs, a stop waits for the ranks' next meeting point
-    with stop_signals(defer=True) if sys.argv[3] == "armed" else contextlib.nullcontext():
+    # armed (as TrainingControl.arm does): a trainer runs, a stop waits for the ranks' next meeting point
+    with stop_signals(control._reaction, defer=True) if sys.argv[3] == "armed" else contextlib.nullcontext():
         try:
             print("ready", flush=True)
             store.wait(["never"])  # blocked in C++, as in a collective waiting for a rank that is gone
