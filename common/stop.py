@@ -203,6 +203,8 @@ class CommandExit:
         self._signals = contextlib.ExitStack()
 
     def __enter__(self) -> CommandExit:
+        if _LOADING.stop is not None:  # a stop while the modules loaded whose raise Python swallowed: its line is out
+            raise _LOADING.stop
         self._signals.enter_context(stop_signals())
         _HANDLING.command = self
         return self
@@ -241,6 +243,15 @@ class CommandExit:
             print(stop.line(), file=sys.stderr, flush=True)
 
 
+class _Loading:
+    """The stop received while the command's modules loaded (`stop_while_loading`), once there is one."""
+
+    stop: RunStopped | None = None
+
+
+_LOADING = _Loading()
+
+
 def stop_while_loading(resume: str = RERUN) -> None:
     """First in a command, before its other imports: a signal while its modules load (seconds) ends the process
     with the signal's exit status and its line (on the main process), before the command did anything. A Ctrl-C
@@ -248,9 +259,15 @@ def stop_while_loading(resume: str = RERUN) -> None:
 
     def handler(signum: int, frame: Any) -> None:
         stop = signal_stop(signum, resume, " while starting")
+        if _LOADING.stop is not None:
+            raise _LOADING.stop  # already stopped (the first raise was swallowed): no second line
+        _LOADING.stop = stop
         if env_rank() == 0:
             print(stop.line(), file=sys.stderr, flush=True)
-        raise stop  # a SystemExit: the imports unwind and the interpreter ends with its code
+        # a SystemExit: the imports unwind and the interpreter ends with its code. Python ignores an exception
+        # raised where it cannot propagate (a weakref callback, `__del__`, e.g. importlib's module-lock cleanup):
+        # then CommandExit raises the recorded stop as main() starts
+        raise stop
 
     for sig in reversed(STOP_SIGNALS):  # SIGTERM's last: once it is handled, all are
         if sig != signal.SIGINT or signal.getsignal(sig) != signal.SIG_IGN:

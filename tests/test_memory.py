@@ -23,10 +23,10 @@ import torch
 sys.path.insert(0, {root!r})
 from common.memory import KeepFreedMemory
 
-def rounds(n):
+def rounds(n, floats=16 << 20):
     start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     for _ in range(n):
-        block = torch.ones(16 << 20)  # float32
+        block = torch.ones(floats)  # float32: 64 MiB by default
         del block
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start
 
@@ -40,7 +40,9 @@ with KeepFreedMemory() as kept:
     out["nested"], out["after_nested"] = nested, rounds(10)
 with KeepFreedMemory(enabled=False) as disabled:
     out["disabled"] = disabled
-out["after"] = rounds(10)
+# after: a block larger than all the heap kept (its free chunks may stay in malloc's bins, reused by blocks that
+# fit, as glibc does whatever the settings) is mapped and unmapped again, as before the block
+out["after"] = rounds(5, 64 << 20)  # 256 MiB
 print(json.dumps(out))
 """
 
@@ -58,7 +60,7 @@ def test_freed_blocks_are_reused_inside_the_block_and_handed_back_after_it():
     assert faults["inside"] < pages, f"kept memory should be reused without page faults: {faults}"
     assert faults["nested"] and faults["after_nested"] < pages, f"a nested block's exit keeps the outer's: {faults}"
     assert faults["disabled"] is False
-    assert faults["after"] > 5 * pages, f"after the block freed blocks go back to the OS again: {faults}"
+    assert faults["after"] > 4 * 4 * pages, f"after the block large freed blocks go back to the OS again: {faults}"
 
 
 def test_the_restored_settings_are_the_ones_the_process_started_with(monkeypatch):
