@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -88,7 +89,8 @@ def measure(kind: str, estimator: str, args: argparse.Namespace) -> tuple[Margin
     report, _ = evaluate_margins(
         ModelSource(ckpt, data_dir=str(args.data_dir)), num_samples=args.num_samples, seed=args.seed,
         subspace_dim=8, subspace_step=args.subspace_step, output_dir=folder, attack=attack_settings(estimator, args),
-        run=RunSettings(progress=False, overwrite=overwrite), command=["scripts/certify_study.py"],
+        run=RunSettings(progress=False, overwrite=overwrite, threads=args.threads),
+        command=["scripts/certify_study.py"],
     )  # fmt: skip
     return report, folder
 
@@ -288,6 +290,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--subspace-step", type=int, default=1, help="DCT block step (8x8 blocks; default 1: 21 blocks)")
     p.add_argument("--fmn-steps", type=int, default=AttackSettings.fmn_steps)
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                   help="CPU threads (default: every core; the certifier's bound passes are large matrix products: on "
+                   "2 threads it kept 1.9 cores busy, benchmarks/bench_certify.py in docs/CERTIFY.md)")  # fmt: skip
     p.add_argument("--certify-method", default=AttackSettings.certify_method)
     p.add_argument("--models", nargs="+", choices=tuple(MODELS), default=list(MODELS))
     p.add_argument("--docs", action="store_true", help="write the section into docs/RESULTS.md")
