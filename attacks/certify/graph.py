@@ -24,10 +24,6 @@ from common.errors import InputError
 from models._checks import check_flat_features
 from models.normalization import Normalize
 
-DENSE_ENTRIES = 2**23  # a convolution as a matrix: at most this many entries (64 MiB in float64)
-DENSE_RATIO = 2.0  # ... and at most this many times the convolution's multiplications
-DENSE_BATCH = 64  # ... for batches of at least this many maps
-
 
 class UnsupportedLayerError(InputError):
     """The model has a layer the certifier cannot bound (the message names it)."""
@@ -99,60 +95,26 @@ class Conv(Affine):
     groups: int
     in_shape: tuple[int, ...]
 
-    def _conv(self, h: torch.Tensor, weight: torch.Tensor, absolute: bool = False) -> torch.Tensor:
+    def _conv(self, h: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         lead = h.shape[: h.dim() - 3]
-        flat = h.reshape(-1, *self.in_shape)
-        matrix = self.dense(absolute) if flat.shape[0] >= DENSE_BATCH else None
-        if matrix is not None:
-            return (flat.reshape(flat.shape[0], -1) @ matrix.T).reshape(*lead, *self.shape)
-        out = F.conv2d(flat, weight, None, self.stride, self.padding, self.dilation, self.groups)
+        out = F.conv2d(
+            h.reshape(-1, *self.in_shape), weight, None, self.stride, self.padding, self.dilation, self.groups
+        )
         return out.reshape(*lead, *self.shape)
 
     def linear(self, hs: list[torch.Tensor]) -> torch.Tensor:
         return self._conv(hs[0], self.weight)
 
     def absolute(self, hs: list[torch.Tensor]) -> torch.Tensor:
-        return self._conv(hs[0], self.weight.abs(), absolute=True)
+        return self._conv(hs[0], self.weight.abs())
 
     def transpose(self, lam: torch.Tensor) -> list[torch.Tensor]:
         lead = lam.shape[: lam.dim() - 3]
         flat = lam.reshape(-1, *self.shape)
-        matrix = self.dense() if flat.shape[0] >= DENSE_BATCH else None
-        if matrix is not None:
-            return [(flat.reshape(flat.shape[0], -1) @ matrix).reshape(*lead, *self.in_shape)]
         out = torch.nn.grad.conv2d_input(
             (flat.shape[0], *self.in_shape), self.weight, flat, self.stride, self.padding, self.dilation, self.groups
         )
         return [out.reshape(*lead, *self.in_shape)]
-
-    def dense(self, absolute: bool = False) -> torch.Tensor | None:
-        """The convolution as a matrix [out size, in size] (entries copied from the weight, no arithmetic), or None
-        where it would hold more than `DENSE_ENTRIES` entries or cost more than `DENSE_RATIO` times the
-        convolution's multiplications: small feature maps, where the convolution mostly multiplies padding."""
-        key = "abs" if absolute else "plain"
-        cache = self.__dict__.setdefault("_dense", {})
-        if key not in cache:
-            cache[key] = self._dense_matrix(self.weight.abs() if absolute else self.weight)
-        return cache[key]
-
-    def _dense_matrix(self, weight: torch.Tensor) -> torch.Tensor | None:
-        channels, height, width = self.in_shape
-        outs, out_h, out_w = self.shape
-        entries = outs * out_h * out_w * channels * height * width
-        products = outs * out_h * out_w * channels * weight.shape[2] * weight.shape[3]
-        if self.groups != 1 or entries > DENSE_ENTRIES or entries > DENSE_RATIO * products:
-            return None
-        matrix = weight.new_zeros(outs, out_h * out_w, channels, height * width)
-        rows, cols = torch.meshgrid(torch.arange(out_h), torch.arange(out_w), indexing="ij")
-        for i in range(weight.shape[2]):
-            for j in range(weight.shape[3]):
-                y = rows * self.stride[0] - self.padding[0] + i * self.dilation[0]
-                x = cols * self.stride[1] - self.padding[1] + j * self.dilation[1]
-                valid = (y >= 0) & (y < height) & (x >= 0) & (x < width)
-                out_at = (rows * out_w + cols)[valid].to(weight.device)
-                in_at = (y * width + x)[valid].to(weight.device)
-                matrix[:, out_at, :, in_at] = weight[:, :, i, j]
-        return matrix.reshape(outs * out_h * out_w, channels * height * width)
 
     def add_bias(self, out: torch.Tensor) -> torch.Tensor:
         return out if self.bias is None else out + self.bias[:, None, None]
