@@ -73,7 +73,8 @@ class MarginCallback(L.Callback):
             margins, upper bounds; "certify": certified lower bounds (`attacks.certify`, float64).
         chunk_rows: (sample, subspace) rows per chunk, attacked as one batch: the unit shared out under DDP
             (default `margins.work.DEFAULT_CHUNK_ROWS`, whatever the estimator).
-        threads: CPU threads while measuring (float bits depend on them: pinned, so 1 and k processes agree).
+        threads: CPU threads while measuring (default 1: pinned, so 1 and k processes agree bit for bit, and the
+            training's own threads are left alone; float bits depend on the count).
         kernels: the engine's kernels, "auto" or "off" (`attacks.kernels`).
         band_width: subspaces in the low and in the high band (capped at half the subspaces).
         log_figure: log the paper's plot `margin/distribution` and the history image `margin/evolution`.
@@ -111,7 +112,7 @@ class MarginCallback(L.Callback):
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
         estimator: str = AttackSettings.estimator,
         fmn_steps: int = AttackSettings.fmn_steps,
-        threads: int = RunSettings.threads,
+        threads: int = 1,
         kernels: str = AttackSettings.kernels,
         band_width: int = 3,
         log_figure: bool = True,

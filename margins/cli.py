@@ -29,6 +29,7 @@ from margins.work import (
     SMALL_CHUNK_ROWS,
     AttackSettings,
     RunSettings,
+    default_threads,
 )
 from models import MODEL_NAMES
 
@@ -92,8 +93,10 @@ def add_run_arguments(p: argparse.ArgumentParser, default_output: str) -> None:
     a("--num-workers", type=int, default=d.num_workers,
       help=f"DataLoader workers reading samples (default {d.num_workers})")  # fmt: skip
     a("--threads", type=int, default=d.threads,
-      help=f"CPU threads per process (default {d.threads}: on cores shared with other jobs 1 thread measured fastest, "
-      "docs/ENGINE.md; on idle cores try --threads N or --devices N; float bits depend on it)")  # fmt: skip
+      help="CPU threads per process (default: the cores this process may use shared among the processes on this "
+      f"node, {default_threads(1)} here for one process: fastest on idle cores, docs/ENGINE.md; on cores shared with "
+      "other jobs --threads 1 measured fastest; float bits depend on it: give the same value to compare runs bit for "
+      "bit)")  # fmt: skip
     a(
         "--return-freed-memory",
         action="store_true",
@@ -131,7 +134,7 @@ def attack_from_args(args: argparse.Namespace) -> AttackSettings:
 def run_from_args(args: argparse.Namespace) -> RunSettings:
     if args.num_workers < 0:
         raise InputError(f"--num-workers must be >= 0, got {args.num_workers}")
-    if args.threads < 1:
+    if args.threads is not None and args.threads < 1:
         raise InputError(f"--threads must be >= 1, got {args.threads}")
     return RunSettings(
         args.accelerator, devices(args.devices), args.num_nodes, args.strategy, args.num_workers, args.overwrite,

@@ -281,6 +281,7 @@ def run_job(
     one-line InputError naming the folder and the space the run still needs. `reuse_finished`: see
     `evaluate_margins`."""
     trainer = make_trainer(run, job.output_dir)  # bad devices etc.: an error before anything is written
+    run = run.resolved(processes_per_node=trainer.num_devices)
     record_device(job, device_type(trainer), run.threads)
     # speed only, so not in the fingerprint; recorded as it takes effect (glibc only) in every process's block
     job.settings["keep_freed_memory"] = run.keep_freed_memory and can_keep_freed_memory()

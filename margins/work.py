@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import sys
 import threading
 import time
@@ -154,9 +155,9 @@ class AttackSettings:
 class RunSettings:
     """Processes and run policy: Lightning's `accelerator`, `devices` (None: from torchrun's environment, else 1),
     `num_nodes` and `strategy`; DataLoader workers reading samples; whether an earlier evaluation in the folder is
-    discarded (`overwrite`); a progress bar; CPU intra-op threads per process (float bits depend on them, so they
-    are part of a CPU run); glibc keeping freed memory for reuse (`common.memory`, process-wide). Frozen, as
-    `AttackSettings`."""
+    discarded (`overwrite`); a progress bar; CPU intra-op threads per process (None: `default_threads`, the cores
+    this process may use shared among the processes on its node; float bits depend on the count, so it is part of a
+    CPU run); glibc keeping freed memory for reuse (`common.memory`, process-wide). Frozen, as `AttackSettings`."""
 
     accelerator: str = "auto"
     devices: int | str | None = None
@@ -165,17 +166,29 @@ class RunSettings:
     num_workers: int = 0
     overwrite: bool = False
     progress: bool = True
-    threads: int = 1
+    threads: int | None = None
     keep_freed_memory: bool = False
 
     def check(self) -> None:
         """InputError naming the parameter (and its flag) when a setting is out of range."""
         if self.num_workers < 0:
             raise InputError(f"num_workers (--num-workers) must be >= 0, got {self.num_workers}")
-        if self.threads < 1:
+        if self.threads is not None and self.threads < 1:
             raise InputError(f"threads (--threads) must be >= 1, got {self.threads}")
         if self.num_nodes is not None and self.num_nodes < 1:
             raise InputError(f"num_nodes (--num-nodes) must be >= 1, got {self.num_nodes}")
+
+    def resolved(self, processes_per_node: int) -> RunSettings:
+        """These settings with `threads` given (`default_threads` where None)."""
+        threads = default_threads(processes_per_node) if self.threads is None else self.threads
+        return dataclasses.replace(self, threads=threads)
+
+
+def default_threads(processes_per_node: int) -> int:
+    """CPU threads per process by default: the cores this process may use, shared among the processes on its node
+    (at least 1). On idle cores two threads measured faster than one and than two processes (docs/ENGINE.md)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, processes_per_node))
 
 
 @dataclass
@@ -242,8 +255,8 @@ class ChunkWork:
         malloc keeping freed blocks when asked (`KeepFreedMemory`, restored after), the model prepared for
         `device`."""
         cpu = torch.device(device).type == "cpu"
-        if cpu and self.run.threads < 1:
-            raise InputError(f"threads must be >= 1, got {self.run.threads}")
+        if cpu and (self.run.threads is None or self.run.threads < 1):
+            raise InputError(f"threads must be >= 1 (RunSettings.resolved), got {self.run.threads}")
         saved = torch.get_num_threads()
         if cpu:
             torch.set_num_threads(self.run.threads)

@@ -48,7 +48,7 @@ def _argv(s: SimpleNamespace, out: Path, estimator: str = "fmn") -> list[str]:
     return [
         "--model", "lenet", "--dataset", "mnist", "--checkpoint", str(s.ckpt), "--data-dir", str(s.data),
         "--num-samples", "6", "--subspace-step", "4", "--chunk-rows", "8", "--estimator", estimator,
-        "--fmn-steps", "20", "--accelerator", "cpu", "--no-progress", "--output-dir", str(out),
+        "--fmn-steps", "20", "--accelerator", "cpu", "--threads", "1", "--no-progress", "--output-dir", str(out),
     ]  # fmt: skip
 
 

@@ -24,10 +24,10 @@ from margins.evaluate import evaluate_margins
 from margins.inputs import SubspaceSpec, describe_family
 from margins.results import read_report
 from margins.sharding import chunk_ranges, row_grid
-from margins.work import DEFAULT_CHUNK_ROWS, AttackSettings, RunSettings
+from margins.work import DEFAULT_CHUNK_ROWS, AttackSettings, RunSettings, default_threads
 from models import build_model
 
-RUN = RunSettings(accelerator="cpu", devices=1, progress=False)
+RUN = RunSettings(accelerator="cpu", devices=1, progress=False, threads=1)  # bits as the test process's engine
 
 
 def _model() -> nn.Module:
@@ -108,12 +108,29 @@ def test_settings_are_frozen_and_the_callers_objects_stay_as_passed(tmp_path):
     x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(2))
     report, _ = evaluate_margins(model=_model(), dataset=[(x[i], i) for i in range(2)], subspaces=FullSpace((1, 8, 8)),
                                  output_dir=tmp_path / "out", num_samples=2, attack=attack, run=run)  # fmt: skip
-    assert (attack, run) == passed and attack.chunk_rows is None
+    assert (attack, run) == passed and attack.chunk_rows is None and run.threads is None
     assert report.settings["chunk_rows"] == DEFAULT_CHUNK_ROWS
+    assert report.settings["cpu_threads"] == default_threads(1)  # None: the cores this process may use
     for settings, field in ((attack, "chunk_rows"), (run, "threads")):
         with pytest.raises(dataclasses.FrozenInstanceError):
             setattr(settings, field, 2)
     assert dataclasses.replace(attack, chunk_rows=8).chunk_rows == 8 and attack.chunk_rows is None
+
+
+def test_default_threads_share_the_usable_cores_among_a_nodes_processes(monkeypatch, tmp_path):
+    """`RunSettings.threads` None: the cores this process may use (its affinity) divided by the processes on the
+    node, at least 1; an explicit count is kept; the run's count is recorded and the caller's thread count restored."""
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    assert [default_threads(n) for n in (1, 2, 3, 8, 16)] == [8, 4, 2, 1, 1]
+    assert RunSettings().resolved(processes_per_node=2).threads == 4
+    assert RunSettings(threads=3).resolved(processes_per_node=2).threads == 3
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2})
+    before = torch.get_num_threads()
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    report, _ = evaluate_margins(model=_model(), dataset=[(x[i], i) for i in range(2)], subspaces=FullSpace((1, 8, 8)),
+                                 output_dir=tmp_path / "out", num_samples=2, attack=AttackSettings(max_iter=3),
+                                 run=RunSettings(accelerator="cpu", devices=1, progress=False))  # fmt: skip
+    assert report.settings["cpu_threads"] == 3 and torch.get_num_threads() == before
 
 
 def test_chunks_of_another_engine_version_are_not_resumed(tmp_path):

@@ -49,7 +49,8 @@ def _argv(s: SimpleNamespace, out: Path, samples: int = 6, chunk: int = 8, max_i
     return [
         "--model", "lenet", "--dataset", "mnist", "--checkpoint", str(s.ckpt), "--data-dir", str(s.data),
         "--num-samples", str(samples), "--max-iter", str(max_iter), "--chunk-rows", str(chunk),
-        "--subspace-step", str(STEP), "--accelerator", "cpu", "--no-progress", "--output-dir", str(out),
+        "--subspace-step", str(STEP), "--accelerator", "cpu", "--threads", "1", "--no-progress",
+        "--output-dir", str(out),
     ]  # fmt: skip
 
 
@@ -104,7 +105,7 @@ def _check_against_reference(s: SimpleNamespace, out: Path, chunk: int) -> Margi
 @pytest.fixture(scope="module")
 def single(setup) -> Path:
     out = setup.root / "single"
-    proc = _cli(_argv(setup, out), threads=2)  # the run pins its own thread count: 2 here must not change bits
+    proc = _cli(_argv(setup, out), threads=2)  # the run pins --threads 1: OMP_NUM_THREADS 2 must not change bits
     assert proc.returncode == 0, proc.stderr
     return out
 

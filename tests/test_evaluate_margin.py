@@ -410,7 +410,8 @@ def test_batch_size_is_a_deprecated_alias_of_chunk_rows_and_kernels_are_recorded
     """--batch-size still sets the chunk size, with one deprecation line; --kernels off reaches the engine and the
     settings (reference: the engine on the one chunk of rows with kernels off, and with kernels auto)."""
     lenet = ["--model", "lenet", "--dataset", "mnist", "--checkpoint", bad_input.root / "lenet.t7"]
-    argv = [*lenet, "--data-dir", bad_input.data, "--num-samples", 3, "--subspace-step", 20, "--max-iter", 5]
+    argv = [*lenet, "--data-dir", bad_input.data, "--num-samples", 3, "--subspace-step", 20, "--max-iter", 5,
+            "--threads", 1]  # fmt: skip
     out = bad_input.root / "alias"
     code, _, stderr = _run([*argv, "--batch-size", 7, "--kernels", "off", "--output-dir", out], capsys)
     assert code == 0

@@ -75,7 +75,7 @@ def trained(tmp_path_factory) -> SimpleNamespace:
 
 def common(trained: SimpleNamespace) -> list[str]:
     return ["--checkpoint", str(trained.ckpt), "--num-samples", "3", "--max-iter", "10", "--chunk-rows", "8",
-            "--no-progress"]  # fmt: skip
+            "--threads", "1", "--no-progress"]  # fmt: skip
 
 
 def main(argv: list, capsys) -> tuple[int, str, str]:
@@ -120,7 +120,7 @@ def test_map2d_writes_a_standard_result_folder_and_its_map(trained, runs, tmp_pa
         subspace_step=4,
         num_samples=3,
         attack=AttackSettings(max_iter=10, chunk_rows=8),
-        run=RunSettings(accelerator="cpu", progress=False),
+        run=RunSettings(accelerator="cpu", progress=False, threads=1),
         output_dir=tmp_path / "python",
     )
     assert_same_arrays(folder, tmp_path / "python")
@@ -312,7 +312,7 @@ def test_a_full_disk_while_writing_the_2d_map_is_one_line_and_a_rerun_finishes(t
 
 
 def test_deprecated_flags_warn_once_each_and_still_work(trained, runs, tmp_path, capsys):
-    old = ["--checkpoint", trained.ckpt, "--num-samples", 3, "--max-iter", 10, "--no-progress"]
+    old = ["--checkpoint", trained.ckpt, "--num-samples", 3, "--max-iter", 10, "--threads", 1, "--no-progress"]
     argv = ["map2d", *old, "--block", 8, "--stride", 4, "--batch-size", 8, "--device", "cpu"]
     code, _, stderr = main([*argv, "--output-dir", tmp_path / "map2d"], capsys)
     assert code == 0

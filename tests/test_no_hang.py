@@ -55,7 +55,7 @@ def _argv(s: SimpleNamespace, out: Path, samples: int = 16, chunk: int = 16) -> 
     return [
         "--model", "lenet", "--dataset", "mnist", "--checkpoint", str(s.ckpt), "--data-dir", str(s.data),
         "--num-samples", str(samples), "--chunk-rows", str(chunk), "--accelerator", "cpu", "--no-progress",
-        "--output-dir", str(out),
+        "--threads", "1", "--output-dir", str(out),
     ]  # fmt: skip
 
 
