@@ -20,7 +20,9 @@ of [D, k] tensors; shapes and orthonormality (max |B^T B - I| <= 1e-4) are check
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -40,9 +42,24 @@ def subspace_generator(seed: int, index: int) -> torch.Generator:
 
 
 def haar_basis(dim_total: int, dim: int, generator: torch.Generator) -> torch.Tensor:
-    """Orthonormal [D, dim] float64 basis of a Haar-random subspace (QR of a Gaussian matrix, sign-fixed)."""
-    q, r = torch.linalg.qr(torch.randn(dim_total, dim, generator=generator, dtype=torch.float64))
+    """Orthonormal [D, dim] float64 basis of a Haar-random subspace (QR of a Gaussian matrix, sign-fixed). The QR
+    runs on one CPU thread: LAPACK's blocked QR splits its sums by thread, so the bits (and the family's digest, which
+    a resume checks) would otherwise depend on the process's thread count."""
+    gaussian = torch.randn(dim_total, dim, generator=generator, dtype=torch.float64)
+    with _one_thread():
+        q, r = torch.linalg.qr(gaussian)
     return q * torch.where(torch.diagonal(r) < 0, -1.0, 1.0)[None, :]
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """torch's CPU intra-op threads set to 1 inside the block, restored after."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def hartley(x: torch.Tensor) -> torch.Tensor:

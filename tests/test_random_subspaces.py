@@ -20,6 +20,7 @@ from frequency import DCTBlockSubspaces, DCTGridSubspaces, FullSpace
 from frequency.families import build_subspace_family
 from frequency.random_subspaces import RandomSubspaces, hartley, load_bases
 from frequency.subspaces import BasisSubspaces
+from margins.inputs import describe_family
 
 SHAPE = (1, 12, 12)
 
@@ -123,3 +124,20 @@ def test_build_subspace_family_kinds(tmp_path):
     assert build_subspace_family("basis", shape, bases=tmp_path / "b.npy").dims == [4]
     with pytest.raises(InputError, match="unknown subspace kind"):
         build_subspace_family("wavelet", shape, 8, 1)
+
+
+@pytest.mark.parametrize("method", ["qr", "hartley"])
+def test_the_bases_and_their_digest_do_not_depend_on_the_thread_count(method):
+    """A resume checks the family's digest: the same seed gives the same bits at 1, 2 or 3 CPU threads (LAPACK's
+    blocked QR splits its sums by thread; the QR runs on one), and the caller's thread count is left as it was."""
+    saved = torch.get_num_threads()
+    digests = set()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            family = RandomSubspaces((1, 28, 28), 64, 2, seed=0, method=method)
+            digests.add(describe_family(family)["subspace_sha256"])
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(saved)
+    assert len(digests) == 1
