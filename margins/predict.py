@@ -128,6 +128,7 @@ def predict_chunks(trainer: L.Trainer, work: ChunkWork, watchdog: Watchdog) -> N
             warnings.filterwarnings("ignore", message=r".*(LeafSpec|does not have many workers).*")
             trainer.predict(module, return_predictions=False)
     finally:
+        module.teardown("predict")  # Lightning skips the hook when predict raises: the process settings come back
         work.close_progress()
 
 
@@ -165,6 +166,7 @@ class MarginPredictor(L.LightningModule):
             self.work.start_progress(plan, progress_description(self.work))
 
     def teardown(self, stage: str) -> None:
+        """Leaves `ChunkWork.process` (threads, malloc): idempotent, so `predict_chunks` calls it whatever happened."""
         self._process.close()
 
     def predict_dataloader(self) -> DataLoader:

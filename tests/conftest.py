@@ -27,6 +27,15 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _threads_left_as_found():
+    """Code that pins torch's CPU threads restores them: bit-for-bit tests compare a run with an engine called at the
+    test process's count, so a count left changed by one test would fail another (under -n 2, in another file)."""
+    threads = torch.get_num_threads()
+    yield
+    assert torch.get_num_threads() == threads, f"torch's CPU threads left at {torch.get_num_threads()}, found {threads}"
+
+
 @pytest.fixture
 def mnist_root() -> Path:
     """Root holding `MNIST/raw/` (torchvision layout); skips where the real MNIST is absent."""
