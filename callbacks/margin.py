@@ -34,10 +34,10 @@ from callbacks.tensorboard import tensorboard_logger as _tensorboard_logger
 from common.errors import InputError
 from common.stop import RunStopped, stop_handled
 from frequency import DCTBlockSubspaces
-from margins import select_indices, write_report
+from margins import select_indices
 from margins.chunks import ChunkStore, ResumeMismatchError
-from margins.evaluate import fingerprint_of, make_job, state_sha256
-from margins.guard import EXIT_BAD_INPUT, EXIT_BUG, FolderLock, Watchdog, remove_markers
+from margins.evaluate import fingerprint_of, make_job, measure_chunks, state_sha256
+from margins.guard import EXIT_BAD_INPUT, EXIT_BUG, FolderLock, Watchdog
 from margins.measure import DEFAULT_NUM_SAMPLES
 from margins.names import differing, estimator_of, quantity
 from margins.results import SUMMARY_FILE, MarginReport
@@ -49,9 +49,7 @@ from margins.work import (
     ChunkWork,
     MarginJob,
     RunSettings,
-    merge_chunks,
     record_device,
-    wait_for_chunks,
 )
 
 ON_ERROR = ("raise", "skip")  # what a failed measurement does in a fit (`on_error`)
@@ -239,7 +237,6 @@ class MarginCallback(L.Callback):
                 return None  # no collective: this rank goes on training, rank 0 merges what every rank committed
             if epoch is not None:
                 self.history[epoch] = np.median(report.margins, axis=1).tolist()
-            write_report(job.output_dir, report, title=job.title)
         logger = _tensorboard_logger(trainer)
         if logger is not None:
             self._log_tensorboard(trainer, pl_module, logger, report, job.title, job.output_dir.name, step,
@@ -267,36 +264,28 @@ class MarginCallback(L.Callback):
     def _attack(
         self, trainer: L.Trainer, pl_module: L.LightningModule, job: MarginJob, run_name: str
     ) -> MarginReport | None:
-        """Every rank attacks its share of the pending chunks of `job.output_dir`; rank 0 waits for all of them and
-        merges them (None on the other ranks)."""
+        """Every rank attacks its share of the pending chunks of `job.output_dir`, as the commands do
+        (`margins.evaluate.measure_chunks`); rank 0 merges them and writes the results (None on the other ranks)."""
         device = pl_module.device
         store = ChunkStore(job.output_dir / CHUNK_DIR)
         chunks = chunk_ranges(len(job.indices) * len(job.subspaces), self.attack.chunk_rows)
         run = RunSettings(threads=self.threads, progress=self.progress and trainer.is_global_zero)
         work = ChunkWork(job, self.attack, run, store, chunks)
         rank = trainer.global_rank
-        with torch.inference_mode(False), work.process(device), Watchdog(store.root, rank, trainer.world_size) as dog:
+
+        def attack_share(watchdog: Watchdog) -> None:  # the fit's ranks, no new processes
+            pending = trainer.strategy.broadcast(work.prepare_folder() if trainer.is_global_zero else None, src=0)
+            mine = [pending[i] for i in shard_range(len(pending), rank, trainer.world_size)]
+            if trainer.is_global_zero:
+                work.start_progress(pending, f"margins {run_label(run_name)}: (sample, subspace) rows")
             try:
-                pending = trainer.strategy.broadcast(work.prepare_folder() if trainer.is_global_zero else None, src=0)
-                mine = [pending[i] for i in shard_range(len(pending), rank, trainer.world_size)]
-                if trainer.is_global_zero:
-                    work.start_progress(pending, f"margins {run_label(run_name)}: (sample, subspace) rows")
-                try:
-                    for batch in work.loader(mine, device):
-                        work.commit(work.attack(batch, device), rank)
-                finally:
-                    work.close_progress()
-                dog.done()
-                if not trainer.is_global_zero:
-                    return None
-                wait_for_chunks(store, chunks, work.fingerprint)
-            except RunStopped:
-                raise  # the stop file is written: by this rank's signal handling, its watchdog, or another rank
-            except Exception as err:  # every rank stops this measurement (their watchdogs read the stop file)
-                dog.write_stop(EXIT_BAD_INPUT if isinstance(err, InputError) else EXIT_BUG, failure(err, rank))
-                raise
-        remove_markers(store.root)
-        return merge_chunks(job, store, chunks)
+                for batch in work.loader(mine, device):
+                    work.commit(work.attack(batch, device), rank)
+            finally:
+                work.close_progress()
+
+        with torch.inference_mode(False), work.process(device):
+            return measure_chunks(work, rank, trainer.world_size, attack_share)
 
     def _job(
         self, trainer: L.Trainer, pl_module: L.LightningModule, out_dir: Path, run_name: str, epoch: int | None

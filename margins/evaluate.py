@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -332,24 +333,47 @@ def _run_locked(
             remove_markers(store.root)  # the other ranks, if any, are not started yet
     chunks = chunk_ranges(len(job.indices) * len(job.subspaces), attack.chunk_rows)
     work = ChunkWork(job, attack, run, store, chunks)
-    with Watchdog(store.root, rank, trainer.world_size, requeue=SLURMEnvironment.detect()) as watchdog:
+
+    def attack_share(watchdog: Watchdog) -> None:
+        done = store.scan(chunks, work.fingerprint) if not run.overwrite else None
+        if done is None or done.problems or len(done.committed) < len(chunks):
+            predict_chunks(trainer, work, watchdog)
+
+    report = measure_chunks(work, rank, trainer.world_size, attack_share, requeue=SLURMEnvironment.detect())
+    return report, job.output_dir
+
+
+def measure_chunks(
+    work: ChunkWork,
+    rank: int,
+    world_size: int,
+    attack_share: Callable[[Watchdog], None],
+    requeue: bool = False,
+) -> MarginReport | None:
+    """The measurement once its folder is chosen and locked, the same for the commands and the training callback:
+    under a watchdog (`guard.Watchdog`: a signal, an error or a lost process on any rank ends every rank), this
+    rank attacks its share of the pending chunks (`attack_share(watchdog)`: `Trainer.predict` for the commands,
+    the running fit's ranks for the callback) and says so; rank 0 waits for every chunk, merges them and writes the
+    result files. Any failure is written to the run's stop file first (`_stop_everywhere`: exit 2 for bad input,
+    1 for a bug, a full disk as the one line naming the folder), so every other rank stops too. The report on rank
+    0, None on the others."""
+    store = work.store
+    with Watchdog(store.root, rank, world_size, requeue=requeue) as watchdog:
         try:
-            done = store.scan(chunks, work.fingerprint) if not run.overwrite else None
-            if done is None or done.problems or len(done.committed) < len(chunks):
-                predict_chunks(trainer, work, watchdog)
+            attack_share(watchdog)
             watchdog.done()
             if rank != 0:
-                return None, job.output_dir
-            wait_for_chunks(store, chunks, work.fingerprint)
-            report = merge_chunks(job, store, chunks)
-            write_report(job.output_dir, report, figure=job.figure, title=job.title)
+                return None
+            wait_for_chunks(store, work.chunks, work.fingerprint)
+            report = merge_chunks(work.job, store, work.chunks)
+            write_report(work.job.output_dir, report, figure=work.job.figure, title=work.job.title)
         except BaseException as err:
             stop = _stop_everywhere(err, watchdog, work, rank)
             if stop is err:
                 raise
             raise stop from err
     remove_markers(store.root)
-    return report, job.output_dir
+    return report
 
 
 def _stop_everywhere(err: BaseException, watchdog: Watchdog, work: ChunkWork, rank: int) -> BaseException:

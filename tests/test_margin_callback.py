@@ -23,6 +23,7 @@ import evaluate_margin
 from attacks.deepfool import SubspaceDeepFool
 from callbacks import MarginCallback
 from callbacks.margin import median_tags, other_measurement
+from common.errors import InputError
 from datamodules import SyntheticDataModule
 from frequency import DCTBlockSubspaces
 from lightning_modules import ClassifierModule
@@ -245,7 +246,7 @@ def test_a_folder_of_the_same_measurement_is_resumed_in_place_under_its_lock(tmp
         locked.append(json.loads((Path(out_dir) / ".lock").read_text())["pid"])
         return write_report(out_dir, *args, **kwargs)
 
-    monkeypatch.setattr("callbacks.margin.write_report", spy)
+    monkeypatch.setattr("margins.evaluate.write_report", spy)  # the one writer of both paths
     capsys.readouterr()
     fit_with_callback(tmp_path, MarginCallback(num_samples=4, max_iter=20, chunk_rows=8), epochs=1, version="same")
     assert notes(capsys.readouterr().err) == []
@@ -254,6 +255,26 @@ def test_a_folder_of_the_same_measurement_is_resumed_in_place_under_its_lock(tmp
     assert [(p.stat().st_ino, p.stat().st_mtime_ns) for p in chunks] == before
     assert len(journal.read_text().splitlines()) == 5  # 2 kept + the 3 attacked now
     assert (folder / "margins.npy").read_bytes() == margins
+
+
+def test_a_full_disk_while_the_callback_writes_is_the_commands_one_line_error_and_nothing_half_written(
+    tmp_path, monkeypatch
+):
+    """The training measurement ends as the commands' does (`margins.evaluate.measure_chunks`, one code path): the
+    disk fills while the result files are written, and the fit raises the one-line InputError naming the folder and
+    the space the results need (not the bare OSError); every chunk stays committed, no result file whole or half."""
+    from tests.test_no_hang import FullDisk
+
+    disk = FullDisk(monkeypatch, r"/\.epoch_000\.tmp-[^/]*/", free=1200)
+    callback = MarginCallback(num_samples=4, max_iter=20, chunk_rows=8, log_figure=False)
+    with pytest.raises(InputError, match=r"^no space left on the disk holding .*epoch_000") as raised:
+        fit_with_callback(tmp_path, callback, epochs=1, version="full")
+    assert disk.failed and "\n" not in str(raised.value)
+    folder = tmp_path / "run" / "full" / "margins" / "epoch_000"
+    assert sorted(p.name for p in folder.iterdir()) == ["chunks"]
+    assert (
+        len((folder / "chunks" / "journal-rank0.jsonl").read_text().splitlines()) == 5
+    )  # every chunk committed (5 of 8 rows at most)
 
 
 def test_callback_runs_in_validate_and_test_under_inference_mode(tmp_path):
