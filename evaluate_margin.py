@@ -22,36 +22,35 @@ exit 1. Library: margins.evaluate.
 # ruff: noqa: E402 - the stop signals are handled before the imports below, which take seconds
 from __future__ import annotations
 
-from common.stop import CommandExit, RunStopped, stop_while_loading
+from common.stop import CommandExit, RunStopped, modules_loading
 
-if __name__ == "__main__":  # a signal while the modules load: its exit code and line, not a bare kill
-    stop_while_loading()
+# a signal while the modules load: its exit code and line, not a bare kill
+with modules_loading(__name__ == "__main__"):
+    import argparse
+    import gc
+    import logging
+    import sys
+    import warnings
+    from pathlib import Path
 
-import argparse
-import gc
-import logging
-import sys
-import warnings
-from pathlib import Path
-
-from common.cli import ArgumentParser
-from common.errors import InputError
-from margins.cli import (
-    add_attack_arguments,
-    add_run_arguments,
-    add_sample_arguments,
-    add_source_arguments,
-    add_subspace_arguments,
-    attack_from_args,
-    deprecated,
-    input_error,
-    run_from_args,
-    source_from_args,
-)
-from margins.evaluate import evaluate_margins
-from margins.inputs import load_model_and_data
-from margins.names import bound, estimator_of, quantity
-from margins.results import MarginReport, summarize, time_line
+    from common.cli import ArgumentParser
+    from common.errors import InputError
+    from margins.cli import (
+        add_attack_arguments,
+        add_run_arguments,
+        add_sample_arguments,
+        add_source_arguments,
+        add_subspace_arguments,
+        attack_from_args,
+        deprecated,
+        input_error,
+        run_from_args,
+        source_from_args,
+    )
+    from margins.evaluate import evaluate_margins
+    from margins.inputs import load_model_and_data
+    from margins.names import bound, estimator_of, quantity
+    from margins.results import MarginReport, summarize, time_line
 
 __all__ = ["build_parser", "load_model_and_data", "main"]
 

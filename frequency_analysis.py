@@ -36,60 +36,59 @@ signal: `stopped: ...`, exit 130 (SIGINT), 138 (SIGUSR1), 143 (SIGTERM), as eval
 # ruff: noqa: E402 - the stop signals are handled before the imports below, which take seconds
 from __future__ import annotations
 
-from common.stop import CommandExit, RunStopped, stop_while_loading
+from common.stop import CommandExit, RunStopped, modules_loading
 
-if __name__ == "__main__":  # a signal while the modules load: its exit code and line, not a bare kill
-    stop_while_loading()
+# a signal while the modules load: its exit code and line, not a bare kill
+with modules_loading(__name__ == "__main__"):
+    import argparse
+    import gc
+    import io
+    import json
+    import logging
+    import sys
+    import time
+    import warnings
+    from pathlib import Path
+    from typing import Any
 
-import argparse
-import gc
-import io
-import json
-import logging
-import sys
-import time
-import warnings
-from pathlib import Path
-from typing import Any
+    import numpy as np
+    import torch
+    from matplotlib.figure import Figure
 
-import numpy as np
-import torch
-from matplotlib.figure import Figure
-
-from analysis.fourier_heatmap import IMAGES_PER_PASS, VALID_RANGES, FourierHeatmap, fourier_heatmap
-from analysis.maps import median_map, spread_ratio
-from analysis.plots import plot_dct_vs_random, plot_fourier_heatmaps, plot_margin_maps
-from common.cli import ArgumentParser
-from common.errors import InputError
-from frequency.grid import DCTGridSubspaces
-from margins import gather_samples
-from margins.chunks import atomic_write
-from margins.cli import (
-    add_attack_arguments,
-    add_run_arguments,
-    add_sample_arguments,
-    add_source_arguments,
-    add_subspace_arguments,
-    attack_from_args,
-    deprecated,
-    input_error,
-    run_from_args,
-    source_from_args,
-)
-from margins.evaluate import evaluate_margins
-from margins.guard import disk_full, disk_full_error
-from margins.inputs import (
-    SubspaceSpec,
-    choose_indices,
-    default_output_dir,
-    load_source,
-    make_subspaces,
-    margin_dataset,
-)
-from margins.measure import DEFAULT_NUM_SAMPLES
-from margins.names import estimator_of, quantity
-from margins.plot import describe_run, describe_settings
-from margins.results import MarginReport, time_line
+    from analysis.fourier_heatmap import IMAGES_PER_PASS, VALID_RANGES, FourierHeatmap, fourier_heatmap
+    from analysis.maps import median_map, spread_ratio
+    from analysis.plots import plot_dct_vs_random, plot_fourier_heatmaps, plot_margin_maps
+    from common.cli import ArgumentParser
+    from common.errors import InputError
+    from frequency.grid import DCTGridSubspaces
+    from margins import gather_samples
+    from margins.chunks import atomic_write
+    from margins.cli import (
+        add_attack_arguments,
+        add_run_arguments,
+        add_sample_arguments,
+        add_source_arguments,
+        add_subspace_arguments,
+        attack_from_args,
+        deprecated,
+        input_error,
+        run_from_args,
+        source_from_args,
+    )
+    from margins.evaluate import evaluate_margins
+    from margins.guard import disk_full, disk_full_error
+    from margins.inputs import (
+        SubspaceSpec,
+        choose_indices,
+        default_output_dir,
+        load_source,
+        make_subspaces,
+        margin_dataset,
+    )
+    from margins.measure import DEFAULT_NUM_SAMPLES
+    from margins.names import estimator_of, quantity
+    from margins.plot import describe_run, describe_settings
+    from margins.results import MarginReport, time_line
 
 DEFAULT_VALID = {"none": "box", "flip": "flipped_box"}  # other transforms (low/high pass) have no box: "none"
 OUTPUT_ROOT = "outputs/frequency_analysis"

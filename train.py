@@ -11,34 +11,33 @@ network; checkpoints keep both the model's and the datamodule's hyperparameters 
 # ruff: noqa: E402 - the stop signals are handled before the imports below, which take seconds
 from __future__ import annotations
 
-from common.stop import CommandExit, env_rank, stop_while_loading
+from common.stop import CommandExit, env_rank, modules_loading
 
-if __name__ == "__main__":  # a signal while the modules load: its exit status and line, not a bare kill
-    stop_while_loading()
+# a signal while the modules load: its exit status and line, not a bare kill
+with modules_loading(__name__ == "__main__"):
+    import difflib
+    import importlib
+    import inspect
+    import re
+    import shutil
+    import sys
+    from pathlib import Path
+    from typing import Any
 
-import difflib
-import importlib
-import inspect
-import re
-import shutil
-import sys
-from pathlib import Path
-from typing import Any
+    import lightning as L
+    from jsonargparse import ArgumentError
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from lightning.pytorch.cli import LightningCLI
+    from lightning.pytorch.loggers import TensorBoardLogger
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-import lightning as L
-from jsonargparse import ArgumentError
-from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch.cli import LightningCLI
-from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
-
-from callbacks import MarginCallback
-from callbacks.margin import terminal_print
-from common.errors import InputError
-from common.process import GRACE, TrainingControl
-from datamodules import FrequencyDataModule
-from lightning_modules import ClassifierModule
-from models.checkpoint import CheckpointReadError, UntrustedCheckpointError, read_checkpoint
+    from callbacks import MarginCallback
+    from callbacks.margin import terminal_print
+    from common.errors import InputError
+    from common.process import GRACE, TrainingControl
+    from datamodules import FrequencyDataModule
+    from lightning_modules import ClassifierModule
+    from models.checkpoint import CheckpointReadError, UntrustedCheckpointError, read_checkpoint
 
 ROOT_DIR = "${trainer.default_root_dir}"  # logger save_dir placeholder, replaced by the run's default_root_dir
 # `--margin.num_sample` is a typo, not `num_samples`; usage errors raise (one line in `cli`) instead of printing usage

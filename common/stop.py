@@ -252,6 +252,22 @@ class _Loading:
 _LOADING = _Loading()
 
 
+@contextlib.contextmanager
+def modules_loading(command: bool, resume: str = RERUN) -> Iterator[None]:
+    """Around a command's imports (`command`: the file runs as a command, `__name__ == "__main__"`): a signal while
+    they load ends the process with the signal's exit status and its line (`stop_while_loading`), also where the code
+    it landed in turned the stop into an exception of its own (a C extension's import: numpy's "PyCapsule_Import
+    could not import module datetime", seen with a SIGTERM during rank 1's start on a busy machine)."""
+    if command:
+        stop_while_loading(resume)
+    try:
+        yield
+    except BaseException as err:
+        if _LOADING.stop is not None and err is not _LOADING.stop:
+            raise _LOADING.stop from None
+        raise
+
+
 def stop_while_loading(resume: str = RERUN) -> None:
     """First in a command, before its other imports: a signal while its modules load (seconds) ends the process
     with the signal's exit status and its line (on the main process), before the command did anything. A Ctrl-C

@@ -678,6 +678,34 @@ with CommandExit():
 """
 
 
+CONVERTED = """
+import signal
+from common.stop import CommandExit, modules_loading
+
+with modules_loading(True):
+    try:  # as a C extension's import does (numpy: "PyCapsule_Import could not import module datetime")
+        signal.raise_signal(signal.SIGTERM)  # the handler raises the stop inside this import
+    except BaseException:
+        raise ImportError("PyCapsule_Import could not import module datetime") from None
+    print("loaded", flush=True)
+with CommandExit():
+    print("ran", flush=True)
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_signal_whose_stop_an_import_turns_into_an_import_error_still_ends_the_command():
+    """A SIGTERM to a rank while numpy's C extension imported `datetime` became numpy's ImportError (seen in the
+    suite beside a CPU hog: traceback, exit 1, the main process said 'exited with code 1'): the command still ends
+    with the signal's status and one line, no traceback."""
+    done = subprocess.run([sys.executable, "-c", CONVERTED], cwd=REPO, env=ENV, capture_output=True, text=True,
+                          timeout=100)  # fmt: skip
+    assert done.returncode == 143 and "loaded" not in done.stdout and "ran" not in done.stdout, done.stderr
+    assert "Traceback" not in done.stderr and done.stderr.strip().splitlines() == [
+        f"stopped: rank 0 received SIGTERM while starting; {RERUN}"
+    ], done.stderr
+
+
 @pytest.mark.timeout(120)
 def test_a_signal_whose_stop_python_swallows_while_loading_still_ends_the_command():
     """A signal handled inside a weakref callback while the modules load (the suite once saw it in importlib's
