@@ -2,8 +2,8 @@
 thread, and the command's `main()` turns it into the exit status and one line. Standard library only, so that a
 command installs it before it loads anything else:
 
-    if __name__ == "__main__":  # first in a command, before its other imports
-        stop_while_loading()  # a signal while the modules load: its exit status and line
+    with modules_loading(__name__ == "__main__"):  # first in a command, around its other imports
+        import torch  # a signal while the modules load: its exit status and line
 
     def main(argv=None) -> int:
         with CommandExit() as command:
