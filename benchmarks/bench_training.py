@@ -44,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from frequency import flip  # noqa: E402
 from lightning_modules import AdversarialModule, ClassifierModule  # noqa: E402
 from lightning_modules.schedules import triangular_lr  # noqa: E402
+from lightning_modules.trainers import quiet_trainer  # noqa: E402
 
 
 @dataclass
@@ -95,26 +96,15 @@ class StepTimer(L.Callback):
         return (self.end - self.start) / self.steps
 
 
-def quiet_trainer(steps: int, callbacks: list, **kwargs) -> L.Trainer:
-    args = dict(
-        max_steps=steps,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        limit_val_batches=0,
-        num_sanity_val_steps=0,
-        gradient_clip_val=0.5,
-        callbacks=callbacks,
-    )
-    return L.Trainer(**{**args, **kwargs})
+def step_trainer(steps: int, callbacks: list, **kwargs) -> L.Trainer:
+    """`quiet_trainer` for `steps` training steps without validation."""
+    args = dict(max_steps=steps, limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks)
+    return quiet_trainer(**{**args, **kwargs})
 
 
 def lightning_step_time(module: L.LightningModule, data: TensorDataset, batch: int, steps: int, warmup: int) -> float:
     timer = StepTimer(warmup)
-    quiet_trainer(warmup + steps, [timer]).fit(module, DataLoader(data, batch_size=batch))
+    step_trainer(warmup + steps, [timer]).fit(module, DataLoader(data, batch_size=batch))
     return timer.per_step
 
 
@@ -193,7 +183,7 @@ def ddp_worker(args: argparse.Namespace) -> None:
     data = random_images(setup.image_shape, setup.batch * (setup.warmup + setup.steps))
     wall, cpu = StepTimer(setup.warmup, time.perf_counter), StepTimer(setup.warmup, time.process_time)
     strategy = DDPStrategy(process_group_backend="gloo") if args.processes > 1 else "auto"
-    trainer = quiet_trainer(setup.warmup + setup.steps, [wall, cpu], devices=args.processes, strategy=strategy)
+    trainer = step_trainer(setup.warmup + setup.steps, [wall, cpu], devices=args.processes, strategy=strategy)
     module = ClassifierModule(net=setup.net, image_shape=setup.image_shape)
     trainer.fit(module, DataLoader(data, batch_size=per_process))
     record = {"seconds": wall.per_step, "cpu": cpu.per_step, "batch": per_process, "threads": torch.get_num_threads()}

@@ -35,74 +35,80 @@ QUANTITIES = {
     "others": lambda r: min(r["median_margin"][1:]),  # ... and the smallest median of the others
 }
 
-MNIST = [
-    Claim("standard_high_over_low", "MNIST: small margins at low frequencies, invariance (large margins) at high ones",
-          "high-band / low-band median margin, standard LeNet", ("standard", "high"), ("standard", "low"), SEVERAL,
-          "margin_mnist.py"),
-    Claim("flipped_low_over_high", "Flipped MNIST mirrors it: the invariance moves to the low frequencies",
-          "low-band / high-band median margin, flipped LeNet", ("flipped", "low"), ("flipped", "high"), SEVERAL,
-          "margin_flipped_mnist.py"),
-    Claim("lowpass_high_over_low", "Low-pass data: the network becomes invariant at high frequencies",
-          "high-band / low-band median margin, low-pass LeNet", ("lowpass", "high"), ("lowpass", "low"), SEVERAL, ""),
-    Claim("robust_over_standard_low", "Adversarial training makes margins grow (where the standard network is "
-          "discriminative: low frequencies)", "low-band median margin, PGD-trained / standard LeNet",
-          ("robust", "low"), ("standard", "low"), GROW, "margin_robust_mnist.py"),
-    Claim("flipped_robust_over_flipped_high", "... and on flipped data (where it is discriminative: high "
-          "frequencies)", "high-band median margin, flipped PGD-trained / flipped standard LeNet",
-          ("flipped_robust", "high"), ("flipped", "high"), GROW, "margin_robust_mnist.py"),
-    Claim("robust_high_over_low", "Adversarially trained networks are invariant at high frequencies",
-          "high-band / low-band median margin, PGD-trained LeNet", ("robust", "high"), ("robust", "low"), SEVERAL,
-          "margin_robust_mnist.py"),
-    Claim("flipped_robust_low_over_high", "... and on flipped data the invariance moves with the flip",
-          "low-band / high-band median margin, flipped PGD-trained LeNet", ("flipped_robust", "low"),
-          ("flipped_robust", "high"), SEVERAL, "margin_robust_mnist.py"),
-    Claim("flipped_robust_dykstra_over_flipped_high", "Margins grow on flipped data, PGD with Dykstra's projection "
-          "(the release's)", "high-band median margin, flipped PGD-trained (Dykstra) / flipped standard LeNet",
-          ("flipped_robust_dykstra", "high"), ("flipped", "high"), GROW, "margin_robust_mnist.py"),
-    Claim("flipped_robust_dykstra_low_over_high", "... and the invariance moves with the flip (Dykstra)",
-          "low-band / high-band median margin, flipped PGD-trained LeNet (Dykstra)", ("flipped_robust_dykstra", "low"),
-          ("flipped_robust_dykstra", "high"), SEVERAL, "margin_robust_mnist.py"),
-    Claim("synthetic_others_min_over_direction", "Synthetic data: small margin only along the discriminative "
-          "direction", "smallest median margin of the other subspaces / median margin of the subspace holding v",
-          ("synthetic", "others"), ("synthetic", "direction"), SEVERAL, ""),
-]  # fmt: skip
+RATIOS = {  # claim key: its (numerator, denominator), the same on every dataset
+    "standard_high_over_low": (("standard", "high"), ("standard", "low")),
+    "flipped_low_over_high": (("flipped", "low"), ("flipped", "high")),
+    "lowpass_high_over_low": (("lowpass", "high"), ("lowpass", "low")),
+    "robust_over_standard_low": (("robust", "low"), ("standard", "low")),
+    "robust_high_over_low": (("robust", "high"), ("robust", "low")),
+    "flipped_robust_over_flipped_high": (("flipped_robust", "high"), ("flipped", "high")),
+    "flipped_robust_low_over_high": (("flipped_robust", "low"), ("flipped_robust", "high")),
+    "flipped_robust_dykstra_over_flipped_high": (("flipped_robust_dykstra", "high"), ("flipped", "high")),
+    "flipped_robust_dykstra_low_over_high": (("flipped_robust_dykstra", "low"), ("flipped_robust_dykstra", "high")),
+    "synthetic_others_min_over_direction": (("synthetic", "others"), ("synthetic", "direction")),
+}
 
-CIFAR10 = [
-    Claim("standard_high_over_low", "CIFAR-10: small margins at all frequencies, rising at the highest ones",
-          "high-band / low-band median margin, standard", ("standard", "high"), ("standard", "low"), GROW,
-          "margin_cifar10.py"),
-    Claim("flipped_low_over_high", "Flipped CIFAR-10 mirrors it: the margins rise at the lowest frequencies",
-          "low-band / high-band median margin, flipped", ("flipped", "low"), ("flipped", "high"), GROW,
-          "margin_flipped_cifar10.py"),
-    Claim("lowpass_high_over_low", "Low-pass CIFAR-10: very large margins (invariance) at high frequencies",
-          "high-band / low-band median margin, low-pass", ("lowpass", "high"), ("lowpass", "low"), SEVERAL,
-          "margin_low_pass_cifar10.py"),
-    Claim("robust_over_standard_low", "Adversarial training makes margins grow", "low-band median margin, "
-          "PGD-trained / standard", ("robust", "low"), ("standard", "low"), GROW, "margin_robust_cifar10.py"),
-    Claim("robust_high_over_low", "Adversarially trained networks become invariant at high frequencies",
-          "high-band / low-band median margin, PGD-trained", ("robust", "high"), ("robust", "low"), SEVERAL,
-          "margin_robust_cifar10.py"),
-    Claim("flipped_robust_over_flipped_high", "... margins grow on flipped data too (where it is discriminative: "
-          "high frequencies)", "high-band median margin, flipped PGD-trained / flipped standard",
-          ("flipped_robust", "high"), ("flipped", "high"), GROW, "margin_robust_cifar10.py"),
-    Claim("flipped_robust_low_over_high", "... and the invariance moves with the flip", "low-band / high-band median "
-          "margin, flipped PGD-trained", ("flipped_robust", "low"), ("flipped_robust", "high"), SEVERAL,
-          "margin_robust_cifar10.py"),
-]  # fmt: skip
 
-IMAGENET = [
-    Claim("standard_high_over_low", "ImageNet shows the CIFAR-10 pattern: small margins, rising at the highest "
-          "frequencies", "high-band / low-band median margin, standard ResNet-50", ("standard", "high"),
-          ("standard", "low"), GROW, "margin_flipped_imagenet.py"),
-    Claim("flipped_low_over_high", "Flipped ImageNet mirrors it", "low-band / high-band median margin, flipped "
-          "ResNet-50", ("flipped", "low"), ("flipped", "high"), GROW, "margin_flipped_imagenet.py"),
-    Claim("robust_over_standard_low", "Adversarial training makes margins grow", "low-band median margin, "
-          "PGD-trained / standard ResNet-50", ("robust", "low"), ("standard", "low"), GROW,
-          "margin_robust_imagenet.py"),
-    Claim("robust_high_over_low", "Adversarially trained networks become invariant at high frequencies",
-          "high-band / low-band median margin, PGD-trained ResNet-50", ("robust", "high"), ("robust", "low"), SEVERAL,
-          "margin_robust_imagenet.py"),
-]  # fmt: skip
+def _claims(*rows: tuple[str, str, str, float, str]) -> list[Claim]:
+    """A dataset's claims from rows (key, text, measured, threshold, release), the ratio of each from `RATIOS`."""
+    return [
+        Claim(key, text, measured, *RATIOS[key], threshold, release) for key, text, measured, threshold, release in rows
+    ]
+
+
+MNIST = _claims(
+    ("standard_high_over_low", "MNIST: small margins at low frequencies, invariance (large margins) at high ones",
+     "high-band / low-band median margin, standard LeNet", SEVERAL, "margin_mnist.py"),
+    ("flipped_low_over_high", "Flipped MNIST mirrors it: the invariance moves to the low frequencies",
+     "low-band / high-band median margin, flipped LeNet", SEVERAL, "margin_flipped_mnist.py"),
+    ("lowpass_high_over_low", "Low-pass data: the network becomes invariant at high frequencies",
+     "high-band / low-band median margin, low-pass LeNet", SEVERAL, ""),
+    ("robust_over_standard_low",
+     "Adversarial training makes margins grow (where the standard network is discriminative: low frequencies)",
+     "low-band median margin, PGD-trained / standard LeNet", GROW, "margin_robust_mnist.py"),
+    ("flipped_robust_over_flipped_high", "... and on flipped data (where it is discriminative: high frequencies)",
+     "high-band median margin, flipped PGD-trained / flipped standard LeNet", GROW, "margin_robust_mnist.py"),
+    ("robust_high_over_low", "Adversarially trained networks are invariant at high frequencies",
+     "high-band / low-band median margin, PGD-trained LeNet", SEVERAL, "margin_robust_mnist.py"),
+    ("flipped_robust_low_over_high", "... and on flipped data the invariance moves with the flip",
+     "low-band / high-band median margin, flipped PGD-trained LeNet", SEVERAL, "margin_robust_mnist.py"),
+    ("flipped_robust_dykstra_over_flipped_high",
+     "Margins grow on flipped data, PGD with Dykstra's projection (the release's)",
+     "high-band median margin, flipped PGD-trained (Dykstra) / flipped standard LeNet", GROW, "margin_robust_mnist.py"),
+    ("flipped_robust_dykstra_low_over_high", "... and the invariance moves with the flip (Dykstra)",
+     "low-band / high-band median margin, flipped PGD-trained LeNet (Dykstra)", SEVERAL, "margin_robust_mnist.py"),
+    ("synthetic_others_min_over_direction", "Synthetic data: small margin only along the discriminative direction",
+     "smallest median margin of the other subspaces / median margin of the subspace holding v", SEVERAL, ""),
+)  # fmt: skip
+
+CIFAR10 = _claims(
+    ("standard_high_over_low", "CIFAR-10: small margins at all frequencies, rising at the highest ones",
+     "high-band / low-band median margin, standard", GROW, "margin_cifar10.py"),
+    ("flipped_low_over_high", "Flipped CIFAR-10 mirrors it: the margins rise at the lowest frequencies",
+     "low-band / high-band median margin, flipped", GROW, "margin_flipped_cifar10.py"),
+    ("lowpass_high_over_low", "Low-pass CIFAR-10: very large margins (invariance) at high frequencies",
+     "high-band / low-band median margin, low-pass", SEVERAL, "margin_low_pass_cifar10.py"),
+    ("robust_over_standard_low", "Adversarial training makes margins grow",
+     "low-band median margin, PGD-trained / standard", GROW, "margin_robust_cifar10.py"),
+    ("robust_high_over_low", "Adversarially trained networks become invariant at high frequencies",
+     "high-band / low-band median margin, PGD-trained", SEVERAL, "margin_robust_cifar10.py"),
+    ("flipped_robust_over_flipped_high",
+     "... margins grow on flipped data too (where it is discriminative: high frequencies)",
+     "high-band median margin, flipped PGD-trained / flipped standard", GROW, "margin_robust_cifar10.py"),
+    ("flipped_robust_low_over_high", "... and the invariance moves with the flip",
+     "low-band / high-band median margin, flipped PGD-trained", SEVERAL, "margin_robust_cifar10.py"),
+)  # fmt: skip
+
+IMAGENET = _claims(
+    ("standard_high_over_low", "ImageNet shows the CIFAR-10 pattern: small margins, rising at the highest frequencies",
+     "high-band / low-band median margin, standard ResNet-50", GROW, "margin_flipped_imagenet.py"),
+    ("flipped_low_over_high", "Flipped ImageNet mirrors it", "low-band / high-band median margin, flipped ResNet-50",
+     GROW, "margin_flipped_imagenet.py"),
+    ("robust_over_standard_low", "Adversarial training makes margins grow",
+     "low-band median margin, PGD-trained / standard ResNet-50", GROW, "margin_robust_imagenet.py"),
+    ("robust_high_over_low", "Adversarially trained networks become invariant at high frequencies",
+     "high-band / low-band median margin, PGD-trained ResNet-50", SEVERAL, "margin_robust_imagenet.py"),
+)  # fmt: skip
 
 CLAIMS = {"mnist": MNIST, "cifar10": CIFAR10, "imagenet": IMAGENET}
 

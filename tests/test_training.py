@@ -17,6 +17,7 @@ from common import InputError
 from datamodules import MNISTDataModule, SyntheticDataModule
 from lightning_modules import AdversarialModule, ClassifierModule
 from lightning_modules.schedules import triangular_lr
+from lightning_modules.trainers import quiet_trainer
 from tests.test_datamodules import write_mnist_raw
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -28,17 +29,7 @@ def tiny_synthetic(**kwargs) -> SyntheticDataModule:
 
 
 def tiny_trainer(tmp_path: Path, **kwargs) -> L.Trainer:
-    args = dict(
-        default_root_dir=tmp_path,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        gradient_clip_val=0.5,
-    )
-    return L.Trainer(**{**args, **kwargs})
+    return quiet_trainer(**{"default_root_dir": tmp_path, **kwargs})
 
 
 def test_triangular_schedule_matches_its_definition():

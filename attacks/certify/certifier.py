@@ -122,7 +122,7 @@ class SubspaceCertifier(MarginEstimator):
         start = time.perf_counter()
         net = network_ops(model.module, tuple(x.shape[1:]), model.dtype, model.device)
         family = subspaces.to(model.device)
-        attack = self._upper_bounds(model.module, x, subspaces, sample_index, subspace_index, task.return_perturbations)
+        attack = self._upper_bounds(task)
         self.last_stats.add("upper", start)
         labels = attack.labels
         cap = torch.where(attack.converged, attack.margins, torch.inf)
@@ -151,16 +151,10 @@ class SubspaceCertifier(MarginEstimator):
             perturbations=attack.perturbations,
         )
 
-    def _upper_bounds(
-        self,
-        model: nn.Module,
-        x: torch.Tensor,
-        subspaces: SubspaceFamily,
-        sample_index: torch.Tensor,
-        subspace_index: torch.Tensor,
-        return_perturbations: bool,
-    ) -> RowResult:
-        """The upper-bound attack's result on the rows (with upper="none": clean labels, nothing converged)."""
+    def _upper_bounds(self, task: RowTask) -> RowResult:
+        """The upper-bound attack's result on the rows, run on the plain model (with upper="none": clean labels,
+        nothing converged)."""
+        model, x, sample_index = task.model.module, task.x, task.sample_index
         if self.upper == "none":
             with torch.no_grad():
                 labels = model(x).argmax(dim=1)[sample_index]
@@ -171,10 +165,12 @@ class SubspaceCertifier(MarginEstimator):
                 iterations=torch.zeros(rows, dtype=torch.long, device=x.device),
                 labels=labels,
                 perturbed_labels=labels.clone(),
-                perturbations=x.new_zeros(rows, *x.shape[1:]) if return_perturbations else None,
+                perturbations=x.new_zeros(rows, *x.shape[1:]) if task.return_perturbations else None,
             )
         attack = SubspaceDeepFool(dtype=x.dtype) if self.upper == "deepfool" else SubspaceFMN(dtype=x.dtype)
-        return attack.attack_rows(model, x, subspaces, sample_index, subspace_index, return_perturbations)
+        return attack.attack_rows(
+            model, x, task.subspaces, sample_index, task.subspace_index, task.return_perturbations
+        )
 
 
 MEMORY_BYTES = 2 * 1024**3  # bounds of one batch of rows stay within about this much memory

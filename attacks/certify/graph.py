@@ -190,8 +190,8 @@ class Scale(Affine):
 
 
 @dataclass
-class AvgPool(Affine):
-    """2-d average pooling (zero padding counted in the divisor, as `F.avg_pool2d`'s default)."""
+class Pool(Op):
+    """2-d pooling over `kernel` windows moved by `stride`, `padding` pixels added on each side of `in_shape`."""
 
     inputs: tuple[int, ...]
     shape: tuple[int, ...]
@@ -200,6 +200,11 @@ class AvgPool(Affine):
     stride: tuple[int, int]
     padding: tuple[int, int]
     in_shape: tuple[int, ...]
+
+
+@dataclass
+class AvgPool(Pool, Affine):
+    """2-d average pooling (zero padding counted in the divisor, as `F.avg_pool2d`'s default)."""
 
     def linear(self, hs: list[torch.Tensor]) -> torch.Tensor:
         h = hs[0]
@@ -264,16 +269,8 @@ class ReLU(Op):
 
 
 @dataclass
-class MaxPool(Op):
+class MaxPool(Pool):
     """2-d max pooling (padding counts as -inf, as in `F.max_pool2d`)."""
-
-    inputs: tuple[int, ...]
-    shape: tuple[int, ...]
-    name: str
-    kernel: tuple[int, int]
-    stride: tuple[int, int]
-    padding: tuple[int, int]
-    in_shape: tuple[int, ...]
 
 
 @dataclass
@@ -305,6 +302,7 @@ class Network:
         return values
 
 
+_Size = int | tuple[int, ...]  # a pooling size as the layer gives it: one int or a pair
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
 _MAXPOOL_FUNCTIONS = (F.max_pool2d, torch.max_pool2d)
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
@@ -477,9 +475,7 @@ class _Converter:
             raise UnsupportedLayerError(
                 f"layer {node.name!r}: max pooling with dilation, ceil_mode or return_indices is not supported"
             )
-        in_shape = self.ops[source].shape
-        self._add(node, MaxPool((source,), _shape(node), node.name, _pair(kernel), _pair(stride or kernel),
-                                _pair(padding), in_shape))  # fmt: skip
+        self._pool(node, MaxPool, source, kernel, stride, padding)
 
     def _avgpool(self, node, source, kernel, stride, padding, ceil_mode, count_include_pad, divisor) -> None:
         if ceil_mode or not count_include_pad or divisor is not None:
@@ -487,9 +483,13 @@ class _Converter:
                 f"layer {node.name!r}: average pooling with ceil_mode, count_include_pad=False or divisor_override "
                 "is not supported"
             )
-        in_shape = self.ops[source].shape
-        self._add(node, AvgPool((source,), _shape(node), node.name, _pair(kernel), _pair(stride or kernel),
-                                _pair(padding), in_shape))  # fmt: skip
+        self._pool(node, AvgPool, source, kernel, stride, padding)
+
+    def _pool(self, node: fx.Node, kind: type[Pool], source: int, kernel: _Size, stride: _Size | None,
+              padding: _Size) -> None:  # fmt: skip
+        """Adds a `kind` pooling of operation `source` (sizes as ints or pairs; no stride: the kernel)."""
+        self._add(node, kind((source,), _shape(node), node.name, _pair(kernel), _pair(stride or kernel),
+                             _pair(padding), self.ops[source].shape))  # fmt: skip
 
     def _adaptive_avgpool(self, node: fx.Node, source: int) -> None:
         in_shape, shape = self.ops[source].shape, _shape(node)
@@ -561,7 +561,7 @@ def _shape(node: fx.Node) -> tuple[int, ...]:
     return tuple(int(v) for v in meta.shape[1:])
 
 
-def _pair(value: int | tuple[int, ...]) -> tuple[int, int]:
+def _pair(value: _Size) -> tuple[int, int]:
     return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
 
 
