@@ -44,6 +44,7 @@ with modules_loading(__name__ == "__main__"):
         attack_from_args,
         deprecated,
         input_error,
+        rows_from_args,
         run_from_args,
         source_from_args,
     )
@@ -73,10 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace, argv: list[str]) -> tuple[MarginReport | None, Path]:
     return evaluate_margins(
-        source_from_args(args), subspace=args.subspace, subspace_dim=args.subspace_dim,
-        subspace_step=args.subspace_step, indices_file=args.indices, num_samples=args.num_samples, seed=args.seed,
-        output_dir=args.output_dir, attack=attack_from_args(args), run=run_from_args(args),
-        command=["evaluate_margin.py", *argv],
+        source_from_args(args), rows=rows_from_args(args), attack=attack_from_args(args), run=run_from_args(args),
+        output_dir=args.output_dir, command=["evaluate_margin.py", *argv],
     )  # fmt: skip
 
 

@@ -41,6 +41,7 @@ from common.stop import CommandExit, RunStopped, modules_loading
 # a signal while the modules load: its exit code and line, not a bare kill
 with modules_loading(__name__ == "__main__"):
     import argparse
+    import dataclasses
     import gc
     import io
     import json
@@ -72,23 +73,18 @@ with modules_loading(__name__ == "__main__"):
         attack_from_args,
         deprecated,
         input_error,
+        rows_from_args,
         run_from_args,
         source_from_args,
     )
     from margins.evaluate import evaluate_margins
     from margins.guard import disk_full, disk_full_error
-    from margins.inputs import (
-        SubspaceSpec,
-        choose_indices,
-        default_output_dir,
-        load_source,
-        make_subspaces,
-        margin_dataset,
-    )
+    from margins.inputs import default_output_dir, load_source, margin_dataset
     from margins.measure import DEFAULT_NUM_SAMPLES
     from margins.names import estimator_of, quantity
     from margins.plot import describe_run, describe_settings
     from margins.results import MarginReport, time_line
+    from margins.settings import RowSettings
 
 DEFAULT_VALID = {"none": "box", "flip": "flipped_box"}  # other transforms (low/high pass) have no box: "none"
 OUTPUT_ROOT = "outputs/frequency_analysis"
@@ -153,15 +149,15 @@ def _accelerator(device: str) -> str:
 
 # ---- commands ------------------------------------------------------------------------------------------------
 def margins_of(
-    args: argparse.Namespace, argv: list[str], spec: SubspaceSpec, folder: Path | None
+    args: argparse.Namespace, argv: list[str], rows: RowSettings, folder: Path | None
 ) -> tuple[MarginReport | None, Path]:
-    """evaluate_margins with the command's flags along the family `spec`, into `folder` (None: a folder named
+    """evaluate_margins with the command's flags on `rows`, into `folder` (None: a folder named
     after the model and run under outputs/frequency_analysis/<command>/); a finished folder of these settings is
     reused (`extra["reused"]`): the command resumes after it."""
     return evaluate_margins(
-        source_from_args(args), subspace=spec, indices_file=args.indices, num_samples=args.num_samples,
-        seed=args.seed, output_dir=folder, output_root=f"{OUTPUT_ROOT}/{args.command}", attack=attack_from_args(args),
-        run=run_from_args(args), command=["frequency_analysis.py", *argv], reuse_finished=True,
+        source_from_args(args), rows=rows, attack=attack_from_args(args), run=run_from_args(args),
+        output_dir=folder, output_root=f"{OUTPUT_ROOT}/{args.command}", command=["frequency_analysis.py", *argv],
+        reuse_finished=True,
     )  # fmt: skip
 
 
@@ -200,14 +196,14 @@ def png_bytes(figure: Figure, dpi: int = 150) -> bytes:
 
 
 def run_map2d(args: argparse.Namespace, argv: list[str]) -> Path | None:
-    spec = SubspaceSpec("grid", args.subspace_dim, args.subspace_step)
-    report, folder = margins_of(args, argv, spec, Path(args.output_dir) if args.output_dir else None)
+    folder = Path(args.output_dir) if args.output_dir else None
+    report, folder = margins_of(args, argv, rows_from_args(args, "grid"), folder)
     if report is None:  # ranks > 0: rank 0 reports
         return None
     if report.extra.get("reused"):
         refuse_finished(folder, "map2d.npy")
     s = report.settings
-    family = DCTGridSubspaces(tuple(s["model"]["image_shape"]), s["subspace_block"], s["subspace_step"])
+    family = DCTGridSubspaces(tuple(s["model"]["image_shape"]), s["subspace_dim"], s["subspace_step"])
     grid = median_map(report.margins, family)
     what = quantity(estimator_of(s))
     figure = plot_margin_maps({describe_settings(s): grid}, family, num_samples=report.margins.shape[1], quantity=what)
@@ -224,17 +220,17 @@ def run_random(args: argparse.Namespace, argv: list[str]) -> Path | None:
     if not args.overwrite:
         refuse_finished(out, "analysis.json")
     kind = "basis" if args.bases else "random"
-    dct_spec = SubspaceSpec("dct", args.subspace_dim, args.subspace_step)
-    control = SubspaceSpec(kind, None if args.bases else args.subspace_dim, None if args.bases else args.subspace_step,
-                           args.count, args.subspace_seed, args.method, list(args.bases or []))  # fmt: skip
-    make_subspaces(control, loaded.datamodule)  # bad --count, --bases, ...: an error before the DCT family is measured
-    dct, _ = margins_of(args, argv, dct_spec, out / "dct")
+    given = rows_from_args(args, kind)
+    dct_rows = dataclasses.replace(given, subspace="dct", count=None, bases=())
+    control = dataclasses.replace(given, subspace_dim=None, subspace_step=None) if args.bases else given
+    control.family(loaded.datamodule)  # bad --count, --bases, ...: an error before the DCT family is measured
+    dct, _ = margins_of(args, argv, dct_rows, out / "dct")
     ctl, _ = margins_of(args, argv, control, out / kind)
     if dct is None or ctl is None:  # ranks > 0: rank 0 reports
         return None
     spreads = {"dct": spread_ratio(dct.margins), kind: spread_ratio(ctl.margins)}
     analysis = {"spread_max_over_min_median": spreads, "command": ["frequency_analysis.py", *argv]}
-    dim, what = dct.settings["subspace_dims"], quantity(estimator_of(dct.settings))
+    dim, what = dct.settings["subspace_size"], quantity(estimator_of(dct.settings))
     figure = plot_dct_vs_random(
         {f"{describe_settings(dct.settings)}: {what}s": (dct.margins, ctl.margins)},
         f"DCT blocks vs {kind} subspaces of dimension {dim}",
@@ -256,7 +252,7 @@ def run_heatmap(args: argparse.Namespace, argv: list[str]) -> Path:
     if (out / "heatmap.json").is_file() and not args.overwrite:
         raise InputError(f"{out} already holds a heat map; pass --overwrite or choose another --output-dir")
     dataset = margin_dataset(dm, args.data_dir is None, "frequency_analysis.py")
-    indices = choose_indices(args.num_samples, args.seed, args.indices, len(dataset), dm.name)
+    indices = rows_from_args(args).indices(len(dataset), dm.name)
     x, y = gather_samples(dataset, indices)
     valid = args.valid or DEFAULT_VALID.get(dm.hparams.transform, "none")
     model = loaded.model.to(device)

@@ -40,7 +40,7 @@ with modules_loading(__name__ == "__main__"):
     from models.checkpoint import CheckpointReadError, UntrustedCheckpointError, read_checkpoint
 
 ROOT_DIR = "${trainer.default_root_dir}"  # logger save_dir placeholder, replaced by the run's default_root_dir
-# `--margin.num_sample` is a typo, not `num_samples`; usage errors raise (one line in `cli`) instead of printing usage
+# `--margin.rows.num_sample` is a typo of `num_samples`; usage errors raise (one line in `cli`), no usage text
 _STRICT = {"allow_abbrev": False, "exit_on_error": False}
 PARSER_KWARGS: dict[str, Any] = {**_STRICT, **{name: dict(_STRICT) for name in ("fit", "validate", "test", "predict")}}
 
@@ -145,7 +145,7 @@ class HoldMeTightCLI(LightningCLI):
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(MarginCallback, "margin")  # `margin:` section, `--margin.num_samples 20`
+        parser.add_lightning_class_args(MarginCallback, "margin")  # `margin:` section, `--margin.rows.num_samples 20`
         parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
         parser.link_arguments("data.image_shape", "model.init_args.image_shape", apply_on="instantiate")
         logger = {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": ROOT_DIR}}

@@ -125,7 +125,7 @@ def check_training_and_evaluation(device: torch.device, quick: bool, tmp: Path) 
     fit = [sys.executable, "train.py", "fit", "--config", "configs/synthetic_lenet.yaml", "--trainer.max_steps",
            str(steps), "--trainer.accelerator", accelerator, "--trainer.devices", "1", "--trainer.default_root_dir",
            str(tmp / "runs"), "--trainer.enable_progress_bar", "false", "--data.num_train", "2000", "--data.num_test",
-           "200", "--margin.num_samples", str(samples), "--margin.progress", "false"]  # fmt: skip
+           "200", "--margin.rows.num_samples", str(samples), "--margin.progress", "false"]  # fmt: skip
     code, seconds = run(fit, tmp / "fit.log")
     folders = sorted((tmp / "runs").rglob("margins/epoch_*"))
     print(f"[5] train.py fit, {steps} steps on {accelerator}: exit {code}, {seconds:.1f} s, callback folders "

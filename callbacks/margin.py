@@ -8,8 +8,10 @@ Terminal (rank 0): a bar over the (sample, subspace) rows while measuring, then 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -33,47 +35,41 @@ from callbacks.tensorboard import describe_module as _describe
 from callbacks.tensorboard import tensorboard_logger as _tensorboard_logger
 from common.errors import InputError
 from common.stop import RunStopped, stop_handled
-from frequency import DCTBlockSubspaces
-from margins import select_indices
 from margins.chunks import ChunkStore, ResumeMismatchError
 from margins.evaluate import fingerprint_of, make_job, measure_chunks, state_sha256
 from margins.guard import EXIT_BAD_INPUT, EXIT_BUG, FolderLock, Watchdog
-from margins.measure import DEFAULT_NUM_SAMPLES
 from margins.names import differing, estimator_of, quantity
 from margins.results import SUMMARY_FILE, MarginReport
+from margins.settings import AttackSettings, RowSettings, RunSettings
 from margins.sharding import chunk_ranges, shard_range
-from margins.work import (
-    CHUNK_DIR,
-    DEFAULT_CHUNK_ROWS,
-    AttackSettings,
-    ChunkWork,
-    MarginJob,
-    RunSettings,
-    record_device,
-)
+from margins.work import CHUNK_DIR, ChunkWork, MarginJob, record_device
 
 ON_ERROR = ("raise", "skip")  # what a failed measurement does in a fit (`on_error`)
+
+
+def config_error(err: InputError, section: str) -> InputError:
+    """A settings object's error with the commands' flags (`--num-samples`) as train.py's options
+    (`--margin.rows.num_samples`): the same names, under the callback's `section`."""
+    return InputError(re.sub(r"--([a-z][a-z-]*)", lambda m: f"--margin.{section}.{m[1].replace('-', '_')}", str(err)))
 
 
 class MarginCallback(L.Callback):
     """Runs batched subspace DeepFool on a fixed evaluation subset at the end of validation / test epochs.
 
     Args:
-        num_samples: samples of `datamodule.margin_dataset()` (the test split) to measure; the same ones every time.
-        seed: seed choosing those samples.
+        rows: which (sample, subspace) rows (`margins.settings.RowSettings`, config `margin.rows.*`, the commands'
+            flag names): `num_samples` samples of `datamodule.margin_dataset()` (the test split) drawn with `seed`,
+            the same ones every time (at most the split's size), along the family `subspace` (default the DCT blocks
+            of the datamodule's `subspace_block` / `subspace_step`, the paper's).
+        attack: how (`margins.settings.AttackSettings`, `margin.attack.*`): the estimator ("deepfool", the paper's,
+            or "fmn": margins, upper bounds; "certify": certified lower bounds) and its settings, `chunk_rows`
+            (rows per chunk, attacked as one batch: the unit shared out under DDP), precision and kernels.
+        threads: CPU threads while measuring (default 1: pinned, so 1 and k processes agree bit for bit, and the
+            training's own threads are left alone; float bits depend on the count).
         every_n_epochs: measure every N validation epochs during `fit` (always in `validate` / `test` runs).
         measure_at_fit_end: also measure the final model when `fit` ends (last epoch, EarlyStopping, max_time),
             unless the last validation already measured it.
         on_test: also measure at the end of `test` runs.
-        subspace_dim, subspace_step: DCT block side and step (default: the datamodule's, the paper's settings).
-        max_iter, overshoot: DeepFool settings (default: the release's, `AttackSettings`').
-        estimator: "deepfool" (the paper's) or "fmn" (minimum-norm, `attacks.fmn`, `fmn_steps` steps per row):
-            margins, upper bounds; "certify": certified lower bounds (`attacks.certify`, float64).
-        chunk_rows: (sample, subspace) rows per chunk, attacked as one batch: the unit shared out under DDP
-            (default `margins.work.DEFAULT_CHUNK_ROWS`, whatever the estimator).
-        threads: CPU threads while measuring (default 1: pinned, so 1 and k processes agree bit for bit, and the
-            training's own threads are left alone; float bits depend on the count).
-        kernels: the engine's kernels, "auto" or "off" (`attacks.kernels`).
         band_width: subspaces in the low and in the high band (capped at half the subspaces).
         log_figure: log the paper's plot `margin/distribution` and the history image `margin/evolution`.
         progress: a progress bar on rank 0 while measuring (the summary after each measurement is always printed).
@@ -98,36 +94,29 @@ class MarginCallback(L.Callback):
 
     def __init__(
         self,
-        num_samples: int = DEFAULT_NUM_SAMPLES,
-        seed: int = 0,
+        rows: RowSettings = RowSettings(),
+        attack: AttackSettings = AttackSettings(),
+        threads: int = 1,
         every_n_epochs: int = 1,
         measure_at_fit_end: bool = True,
         on_test: bool = True,
-        subspace_dim: int | None = None,
-        subspace_step: int | None = None,
-        max_iter: int = AttackSettings.max_iter,
-        overshoot: float = AttackSettings.overshoot,
-        chunk_rows: int = DEFAULT_CHUNK_ROWS,
-        estimator: str = AttackSettings.estimator,
-        fmn_steps: int = AttackSettings.fmn_steps,
-        threads: int = 1,
-        kernels: str = AttackSettings.kernels,
         band_width: int = 3,
         log_figure: bool = True,
         progress: bool = True,
         enabled: bool = True,
         on_error: str = "raise",
     ):
-        for name, value in (("num_samples", num_samples), ("every_n_epochs", every_n_epochs),
-                            ("band_width", band_width), ("threads", threads)):  # fmt: skip
+        for name, value in (("every_n_epochs", every_n_epochs), ("band_width", band_width), ("threads", threads)):
             if value < 1:
                 raise InputError(f"margin.{name} must be >= 1, got {value} (--margin.{name})")
-        self.num_samples, self.seed, self.every_n_epochs, self.on_test = num_samples, seed, every_n_epochs, on_test
-        self.measure_at_fit_end, self.band_width = measure_at_fit_end, band_width
-        self.subspace_dim, self.subspace_step = subspace_dim, subspace_step
-        self.attack = AttackSettings(overshoot=overshoot, max_iter=max_iter, chunk_rows=chunk_rows, kernels=kernels,
-                                     estimator=estimator, fmn_steps=fmn_steps)  # fmt: skip
-        self.attack.check()
+        for section, settings in (("rows", rows), ("attack", attack)):
+            try:
+                settings.check()
+            except InputError as err:
+                raise config_error(err, section) from None
+        self.rows, self.attack = rows, attack
+        self.every_n_epochs, self.on_test, self.measure_at_fit_end = every_n_epochs, on_test, measure_at_fit_end
+        self.band_width = band_width
         self.threads, self.log_figure, self.progress, self.enabled = threads, log_figure, progress, enabled
         if on_error not in ON_ERROR:
             raise InputError(
@@ -268,9 +257,9 @@ class MarginCallback(L.Callback):
         (`margins.evaluate.measure_chunks`); rank 0 merges them and writes the results (None on the other ranks)."""
         device = pl_module.device
         store = ChunkStore(job.output_dir / CHUNK_DIR)
-        chunks = chunk_ranges(len(job.indices) * len(job.subspaces), self.attack.chunk_rows)
+        chunks = chunk_ranges(len(job.indices) * len(job.subspaces), job.attack.chunk_rows)
         run = RunSettings(threads=self.threads, progress=self.progress and trainer.is_global_zero)
-        work = ChunkWork(job, self.attack, run, store, chunks)
+        work = ChunkWork(job, job.attack, run, store, chunks)
         rank = trainer.global_rank
 
         def attack_share(watchdog: Watchdog) -> None:  # the fit's ranks, no new processes
@@ -292,12 +281,9 @@ class MarginCallback(L.Callback):
     ) -> MarginJob:
         datamodule = trainer.datamodule
         dataset = datamodule.margin_dataset()
-        indices = select_indices(len(dataset), min(self.num_samples, len(dataset)), self.seed)
-        subspaces = DCTBlockSubspaces(
-            datamodule.image_shape,
-            self.subspace_dim or datamodule.subspace_block,
-            self.subspace_step or datamodule.subspace_step,
-        )
+        name = getattr(datamodule, "name", type(datamodule).__name__)
+        rows = dataclasses.replace(self.rows, num_samples=min(self.rows.num_samples, len(dataset)))
+        indices, subspaces = rows.indices(len(dataset), name), rows.family(datamodule)
         model = pl_module.model
         settings = {
             "source": "MarginCallback",
@@ -309,12 +295,13 @@ class MarginCallback(L.Callback):
             "model": _public(pl_module.hparams),
             "data": _public(datamodule.hparams),
             "checkpoint_sha256": state_sha256(model),
-            "dataset": getattr(datamodule, "name", type(datamodule).__name__),
+            "dataset": name,
             "transform": datamodule.hparams.get("transform", "none"),
-            "seed": self.seed,
+            **rows.record(),
         }
         title = f"{_describe(pl_module, datamodule)}, {run_label(run_name)}"
-        return make_job(model, dataset, indices, subspaces, out_dir, self.attack, settings, title)
+        attack = self.attack.resolved(name)
+        return make_job(model, dataset, indices, subspaces, out_dir, attack, settings, title)
 
     # ---- TensorBoard (rank 0 only: no collectives below) -------------------------------------------------
     def _log_tensorboard(
@@ -330,7 +317,7 @@ class MarginCallback(L.Callback):
     ) -> None:
         history = self.history if self.log_figure else None
         log_measurement(logger, trainer, pl_module, report, title, run, label, step, state=self._board,
-                        band_width=self.band_width, num_samples=self.num_samples, history=history)  # fmt: skip
+                        band_width=self.band_width, num_samples=self.rows.num_samples, history=history)  # fmt: skip
 
 
 # ---- the measurement's folder (rank 0) -------------------------------------------------------------------------

@@ -1,10 +1,12 @@
 """The command-line vocabulary of every margin command (evaluate_margin.py, frequency_analysis.py): one flag for
-one thing, added by the same functions, read back into the same settings.
+one thing, added by the same functions, read back into the same settings objects (`margins.settings`: a flag's
+name is its field's).
 
 - model and data: --checkpoint --model --dataset --transform --bandwidth --data-dir --num-classes --trusted-pickle
-- samples: --num-samples --seed --indices
-- subspaces: --subspace-dim --subspace-step
-- attack: --estimator --max-iter --overshoot --fmn-steps --certify-method --chunk-rows --dtype --kernels
+- samples: --num-samples --seed --indices-file
+- subspaces: --subspace-dim --subspace-step (frequency_analysis.py random: --count --subspace-seed --method --bases)
+- attack: --estimator --max-iter --overshoot --num-candidates --fmn-steps --certify-method --chunk-rows --dtype
+  --kernels
 - processes and output: --accelerator --devices --num-nodes --strategy --num-workers --threads
   --return-freed-memory --output-dir --overwrite --no-progress
 """
@@ -12,6 +14,7 @@ one thing, added by the same functions, read back into the same settings.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -21,13 +24,14 @@ from datamodules import DATASETS, TRANSFORMS
 from margins.guard import EXIT_BAD_INPUT, STOPPED, env_rank
 from margins.inputs import ModelSource
 from margins.measure import DEFAULT_NUM_SAMPLES
-from margins.work import (
+from margins.settings import (
     CERTIFY_METHODS,
     DEFAULT_CHUNK_ROWS,
     DTYPES,
     ESTIMATORS,
     SMALL_CHUNK_ROWS,
     AttackSettings,
+    RowSettings,
     RunSettings,
     default_threads,
 )
@@ -50,7 +54,8 @@ def add_sample_arguments(p: argparse.ArgumentParser, default_samples: int = DEFA
     a = p.add_argument
     a("--num-samples", type=int, default=default_samples, help=f"test samples drawn at random ({default_samples})")
     a("--seed", type=int, default=0, help="seed of the draw (default 0)")
-    a("--indices", help="FILE.npy of dataset indices to evaluate, in order (overrides the draw)")
+    a("--indices-file", help="FILE.npy of dataset indices to evaluate, in order (overrides the draw)")
+    a("--indices", dest="indices_file", action=deprecated("--indices-file"), help=argparse.SUPPRESS)
 
 
 def add_subspace_arguments(p: argparse.ArgumentParser, step_help: str = "DCT block step") -> None:
@@ -78,6 +83,8 @@ def add_attack_arguments(p: argparse.ArgumentParser) -> None:
         default=d.estimator,
         help="deepfool (the paper's) or fmn: attacks, margins that are upper bounds; certify: certified lower bounds",
     )
+    a("--num-candidates", type=int, default=d.num_candidates,
+      help=f"classes DeepFool (and FMN's first step) linearise (default {d.num_candidates})")  # fmt: skip
     a("--fmn-steps", type=int, default=d.fmn_steps, help=f"FMN steps per row (default {d.fmn_steps})")
     a("--certify-method", choices=CERTIFY_METHODS, default=d.certify_method,
       help=f"the certifier's bounds (default {d.certify_method})")  # fmt: skip
@@ -125,17 +132,22 @@ def source_from_args(args: argparse.Namespace) -> ModelSource:
     )  # fmt: skip
 
 
+def rows_from_args(args: argparse.Namespace, subspace: str | None = None) -> RowSettings:
+    """The rows the flags name (`subspace`: the family's kind where the command sets it); flags a command does
+    not have keep `RowSettings`' defaults."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(RowSettings) if hasattr(args, f.name)}
+    if subspace is not None:
+        given["subspace"] = subspace
+    given["bases"] = tuple(given.get("bases") or ())
+    return RowSettings(**given)
+
+
 def attack_from_args(args: argparse.Namespace) -> AttackSettings:
-    return AttackSettings(args.overshoot, args.max_iter, chunk_rows=args.chunk_rows, dtype=args.dtype,
-                          kernels=args.kernels, estimator=args.estimator, fmn_steps=args.fmn_steps,
-                          certify_method=args.certify_method)  # fmt: skip
+    """The estimator's settings the flags name (each flag's destination is its field's name)."""
+    return AttackSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(AttackSettings)})
 
 
 def run_from_args(args: argparse.Namespace) -> RunSettings:
-    if args.num_workers < 0:
-        raise InputError(f"--num-workers must be >= 0, got {args.num_workers}")
-    if args.threads is not None and args.threads < 1:
-        raise InputError(f"--threads must be >= 1, got {args.threads}")
     return RunSettings(
         args.accelerator, devices(args.devices), args.num_nodes, args.strategy, args.num_workers, args.overwrite,
         not args.no_progress, args.threads, keep_freed_memory=not args.return_freed_memory,

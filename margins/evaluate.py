@@ -44,27 +44,23 @@ from margins.guard import (
 )
 from margins.inputs import (
     ModelSource,
-    SubspaceSpec,
     check_forward,
-    choose_indices,
     default_output_dir,
     describe_family,
     load_source,
-    make_subspaces,
     margin_dataset,
     tensor_bytes,
 )
-from margins.measure import DEFAULT_NUM_SAMPLES, gather_samples
+from margins.measure import gather_samples
 from margins.names import describe_held
 from margins.predict import device_type, make_trainer, predict_chunks
 from margins.results import SUMMARY_FILE, MarginReport, json_safe, read_report, remove_stale_tmp_dirs, write_report
+from margins.settings import AttackSettings, RowSettings, RunSettings
 from margins.sharding import chunk_ranges
 from margins.work import (
     CHUNK_DIR,
-    AttackSettings,
     ChunkWork,
     MarginJob,
-    RunSettings,
     bytes_to_write,
     merge_chunks,
     record_device,
@@ -84,17 +80,12 @@ def evaluate_margins(
     model: nn.Module | None = None,
     dataset: Dataset | None = None,
     subspaces: SubspaceFamily | None = None,
-    subspace: str | SubspaceSpec = "dct",
-    subspace_dim: int | None = None,
-    subspace_step: int | None = None,
     indices: np.ndarray | None = None,
-    indices_file: str | Path | None = None,
-    num_samples: int = DEFAULT_NUM_SAMPLES,
-    seed: int = 0,
-    output_dir: str | Path | None = None,
-    output_root: str = "outputs/margins",
+    rows: RowSettings | None = None,
     attack: AttackSettings | None = None,
     run: RunSettings | None = None,
+    output_dir: str | Path | None = None,
+    output_root: str = "outputs/margins",
     title: str = "",
     command: list[str] | None = None,
     reuse_finished: bool = False,
@@ -103,57 +94,37 @@ def evaluate_margins(
 
     Either `checkpoint` (a path or a `ModelSource`: model, datamodule and data from the checkpoint) or `model` +
     `dataset` + `output_dir` (any classifier `[B, C, H, W] -> logits` and dataset of (image [C, H, W], label)
-    items). Subspaces: a family (`subspaces`), else `subspace` (a kind: "dct", "full", "grid", "random", "basis",
-    or a `SubspaceSpec`) with `subspace_dim` / `subspace_step`, resolved against the checkpoint's dataset (default:
-    the paper's DCT blocks). Samples: `indices` or `indices_file`, or `num_samples` drawn with `seed`. Results go to
-    `output_dir` (default for a checkpoint: `<output_root>/<model>_<dataset>[_<transform>][_<kind>]_<run>`).
-    `title` heads the figure (default: model, dataset and transform). `reuse_finished`: a folder holding a
-    finished evaluation of these very settings is read back (`extra["reused"]`) instead of refused (a command of
-    several parts resumes after a finished part). `attack` and `run` are read, never changed (the job carries a
-    copy of `attack` with its chunk size given). Raises InputError on bad input, naming the parameter.
+    items). What is measured: `rows` (`RowSettings`: samples and subspace family, resolved against the checkpoint's
+    dataset; default: the paper's 100 samples and DCT blocks); a given family `subspaces` or sample `indices`
+    (int [N]) take the place of the rows' (without a checkpoint, subspaces default to the full space). How:
+    `attack` (`AttackSettings`), where: `run` (`RunSettings`). Results go to `output_dir` (default for a
+    checkpoint: `<output_root>/<model>_<dataset>[_<transform>][_<kind>]_<run>`). `title` heads the figure
+    (default: model, dataset and transform). `reuse_finished`: a folder holding a finished evaluation of these very
+    settings is read back (`extra["reused"]`) instead of refused (a command of several parts resumes after a
+    finished part). The settings objects are read, never changed. Raises InputError on bad input, naming the
+    setting.
     """
     started = time.perf_counter()
-    attack, run = attack or AttackSettings(), run or RunSettings()
+    rows, attack, run = rows or RowSettings(), attack or AttackSettings(), run or RunSettings()
+    rows.check()
     attack.check()
     run.check()
-    if seed < 0:
-        raise InputError(f"seed must be >= 0 (--seed), got {seed}")
-    if not isinstance(subspace, SubspaceSpec):
-        subspace = SubspaceSpec(subspace, subspace_dim, subspace_step)
     if checkpoint is not None:
         source = checkpoint if isinstance(checkpoint, ModelSource) else ModelSource(checkpoint)
-        job = job_from_checkpoint(
-            source,
-            num_samples,
-            seed,
-            output_dir,
-            attack,
-            subspace,
-            subspaces,
-            indices,
-            indices_file,
-            command,
-            title,
-            output_root,
-        )
+        job = job_from_checkpoint(source, rows, attack, output_dir, subspaces, indices, command, title, output_root)
     else:
-        if indices is None and indices_file is not None and dataset is not None:
-            indices = choose_indices(num_samples, seed, str(indices_file), len(dataset), "given dataset")
-        job = job_from_model(model, dataset, subspaces, indices, num_samples, seed, output_dir, attack, title)
+        job = job_from_model(model, dataset, rows, attack, output_dir, subspaces, indices, title)
     job.started = started
     return run_job(job, job.attack, run, reuse_finished)
 
 
 def job_from_checkpoint(
     source: ModelSource,
-    num_samples: int,
-    seed: int,
-    output_dir: str | Path | None,
+    rows: RowSettings,
     attack: AttackSettings,
-    subspace: SubspaceSpec | None = None,
+    output_dir: str | Path | None = None,
     family: SubspaceFamily | None = None,
     indices: np.ndarray | None = None,
-    indices_file: str | Path | None = None,
     command: list[str] | None = None,
     title: str = "",
     output_root: str = "outputs/margins",
@@ -163,13 +134,11 @@ def job_from_checkpoint(
     loaded = load_source(source)
     dm, hp, info = loaded.datamodule, loaded.hparams, loaded.info
     attack = attack.resolved(dm.name)
-    family = family if family is not None else make_subspaces(subspace or SubspaceSpec(), dm)
+    family = family if family is not None else rows.family(dm)
     family.check_image_shape(tuple(dm.image_shape))
     from_checkpoint = source.data_dir is None and dm.hparams.data_dir == info.data_hparams.get("data_dir")
     dataset = margin_dataset(dm, from_checkpoint, Path(command[0]).name if command else None)
-    if indices is None:
-        file = None if indices_file is None else str(indices_file)
-        indices = choose_indices(num_samples, seed, file, len(dataset), dm.name)
+    indices = rows.indices(len(dataset), dm.name) if indices is None else indices
     kind = describe_family(family)["subspace"]
     default = attack.default_folder(default_output_dir(hp["net"], dm, info.path, kind, output_root))
     folder = Path(output_dir or default).expanduser()
@@ -189,11 +158,8 @@ def job_from_checkpoint(
         "bandwidth": dm.hparams.bandwidth,
         "data_dir": str(dm.data_path.resolve()),
         "split": "test",
-        "seed": seed,
-        "indices_file": str(Path(indices_file).expanduser().resolve()) if indices_file else None,
+        **rows.record(),
     }
-    if subspace is not None and subspace.bases:
-        settings["bases"] = [str(Path(b).expanduser().resolve()) for b in subspace.bases]
     transform = "" if dm.hparams.transform == "none" else f" ({dm.hparams.transform})"
     title = title or f"{hp['net']} on {dm.name}{transform}"
     return make_job(loaded.model, dataset, np.asarray(indices, np.int64), family, folder, attack, settings, title)
@@ -202,21 +168,20 @@ def job_from_checkpoint(
 def job_from_model(
     model: nn.Module | None,
     dataset: Dataset | None,
-    subspaces: SubspaceFamily | None,
-    indices: np.ndarray | None,
-    num_samples: int,
-    seed: int,
-    output_dir: str | Path | None,
+    rows: RowSettings,
     attack: AttackSettings,
+    output_dir: str | Path | None,
+    subspaces: SubspaceFamily | None = None,
+    indices: np.ndarray | None = None,
     title: str = "",
 ) -> MarginJob:
-    """A job for an in-memory model and dataset; the fingerprint holds the SHA-256 of the model's state."""
+    """A job for an in-memory model and dataset (`rows`: its samples; the family is `subspaces`, default the full
+    space); the fingerprint holds the SHA-256 of the model's state."""
     missing = [name for name, v in (("model", model), ("dataset", dataset), ("output_dir", output_dir)) if v is None]
     if missing:
         raise InputError(f"without a checkpoint, pass {', '.join(missing)} (and subspaces, default: full space)")
     attack = attack.resolved()
-    if indices is None:
-        indices = choose_indices(num_samples, seed, None, len(dataset), "given dataset")
+    indices = rows.indices(len(dataset), "given dataset") if indices is None else indices
     x, y = gather_samples(dataset, np.asarray(indices)[:2])
     subspaces = subspaces if subspaces is not None else FullSpace(tuple(x.shape[1:]))
     subspaces.check_image_shape(tuple(x.shape[1:]))
@@ -224,7 +189,7 @@ def job_from_model(
         "source": "evaluate_margins",
         "model": type(model).__name__,
         "checkpoint_sha256": state_sha256(model),
-        "seed": seed,
+        **rows.record(),
     }
     return make_job(model, dataset, np.asarray(indices, np.int64), subspaces, Path(output_dir), attack, settings, title)
 
@@ -300,7 +265,7 @@ def run_job(
         if isinstance(err, OSError) and disk_full(err):  # before the run's own handling (the lock's file)
             chunks = chunk_ranges(len(job.indices) * len(job.subspaces), attack.chunk_rows)
             store = ChunkStore(job.output_dir / CHUNK_DIR)
-            raise disk_full_error(job.output_dir, bytes_to_write(job, store, chunks, attack.dtype)) from err
+            raise disk_full_error(job.output_dir, bytes_to_write(job, store, chunks, attack.precision)) from err
         raise
 
 

@@ -1,4 +1,6 @@
-"""What a margin evaluation measures: model and data from a checkpoint (+ overrides), samples, subspaces.
+"""The inputs of a margin evaluation: model and data from a checkpoint (+ overrides), what a folder records of them.
+
+Which samples and subspaces are measured is `margins.settings.RowSettings`.
 
 The data is the checkpoint's datamodule (`datamodules.FrequencyDataModule`: same arguments, hparams, datasets and
 normalisation). Every function raises `common.errors.InputError` (one line naming the problem and the fix) on bad
@@ -8,22 +10,19 @@ input.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from common.errors import InputError
 from datamodules import DATASETS, FrequencyDataModule, build_datamodule
 from datamodules.base import DatasetNotFoundError
-from frequency.families import FAMILY_KINDS, build_subspace_family
 from frequency.grid import DCTGridSubspaces
 from frequency.random_subspaces import RandomSubspaces
 from frequency.subspaces import BasisSubspaces, DCTBlockSubspaces, FullSpace, SubspaceFamily
-from margins.measure import load_indices, select_indices
 from models import (
     MODEL_NAMES,
     CheckpointInfo,
@@ -37,7 +36,7 @@ from models import (
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelSource:
     """Where the model and data come from: a checkpoint plus optional overrides (the CLI's first flag group)."""
 
@@ -119,73 +118,11 @@ def margin_dataset(dm: FrequencyDataModule, data_dir_from_checkpoint: bool, comm
         raise DatasetNotFoundError(" ".join(err.problem.split()), fix) from err
 
 
-def choose_indices(num_samples: int, seed: int, indices_file: str | None, size: int, name: str) -> np.ndarray:
-    """int64 [N] dataset indices: the file's (in order) or `num_samples` drawn with `seed` (sorted). Errors name
-    the parameter and its flag: `num_samples=500 (--num-samples) is not in [1, 100]`."""
-    if indices_file is not None:
-        try:
-            return load_indices(indices_file, size)
-        except (ValueError, FileNotFoundError) as err:
-            raise InputError(" ".join(str(err).split())) from err
-    if not 0 < num_samples <= size:
-        raise InputError(
-            f"num_samples={num_samples} (--num-samples) is not in [1, {size}]: the {name} test split has {size} samples"
-        )
-    return select_indices(size, num_samples, seed)
-
-
-@dataclass
-class SubspaceSpec:
-    """Which subspace family to measure along, resolved against a dataset by `make_subspaces`.
-
-    kind: "dct" (diagonal DCT blocks, the paper's), "full" (the whole input space, one row), "grid" (DCT blocks on a
-    2-D grid of the spectrum), "random" (seeded random subspaces of the DCT blocks' dimension) or "basis" (bases
-    from files). dim: block side k (default: the dataset's); step: block step, or the grid's stride (default: the
-    dataset's step; for grids k // 2); count, seed, method: random subspaces (default count: as many as DCT
-    blocks); bases: .npy/.pt files of [D, k] orthonormal bases.
-    """
-
-    kind: str = "dct"
-    dim: int | None = None
-    step: int | None = None
-    count: int | None = None
-    seed: int = 0
-    method: str = "auto"
-    bases: list[str] = field(default_factory=list)
-
-
-def make_subspaces(spec: SubspaceSpec, dm: FrequencyDataModule) -> SubspaceFamily:
-    """The family `spec` names for the images of `dm` (defaults per dataset); InputError on bad settings."""
-    shape = tuple(dm.image_shape)
-    if spec.kind not in FAMILY_KINDS:
-        raise InputError(
-            f"unknown subspace kind {spec.kind!r} for subspace (--subspace); choose one of {', '.join(FAMILY_KINDS)}"
-        )
-    if spec.kind in ("full", "basis") and (spec.dim is not None or spec.step is not None):
-        raise InputError(
-            f"subspace_dim/subspace_step (--subspace-dim/--subspace-step) do not apply to {spec.kind} subspaces; "
-            "leave them unset"
-        )
-    block = dm.subspace_block if spec.dim is None else spec.dim
-    step = spec.step if spec.step is not None else (max(1, block // 2) if spec.kind == "grid" else dm.subspace_step)
-    side = min(shape[1:])
-    if spec.kind not in ("full", "basis") and not 1 <= block <= side:
-        raise InputError(
-            f"subspace_dim={block} (--subspace-dim) does not fit the {shape[1]}x{shape[2]} images of {dm.name}: use "
-            f"1..{side}"
-        )
-    if step < 1:
-        raise InputError(f"subspace_step={step} (--subspace-step) must be >= 1")
-    if spec.count is not None and spec.count < 1:
-        raise InputError(f"count={spec.count} (--count): the number of random subspaces must be >= 1")
-    return build_subspace_family(
-        spec.kind, shape, block, step, count=spec.count, seed=spec.seed, method=spec.method, bases=spec.bases or None
-    )
-
-
 def describe_family(family: SubspaceFamily) -> dict[str, Any]:
-    """What a result folder records about its subspaces: kind, block side and step (or stride), count, the
-    family's repr and the SHA-256 of its tensors (equal families, equal digests)."""
+    """What a result folder records about its subspaces: kind (`subspace`), block side (`subspace_dim`) and step
+    (`subspace_step`, a grid's stride), count (`num_subspaces`), each subspace's dimension (`subspace_size`: one
+    number when they are equal), the family's repr and the SHA-256 of its tensors (equal families, equal
+    digests)."""
     kinds = {
         DCTBlockSubspaces: "dct",
         DCTGridSubspaces: "grid",
@@ -196,10 +133,10 @@ def describe_family(family: SubspaceFamily) -> dict[str, Any]:
     dims = family.dims
     return {
         "subspace": kinds.get(type(family), type(family).__name__),
-        "subspace_block": getattr(family, "block", None),
+        "subspace_dim": getattr(family, "block", None),
         "subspace_step": getattr(family, "step", getattr(family, "stride", None)),
         "num_subspaces": len(family),
-        "subspace_dims": dims[0] if len(set(dims)) == 1 else dims,
+        "subspace_size": dims[0] if len(set(dims)) == 1 else dims,
         "subspace_family": repr(family),
         "subspace_sha256": _family_sha256(family),
     }

@@ -35,7 +35,8 @@ from torch.utils.data import DataLoader
 from common.errors import InputError
 from margins.guard import START_TIMEOUT, Watchdog, watch_children
 from margins.names import estimator_of, quantity
-from margins.work import CHUNK_DIR, ChunkWork, RunSettings
+from margins.settings import RunSettings
+from margins.work import CHUNK_DIR, ChunkWork
 
 _LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
 

@@ -24,9 +24,10 @@ Commit:
     renames on one filesystem) is detected as an inconsistent set instead of being read silently.
     Stale optional files (figure, iterations, labels) of a previous set are removed after the commit.
 
-Schema: `MarginReport` (schema_version 2) written by `write_report` (the one writer of every command) and read by
-`read_report`; folders written by earlier versions (summary.json with `format_version` 1, no optional arrays) still
-read.
+Schema: `MarginReport` (schema_version 3) written by `write_report` (the one writer of every command) and read by
+`read_report`; folders written by earlier versions still read: schema 2 named the block side `subspace_block` and
+each subspace's dimension `subspace_dims` (now `subspace_dim`, the flag's name, and `subspace_size`); schema 1
+(summary.json with `format_version` 1) had no optional arrays.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ import torch
 from margins.guard import disk_full, disk_full_error
 from margins.names import estimator_of
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+RENAMED_SETTINGS = {"subspace_block": "subspace_dim", "subspace_dims": "subspace_size"}  # schema <= 2 -> 3
 MARGINS_FILE = "margins.npy"
 CONVERGED_FILE = "converged.npy"
 INDICES_FILE = "indices.npy"
@@ -69,7 +71,7 @@ OPTIONAL_FILES = (FIGURE_FILE, *(name for name, _, _ in OPTIONAL_ARRAYS.values()
 
 @dataclasses.dataclass
 class MarginReport:
-    """One margin measurement: the typed result schema (`schema_version` 2) of the CLI and the callback.
+    """One margin measurement: the typed result schema (`schema_version` 3) of the CLI and the callback.
 
     margins: float32 [S, N] (subspace s low -> high frequency, sample n); converged: bool [S, N];
     indices: int64 [N] dataset indices; iterations / perturbed_labels: int64 [S, N] or None;
@@ -259,12 +261,19 @@ def read_report(output_dir: str | Path) -> MarginReport:
         margins=np.load(output_dir / MARGINS_FILE, allow_pickle=False),
         converged=np.load(output_dir / CONVERGED_FILE, allow_pickle=False),
         indices=np.load(output_dir / INDICES_FILE, allow_pickle=False),
-        settings=summary.get("settings", {}),
+        settings=_current_names(summary.get("settings", {}), version),
         extra=summary.get("extra", {}),
         stats=summary.get("stats", {}),
         schema_version=int(version),
         **optional,
     )
+
+
+def _current_names(settings: dict, version: int) -> dict:
+    """`settings` of a folder of schema `version` under this schema's names (`RENAMED_SETTINGS`)."""
+    if version >= 3:
+        return settings
+    return {RENAMED_SETTINGS.get(key, key): value for key, value in settings.items()}
 
 
 def _read_summary(output_dir: Path) -> dict:

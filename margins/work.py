@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import sys
 import threading
 import time
@@ -27,168 +26,20 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from attacks.certify import SubspaceCertifier, certify_network
-from attacks.certify.certifier import METHODS as CERTIFY_METHODS
 from attacks.common import precision_record
-from attacks.deepfool import SubspaceDeepFool
-from attacks.estimator import MarginEstimator
-from attacks.fmn import SubspaceFMN
-from attacks.kernels import KERNELS, PreparedModel
+from attacks.kernels import PreparedModel
 from common.errors import InputError
 from common.memory import KeepFreedMemory
 from frequency.subspaces import SubspaceFamily
 from margins.chunks import ChunkStore, fingerprint_digest
 from margins.guard import disk_full, disk_full_error
 from margins.measure import gather_samples
-from margins.names import bound, folder_suffix
+from margins.names import bound
 from margins.results import OPTIONAL_FILES, RESULT_FILES, MarginReport, json_safe, remove_stale_tmp_dirs, report_bytes
+from margins.settings import DTYPES, AttackSettings, RunSettings
 from margins.sharding import row_grid
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64}
-ESTIMATORS = ("deepfool", "fmn", "certify")
-DEFAULT_DTYPES = {"certify": "float64"}  # an estimator's precision when none is given (else float32)
 CHUNK_DIR = "chunks"
-DEFAULT_CHUNK_ROWS = 512  # rows per chunk when none is given (`AttackSettings.default_chunk_rows`)
-SMALL_CHUNK_ROWS = 64  # the same for ImageNet and for the certifier
-
-
-@dataclass(frozen=True)
-class AttackSettings:
-    """The margin estimator and its settings, the chunk size, and the engine's precision and kernels.
-
-    estimator: "deepfool" (the paper's, `attacks.deepfool.SubspaceDeepFool`: `overshoot`, `max_iter`,
-    `num_candidates`, the release's defaults), "fmn" (minimum-norm, `attacks.fmn.SubspaceFMN`: `fmn_steps` steps,
-    `num_candidates` for its first step) or "certify" (certified lower bounds, `attacks.certify.SubspaceCertifier`
-    with `certify_method`). `chunk_rows` (sample, subspace) rows are attacked as one batch and committed as one file:
-    it bounds memory and fixes the float results (keep it to resume); None: `default_chunk_rows`. `dtype`:
-    None is float64 for the certifier, float32 for the attacks. `kernels`: "auto" or "off" (`attacks.kernels`;
-    the attacks' only). Frozen: a variant is `dataclasses.replace(settings, ...)`, never a change to the caller's."""
-
-    overshoot: float = 0.02
-    max_iter: int = 100
-    num_candidates: int = 10
-    chunk_rows: int | None = None
-    dtype: str | None = None
-    kernels: str = "auto"
-    estimator: str = "deepfool"
-    fmn_steps: int = 200
-    certify_method: str = "crown"
-
-    def __post_init__(self) -> None:
-        if self.dtype is None:  # the estimator's precision (frozen: set once, while constructed)
-            object.__setattr__(self, "dtype", DEFAULT_DTYPES.get(self.estimator, "float32"))
-
-    def check(self) -> None:
-        """InputError naming the parameter when a setting is out of range."""
-        if self.max_iter < 1:
-            raise InputError(f"max_iter must be >= 1, got {self.max_iter}")
-        if self.chunk_rows is not None and self.chunk_rows < 1:
-            raise InputError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
-        if not np.isfinite(self.overshoot) or self.overshoot < 0:
-            raise InputError(f"overshoot must be a finite number >= 0, got {self.overshoot}")
-        if self.num_candidates < 2:
-            raise InputError(f"num_candidates must be >= 2, got {self.num_candidates}")
-        if self.dtype not in DTYPES:
-            raise InputError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.estimator not in ESTIMATORS:
-            raise InputError(f"estimator must be one of {', '.join(ESTIMATORS)} (--estimator), got {self.estimator!r}")
-        if self.fmn_steps < 1:
-            raise InputError(f"fmn_steps must be >= 1 (--fmn-steps), got {self.fmn_steps}")
-        if self.certify_method not in CERTIFY_METHODS:
-            raise InputError(
-                f"certify_method must be one of {', '.join(CERTIFY_METHODS)} (--certify-method), got "
-                f"{self.certify_method!r}"
-            )
-        if self.kernels not in ("auto", "off"):
-            raise InputError(f"kernels must be 'auto' or 'off', got {self.kernels!r} (kernels: {', '.join(KERNELS)})")
-
-    def record(self) -> dict[str, Any]:
-        """The settings a result folder records, all in the fingerprint a resume must match: the estimator and its
-        own settings (DeepFool's also at the top level, as folders have always held them; an FMN run carries no
-        DeepFool setting), the chunk size, the precision and the kernels."""
-        own: dict[str, Any] = {"kernels": self.kernels}
-        if self.estimator == "deepfool":
-            own.update(overshoot=self.overshoot, max_iter=self.max_iter, num_candidates=self.num_candidates)
-        elif self.estimator == "fmn":
-            own.update(num_candidates=self.num_candidates)
-        else:
-            own = {}  # the certifier runs the model as written: no kernels
-        return {"estimator": self.estimator, "estimator_settings": self.engine().settings(), **own,
-                "chunk_rows": self.chunk_rows, "dtype": self.dtype, "bound": bound(self.estimator)}  # fmt: skip
-
-    def default_chunk_rows(self, dataset: str = "") -> int:
-        """Rows per chunk when none is given: `SMALL_CHUNK_ROWS` (64) for ImageNet (memory) and for the certifier (a
-        certified row costs hundreds of DeepFool's: progress and resume stay fine-grained), else
-        `DEFAULT_CHUNK_ROWS` (512)."""
-        return SMALL_CHUNK_ROWS if dataset == "imagenet" or self.estimator == "certify" else DEFAULT_CHUNK_ROWS
-
-    def resolved(self, dataset: str = "") -> AttackSettings:
-        """These settings with `chunk_rows` given (`default_chunk_rows(dataset)` when None): a copy, never `self`
-        changed."""
-        rows = self.default_chunk_rows(dataset) if self.chunk_rows is None else self.chunk_rows
-        return dataclasses.replace(self, chunk_rows=rows)
-
-    def check_model(self, model: nn.Module, image_shape: tuple[int, ...]) -> None:
-        """The certifier's layers check before anything is written: `UnsupportedLayerError` (an InputError) naming
-        the first layer it cannot bound; nothing for the attacks, which run any differentiable model."""
-        if self.estimator == "certify":
-            certify_network(model, tuple(image_shape), DTYPES[self.dtype])
-
-    def default_folder(self, folder: Path) -> Path:
-        """A default result folder named by the estimator: as given for DeepFool, `<folder>_<estimator>` otherwise
-        (`margins.names.folder_suffix`)."""
-        return folder.with_name(folder.name + folder_suffix(self.estimator))
-
-    def engine(self) -> MarginEstimator:
-        """The estimator these settings describe."""
-        batch, dtype = self.chunk_rows or self.default_chunk_rows(), DTYPES[self.dtype]
-        if self.estimator == "certify":  # rows bounded together: `batch`, fewer where memory needs (its docs)
-            return SubspaceCertifier(method=self.certify_method, batch_size=batch, dtype=dtype)
-        if self.estimator == "fmn":
-            return SubspaceFMN(steps=self.fmn_steps, num_candidates=self.num_candidates, batch_size=batch, dtype=dtype,
-                               kernels=self.kernels)  # fmt: skip
-        return SubspaceDeepFool(overshoot=self.overshoot, max_iter=self.max_iter, num_candidates=self.num_candidates,
-                                batch_size=batch, dtype=dtype, kernels=self.kernels)  # fmt: skip
-
-
-@dataclass(frozen=True)
-class RunSettings:
-    """Processes and run policy: Lightning's `accelerator`, `devices` (None: from torchrun's environment, else 1),
-    `num_nodes` and `strategy`; DataLoader workers reading samples; whether an earlier evaluation in the folder is
-    discarded (`overwrite`); a progress bar; CPU intra-op threads per process (None: `default_threads`, the cores
-    this process may use shared among the processes on its node; float bits depend on the count, so it is part of a
-    CPU run); glibc keeping freed memory for reuse (`common.memory`, process-wide). Frozen, as `AttackSettings`."""
-
-    accelerator: str = "auto"
-    devices: int | str | None = None
-    num_nodes: int | None = None
-    strategy: str = "auto"
-    num_workers: int = 0
-    overwrite: bool = False
-    progress: bool = True
-    threads: int | None = None
-    keep_freed_memory: bool = False
-
-    def check(self) -> None:
-        """InputError naming the parameter (and its flag) when a setting is out of range."""
-        if self.num_workers < 0:
-            raise InputError(f"num_workers (--num-workers) must be >= 0, got {self.num_workers}")
-        if self.threads is not None and self.threads < 1:
-            raise InputError(f"threads (--threads) must be >= 1, got {self.threads}")
-        if self.num_nodes is not None and self.num_nodes < 1:
-            raise InputError(f"num_nodes (--num-nodes) must be >= 1, got {self.num_nodes}")
-
-    def resolved(self, processes_per_node: int) -> RunSettings:
-        """These settings with `threads` given (`default_threads` where None)."""
-        threads = default_threads(processes_per_node) if self.threads is None else self.threads
-        return dataclasses.replace(self, threads=threads)
-
-
-def default_threads(processes_per_node: int) -> int:
-    """CPU threads per process by default: the cores this process may use, shared among the processes on its node
-    (at least 1). On idle cores two threads measured faster than one and than two processes (docs/ENGINE.md)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(1, processes_per_node))
 
 
 @dataclass
@@ -346,7 +197,7 @@ class ChunkWork:
 
     def bytes_needed(self) -> int:
         """About how many bytes the run still writes (`bytes_to_write`)."""
-        return bytes_to_write(self.job, self.store, self.chunks, self.attack_settings.dtype)
+        return bytes_to_write(self.job, self.store, self.chunks, self.attack_settings.precision)
 
 
 class _Progress:

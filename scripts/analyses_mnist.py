@@ -37,7 +37,7 @@ from margins.evaluate import evaluate_margins  # noqa: E402
 from margins.inputs import ModelSource, load_model_and_data  # noqa: E402
 from margins.measure import DEFAULT_NUM_SAMPLES  # noqa: E402
 from margins.plot import describe_run  # noqa: E402
-from margins.work import RunSettings  # noqa: E402
+from margins.settings import RunSettings  # noqa: E402
 
 MODELS = {"standard": ("mnist_lenet", describe_run("lenet", "mnist", "none"), "box"),
           "flipped": ("mnist_flipped_lenet", describe_run("lenet", "mnist", "flip"), "flipped_box")}  # fmt: skip
@@ -232,7 +232,7 @@ python compare_margins.py --export-csv RUN_DIR [--output FILE.csv]              
   256 MB of dense bases. User bases: `.npy`/`.pt` of [D, k], [S, D, k] or a list, checked for orthonormality
   (`InputError` naming the file and max |B^T B - I|).
 - **Families by name** (`frequency/families.py`): `build_subspace_family(kind, image_shape, block, step, ...)` for
-  `dct | full | grid | random | basis`; `margins.inputs.SubspaceSpec` names one for `evaluate_margins`, which runs
+  `dct | full | grid | random | basis`; `margins.settings.RowSettings` names one for `evaluate_margins`, which runs
   every family through the same chunks, processes and result folders (map2d and random are that, plus a figure).
 - **Fourier heat map** (`analysis/fourier_heatmap.py`): one unit-norm basis image per conjugate frequency pair
   (the map is point-symmetric by construction); colour images get ONE basis image on all channels scaled by

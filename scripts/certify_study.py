@@ -41,7 +41,7 @@ from margins.evaluate import evaluate_margins  # noqa: E402
 from margins.inputs import ModelSource  # noqa: E402
 from margins.measure import DEFAULT_NUM_SAMPLES  # noqa: E402
 from margins.results import MarginReport  # noqa: E402
-from margins.work import AttackSettings, RunSettings  # noqa: E402
+from margins.settings import AttackSettings, RowSettings, RunSettings  # noqa: E402
 from models import file_sha256  # noqa: E402
 from scripts.estimator_study import MODELS  # noqa: E402
 from scripts.results_doc import CLAIMS  # noqa: E402
@@ -68,8 +68,8 @@ def reusable(folder: Path, ckpt_sha256: str, estimator: str, args: argparse.Name
     attack = attack_settings(estimator, args)
     own = json.loads(json.dumps(attack.engine().settings()))
     wanted = {"checkpoint_sha256": ckpt_sha256, "num_samples": args.num_samples, "seed": args.seed, "subspace": "dct",
-              "subspace_block": 8, "subspace_step": args.subspace_step, "estimator_settings": own,
-              "dtype": attack.dtype}  # fmt: skip
+              "subspace_dim": 8, "subspace_step": args.subspace_step, "estimator_settings": own,
+              "dtype": attack.precision}  # fmt: skip
     return report if all(s.get(k) == v for k, v in wanted.items()) else None
 
 
@@ -87,11 +87,15 @@ def measure(kind: str, estimator: str, args: argparse.Namespace) -> tuple[Margin
     if overwrite:
         print(f"{folder}: measured with another checkpoint or settings; measuring again", flush=True)
     report, _ = evaluate_margins(
-        ModelSource(ckpt, data_dir=str(args.data_dir)), num_samples=args.num_samples, seed=args.seed,
-        subspace_dim=8, subspace_step=args.subspace_step, output_dir=folder, attack=attack_settings(estimator, args),
+        ModelSource(ckpt, data_dir=str(args.data_dir)),
+        rows=RowSettings(
+            num_samples=args.num_samples, seed=args.seed, subspace_dim=8, subspace_step=args.subspace_step
+        ),
+        output_dir=folder,
+        attack=attack_settings(estimator, args),
         run=RunSettings(progress=False, overwrite=overwrite, threads=args.threads),
         command=["scripts/certify_study.py"],
-    )  # fmt: skip
+    )
     return report, folder
 
 

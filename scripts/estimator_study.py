@@ -29,7 +29,7 @@ from margins.evaluate import evaluate_margins  # noqa: E402
 from margins.inputs import ModelSource  # noqa: E402
 from margins.measure import DEFAULT_NUM_SAMPLES  # noqa: E402
 from margins.results import MarginReport  # noqa: E402
-from margins.work import AttackSettings, RunSettings  # noqa: E402
+from margins.settings import AttackSettings, RowSettings, RunSettings  # noqa: E402
 from models import file_sha256  # noqa: E402
 from scripts.results_doc import CLAIMS, band_medians  # noqa: E402
 
@@ -56,10 +56,13 @@ def measure(kind: str, estimator: str, args: argparse.Namespace) -> MarginReport
         overwrite = True
     attack = AttackSettings(estimator=estimator, fmn_steps=args.fmn_steps)
     report, _ = evaluate_margins(
-        ModelSource(checkpoint, data_dir=str(args.data_dir)), num_samples=args.num_samples, seed=args.seed,
-        output_dir=folder, attack=attack, run=RunSettings(progress=False, overwrite=overwrite),
+        ModelSource(checkpoint, data_dir=str(args.data_dir)),
+        rows=RowSettings(num_samples=args.num_samples, seed=args.seed),
+        output_dir=folder,
+        attack=attack,
+        run=RunSettings(progress=False, overwrite=overwrite),
         command=["scripts/estimator_study.py"],
-    )  # fmt: skip
+    )
     return report
 
 

@@ -308,7 +308,7 @@ def measured(exp: Experiment, ckpt: Path, folder: Path) -> dict:
     saved = read_report(folder)
     low, high = band_medians(saved.margins)
     s = saved.settings
-    block, step, count = s.get("subspace_block"), s.get("subspace_step"), saved.margins.shape[0]
+    block, step, count = s.get("subspace_dim"), s.get("subspace_step"), saved.margins.shape[0]
     known = saved.predicted is not None and saved.targets is not None
     return {
         **asdict(exp),

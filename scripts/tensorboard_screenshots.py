@@ -8,7 +8,7 @@
     python scripts/tensorboard_screenshots.py [--data-dir ../shared/data] [--out docs] [--runs DIR]
 
 1. two one-epoch fits (`train.py fit`, configs/mnist_lenet.yaml then configs/mnist_flipped_lenet.yaml, 100 batches,
-   `--margin.num_samples 30 --margin.every_n_epochs 1`) into a temporary folder's `runs/` (4 minutes on a 2-core
+   `--margin.rows.num_samples 30 --margin.every_n_epochs 1`) into a temporary folder's `runs/` (4 minutes on a 2-core
    machine shared with other jobs, about 1.5 on a quiet one); `--runs DIR` skips them and shows the runs already
    in DIR instead (e.g. `--runs logs` after the quickstart);
 2. TensorBoard on that folder (started in its parent with `--logdir <its name>`, so the page shows the runs as
@@ -44,7 +44,7 @@ INSTALL_HINT = "apt-get install -y chromium"
 CONFIGS = ("mnist_lenet", "mnist_flipped_lenet")  # in this order: the first run is orange, the second blue
 FIT_FLAGS = [
     "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "100",
-    "--margin.num_samples", "30", "--margin.every_n_epochs", "1",
+    "--margin.rows.num_samples", "30", "--margin.every_n_epochs", "1",
 ]  # fmt: skip
 SHOTS = {  # file name: (page fragment, window width, height)
     "tensorboard_margins.png": ("custom_scalars", 1600, 780),

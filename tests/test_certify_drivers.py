@@ -33,7 +33,7 @@ from attacks.certify import UnsupportedLayerError
 from frequency import DCTBlockSubspaces
 from margins import MarginReport, read_report, write_report
 from margins.evaluate import evaluate_margins
-from margins.work import AttackSettings, RunSettings
+from margins.settings import AttackSettings, RowSettings, RunSettings
 from models import build_model
 from tests.conftest import REPO, write_idx_mnist
 
@@ -104,13 +104,14 @@ def test_certify_writes_a_lower_bound_folder_like_deepfools(certified):
 def test_certify_chunks_are_smaller_by_default(lenet, tmp_path):
     """A chunk is the unit of progress and resume: the certifier's are 64 rows, DeepFool's 512."""
     from margins.evaluate import job_from_checkpoint
-    from margins.inputs import ModelSource, SubspaceSpec
+    from margins.inputs import ModelSource
+    from margins.settings import RowSettings
 
     source = ModelSource(lenet.ckpt, "lenet", "mnist", data_dir=str(lenet.data))
     rows = {}
     for estimator in ("certify", "deepfool"):
         attack = AttackSettings(estimator=estimator)
-        job = job_from_checkpoint(source, 2, 0, tmp_path, attack, SubspaceSpec("dct"))
+        job = job_from_checkpoint(source, RowSettings(num_samples=2), attack, tmp_path)
         rows[estimator] = job.settings["chunk_rows"]
         assert job.attack.chunk_rows == rows[estimator] and attack.chunk_rows is None  # the caller's: unchanged
     assert rows == {"certify": 64, "deepfool": 512}
@@ -120,9 +121,15 @@ def test_an_unsupported_layer_stops_before_anything_is_written(tmp_path):
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 3))
     data = TensorDataset(torch.rand(4, 1, 4, 4), torch.arange(4) % 3)
     with pytest.raises(UnsupportedLayerError, match="Tanh"):
-        evaluate_margins(model=model, dataset=data, subspaces=DCTBlockSubspaces((1, 4, 4), 2, 2), num_samples=2,
-                         output_dir=tmp_path / "out", attack=AttackSettings(estimator="certify"),
-                         run=RunSettings(accelerator="cpu", progress=False))  # fmt: skip
+        evaluate_margins(
+            rows=RowSettings(num_samples=2),
+            model=model,
+            dataset=data,
+            subspaces=DCTBlockSubspaces((1, 4, 4), 2, 2),
+            output_dir=tmp_path / "out",
+            attack=AttackSettings(estimator="certify"),
+            run=RunSettings(accelerator="cpu", progress=False),
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -259,8 +266,11 @@ def test_the_callbacks_certify_equals_evaluate_margin_on_the_saved_checkpoint(tm
     from callbacks import MarginCallback
     from tests.test_margin_callback import assert_same_results, fit_with_callback
 
-    callback = MarginCallback(num_samples=3, seed=1, subspace_dim=8, subspace_step=8, estimator="certify",
-                              chunk_rows=4, progress=False)  # fmt: skip
+    callback = MarginCallback(
+        rows=RowSettings(num_samples=3, seed=1, subspace_dim=8, subspace_step=8),
+        attack=AttackSettings(estimator="certify", chunk_rows=4),
+        progress=False,
+    )
     trainer, _ = fit_with_callback(tmp_path, callback, epochs=1)
     folder = Path(trainer.log_dir) / "margins" / "epoch_000"
     trainer.save_checkpoint(tmp_path / "final.ckpt")

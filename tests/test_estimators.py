@@ -26,7 +26,7 @@ from common.errors import InputError
 from margins import MarginReport, read_report, write_report
 from margins.evaluate import evaluate_margins
 from margins.inputs import ModelSource
-from margins.work import AttackSettings, RunSettings
+from margins.settings import AttackSettings, RowSettings, RunSettings
 from models import build_model
 from tests.conftest import REPO, write_idx_mnist
 
@@ -111,12 +111,22 @@ def test_a_resume_with_the_other_estimator_is_refused(setup, fmn_single, tmp_pat
     source = ModelSource(setup.ckpt, "lenet", "mnist", data_dir=str(setup.data))
     folder = tmp_path / "mixed"
     run = RunSettings(accelerator="cpu", progress=False)
-    evaluate_margins(source, num_samples=3, subspace_step=4, output_dir=folder, run=run,
-                     attack=AttackSettings(chunk_rows=8, estimator="fmn", fmn_steps=5))  # fmt: skip
+    evaluate_margins(
+        source,
+        rows=RowSettings(num_samples=3, subspace_step=4),
+        output_dir=folder,
+        run=run,
+        attack=AttackSettings(chunk_rows=8, estimator="fmn", fmn_steps=5),
+    )
     (folder / "summary.json").unlink()
     with pytest.raises(InputError, match="estimator"):
-        evaluate_margins(source, num_samples=3, subspace_step=4, output_dir=folder, run=run,
-                         attack=AttackSettings(chunk_rows=8, estimator="deepfool"))  # fmt: skip
+        evaluate_margins(
+            source,
+            rows=RowSettings(num_samples=3, subspace_step=4),
+            output_dir=folder,
+            run=run,
+            attack=AttackSettings(chunk_rows=8, estimator="deepfool"),
+        )
     with pytest.raises(InputError, match="estimator must be one of deepfool, fmn"):
         AttackSettings(estimator="ddn").check()
 

@@ -21,10 +21,10 @@ from common.errors import InputError
 from frequency import DCTBlockSubspaces, DCTGridSubspaces, FullSpace
 from frequency.random_subspaces import RandomSubspaces
 from margins.evaluate import evaluate_margins
-from margins.inputs import SubspaceSpec, describe_family
+from margins.inputs import describe_family
 from margins.results import read_report
+from margins.settings import DEFAULT_CHUNK_ROWS, AttackSettings, RowSettings, RunSettings, default_threads
 from margins.sharding import chunk_ranges, row_grid
-from margins.work import DEFAULT_CHUNK_ROWS, AttackSettings, RunSettings, default_threads
 from models import build_model
 
 RUN = RunSettings(accelerator="cpu", devices=1, progress=False, threads=1)  # bits as the test process's engine
@@ -106,8 +106,15 @@ def test_settings_are_frozen_and_the_callers_objects_stay_as_passed(tmp_path):
     attack, run = AttackSettings(max_iter=3), RunSettings(accelerator="cpu", devices=1, progress=False)
     passed = copy.deepcopy((attack, run))
     x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(2))
-    report, _ = evaluate_margins(model=_model(), dataset=[(x[i], i) for i in range(2)], subspaces=FullSpace((1, 8, 8)),
-                                 output_dir=tmp_path / "out", num_samples=2, attack=attack, run=run)  # fmt: skip
+    report, _ = evaluate_margins(
+        rows=RowSettings(num_samples=2),
+        model=_model(),
+        dataset=[(x[i], i) for i in range(2)],
+        subspaces=FullSpace((1, 8, 8)),
+        output_dir=tmp_path / "out",
+        attack=attack,
+        run=run,
+    )
     assert (attack, run) == passed and attack.chunk_rows is None and run.threads is None
     assert report.settings["chunk_rows"] == DEFAULT_CHUNK_ROWS
     assert report.settings["cpu_threads"] == default_threads(1)  # None: the cores this process may use
@@ -127,9 +134,15 @@ def test_default_threads_share_the_usable_cores_among_a_nodes_processes(monkeypa
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2})
     before = torch.get_num_threads()
     x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
-    report, _ = evaluate_margins(model=_model(), dataset=[(x[i], i) for i in range(2)], subspaces=FullSpace((1, 8, 8)),
-                                 output_dir=tmp_path / "out", num_samples=2, attack=AttackSettings(max_iter=3),
-                                 run=RunSettings(accelerator="cpu", devices=1, progress=False))  # fmt: skip
+    report, _ = evaluate_margins(
+        rows=RowSettings(num_samples=2),
+        model=_model(),
+        dataset=[(x[i], i) for i in range(2)],
+        subspaces=FullSpace((1, 8, 8)),
+        output_dir=tmp_path / "out",
+        attack=AttackSettings(max_iter=3),
+        run=RunSettings(accelerator="cpu", devices=1, progress=False),
+    )
     assert report.settings["cpu_threads"] == 3 and torch.get_num_threads() == before
 
 
@@ -219,10 +232,7 @@ def test_subspace_kinds_from_a_checkpoint_are_recorded(lenet_checkpoint, tmp_pat
     equal families, equal digests) and its default name carries the kind."""
     report, folder = evaluate_margins(
         lenet_checkpoint,
-        subspace=kind,
-        subspace_dim=dim,
-        subspace_step=step,
-        num_samples=2,
+        rows=RowSettings(subspace=kind, subspace_dim=dim, subspace_step=step, num_samples=2),
         attack=AttackSettings(max_iter=3),
         run=RUN,
         output_root=str(tmp_path / "outputs"),
@@ -234,7 +244,7 @@ def test_subspace_kinds_from_a_checkpoint_are_recorded(lenet_checkpoint, tmp_pat
     assert report.margins.shape == (len(expected), 2)
     assert (folder / "margins.png").is_file() == (kind != "grid")  # a grid gets its 2-D map instead
     with pytest.raises(InputError, match="unknown subspace kind 'wavelet'"):
-        evaluate_margins(lenet_checkpoint, subspace=SubspaceSpec("wavelet"), output_dir=tmp_path / "w", run=RUN)
+        evaluate_margins(lenet_checkpoint, rows=RowSettings(subspace="wavelet"), output_dir=tmp_path / "w", run=RUN)
 
 
 def test_state_digest_covers_every_tensor_including_0_d_buffers(tmp_path):
@@ -259,9 +269,9 @@ def test_state_digest_covers_every_tensor_including_0_d_buffers(tmp_path):
     assert state_sha256(twin) != state_sha256(model)
     x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(7))
     report, _ = evaluate_margins(
+        rows=RowSettings(num_samples=2),
         model=model,
         dataset=[(x[i], i) for i in range(2)],
-        num_samples=2,
         output_dir=tmp_path / "bn",
         attack=AttackSettings(max_iter=5),
         run=RUN,

@@ -118,7 +118,7 @@ def test_single_process_equals_the_engine_on_each_chunk(setup, single):
     precision = settings["precision"]  # what the arithmetic was: dtype, TF32, device, torch
     assert precision["dtype"] == "float32" and precision["tf32"] is None and precision["device"].startswith("cpu: ")
     assert precision["torch"] == torch.__version__ and precision["device"] == settings["device_name"]
-    assert result.schema_version == 2 and settings["cpu_threads"] == 1  # pinned, whatever OMP_NUM_THREADS says
+    assert result.schema_version == 3 and settings["cpu_threads"] == 1  # pinned, whatever OMP_NUM_THREADS says
     assert settings["kernels"] == "auto" and "channels_last" not in settings
 
 

@@ -137,7 +137,7 @@ def test_release_state_dict_defaults_and_lightning_checkpoint_alone(trained, tmp
     assert settings["model"]["net"] == "lenet" and settings["dataset"] == "mnist" and settings["transform"] == "none"
     assert settings["checkpoint"] == str(trained.t7.resolve()) and settings["checkpoint_format"] == "state_dict"
     assert settings["normalization"] == "dataset" and settings["data_dir"] == str(SHARED_DATA.resolve())
-    assert (settings["subspace"], settings["subspace_block"], settings["subspace_step"]) == ("dct", 8, 1)
+    assert (settings["subspace"], settings["subspace_dim"], settings["subspace_step"]) == ("dct", 8, 1)
     assert settings["num_subspaces"] == 21 and settings["num_samples"] == 5 and settings["seed"] == 0
     assert (settings["overshoot"], settings["max_iter"], settings["indices_file"]) == (0.02, 100, None)
     assert settings["device_type"] == "cpu" and settings["torch_version"] == torch.__version__
@@ -173,7 +173,16 @@ def test_indices_file_order_and_full_space(trained, tmp_path, capsys):
     order = np.array([4321, 7, 999], dtype=np.int64)  # deliberately unsorted
     np.save(tmp_path / "idx.npy", order)
     out = tmp_path / "out"
-    argv = ["--checkpoint", trained.ckpt, "--indices", tmp_path / "idx.npy", "--subspace", "full", "--output-dir", out]
+    argv = [
+        "--checkpoint",
+        trained.ckpt,
+        "--indices-file",
+        tmp_path / "idx.npy",
+        "--subspace",
+        "full",
+        "--output-dir",
+        out,
+    ]
     code, stdout, _ = _run([*argv, "--num-samples", 50], capsys)  # --indices overrides --num-samples
     assert code == 0 and "full input space" in stdout
     result = read_report(out)
@@ -184,7 +193,7 @@ def test_indices_file_order_and_full_space(trained, tmp_path, capsys):
     np.testing.assert_allclose(result.margins, direct.margins.numpy(), rtol=1e-5, atol=1e-7)
     settings = result.settings
     assert settings["indices_file"] == str((tmp_path / "idx.npy").resolve()) and settings["num_samples"] == 3
-    assert settings["subspace"] == "full" and settings["num_subspaces"] == 1 and settings["subspace_block"] is None
+    assert settings["subspace"] == "full" and settings["num_subspaces"] == 1 and settings["subspace_dim"] is None
 
 
 def test_madrylab_checkpoint_needs_trust_and_carries_its_normalization(trained, tmp_path, capsys):
@@ -225,7 +234,7 @@ def test_synthetic_checkpoint(tmp_path, capsys):
     settings = result.settings
     assert settings["dataset"] == "synthetic" and settings["data"]["eps"] == 4.0 and settings["data"]["sigma"] == 1.0
     assert settings["data"]["image_shape"] == [1, 16, 16] and settings["data"]["num_test"] == 64
-    assert (settings["subspace_block"], settings["subspace_step"], settings["num_subspaces"]) == (8, 1, 9)
+    assert (settings["subspace_dim"], settings["subspace_step"], settings["num_subspaces"]) == (8, 1, 9)
     np.testing.assert_array_equal(result.indices, select_indices(64, 6, seed=0))
 
     fresh = SyntheticDataModule(**data_args)  # regenerated from the same arguments
@@ -343,8 +352,8 @@ def _bad_cases(b: SimpleNamespace) -> dict[str, tuple[list, str]]:
             r"subspace_dim=29 \(--subspace-dim\) does not fit the 28x28",
         ),
         "too many samples": ([*lenet, "--num-samples", 65], "mnist test split has 64 samples"),
-        "indices out of range": ([*lenet, "--indices", b.root / "outside.npy"], r"outside \[0, 64\)"),
-        "duplicate indices": ([*lenet, "--indices", b.root / "dupes.npy"], r"duplicates: \[3\]"),
+        "indices out of range": ([*lenet, "--indices-file", b.root / "outside.npy"], r"outside \[0, 64\)"),
+        "duplicate indices": ([*lenet, "--indices-file", b.root / "dupes.npy"], r"duplicates: \[3\]"),
         "missing data dir": ([*lenet[:-1], b.root / "no_data"], "MNIST not found.*no_data.*--data-dir"),
         "unknown model": ([*lenet[:1], "vgg11", *lenet[2:]], "invalid choice: 'vgg11'"),
         "no model info": (["--checkpoint", b.root / "lenet.t7"], "pass --model and --dataset"),

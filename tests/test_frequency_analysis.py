@@ -35,7 +35,7 @@ from lightning_modules import ClassifierModule
 from margins import read_report
 from margins.evaluate import evaluate_margins
 from margins.inputs import describe_family
-from margins.work import AttackSettings, RunSettings
+from margins.settings import AttackSettings, RowSettings, RunSettings
 from tests.conftest import REPO
 
 ARRAYS = ("margins", "converged", "iterations", "perturbed_labels", "indices", "predicted", "targets")
@@ -63,7 +63,12 @@ def trained(tmp_path_factory) -> SimpleNamespace:
     L.seed_everything(0)
     data = SyntheticDataModule(image_shape=(1, 16, 16), num_train=256, num_test=32, eps=4.0, sigma=1.0, batch_size=64)
     module = ClassifierModule(net="lenet", num_classes=2, image_shape=(1, 16, 16), lr=0.05, schedule="constant")
-    callback = MarginCallback(num_samples=3, max_iter=10, chunk_rows=8, log_figure=False, progress=False)
+    callback = MarginCallback(
+        rows=RowSettings(num_samples=3),
+        attack=AttackSettings(max_iter=10, chunk_rows=8),
+        log_figure=False,
+        progress=False,
+    )
     trainer = L.Trainer(
         max_epochs=1, num_sanity_val_steps=0, logger=False, accelerator="cpu", default_root_dir=root,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[callback],
@@ -115,10 +120,7 @@ def test_map2d_writes_a_standard_result_folder_and_its_map(trained, runs, tmp_pa
     # the same evaluation from Python: the same bits
     same, _ = evaluate_margins(
         trained.ckpt,
-        subspace="grid",
-        subspace_dim=8,
-        subspace_step=4,
-        num_samples=3,
+        rows=RowSettings(subspace="grid", subspace_dim=8, subspace_step=4, num_samples=3),
         attack=AttackSettings(max_iter=10, chunk_rows=8),
         run=RunSettings(accelerator="cpu", progress=False, threads=1),
         output_dir=tmp_path / "python",
@@ -158,7 +160,7 @@ def test_random_writes_standard_folders_its_plot_and_the_spreads(trained, runs, 
     assert code == 0 and "DCT" in stdout and "basis" in stdout
     assert files(tmp_path / "bases" / "basis") == STANDARD | {"margins.png"}
     report = read_report(tmp_path / "bases" / "basis")
-    assert report.settings["subspace"] == "basis" and report.settings["subspace_dims"] == 5
+    assert report.settings["subspace"] == "basis" and report.settings["subspace_size"] == 5
     assert set(json.loads((tmp_path / "bases" / "analysis.json").read_text())["spread_max_over_min_median"]) == {
         "dct",
         "basis",
@@ -325,7 +327,7 @@ def test_deprecated_flags_warn_once_each_and_still_work(trained, runs, tmp_path,
     ]
     assert_same_arrays(runs.map2d, tmp_path / "map2d")  # what the new flags give
     settings = read_report(tmp_path / "map2d").settings
-    assert (settings["subspace_block"], settings["subspace_step"], settings["chunk_rows"]) == (8, 4, 8)
+    assert (settings["subspace_dim"], settings["subspace_step"], settings["chunk_rows"]) == (8, 4, 8)
 
     argv = ["random", *old, "--count", 3, "--step", 1, "--batch-size", 8, "--output-dir", tmp_path / "random"]
     code, _, stderr = main(argv, capsys)
@@ -400,7 +402,7 @@ def test_bad_input_is_one_line_and_writes_nothing(trained, tmp_path, capsys):
         ),
         "no random subspaces": (["random", "--count", 0], "number of random subspaces must be >= 1"),
         "missing bases": (["random", "--bases", tmp_path / "nope.npy"], "does not exist"),
-        "bad threads": (["map2d", "--threads", 0], "--threads must be >= 1"),
+        "bad threads": (["map2d", "--threads", 0], "threads must be >= 1 (--threads), got 0"),
     }
     for name, (argv, pattern) in cases.items():
         out = tmp_path / name.replace(" ", "_")

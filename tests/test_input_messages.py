@@ -14,7 +14,7 @@ import compare_margins
 import evaluate_margin
 import frequency_analysis
 from common.errors import InputError
-from margins.inputs import SubspaceSpec, choose_indices, make_subspaces
+from margins.settings import RowSettings
 from models import build_model
 from models.checkpoint import CheckpointReadError, read_checkpoint
 from models.loading import UntrustedCheckpointError, untrusted_pickle_error
@@ -25,12 +25,18 @@ TOY = SimpleNamespace(image_shape=(1, 8, 8), subspace_block=4, subspace_step=1, 
 @pytest.mark.parametrize(
     ("call", "message"),
     [
-        (lambda: choose_indices(5, 0, None, 2, "toy"), r"num_samples=5 (--num-samples) is not in [1, 2]"),
-        (lambda: make_subspaces(SubspaceSpec("dct", dim=9), TOY), "subspace_dim=9 (--subspace-dim) does not fit"),
-        (lambda: make_subspaces(SubspaceSpec("dct", step=0), TOY), "subspace_step=0 (--subspace-step) must be >= 1"),
-        (lambda: make_subspaces(SubspaceSpec("random", count=0), TOY), "count=0 (--count)"),
-        (lambda: make_subspaces(SubspaceSpec("full", dim=2), TOY), "subspace_dim/subspace_step (--subspace-dim/"),
-        (lambda: make_subspaces(SubspaceSpec("wavelet"), TOY), "'wavelet' for subspace (--subspace)"),
+        (lambda: RowSettings(num_samples=5).indices(2, "toy"), r"num_samples=5 (--num-samples) is not in [1, 2]"),
+        (lambda: RowSettings(num_samples=0).check(), "num_samples must be >= 1 (--num-samples), got 0"),
+        (lambda: RowSettings(seed=-1).check(), "seed must be >= 0 (--seed), got -1"),
+        (lambda: RowSettings(subspace_dim=9).family(TOY), "subspace_dim=9 (--subspace-dim) does not fit"),
+        (lambda: RowSettings(subspace_step=0).family(TOY), "subspace_step=0 (--subspace-step) must be >= 1"),
+        (lambda: RowSettings(subspace="random", count=0).family(TOY), "count=0 (--count)"),
+        (
+            lambda: RowSettings(subspace="full", subspace_dim=2).family(TOY),
+            "subspace_dim/subspace_step (--subspace-dim/",
+        ),
+        (lambda: RowSettings(subspace="wavelet").family(TOY), "'wavelet' for subspace (--subspace)"),
+        (lambda: RowSettings(subspace="random", method="x").check(), "method must be one of auto, qr, hartley"),
     ],
 )
 def test_errors_name_parameter_and_flag(call, message):

@@ -29,6 +29,7 @@ from frequency import DCTBlockSubspaces
 from lightning_modules import ClassifierModule
 from margins import MarginReport, gather_samples, read_report, select_indices, write_report
 from margins.evaluate import fingerprint_of, state_sha256
+from margins.settings import AttackSettings, RowSettings
 
 REPO = Path(__file__).resolve().parents[1]
 SYNTHETIC = dict(image_shape=(1, 16, 16), num_train=256, num_test=64, batch_size=64, sigma=0.5, eps=4.0)
@@ -70,7 +71,9 @@ def fit_with_callback(
 
 
 def test_callback_writes_results_equal_to_a_direct_engine_call_and_logs_tensorboard_tags(tmp_path):
-    callback = MarginCallback(num_samples=12, seed=3, every_n_epochs=2, max_iter=50)
+    callback = MarginCallback(
+        rows=RowSettings(num_samples=12, seed=3), attack=AttackSettings(max_iter=50), every_n_epochs=2
+    )
     trainer, model = fit_with_callback(tmp_path, callback, epochs=3)
     margins_root = Path(trainer.log_dir) / "margins"
     # every 2nd epoch (no sanity check run), and the final weights at the end of fit
@@ -84,7 +87,7 @@ def test_callback_writes_results_equal_to_a_direct_engine_call_and_logs_tensorbo
     assert saved.perturbed_labels.shape == saved.margins.shape and saved.perturbed_labels.dtype == np.int64
     assert {p.name for p in (margins_root / "epoch_001").iterdir() if p.is_file()} == RESULT_FILES
     settings = saved.settings
-    assert settings["subspace_block"] == dm.subspace_block and settings["epoch"] == 1 and settings["run"] == "epoch_001"
+    assert settings["subspace_dim"] == dm.subspace_block and settings["epoch"] == 1 and settings["run"] == "epoch_001"
     assert settings["data"]["dataset"] == "synthetic" and settings["trainer_precision"] == "32-true"
     assert settings["kernels"] == "auto" and settings["cpu_threads"] == 1 and "channels_last" not in settings
     final = read_report(margins_root / "epoch_002")  # the fit end: the final weights
@@ -111,7 +114,9 @@ def test_callback_folder_equals_evaluate_margin_on_the_saved_checkpoint_bit_for_
     """The callback runs the chunk work of evaluate_margin.py: on the checkpoint of the weights it measured (the last
     validation of a one-epoch fit sees the final weights), with the same samples, DeepFool settings and chunks, the
     command writes the same bytes; both are close to the engine called directly on the whole grid."""
-    callback = MarginCallback(num_samples=10, seed=2, every_n_epochs=1, max_iter=50, chunk_rows=16)
+    callback = MarginCallback(
+        rows=RowSettings(num_samples=10, seed=2), attack=AttackSettings(max_iter=50, chunk_rows=16), every_n_epochs=1
+    )
     trainer, model = fit_with_callback(tmp_path, callback, epochs=1)
     folder = Path(trainer.log_dir) / "margins" / "epoch_000"
     assert sorted(p.name for p in folder.parent.iterdir()) == ["epoch_000"]  # the fit end saw the same weights
@@ -141,7 +146,9 @@ def test_bf16_mixed_fit_measures_margins_in_float32_like_evaluate_margin(tmp_pat
     """Under `precision="bf16-mixed"` the callback still attacks in float32 (autocast switched off around the engine):
     its margins equal evaluate_margin.py's on the saved checkpoint (to 1e-5 median relative; in fact bit for bit), the
     margins are float32 and the summary records both the trainer's precision and the attack's."""
-    callback = MarginCallback(num_samples=8, seed=1, every_n_epochs=1, max_iter=50, chunk_rows=16)
+    callback = MarginCallback(
+        rows=RowSettings(num_samples=8, seed=1), attack=AttackSettings(max_iter=50, chunk_rows=16), every_n_epochs=1
+    )
     trainer, _ = fit_with_callback(tmp_path, callback, epochs=1, precision="bf16-mixed")
     folder = Path(trainer.log_dir) / "margins" / "epoch_000"
     trainer.save_checkpoint(tmp_path / "final.ckpt")
@@ -172,12 +179,19 @@ def test_a_folder_holding_another_measurement_is_kept_and_the_new_one_goes_next_
     """Fits logging into the same version folder, with other margin settings, then other weights: every earlier
     folder keeps its bytes, each new measurement goes to the first free folder next to it (one note line saying
     what the run's folder holds), and the history, title and TensorBoard still name the epoch."""
-    fit_with_callback(tmp_path, MarginCallback(num_samples=4, max_iter=20, chunk_rows=8), epochs=1, version="same")
+    fit_with_callback(
+        tmp_path,
+        MarginCallback(rows=RowSettings(num_samples=4), attack=AttackSettings(max_iter=20, chunk_rows=8)),
+        epochs=1,
+        version="same",
+    )
     root = tmp_path / "run" / "same" / "margins"
     first = folder_bytes(root / "epoch_000")
     capsys.readouterr()
 
-    callback = MarginCallback(num_samples=6, max_iter=20, chunk_rows=8)  # other settings, the same weights
+    callback = MarginCallback(
+        rows=RowSettings(num_samples=6), attack=AttackSettings(max_iter=20, chunk_rows=8)
+    )  # other settings, the same weights
     trainer, model = fit_with_callback(tmp_path, callback, epochs=1, version="same")
     sha, printed = state_sha256(model.model)[:12], capsys.readouterr()
     [note] = notes(printed.err)
@@ -198,7 +212,9 @@ def test_a_folder_holding_another_measurement_is_kept_and_the_new_one_goes_next_
     assert "margin/profile/epoch_000-2" in events.Tags()["scalars"]
     kept = folder_bytes(root / "epoch_000-2")
 
-    callback = MarginCallback(num_samples=4, max_iter=20, chunk_rows=8)  # the first settings, other weights
+    callback = MarginCallback(
+        rows=RowSettings(num_samples=4), attack=AttackSettings(max_iter=20, chunk_rows=8)
+    )  # the first settings, other weights
     trainer, model = fit_with_callback(tmp_path, callback, epochs=1, lr=0.05, version="same")
     [note] = notes(capsys.readouterr().err)
     assert note == (
@@ -230,7 +246,12 @@ def test_a_folder_of_the_same_measurement_is_resumed_in_place_under_its_lock(tmp
     """The same fit twice into one version folder, the first measurement cut after two committed chunks and before
     its results: the second resumes it in the same folder (those chunk files untouched, no note, no second folder),
     holds the folder's lock while it writes, and gives the same bytes."""
-    fit_with_callback(tmp_path, MarginCallback(num_samples=4, max_iter=20, chunk_rows=8), epochs=1, version="same")
+    fit_with_callback(
+        tmp_path,
+        MarginCallback(rows=RowSettings(num_samples=4), attack=AttackSettings(max_iter=20, chunk_rows=8)),
+        epochs=1,
+        version="same",
+    )
     root = tmp_path / "run" / "same" / "margins"
     folder, margins = root / "epoch_000", (root / "epoch_000" / "margins.npy").read_bytes()
     journal = folder / "chunks" / "journal-rank0.jsonl"
@@ -248,7 +269,12 @@ def test_a_folder_of_the_same_measurement_is_resumed_in_place_under_its_lock(tmp
 
     monkeypatch.setattr("margins.evaluate.write_report", spy)  # the one writer of both paths
     capsys.readouterr()
-    fit_with_callback(tmp_path, MarginCallback(num_samples=4, max_iter=20, chunk_rows=8), epochs=1, version="same")
+    fit_with_callback(
+        tmp_path,
+        MarginCallback(rows=RowSettings(num_samples=4), attack=AttackSettings(max_iter=20, chunk_rows=8)),
+        epochs=1,
+        version="same",
+    )
     assert notes(capsys.readouterr().err) == []
     assert sorted(p.name for p in root.iterdir()) == ["epoch_000"]
     assert locked == [os.getpid()] and not (folder / ".lock").exists()
@@ -266,7 +292,9 @@ def test_a_full_disk_while_the_callback_writes_is_the_commands_one_line_error_an
     from tests.test_no_hang import FullDisk
 
     disk = FullDisk(monkeypatch, r"/\.epoch_000\.tmp-[^/]*/", free=1200)
-    callback = MarginCallback(num_samples=4, max_iter=20, chunk_rows=8, log_figure=False)
+    callback = MarginCallback(
+        rows=RowSettings(num_samples=4), attack=AttackSettings(max_iter=20, chunk_rows=8), log_figure=False
+    )
     with pytest.raises(InputError, match=r"^no space left on the disk holding .*epoch_000") as raised:
         fit_with_callback(tmp_path, callback, epochs=1, version="full")
     assert disk.failed and "\n" not in str(raised.value)
@@ -285,7 +313,13 @@ def test_callback_runs_in_validate_and_test_under_inference_mode(tmp_path):
         default_root_dir=tmp_path,
         accelerator="cpu",
         logger=TensorBoardLogger(tmp_path, name="run"),
-        callbacks=[MarginCallback(num_samples=4, max_iter=5, every_n_epochs=7, subspace_dim=4, subspace_step=4)],
+        callbacks=[
+            MarginCallback(
+                rows=RowSettings(num_samples=4, subspace_dim=4, subspace_step=4),
+                attack=AttackSettings(max_iter=5),
+                every_n_epochs=7,
+            )
+        ],
         enable_progress_bar=False,
         inference_mode=True,
     )
@@ -299,7 +333,7 @@ def test_callback_runs_in_validate_and_test_under_inference_mode(tmp_path):
     assert validated.settings["epoch"] == tested.settings["epoch"] == 0  # the folder's epoch
     assert tested.settings["run"] == "test_epoch_000"
     family = DCTBlockSubspaces((1, 16, 16), 4, 4)  # subspace_dim / subspace_step, not the datamodule's 8 / 1
-    assert (validated.settings["subspace_block"], validated.settings["subspace_step"]) == (4, 4)
+    assert (validated.settings["subspace_dim"], validated.settings["subspace_step"]) == (4, 4)
     assert validated.settings["subspace_family"] == repr(family) and validated.margins.shape == (len(family), 4)
     assert_same_results(root / "epoch_000", root / "test_epoch_000")  # the same weights, samples and settings
     assert [m.training for m in model.modules()] == flags
@@ -325,11 +359,11 @@ def test_ddp_fit_and_validate_margins_equal_one_process_bit_for_bit(tmp_path):
         "--data.init_args.num_train", "256", "--data.init_args.num_test", "64",
         "--data.init_args.image_shape", "[1, 16, 16]",
         "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu",
-        "--margin.max_iter", "50", "--margin.chunk_rows", "16", "--margin.progress", "false",
+        "--margin.attack.max_iter", "50", "--margin.attack.chunk_rows", "16", "--margin.progress", "false",
     ]  # fmt: skip
     ddp = ["--trainer.devices", "2", "--trainer.strategy", "ddp"]
     # 2-process fit, margins only at fit end (1 sample x 9 subspaces = one chunk: one rank attacks nothing)
-    run_cli(["fit", *common, *ddp, "--trainer.max_epochs", "1", "--margin.num_samples", "1",
+    run_cli(["fit", *common, *ddp, "--trainer.max_epochs", "1", "--margin.rows.num_samples", "1",
              "--margin.every_n_epochs", "5", "--data.init_args.batch_size", "64",
              "--trainer.logger.init_args.save_dir", str(tmp_path / "fit")], cwd=tmp_path)  # fmt: skip
     ckpt = next((tmp_path / "fit").rglob("last.ckpt"))
@@ -337,7 +371,7 @@ def test_ddp_fit_and_validate_margins_equal_one_process_bit_for_bit(tmp_path):
     assert trained["global_step"] == 2  # 256 samples / (2 processes x batch 64): each rank ran half the batches
     folders = {"fit_ddp": next((tmp_path / "fit").rglob("epoch_000"))}
     for name, samples, devices in (("one_1", "1", []), ("one_11", "11", []), ("ddp_11", "11", ddp)):
-        run_cli(["validate", *common, *devices, "--ckpt_path", str(ckpt), "--margin.num_samples", samples,
+        run_cli(["validate", *common, *devices, "--ckpt_path", str(ckpt), "--margin.rows.num_samples", samples,
                  "--trainer.logger.init_args.save_dir", str(tmp_path / name)], cwd=tmp_path)  # fmt: skip
         folders[name] = next((tmp_path / name).rglob("epoch_000"))
     runs: dict[str, MarginReport] = {name: read_report(folder) for name, folder in folders.items()}

@@ -40,11 +40,12 @@ from datamodules import SyntheticDataModule
 from lightning_modules import ClassifierModule
 from margins import plot_margins, read_report
 from margins.results import MarginReport
+from margins.settings import AttackSettings, RowSettings
 from train import main
 
 REPO = Path(__file__).resolve().parents[1]
 SYNTHETIC = dict(image_shape=(1, 16, 16), num_train=128, num_test=32, batch_size=64, sigma=0.5, eps=4.0)
-FAST_MARGIN = ["--margin.num_samples", "4", "--margin.max_iter", "20", "--margin.chunk_rows", "64"]
+FAST_MARGIN = ["--margin.rows.num_samples", "4", "--margin.attack.max_iter", "20", "--margin.attack.chunk_rows", "64"]
 
 
 def events(log_dir: str | Path) -> EventAccumulator:
@@ -300,7 +301,8 @@ def test_two_runs_as_tensorboard_shows_them_hparams_compare_axis_and_custom_scal
               "[1, 16, 16]", "--data.init_args.num_train", "64", "--data.init_args.num_test", "16",
               "--data.init_args.batch_size", "64", "--data.init_args.transform", transform, "--trainer.max_epochs", "1",
               "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(tmp_path),
-              "--margin.num_samples", "2", "--margin.max_iter", "10", "--margin.log_figure", "false"])  # fmt: skip
+              "--margin.rows.num_samples", "2", "--margin.attack.max_iter", "10",
+              "--margin.log_figure", "false"])  # fmt: skip
     mux = multiplexer.EventMultiplexer()
     mux.AddRunsFromDirectory(str(tmp_path))
     mux.Reload()
@@ -348,30 +350,33 @@ def test_fit_end_measures_a_model_stopped_early_once_and_only_if_not_measured(tm
             if trainer.current_epoch == 1:
                 trainer.should_stop = True
 
-    early = fit(tmp_path / "early", MarginCallback(num_samples=3, max_iter=10, every_n_epochs=5), 4,
-                [StopAfterFirstValidation()])  # fmt: skip
+    def callback(every_n_epochs: int) -> MarginCallback:
+        return MarginCallback(RowSettings(num_samples=3), AttackSettings(max_iter=10), every_n_epochs=every_n_epochs)
+
+    early = fit(tmp_path / "early", callback(5), 4, [StopAfterFirstValidation()])
     acc = events(early.log_dir)
     assert steps(acc, "margin/median/subspace_00") == steps(acc, "val/acc") == [1]  # at fit end, val's step
     assert [p.name for p in (Path(early.log_dir) / "margins").iterdir()] == ["epoch_000"]
 
-    mid = fit(tmp_path / "mid", MarginCallback(num_samples=3, max_iter=10, every_n_epochs=1), 4, [StopMidEpoch()])
+    mid = fit(tmp_path / "mid", callback(1), 4, [StopMidEpoch()])
     acc = events(mid.log_dir)  # Lightning validates the stopped model; the fit end does not measure it again
     assert mid.global_step == 3 and steps(acc, "val/acc") == steps(acc, "margin/median/subspace_00") == [1, 2]
 
-    noval = fit(tmp_path / "noval", MarginCallback(num_samples=3, max_iter=10, every_n_epochs=1), 3,
-                check_val_every_n_epoch=2)  # fmt: skip
+    noval = fit(tmp_path / "noval", callback(1), 3, check_val_every_n_epoch=2)
     acc = events(noval.log_dir)  # the last epoch has no validation: the final weights are measured at fit end
     assert steps(acc, "val/acc") == [3] and steps(acc, "margin/median/subspace_00") == [3, 6]
     assert [tags for tags in charts_as_read(last_layout(acc)).values()][4:] == [
         [profile_tag("epoch_001")], [profile_tag("epoch_002")]]  # fmt: skip
     assert sorted(p.name for p in (Path(noval.log_dir) / "margins").iterdir()) == ["epoch_001", "epoch_002"]
 
-    off = fit(tmp_path / "off", MarginCallback(num_samples=3, every_n_epochs=5, measure_at_fit_end=False), 1)
+    off = fit(
+        tmp_path / "off", MarginCallback(rows=RowSettings(num_samples=3), every_n_epochs=5, measure_at_fit_end=False), 1
+    )
     assert not (Path(off.log_dir) / "margins").exists()
 
 
 def test_history_image_and_resume_keep_every_measured_epoch(tmp_path):
-    first = MarginCallback(num_samples=3, max_iter=10, every_n_epochs=1)
+    first = MarginCallback(rows=RowSettings(num_samples=3), attack=AttackSettings(max_iter=10), every_n_epochs=1)
     trainer = fit(tmp_path, first, 1, schedule="constant")  # a longer resume keeps a constant schedule
     assert sorted(first.history) == [0] and len(first.history[0]) == len(trainer.datamodule.subspaces())
     ckpt = tmp_path / "one.ckpt"
@@ -379,7 +384,7 @@ def test_history_image_and_resume_keep_every_measured_epoch(tmp_path):
     saved_state = torch.load(ckpt, weights_only=False, map_location="cpu")["callbacks"][first.state_key]
     assert saved_state["history"] == first.history
 
-    resumed = MarginCallback(num_samples=3, max_iter=10, every_n_epochs=1)
+    resumed = MarginCallback(rows=RowSettings(num_samples=3), attack=AttackSettings(max_iter=10), every_n_epochs=1)
     L.seed_everything(0)
     trainer = L.Trainer(
         default_root_dir=tmp_path,

@@ -28,8 +28,8 @@ from margins import (
     write_report,
 )
 from margins.evaluate import evaluate_margins
-from margins.results import RESULT_FILES
-from margins.work import AttackSettings, RunSettings
+from margins.results import RESULT_FILES, SCHEMA_VERSION
+from margins.settings import AttackSettings, RunSettings
 
 
 def _example(num_subspaces: int = 4, num_samples: int = 7, seed: int = 0):
@@ -159,7 +159,7 @@ def test_write_read_round_trip(tmp_path):
     )
     assert loaded.extra["clean_accuracy"] == pytest.approx(0.98)
     assert loaded.extra["checkpoint"] == str(tmp_path / "model.ckpt")
-    assert summary["shape"] == list(margins.shape) and summary["schema_version"] == 2
+    assert summary["shape"] == list(margins.shape) and summary["schema_version"] == SCHEMA_VERSION
 
 
 def test_rewrite_replaces_results_and_keeps_unrelated_files(tmp_path):
@@ -323,7 +323,7 @@ def test_evaluate_margins_matches_analytic_affine_margin(tmp_path):
         np.testing.assert_allclose(report.margins[s], expected.numpy(), rtol=1e-5, atol=1e-6)
 
 
-# ---------------------------------------------------------------- typed schema (schema_version 2) and old folders
+# ---------------------------------------------------------------- typed schema (schema_version 3) and old folders
 
 
 def test_report_round_trip_with_every_field(tmp_path):
@@ -342,7 +342,8 @@ def test_report_round_trip_with_every_field(tmp_path):
     )
     write_report(tmp_path / "run", report, figure=False)
     back = read_report(tmp_path / "run")
-    assert back.schema_version == 2 and back.settings == {"dtype": "float64"} and back.extra == {"seconds": 2.0}
+    assert back.schema_version == SCHEMA_VERSION and back.settings == {"dtype": "float64"}
+    assert back.extra == {"seconds": 2.0}
     np.testing.assert_array_equal(back.margins, margins.astype(np.float32))
     for key in ("iterations", "perturbed_labels", "predicted", "targets"):
         np.testing.assert_array_equal(getattr(back, key), getattr(report, key))
@@ -371,6 +372,21 @@ def test_folder_of_format_version_1_still_reads(tmp_path):
     np.testing.assert_array_equal(report.margins, margins.astype(np.float32))
     np.testing.assert_array_equal(report.indices, indices)
     assert report.targets is None and report.predicted is None and report.extra == {"clean_accuracy": 0.5}
+
+
+def test_a_folder_of_schema_2_reads_under_the_current_setting_names(tmp_path):
+    """Schema 2 named the block side `subspace_block` and each subspace's dimension `subspace_dims`; they read back
+    as `subspace_dim` (the flag's name) and `subspace_size`, other settings unchanged."""
+    margins, converged, indices = _example()
+    settings = {"subspace": "dct", "subspace_dim": 8, "subspace_size": 64, "subspace_step": 1, "seed": 3}
+    write_report(tmp_path / "run", MarginReport(margins, converged, indices, settings), figure=False)
+    summary_path = tmp_path / "run" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    old = {"subspace": "dct", "subspace_block": 8, "subspace_dims": 64, "subspace_step": 1, "seed": 3}
+    summary.update(schema_version=2, settings=old)
+    summary_path.write_text(json.dumps(summary))
+    back = read_report(tmp_path / "run")
+    assert back.schema_version == 2 and back.settings == settings
 
 
 def test_stale_temporary_folders_of_killed_writers_are_removed(tmp_path):

@@ -33,7 +33,7 @@ from margins.chunks import ChunkStore
 from margins.evaluate import evaluate_margins
 from margins.guard import EXIT_PEER_LOST, EXIT_SIGTERM, EXIT_SIGUSR1, RESUME, FolderLock, Watchdog
 from margins.inputs import ModelSource
-from margins.work import AttackSettings, RunSettings
+from margins.settings import AttackSettings, RunSettings
 from models import build_model
 from tests.conftest import REPO, write_idx_mnist
 

@@ -10,7 +10,7 @@ from torch import nn
 from frequency import DCTBlockSubspaces
 from frequency.random_subspaces import RandomSubspaces
 from margins.evaluate import evaluate_margins
-from margins.work import AttackSettings, RunSettings
+from margins.settings import AttackSettings, RunSettings
 
 
 def test_margin_bars_name_the_family_and_the_rows(tmp_path, capsys):

@@ -20,11 +20,11 @@ import evaluate_margin
 import frequency_analysis
 from margins import MarginReport, read_report
 from margins.evaluate import job_from_checkpoint
-from margins.inputs import ModelSource, SubspaceSpec, default_output_dir, load_source
+from margins.inputs import ModelSource, default_output_dir, load_source
 from margins.names import describe_held
 from margins.plot import plot_margins
 from margins.results import _figure_arguments
-from margins.work import AttackSettings
+from margins.settings import AttackSettings, RowSettings
 from models import build_model
 from tests.conftest import write_idx_mnist
 
@@ -70,7 +70,9 @@ def test_default_folders_differ_by_estimator_and_deepfools_keeps_its_name(lenet,
     folders = {}
     for estimator in ("deepfool", "fmn"):
         attack = AttackSettings(estimator=estimator)
-        job = job_from_checkpoint(source, 2, 0, None, attack, SubspaceSpec("dct", None, 20), output_root=str(tmp_path))
+        job = job_from_checkpoint(
+            source, RowSettings(num_samples=2, subspace_step=20), attack, output_root=str(tmp_path)
+        )
         folders[estimator] = job.output_dir
     assert folders["deepfool"] == deepfool_name  # existing folders keep resuming
     assert folders["fmn"] == deepfool_name.with_name(deepfool_name.name + "_fmn")

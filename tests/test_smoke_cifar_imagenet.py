@@ -47,7 +47,7 @@ def fit_one_step(config: str, data_dir: Path, logs: Path, extra: list[str]) -> P
          "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "2", "--trainer.limit_val_batches", "1",
          "--trainer.num_sanity_val_steps", "0",
          "--trainer.enable_progress_bar", "false", "--trainer.logger.init_args.save_dir", str(logs),
-         "--margin.num_samples", "2", "--margin.max_iter", "3", "--margin.every_n_epochs", "1", *extra]
+         "--margin.rows.num_samples", "2", "--margin.attack.max_iter", "3", "--margin.every_n_epochs", "1", *extra]
     )  # fmt: skip
     return next(logs.rglob("last.ckpt"))
 
@@ -80,7 +80,7 @@ def test_cifar10_flipped_path_end_to_end(tmp_path, samples_dir, monkeypatch):
 @pytest.mark.slow
 def test_imagenet_path_end_to_end(tmp_path, samples_dir):
     imagenet_from_samples(tmp_path / "data", samples_dir)
-    extra = ["--data.batch_size", "2", "--data.num_workers", "0", "--margin.num_samples", "1"]
+    extra = ["--data.batch_size", "2", "--data.num_workers", "0", "--margin.rows.num_samples", "1"]
     ckpt = fit_one_step("imagenet_flipped_resnet50", tmp_path / "data", tmp_path / "logs", extra)
     check_outputs(next((tmp_path / "logs").rglob("margins/epoch_000")), 14, 1)
     out = tmp_path / "eval"

@@ -17,7 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 TINY = [
     "--config", str(REPO / "configs" / "synthetic_lenet.yaml"),
     "--data.init_args.num_train", "128", "--data.init_args.num_test", "32", "--data.init_args.batch_size", "64",
-    "--data.init_args.image_shape", "[1, 16, 16]", "--margin.num_samples", "2", "--margin.every_n_epochs", "1",
+    "--data.init_args.image_shape", "[1, 16, 16]", "--margin.rows.num_samples", "2", "--margin.every_n_epochs", "1",
     "--margin.log_figure", "false", "--trainer.max_epochs", "1", "--trainer.enable_progress_bar", "false",
 ]  # fmt: skip
 
@@ -113,7 +113,7 @@ def run_cli(args: list[str], capsys) -> tuple[int, list[str]]:
      (["--trainer.devices", "0"], "Trainer(devices='0')` value is not a valid input"),
      (["--trainer.max_epochs", "x"], "trainer.max_epochs: expected int or None, got 'x'"),
      (["--ckpt_path", "missing.ckpt"], "checkpoint file not found: missing.ckpt"),
-     (["--margin.num_samples", "0"], "margin.num_samples must be >= 1")],
+     (["--margin.rows.num_samples", "0"], "num_samples must be >= 1 (--margin.rows.num_samples), got 0")],
 )  # fmt: skip
 def test_a_bad_value_is_one_line_exit_2_and_leaves_no_folder(tmp_path, monkeypatch, capsys, flags, words):
     monkeypatch.chdir(tmp_path)
@@ -165,7 +165,8 @@ def test_a_checkpoint_that_is_not_a_lightning_one_is_one_line(tmp_path, capsys):
     "flags, config, expected",
     [(["--trainer.max_epoch", "1"], None,
       "--trainer.max_epoch is not an option; did you mean --trainer.max_epochs (or "),
-     (["--margin.num_sample", "7"], None, "--margin.num_sample is not an option; did you mean --margin.num_samples"),
+     (["--margin.rows.num_sample", "7"], None,
+      "--margin.rows.num_sample is not an option; did you mean --margin.rows.num_samples"),
      (["--data.init_args.batch_siz", "8"], None,
       "data.init_args.batch_siz is not a setting of datamodules.SyntheticDataModule; did you mean "
       "data.init_args.batch_size (or "),

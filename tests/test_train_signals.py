@@ -36,7 +36,7 @@ FIT = [
     "--data.init_args.image_shape", "[1, 16, 16]", "--trainer.max_epochs", "3", "--trainer.enable_progress_bar",
     "false", "--trainer.enable_model_summary", "false", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
     "--trainer.strategy", "ddp", "--trainer.num_sanity_val_steps", "0", "--trainer.limit_val_batches", "2",
-    "--margin.num_samples", "8", "--margin.chunk_rows", "2", "--margin.every_n_epochs", "1",
+    "--margin.rows.num_samples", "8", "--margin.attack.chunk_rows", "2", "--margin.every_n_epochs", "1",
     "--margin.measure_at_fit_end", "false", "--margin.log_figure", "false", "--margin.progress", "false",
 ]  # fmt: skip
 
