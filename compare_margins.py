@@ -51,10 +51,10 @@ from analysis.compare import (
     write_interval_csv,
 )
 from analysis.export import DEFAULT_NAME, export_per_sample_csv
-from common.cli import ArgumentParser
+from cli.parser import ArgumentParser
 from common.errors import InputError
-from margins.names import quantity
-from margins.plot import save_figure
+from margins.store.names import quantity
+from plotting.margins import save_figure
 
 
 def build_parser() -> argparse.ArgumentParser:

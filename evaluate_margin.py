@@ -16,7 +16,7 @@ predicted.npy, targets.npy [N], summary.json, margins.png; chunks/ holds the com
 interrupted command resumes.
 Bad input: one line `error: ...`, exit 2. Stopped by SIGINT (Ctrl-C), SIGUSR1 or SIGTERM: one line `stopped: ...`,
 exit 130, 138 or 143 (a lost process: 3); rerun the same command to resume. Anything else is a bug: traceback,
-exit 1. Library: margins.evaluate.
+exit 1. Library: margins.run.evaluate.
 """
 
 # ruff: noqa: E402 - the stop signals are handled before the imports below, which take seconds
@@ -33,9 +33,7 @@ with modules_loading(__name__ == "__main__"):
     import warnings
     from pathlib import Path
 
-    from common.cli import ArgumentParser
-    from common.errors import InputError
-    from margins.cli import (
+    from cli.margin_flags import (
         add_attack_arguments,
         add_run_arguments,
         add_sample_arguments,
@@ -48,10 +46,12 @@ with modules_loading(__name__ == "__main__"):
         run_from_args,
         source_from_args,
     )
-    from margins.evaluate import evaluate_margins
+    from cli.parser import ArgumentParser
+    from common.errors import InputError
     from margins.inputs import load_model_and_data
-    from margins.names import bound, estimator_of, quantity
-    from margins.results import MarginReport, summarize, time_line
+    from margins.run.evaluate import evaluate_margins
+    from margins.store.names import bound, estimator_of, quantity
+    from margins.store.results import MarginReport, summarize, time_line
 
 __all__ = ["build_parser", "load_model_and_data", "main"]
 
@@ -103,7 +103,7 @@ def print_summary(report: MarginReport, folder: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; returns the exit status (0 ok, 2 bad input, 3 a process lost, 130/138/143 stopped
-    by SIGINT/SIGUSR1/SIGTERM: `margins.guard.EXIT_CODES`). Other errors propagate (exit 1)."""
+    by SIGINT/SIGUSR1/SIGTERM: `margins.run.guard.EXIT_CODES`). Other errors propagate (exit 1)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     warnings.filterwarnings("ignore", message=r".*(LeafSpec|does not have many workers).*")
     for name in ("lightning.pytorch", "lightning.fabric"):  # no "GPU available" banners

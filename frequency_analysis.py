@@ -59,12 +59,7 @@ with modules_loading(__name__ == "__main__"):
     from analysis.fourier_heatmap import IMAGES_PER_PASS, VALID_RANGES, FourierHeatmap, fourier_heatmap
     from analysis.maps import median_map, spread_ratio
     from analysis.plots import plot_dct_vs_random, plot_fourier_heatmaps, plot_margin_maps
-    from common.cli import ArgumentParser
-    from common.errors import InputError
-    from frequency.grid import DCTGridSubspaces
-    from margins import gather_samples
-    from margins.chunks import atomic_write
-    from margins.cli import (
+    from cli.margin_flags import (
         add_attack_arguments,
         add_run_arguments,
         add_sample_arguments,
@@ -77,14 +72,17 @@ with modules_loading(__name__ == "__main__"):
         run_from_args,
         source_from_args,
     )
-    from margins.evaluate import evaluate_margins
-    from margins.guard import disk_full, disk_full_error
-    from margins.inputs import default_output_dir, load_source, margin_dataset
-    from margins.measure import DEFAULT_NUM_SAMPLES
-    from margins.names import estimator_of, quantity
-    from margins.plot import describe_run, describe_settings
-    from margins.results import MarginReport, time_line
-    from margins.settings import RowSettings
+    from cli.parser import ArgumentParser
+    from common.errors import InputError
+    from frequency.grid import DCTGridSubspaces
+    from margins.inputs import default_output_dir, gather_samples, load_source, margin_dataset
+    from margins.run.evaluate import evaluate_margins
+    from margins.settings import DEFAULT_NUM_SAMPLES, RowSettings
+    from margins.store.chunks import atomic_write
+    from margins.store.disk import disk_full, disk_full_error
+    from margins.store.names import estimator_of, quantity
+    from margins.store.results import MarginReport, time_line
+    from plotting.margins import describe_run, describe_settings
 
 DEFAULT_VALID = {"none": "box", "flip": "flipped_box"}  # other transforms (low/high pass) have no box: "none"
 OUTPUT_ROOT = "outputs/frequency_analysis"

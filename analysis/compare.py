@@ -1,6 +1,6 @@
 """Compare margin runs: per-subspace medians, interquartile ranges, ratios and paired Wilcoxon tests.
 
-Runs are result folders read with `margins.results.read_report` (margins [S, N], converged, indices [N]).
+Runs are result folders read with `margins.store.results.read_report` (margins [S, N], converged, indices [N]).
 The first run is the reference: ratios are `median(run) / median(reference)` per subspace, and the paired
 Wilcoxon signed-rank test (`scipy.stats.wilcoxon`, two-sided, on all samples, converged or not, as the medians)
 compares each run with the reference per subspace - only when both hold the SAME samples (the same set of dataset
@@ -27,8 +27,8 @@ from scipy.stats import wilcoxon
 
 from analysis.export import read_run
 from common.errors import InputError
-from margins.names import bound, estimator_of, quantity
-from margins.plot import describe_settings, frequency_axis, plain_log_axis
+from margins.store.names import bound, estimator_of, quantity
+from plotting.margins import describe_settings, frequency_axis, plain_log_axis
 
 COLUMNS = (
     "subspace", "run", "median", "q25", "q75", "ratio_to_reference", "wilcoxon_statistic", "wilcoxon_p",
@@ -48,7 +48,7 @@ class Run:
     converged: np.ndarray  # [S, N] bool
     indices: np.ndarray  # [N] int64 dataset indices
     description: str = ""  # "lenet on mnist (transform flip)", from the folder's settings
-    estimator: str = "deepfool"  # what measured it (`margins.names`): "deepfool", "fmn", "certify"
+    estimator: str = "deepfool"  # what measured it (`margins.store.names`): "deepfool", "fmn", "certify"
 
     @property
     def bound(self) -> str:

@@ -1,10 +1,10 @@
 """Per-sample CSV export of a margin result folder: one row per (subspace, sample).
 
 Columns: sample_index, label, predicted, subspace, margin, converged, iterations, perturbed_label, read with
-`margins.results.read_report`: `label` is the true label (targets.npy), `predicted` the clean prediction; columns a
-folder has no file for (folders of older versions) are written EMPTY; folders of older frequency_analysis.py
-versions hold their true labels in labels.npy, which is read instead. Rows are ordered subspace-major (all samples of
-subspace 0, then subspace 1, ...).
+`margins.store.results.read_report`: `label` is the true label (targets.npy), `predicted` the clean prediction;
+columns a folder has no file for (folders of older versions) are written EMPTY; folders of older
+frequency_analysis.py versions hold their true labels in labels.npy, which is read instead. Rows are ordered
+subspace-major (all samples of subspace 0, then subspace 1, ...).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from common.errors import InputError
-from margins.results import MarginReport, read_report
+from margins.store.results import MarginReport, read_report
 
 COLUMNS = ("sample_index", "label", "predicted", "subspace", "margin", "converged", "iterations", "perturbed_label")
 DEFAULT_NAME = "margins_per_sample.csv"

@@ -1,7 +1,7 @@
 """Figures of the analyses (matplotlib object API, no pyplot state): 2-D margin maps, Fourier heat maps, DCT vs
 random-subspace margins. Every axis and colour bar names its quantity and unit, every colour scale spans the data
 (its range in the colour bar's label), legends sit outside the data and the titles say what was measured: the
-callers name the run (`margins.plot.describe_run`), the figures add the sample count and the subspaces."""
+callers name the run (`plotting.margins.describe_run`), the figures add the sample count and the subspaces."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from matplotlib.ticker import LogFormatter
 
 from analysis.fourier_heatmap import FourierHeatmap
 from frequency.grid import DCTGridSubspaces
-from margins.plot import frequency_axis, plain_log_axis, shared_legend, value_range
+from plotting.margins import frequency_axis, plain_log_axis, shared_legend, value_range
 
 MARGIN_UNIT = "median margin (L2, [0, 1] pixel units)"
 

@@ -82,7 +82,7 @@ def resnet_throughput(rows: int, iters: int, device: torch.device) -> dict[str, 
 
 def rss_child(num_samples: int, chunk_rows: int, out: str) -> None:
     """Run one evaluation and print its peak RSS (MiB) as JSON."""
-    from margins.evaluate import AttackSettings, RunSettings, evaluate_margins
+    from margins.run.evaluate import AttackSettings, RunSettings, evaluate_margins
 
     torch.set_num_threads(1)
     start = time.perf_counter()

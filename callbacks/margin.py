@@ -35,14 +35,13 @@ from callbacks.tensorboard import describe_module as _describe
 from callbacks.tensorboard import tensorboard_logger as _tensorboard_logger
 from common.errors import InputError
 from common.stop import RunStopped, stop_handled
-from margins.chunks import ChunkStore, ResumeMismatchError
-from margins.evaluate import fingerprint_of, make_job, measure_chunks, state_sha256
-from margins.guard import EXIT_BAD_INPUT, EXIT_BUG, FolderLock, Watchdog
-from margins.names import differing, estimator_of, quantity
-from margins.results import SUMMARY_FILE, MarginReport
+from margins.run.evaluate import fingerprint_of, make_job, measure_chunks, state_sha256
+from margins.run.guard import EXIT_BAD_INPUT, EXIT_BUG, FolderLock, Watchdog
+from margins.run.work import CHUNK_DIR, ChunkWork, MarginJob, chunk_ranges, record_device, shard_range
 from margins.settings import AttackSettings, RowSettings, RunSettings
-from margins.sharding import chunk_ranges, shard_range
-from margins.work import CHUNK_DIR, ChunkWork, MarginJob, record_device
+from margins.store.chunks import ChunkStore, ResumeMismatchError
+from margins.store.names import differing, estimator_of, quantity
+from margins.store.results import SUMMARY_FILE, MarginReport
 
 ON_ERROR = ("raise", "skip")  # what a failed measurement does in a fit (`on_error`)
 
@@ -79,14 +78,14 @@ class MarginCallback(L.Callback):
             `--ckpt_path` resumes); "skip": one warning line, no result for this measurement, training goes on.
             A stop of the run (a signal, a lost process) always raises.
 
-    The measurement runs the chunk work of `evaluate_margin.py` (`margins.work.ChunkWork`): the rows are cut into
+    The measurement runs the chunk work of `evaluate_margin.py` (`margins.run.work.ChunkWork`): the rows are cut into
     chunks of `chunk_rows` sample-major rows, each rank attacks its contiguous share of the pending chunks (each
     chunk alone, with only its own samples) and commits them to `<log_dir>/margins/<run>/chunks/`, and rank 0
     merges them into the same result files, so results are bit-identical for any number of processes and equal
     `evaluate_margin.py` on the same weights. Nothing is ever removed: a run folder holding another measurement
     (other weights or settings) is kept, and this one goes to the first free or compatible `<run>-2`, `<run>-3`,
     ... next to it (one note line); a folder of this very measurement is resumed. Rank 0 chooses the folder before
-    any rank works in it and holds its lock (`margins.guard.FolderLock`) until the results are written. The
+    any rank works in it and holds its lock (`margins.run.guard.FolderLock`) until the results are written. The
     margins are computed in float32 whatever the trainer's precision (mixed-precision autocast is switched off
     around the attack). Only rank 0 writes the report and logs to TensorBoard. The median history
     (`margin/evolution`) is part of `state_dict`, so a resumed run keeps it.
@@ -254,7 +253,7 @@ class MarginCallback(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, job: MarginJob, run_name: str
     ) -> MarginReport | None:
         """Every rank attacks its share of the pending chunks of `job.output_dir`, as the commands do
-        (`margins.evaluate.measure_chunks`); rank 0 merges them and writes the results (None on the other ranks)."""
+        (`margins.run.evaluate.measure_chunks`); rank 0 merges them and writes the results (None on the other ranks)."""
         device = pl_module.device
         store = ChunkStore(job.output_dir / CHUNK_DIR)
         chunks = chunk_ranges(len(job.indices) * len(job.subspaces), job.attack.chunk_rows)

@@ -50,10 +50,9 @@ from tensorboard.plugins.custom_scalar import layout_pb2
 from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
 from frequency.transforms import FILTERS
-from margins import figure_to_array, plot_margins
-from margins.names import estimator_of
-from margins.plot import describe_run, plot_margin_evolution
-from margins.results import MarginReport
+from margins.store.names import estimator_of
+from margins.store.results import MarginReport
+from plotting.margins import describe_run, figure_to_array, plot_margin_evolution, plot_margins
 
 # TensorBoard's Time Series shows an image in a box about 450 x 215 px (IMAGES: 350 px wide): a wide, short figure
 # (inches x 100 dpi) with large text, long labels on two lines and fewer subspace numbers stays readable there

@@ -20,7 +20,7 @@ So Lightning registers no handler here (`TrainingControl.adopt`), its launcher r
    recorded stops (`StopAgreement`); when any rank has one, every rank raises it there, together, and Lightning
    tears down as for any exception. Under SLURM with auto-requeue, SIGUSR1 first runs Lightning's own requeue
    there (its HPC checkpoint in `default_root_dir`, `scontrol requeue`), on every rank.
-3. A margin measurement (no collectives inside) stops at once, through its own watchdog (`margins.guard`); a rank
+3. A margin measurement (no collectives inside) stops at once, through its own watchdog (`margins.run.guard`); a rank
    that is not measuring at that moment learns why from the run's stop file (`<run folder>/.stop`, this run's id
    only), which the rank that stopped first writes. A SIGUSR1 under SLURM that stops a measurement has no point
    where every rank meets: rank 0 hands the last checkpoint to Lightning as its HPC checkpoint and requeues.
@@ -71,7 +71,7 @@ from common.stop import (
     request_stop,
     stop_signals,
 )
-from margins.guard import EXIT_BAD_INPUT, EXIT_BUG, EXIT_PEER_LOST, RESUME, START_TIMEOUT, run_id
+from margins.run.guard import EXIT_BAD_INPUT, EXIT_BUG, EXIT_PEER_LOST, RESUME, START_TIMEOUT, run_id
 
 SIGNAL_EXITS = {signal.SIGTERM: EXIT_SIGTERM, signal.SIGUSR1: EXIT_SIGUSR1, signal.SIGINT: EXIT_SIGINT}
 CODE_SIGNALS = {code: signal.Signals(signum).name for signum, code in SIGNAL_EXITS.items()}

@@ -1,26 +1,25 @@
 """Margin experiments: one driver for every margin command (evaluate_margin.py, frequency_analysis.py, the
-Lightning margin callback).
+Lightning margin callback), laid out by job.
 
-- measure: choose samples (`select_indices`, `load_indices`, `gather_samples`).
-- inputs: model and data from a checkpoint (`ModelSource`, `load_model_and_data`), subspaces (`SubspaceSpec`).
-- work: the chunk work shared by every driver (`ChunkWork`, `AttackSettings`, `RunSettings`, `merge_chunks`).
-- evaluate: `evaluate_margins`, the Python entry point (through Lightning's `Trainer.predict`).
-- results: the report schema `MarginReport`, its one writer `write_report`, `read_report`, `summarize`.
-- plot: the paper's plot `plot_margins`, `save_figure`, `figure_to_array`.
+- settings: what is measured (`RowSettings`), how (`AttackSettings`), where (`RunSettings`).
+- inputs: model and data from a checkpoint (`ModelSource`, `load_model_and_data`), samples read into tensors
+  (`gather_samples`); the samples' choice is the rows' (`select_indices`, `load_indices` in `settings`).
+- store: the result store and its schema: committed chunks (`store.chunks`), the report `MarginReport`, its one
+  writer `write_report`, `read_report` (`store.results`), the estimators' words (`store.names`).
+- run: running a measurement: `evaluate_margins` and the one measurement path (`run.evaluate`), the chunk work
+  and how rows are cut and shared (`run.work`), processes through Lightning's `Trainer.predict` (`run.predict`), the
+  watchdog and folder lock (`run.guard`).
+
+The command-line flags are `cli.margin_flags`; the figures `plotting.margins`.
 """
 
-from margins.measure import gather_samples, load_indices, select_indices
-from margins.plot import figure_to_array, plot_margins, save_figure
-from margins.results import MarginReport, read_report, summarize, write_report
+from margins.settings import load_indices, select_indices
+from margins.store.results import MarginReport, read_report, summarize, write_report
 
 __all__ = [
     "MarginReport",
-    "figure_to_array",
-    "gather_samples",
     "load_indices",
-    "plot_margins",
     "read_report",
-    "save_figure",
     "select_indices",
     "summarize",
     "write_report",

@@ -10,10 +10,12 @@ input.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -253,3 +255,38 @@ def default_output_dir(
     name = "-".join(part for part in run if part)
     family = "" if kind == "dct" else f"_{kind}"
     return Path(root) / f"{net}_{dm.name}{transform}{family}_{name}"
+
+
+def gather_samples(dataset: Any, indices: Sequence[int] | np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack `dataset[i] = (image [C, H, W] float tensor, label)` for `i` in `indices`.
+
+    Returns `x: [N, C, H, W]` (the dataset's floating dtype, e.g. pixels in [0, 1] after ToTensor) and
+    `y: [N]` int64 ground-truth labels.
+    """
+    indices = np.asarray(indices)
+    if indices.ndim != 1 or indices.size == 0 or not np.issubdtype(indices.dtype, np.integer):
+        raise ValueError(f"indices must be a non-empty 1-D integer array, got {indices.dtype} {indices.shape}")
+    images, labels = [], []
+    for i in indices.tolist():
+        item = dataset[i]
+        if not isinstance(item, (tuple, list)) or len(item) < 2:
+            raise ValueError(f"dataset[{i}] must be an (image, label) pair, got {type(item).__name__}")
+        image, label = item[0], item[1]
+        if isinstance(image, np.ndarray):
+            image = torch.from_numpy(image)
+        if not isinstance(image, torch.Tensor):
+            raise TypeError(
+                f"dataset[{i}] image is a {type(image).__name__}, not a tensor; "
+                "add transforms.ToTensor() to its transform"
+            )
+        if image.dim() != 3 or not image.is_floating_point():
+            raise ValueError(
+                f"dataset[{i}] image must be a float tensor [C, H, W], got {image.dtype} {tuple(image.shape)}; "
+                "use transforms.ToTensor() (pixels in [0, 1])"
+            )
+        images.append(image)
+        labels.append(int(label))
+    shapes = {tuple(image.shape) for image in images}
+    if len(shapes) > 1:
+        raise ValueError(f"dataset images have different shapes {sorted(shapes)}; resize/crop them to one shape")
+    return torch.stack(images), torch.tensor(labels, dtype=torch.long)

@@ -8,7 +8,7 @@ config key to summary field, one default and one check:
   kernels).
 - `RunSettings`: where, the processes and the run policy (devices, threads, workers, progress, overwrite).
 
-The commands read them from their flags (`margins.cli`), the callback from its config (`margin.rows.*`,
+The commands read them from their flags (`cli.margin_flags`), the callback from its config (`margin.rows.*`,
 `margin.attack.*`), the Python API takes them as objects. Code that receives one never changes it: a variant is
 `dataclasses.replace(settings, ...)`.
 """
@@ -19,7 +19,7 @@ import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,11 +32,68 @@ from attacks.estimator import MarginEstimator
 from attacks.fmn import SubspaceFMN
 from attacks.kernels import KERNELS
 from common.errors import InputError
-from datamodules import FrequencyDataModule
 from frequency.families import FAMILY_KINDS, build_subspace_family
 from frequency.subspaces import SubspaceFamily
-from margins.measure import DEFAULT_NUM_SAMPLES, load_indices, select_indices
-from margins.names import bound, folder_suffix
+from margins.store.names import bound, folder_suffix
+
+if TYPE_CHECKING:
+    from datamodules import FrequencyDataModule
+
+DEFAULT_NUM_SAMPLES = 100  # samples a margin evaluation draws when none are given (the paper's)
+
+
+def select_indices(dataset_size: int, num_samples: int, seed: int) -> np.ndarray:
+    """`num_samples` distinct dataset indices drawn uniformly with `np.random.default_rng(seed)`.
+
+    Returns int64 [num_samples], SORTED ascending (samples then appear in dataset order; the chosen set
+    depends only on the three arguments). Save the result (indices.npy) to reproduce a run exactly.
+    """
+    for name, value in (("dataset_size", dataset_size), ("num_samples", num_samples), ("seed", seed)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{name} must be an integer, got {value!r}")
+    if dataset_size <= 0:
+        raise ValueError(f"dataset_size must be positive, got {dataset_size} (is the dataset empty?)")
+    if not 0 < num_samples <= dataset_size:
+        raise ValueError(
+            f"num_samples must be between 1 and the dataset size {dataset_size}, got {num_samples}; "
+            "request fewer samples or use a larger split"
+        )
+    rng = np.random.default_rng(int(seed))
+    return np.sort(rng.choice(int(dataset_size), size=int(num_samples), replace=False)).astype(np.int64)
+
+
+def load_indices(path: str | Path, dataset_size: int) -> np.ndarray:
+    """Dataset indices from a `.npy` file holding a 1-D integer array; returns int64 [N] in the file's order.
+
+    Raises FileNotFoundError for a missing file and ValueError for an unreadable file, a wrong dtype or
+    shape, an empty array, indices outside `[0, dataset_size)` or duplicate indices (the message lists them).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"indices file {path} does not exist; give a .npy file of dataset indices")
+    try:
+        indices = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as error:
+        raise ValueError(f"cannot read {path} as a .npy array of indices ({error}); save one with np.save") from error
+    if not isinstance(indices, np.ndarray):
+        raise ValueError(f"{path} is not a single .npy array (an .npz archive?); save one array with np.save")
+    if not np.issubdtype(indices.dtype, np.integer):
+        raise ValueError(f"indices in {path} must be integers, got dtype {indices.dtype}; save an int64 array")
+    if indices.ndim != 1 or indices.size == 0:
+        raise ValueError(f"indices in {path} must be a non-empty 1-D array, got shape {indices.shape}")
+    indices = indices.astype(np.int64)
+    outside = indices[(indices < 0) | (indices >= dataset_size)]
+    if outside.size:
+        raise ValueError(
+            f"{outside.size} indices in {path} are outside [0, {dataset_size}) for this dataset, e.g. "
+            f"{outside[:5].tolist()}; were they made for another split?"
+        )
+    values, counts = np.unique(indices, return_counts=True)
+    duplicates = values[counts > 1]
+    if duplicates.size:
+        raise ValueError(f"indices in {path} contain duplicates: {duplicates[:10].tolist()}; each sample once")
+    return indices
+
 
 RANDOM_METHODS = ("auto", "qr", "hartley")
 
@@ -70,26 +127,21 @@ class RowSettings:
     def check(self) -> None:
         """InputError naming the setting (and its flag) when it is out of range; the rest needs the images
         (`family`)."""
-        if self.num_samples < 1:
-            raise InputError(f"num_samples must be >= 1 (--num-samples), got {self.num_samples}")
-        if self.seed < 0:
-            raise InputError(f"seed must be >= 0 (--seed), got {self.seed}")
-        if self.subspace not in FAMILY_KINDS:
-            raise InputError(
-                f"unknown subspace kind {self.subspace!r} for subspace (--subspace); choose one of "
-                f"{', '.join(FAMILY_KINDS)}"
-            )
-        if self.subspace in ("full", "basis") and (self.subspace_dim is not None or self.subspace_step is not None):
-            raise InputError(
-                f"subspace_dim/subspace_step (--subspace-dim/--subspace-step) do not apply to {self.subspace} "
-                "subspaces; leave them unset"
-            )
-        if self.subspace_step is not None and self.subspace_step < 1:
-            raise InputError(f"subspace_step={self.subspace_step} (--subspace-step) must be >= 1")
-        if self.count is not None and self.count < 1:
-            raise InputError(f"count={self.count} (--count): the number of random subspaces must be >= 1")
-        if self.method not in RANDOM_METHODS:
-            raise InputError(f"method must be one of {', '.join(RANDOM_METHODS)} (--method), got {self.method!r}")
+        unsized = self.subspace in ("full", "basis") and (self.subspace_dim, self.subspace_step) != (None, None)
+        raise_first([
+            (self.num_samples < 1, f"num_samples must be >= 1 (--num-samples), got {self.num_samples}"),
+            (self.seed < 0, f"seed must be >= 0 (--seed), got {self.seed}"),
+            (self.subspace not in FAMILY_KINDS, f"unknown subspace kind {self.subspace!r} for subspace (--subspace); "
+             f"choose one of {', '.join(FAMILY_KINDS)}"),
+            (unsized, "subspace_dim/subspace_step (--subspace-dim/--subspace-step) do not apply to "
+             f"{self.subspace} subspaces; leave them unset"),
+            (self.subspace_step is not None and self.subspace_step < 1,
+             f"subspace_step={self.subspace_step} (--subspace-step) must be >= 1"),
+            (self.count is not None and self.count < 1,
+             f"count={self.count} (--count): the number of random subspaces must be >= 1"),
+            (self.method not in RANDOM_METHODS,
+             f"method must be one of {', '.join(RANDOM_METHODS)} (--method), got {self.method!r}"),
+        ])  # fmt: skip
 
     def family(self, dm: FrequencyDataModule) -> SubspaceFamily:
         """The family these settings name for the images of `dm` (its `image_shape` [C, H, W]; its
@@ -140,6 +192,14 @@ class RowSettings:
         return out
 
 
+def raise_first(problems: list[tuple[bool, str]]) -> None:
+    """InputError with the message of the first problem that holds (each: a condition and the line naming the
+    setting, its flag and the value)."""
+    for holds, message in problems:
+        if holds:
+            raise InputError(message)
+
+
 def _absolute(path: str | None) -> str | None:
     return None if path is None else str(Path(path).expanduser().resolve())
 
@@ -180,29 +240,24 @@ class AttackSettings:
 
     def check(self) -> None:
         """InputError naming the parameter when a setting is out of range."""
-        if self.max_iter < 1:
-            raise InputError(f"max_iter must be >= 1 (--max-iter), got {self.max_iter}")
-        if self.chunk_rows is not None and self.chunk_rows < 1:
-            raise InputError(f"chunk_rows must be >= 1 (--chunk-rows), got {self.chunk_rows}")
-        if not np.isfinite(self.overshoot) or self.overshoot < 0:
-            raise InputError(f"overshoot must be a finite number >= 0 (--overshoot), got {self.overshoot}")
-        if self.num_candidates < 2:
-            raise InputError(f"num_candidates must be >= 2 (--num-candidates), got {self.num_candidates}")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise InputError(f"dtype must be one of {', '.join(DTYPES)} (--dtype), got {self.dtype!r}")
-        if self.estimator not in ESTIMATORS:
-            raise InputError(f"estimator must be one of {', '.join(ESTIMATORS)} (--estimator), got {self.estimator!r}")
-        if self.fmn_steps < 1:
-            raise InputError(f"fmn_steps must be >= 1 (--fmn-steps), got {self.fmn_steps}")
-        if self.certify_method not in CERTIFY_METHODS:
-            raise InputError(
-                f"certify_method must be one of {', '.join(CERTIFY_METHODS)} (--certify-method), got "
-                f"{self.certify_method!r}"
-            )
-        if self.kernels not in ("auto", "off"):
-            raise InputError(
-                f"kernels must be 'auto' or 'off' (--kernels), got {self.kernels!r} (kernels: {', '.join(KERNELS)})"
-            )
+        raise_first([
+            (self.max_iter < 1, f"max_iter must be >= 1 (--max-iter), got {self.max_iter}"),
+            (self.chunk_rows is not None and self.chunk_rows < 1,
+             f"chunk_rows must be >= 1 (--chunk-rows), got {self.chunk_rows}"),
+            (not np.isfinite(self.overshoot) or self.overshoot < 0,
+             f"overshoot must be a finite number >= 0 (--overshoot), got {self.overshoot}"),
+            (self.num_candidates < 2, f"num_candidates must be >= 2 (--num-candidates), got {self.num_candidates}"),
+            (self.dtype is not None and self.dtype not in DTYPES,
+             f"dtype must be one of {', '.join(DTYPES)} (--dtype), got {self.dtype!r}"),
+            (self.estimator not in ESTIMATORS,
+             f"estimator must be one of {', '.join(ESTIMATORS)} (--estimator), got {self.estimator!r}"),
+            (self.fmn_steps < 1, f"fmn_steps must be >= 1 (--fmn-steps), got {self.fmn_steps}"),
+            (self.certify_method not in CERTIFY_METHODS,
+             f"certify_method must be one of {', '.join(CERTIFY_METHODS)} (--certify-method), got "
+             f"{self.certify_method!r}"),
+            (self.kernels not in ("auto", "off"),
+             f"kernels must be 'auto' or 'off' (--kernels), got {self.kernels!r} (kernels: {', '.join(KERNELS)})"),
+        ])  # fmt: skip
 
     def record(self) -> dict[str, Any]:
         """The settings a result folder records, all in the fingerprint a resume must match: the estimator and its
@@ -238,7 +293,7 @@ class AttackSettings:
 
     def default_folder(self, folder: Path) -> Path:
         """A default result folder named by the estimator: as given for DeepFool, `<folder>_<estimator>` otherwise
-        (`margins.names.folder_suffix`)."""
+        (`margins.store.names.folder_suffix`)."""
         return folder.with_name(folder.name + folder_suffix(self.estimator))
 
     def engine(self) -> MarginEstimator:
@@ -273,12 +328,12 @@ class RunSettings:
 
     def check(self) -> None:
         """InputError naming the parameter (and its flag) when a setting is out of range."""
-        if self.num_workers < 0:
-            raise InputError(f"num_workers must be >= 0 (--num-workers), got {self.num_workers}")
-        if self.threads is not None and self.threads < 1:
-            raise InputError(f"threads must be >= 1 (--threads), got {self.threads}")
-        if self.num_nodes is not None and self.num_nodes < 1:
-            raise InputError(f"num_nodes must be >= 1 (--num-nodes), got {self.num_nodes}")
+        raise_first([
+            (self.num_workers < 0, f"num_workers must be >= 0 (--num-workers), got {self.num_workers}"),
+            (self.threads is not None and self.threads < 1, f"threads must be >= 1 (--threads), got {self.threads}"),
+            (self.num_nodes is not None and self.num_nodes < 1,
+             f"num_nodes must be >= 1 (--num-nodes), got {self.num_nodes}"),
+        ])  # fmt: skip
 
     def resolved(self, processes_per_node: int) -> RunSettings:
         """These settings with `threads` given (`default_threads` where None)."""

@@ -32,12 +32,15 @@ from analysis.fourier_heatmap import IMAGES_PER_PASS, FourierHeatmap, fourier_he
 from analysis.maps import median_map, reflection_correlations, spread_ratio  # noqa: E402
 from analysis.plots import plot_dct_vs_random, plot_fourier_heatmaps, plot_margin_maps  # noqa: E402
 from frequency.families import build_subspace_family  # noqa: E402
-from margins import gather_samples, read_report, save_figure, select_indices  # noqa: E402
-from margins.evaluate import evaluate_margins  # noqa: E402
-from margins.inputs import ModelSource, load_model_and_data  # noqa: E402
-from margins.measure import DEFAULT_NUM_SAMPLES  # noqa: E402
-from margins.plot import describe_run  # noqa: E402
-from margins.settings import RunSettings  # noqa: E402
+from margins import read_report, select_indices  # noqa: E402
+from margins.inputs import (  # noqa: E402
+    ModelSource,
+    gather_samples,  # noqa: E402
+    load_model_and_data,
+)
+from margins.run.evaluate import evaluate_margins  # noqa: E402
+from margins.settings import DEFAULT_NUM_SAMPLES, RunSettings  # noqa: E402
+from plotting.margins import describe_run, save_figure  # noqa: E402
 
 MODELS = {"standard": ("mnist_lenet", describe_run("lenet", "mnist", "none"), "box"),
           "flipped": ("mnist_flipped_lenet", describe_run("lenet", "mnist", "flip"), "flipped_box")}  # fmt: skip

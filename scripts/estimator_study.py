@@ -24,13 +24,18 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from analysis.compare import Run, compare_runs, plot_row_ratios  # noqa: E402
-from margins import read_report, save_figure  # noqa: E402
-from margins.evaluate import evaluate_margins  # noqa: E402
+from margins import read_report  # noqa: E402
 from margins.inputs import ModelSource  # noqa: E402
-from margins.measure import DEFAULT_NUM_SAMPLES  # noqa: E402
-from margins.results import MarginReport  # noqa: E402
-from margins.settings import AttackSettings, RowSettings, RunSettings  # noqa: E402
+from margins.run.evaluate import evaluate_margins  # noqa: E402
+from margins.settings import (  # noqa: E402
+    DEFAULT_NUM_SAMPLES,  # noqa: E402
+    AttackSettings,
+    RowSettings,
+    RunSettings,
+)
+from margins.store.results import MarginReport  # noqa: E402
 from models import file_sha256  # noqa: E402
+from plotting.margins import save_figure  # noqa: E402
 from scripts.results_doc import CLAIMS, band_medians  # noqa: E402
 
 MODELS = {  # kind (as in the results page's claims): (experiment name of the reproduction, title)

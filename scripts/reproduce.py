@@ -47,8 +47,8 @@ sys.path.insert(0, str(REPO))  # run as a file from a clone: the project's packa
 from callbacks.epoch_line import LINE as EPOCH_LINE  # noqa: E402
 from configs import config_path  # noqa: E402
 from margins import read_report  # noqa: E402
-from margins.measure import DEFAULT_NUM_SAMPLES  # noqa: E402
-from margins.plot import describe_run, grid_shape, panel_axes, plot_margins, shared_legend  # noqa: E402
+from margins.settings import DEFAULT_NUM_SAMPLES  # noqa: E402
+from plotting.margins import describe_run, grid_shape, panel_axes, plot_margins, shared_legend  # noqa: E402
 from scripts.results_doc import band_medians, claim_values, render  # noqa: E402
 
 NETS = {"lenet": "LeNet", "resnet18": "ResNet-18", "vgg19": "VGG-19", "densenet121": "DenseNet-121",

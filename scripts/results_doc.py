@@ -231,15 +231,19 @@ def _accuracy_table(results: dict) -> list[str]:
         "|---|---|---|---|---|",
     ]
     for r in results.values():
-        if r.get("test_samples"):
-            clean = f"{r['clean_accuracy']:.4f} ({r['test_samples']})"
-        elif r.get("sample_accuracy") is not None:
-            clean = f"{r['sample_accuracy']:.4f} ({r['margin_samples']} margin samples)"
-        else:
-            clean = "—"
+        clean = _clean_accuracy(r) or "—"
         pgd = f"{r['pgd_accuracy']:.4f} (eps {r['pgd_eps']:g}, {r['pgd_samples']})" if "pgd_accuracy" in r else "—"
         lines.append(f"| {r['title']} | {clean} | {pgd} | {r['not_converged']} | {_training_time(r)} |")
     return lines
+
+
+def _clean_accuracy(r: dict) -> str:
+    """ "0.9900 (10000)" on the test split, "0.9800 (100 margin samples)" on the margin samples alone, "" unknown."""
+    if r.get("test_samples"):
+        return f"{r['clean_accuracy']:.4f} ({r['test_samples']})"
+    if r.get("sample_accuracy") is not None:
+        return f"{r['sample_accuracy']:.4f} ({r['margin_samples']} margin samples)"
+    return ""
 
 
 def _training_time(r: dict) -> str:
@@ -326,12 +330,8 @@ def projection_note(summary: dict) -> list[str]:
 def _variant_figures(r: dict, claims: dict, kind: str, suffix: str, label: str) -> str:
     """What the note says of one flipped robust run, the parts it has: "8.0 min, clean 0.9800, PGD 0.7000,
     low/high-band margins 40.00x, high band 1.25x the flipped standard LeNet's"."""
-    if r.get("test_samples"):
-        accuracy = f", clean {r['clean_accuracy']:.4f}"
-    elif r.get("sample_accuracy") is not None:
-        accuracy = f", clean {r['sample_accuracy']:.4f} ({r['margin_samples']} margin samples)"
-    else:
-        accuracy = ""
+    clean = _clean_accuracy(r).removesuffix(f" ({r.get('test_samples')})")  # the test split's size goes unsaid
+    accuracy = f", clean {clean}" if clean else ""
     accuracy += f", PGD {r['pgd_accuracy']:.4f}" if "pgd_accuracy" in r else ""
     grow, moves = claims.get(f"{kind}_over_flipped_high{suffix}"), claims.get(f"{kind}_low_over_high{suffix}")
     ratios = ""

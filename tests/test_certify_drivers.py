@@ -32,7 +32,7 @@ import evaluate_margin
 from attacks.certify import UnsupportedLayerError
 from frequency import DCTBlockSubspaces
 from margins import MarginReport, read_report, write_report
-from margins.evaluate import evaluate_margins
+from margins.run.evaluate import evaluate_margins
 from margins.settings import AttackSettings, RowSettings, RunSettings
 from models import build_model
 from tests.conftest import REPO, write_idx_mnist
@@ -103,8 +103,8 @@ def test_certify_writes_a_lower_bound_folder_like_deepfools(certified):
 
 def test_certify_chunks_are_smaller_by_default(lenet, tmp_path):
     """A chunk is the unit of progress and resume: the certifier's are 64 rows, DeepFool's 512."""
-    from margins.evaluate import job_from_checkpoint
     from margins.inputs import ModelSource
+    from margins.run.evaluate import job_from_checkpoint
     from margins.settings import RowSettings
 
     source = ModelSource(lenet.ckpt, "lenet", "mnist", data_dir=str(lenet.data))
@@ -151,14 +151,14 @@ def test_an_unsupported_layer_is_one_line_and_exit_2(lenet, tmp_path, monkeypatc
 GATED = """
 import os, sys, time
 from pathlib import Path
-import margins.chunks
-gate, commit = Path(os.environ["MARGINS_TEST_GATE"]), margins.chunks.ChunkStore.commit
+import margins.store.chunks
+gate, commit = Path(os.environ["MARGINS_TEST_GATE"]), margins.store.chunks.ChunkStore.commit
 def gated(self, chunk, arrays, rank, *args, **kwargs):  # once a chunk is committed, wait for the test's kill
     commit(self, chunk, arrays, rank, *args, **kwargs)
     (gate / "committed").touch()
     while True:
         time.sleep(0.05)
-margins.chunks.ChunkStore.commit = gated
+margins.store.chunks.ChunkStore.commit = gated
 import evaluate_margin
 sys.exit(evaluate_margin.main(sys.argv[1:]))
 """
@@ -287,7 +287,7 @@ def test_the_callbacks_certify_equals_evaluate_margin_on_the_saved_checkpoint(tm
 
 
 def test_progress_bars_say_what_they_measure():
-    from margins.predict import progress_description
+    from margins.run.predict import progress_description
 
     def described(settings: dict) -> str:
         return progress_description(SimpleNamespace(job=SimpleNamespace(settings=settings)))

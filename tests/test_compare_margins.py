@@ -16,7 +16,7 @@ import compare_margins
 from analysis.compare import compare_runs, load_runs
 from analysis.export import COLUMNS, export_per_sample_csv
 from common.errors import InputError
-from margins.results import MarginReport, write_report
+from margins.store.results import MarginReport, write_report
 
 
 def make_run(path, margins, indices, **optional):

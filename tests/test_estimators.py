@@ -24,8 +24,8 @@ import torch
 import compare_margins
 from common.errors import InputError
 from margins import MarginReport, read_report, write_report
-from margins.evaluate import evaluate_margins
 from margins.inputs import ModelSource
+from margins.run.evaluate import evaluate_margins
 from margins.settings import AttackSettings, RowSettings, RunSettings
 from models import build_model
 from tests.conftest import REPO, write_idx_mnist

@@ -1,4 +1,4 @@
-"""`margins.evaluate.evaluate_margins` from Python: any model and dataset, float64, the returned report, the
+"""`margins.run.evaluate.evaluate_margins` from Python: any model and dataset, float64, the returned report, the
 engine's kernels, the subspace vocabulary, and the errors a library caller sees.
 
 Independent reference: the engine called directly on each chunk of rows with only that chunk's samples.
@@ -20,11 +20,11 @@ from attacks.deepfool import ENGINE_VERSION, SubspaceDeepFool
 from common.errors import InputError
 from frequency import DCTBlockSubspaces, DCTGridSubspaces, FullSpace
 from frequency.random_subspaces import RandomSubspaces
-from margins.evaluate import evaluate_margins
 from margins.inputs import describe_family
-from margins.results import read_report
+from margins.run.evaluate import evaluate_margins
+from margins.run.work import chunk_ranges, row_grid
 from margins.settings import DEFAULT_CHUNK_ROWS, AttackSettings, RowSettings, RunSettings, default_threads
-from margins.sharding import chunk_ranges, row_grid
+from margins.store.results import read_report
 from models import build_model
 
 RUN = RunSettings(accelerator="cpu", devices=1, progress=False, threads=1)  # bits as the test process's engine
@@ -253,7 +253,7 @@ def test_state_digest_covers_every_tensor_including_0_d_buffers(tmp_path):
     Reference: hashlib over the names and numpy bytes of the state, written here."""
     import hashlib
 
-    from margins.evaluate import state_sha256
+    from margins.run.evaluate import state_sha256
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 36, 3)).eval()

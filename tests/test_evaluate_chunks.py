@@ -1,4 +1,4 @@
-"""margins.chunks: what counts as committed after a kill at any moment, and the resume check.
+"""margins.store.chunks: what counts as committed after a kill at any moment, and the resume check.
 
 Reference: states built by hand on disk (a cut journal line, an unlisted file, changed bytes, a missing file).
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from margins.chunks import CHUNK_FIELDS, ChunkStore, ResumeMismatchError
+from margins.store.chunks import CHUNK_FIELDS, ChunkStore, ResumeMismatchError
 
 RUN = "0" * 64  # the fingerprint digest of the test's run
 

@@ -24,8 +24,8 @@ import evaluate_margin
 from attacks.deepfool import SubspaceDeepFool
 from frequency import DCTBlockSubspaces
 from margins import MarginReport, read_report
-from margins.guard import RESUME
-from margins.sharding import chunk_ranges, row_grid
+from margins.run.guard import RESUME
+from margins.run.work import chunk_ranges, row_grid
 from models import Normalize, NormalizedModel, build_model
 from tests.conftest import REPO, write_idx_mnist
 

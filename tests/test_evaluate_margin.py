@@ -22,7 +22,8 @@ from common.memory import can_keep_freed_memory
 from datamodules import ImageNetDataModule, MNISTDataModule, SyntheticDataModule
 from frequency import DCTBlockSubspaces, FullSpace
 from lightning_modules import ClassifierModule
-from margins import gather_samples, read_report, select_indices
+from margins import read_report, select_indices
+from margins.inputs import gather_samples
 from models import Normalize, NormalizedModel, build_model
 from tests.conftest import MNIST_RAW, SHARED_DATA
 

@@ -33,8 +33,8 @@ from frequency import DCTGridSubspaces
 from frequency.random_subspaces import RandomSubspaces
 from lightning_modules import ClassifierModule
 from margins import read_report
-from margins.evaluate import evaluate_margins
 from margins.inputs import describe_family
+from margins.run.evaluate import evaluate_margins
 from margins.settings import AttackSettings, RowSettings, RunSettings
 from tests.conftest import REPO
 

@@ -27,8 +27,9 @@ from common.errors import InputError
 from datamodules import SyntheticDataModule
 from frequency import DCTBlockSubspaces
 from lightning_modules import ClassifierModule
-from margins import MarginReport, gather_samples, read_report, select_indices, write_report
-from margins.evaluate import fingerprint_of, state_sha256
+from margins import MarginReport, read_report, select_indices, write_report
+from margins.inputs import gather_samples
+from margins.run.evaluate import fingerprint_of, state_sha256
 from margins.settings import AttackSettings, RowSettings
 
 REPO = Path(__file__).resolve().parents[1]
@@ -267,7 +268,7 @@ def test_a_folder_of_the_same_measurement_is_resumed_in_place_under_its_lock(tmp
         locked.append(json.loads((Path(out_dir) / ".lock").read_text())["pid"])
         return write_report(out_dir, *args, **kwargs)
 
-    monkeypatch.setattr("margins.evaluate.write_report", spy)  # the one writer of both paths
+    monkeypatch.setattr("margins.run.evaluate.write_report", spy)  # the one writer of both paths
     capsys.readouterr()
     fit_with_callback(
         tmp_path,
@@ -286,7 +287,7 @@ def test_a_folder_of_the_same_measurement_is_resumed_in_place_under_its_lock(tmp
 def test_a_full_disk_while_the_callback_writes_is_the_commands_one_line_error_and_nothing_half_written(
     tmp_path, monkeypatch
 ):
-    """The training measurement ends as the commands' does (`margins.evaluate.measure_chunks`, one code path): the
+    """The training measurement ends as the commands' does (`margins.run.evaluate.measure_chunks`, one code path): the
     disk fills while the result files are written, and the fit raises the one-line InputError naming the folder and
     the space the results need (not the bare OSError); every chunk stays committed, no result file whole or half."""
     from tests.test_no_hang import FullDisk

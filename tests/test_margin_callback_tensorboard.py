@@ -38,9 +38,10 @@ from callbacks.tensorboard import (
 )
 from datamodules import SyntheticDataModule
 from lightning_modules import ClassifierModule
-from margins import plot_margins, read_report
-from margins.results import MarginReport
+from margins import read_report
 from margins.settings import AttackSettings, RowSettings
+from margins.store.results import MarginReport
+from plotting.margins import plot_margins
 from train import main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -268,10 +269,10 @@ def texts_outside(fig) -> list[float]:
 def title_spy(monkeypatch) -> dict[str, list]:
     """The margin plots drawn: "disk", the title of margins.png of the result folder; "tensorboard", the figure of
     the `margin/distribution` image (its title is read once the card is finished)."""
-    import margins.plot
+    import plotting.margins
 
     titles: dict[str, list] = {"disk": [], "tensorboard": []}
-    original = margins.plot.plot_margins
+    original = plotting.margins.plot_margins
 
     def spy(*args, **kwargs):
         figure = original(*args, **kwargs)
@@ -279,7 +280,7 @@ def title_spy(monkeypatch) -> dict[str, list]:
         titles["tensorboard" if card else "disk"].append(figure if card else figure.axes[0].get_title())
         return figure
 
-    monkeypatch.setattr(margins.plot, "plot_margins", spy)
+    monkeypatch.setattr(plotting.margins, "plot_margins", spy)
     monkeypatch.setattr("callbacks.tensorboard.plot_margins", spy)
     return titles
 

@@ -13,23 +13,21 @@ import torch
 from matplotlib.collections import PathCollection
 from torch import nn
 
-import margins.plot as plot_module
+import plotting.margins as plot_module
 from frequency.subspaces import DCTBlockSubspaces, FullSpace
 from margins import (
     MarginReport,
-    figure_to_array,
-    gather_samples,
     load_indices,
-    plot_margins,
     read_report,
-    save_figure,
     select_indices,
     summarize,
     write_report,
 )
-from margins.evaluate import evaluate_margins
-from margins.results import RESULT_FILES, SCHEMA_VERSION
+from margins.inputs import gather_samples
+from margins.run.evaluate import evaluate_margins
 from margins.settings import AttackSettings, RunSettings
+from margins.store.results import RESULT_FILES, SCHEMA_VERSION
+from plotting.margins import figure_to_array, plot_margins, save_figure
 
 
 def _example(num_subspaces: int = 4, num_samples: int = 7, seed: int = 0):
@@ -390,7 +388,7 @@ def test_a_folder_of_schema_2_reads_under_the_current_setting_names(tmp_path):
 
 
 def test_stale_temporary_folders_of_killed_writers_are_removed(tmp_path):
-    from margins.results import remove_stale_tmp_dirs
+    from margins.store.results import remove_stale_tmp_dirs
 
     old, fresh = tmp_path / ".run.tmp-old", tmp_path / ".run.tmp-fresh"
     old.mkdir()

@@ -1,4 +1,4 @@
-"""Never hung, never silently wrong, never a false success (margins.guard and its use by every margin command).
+"""Never hung, never silently wrong, never a false success (margins.run.guard and its use by every margin command).
 
 Each case reproduces a way a cluster run goes wrong: a signal to one rank only, a rank killed, a user's error or a
 full disk on some rank, a folder whose manifest was deleted, a second run into the same folder, leftovers of a
@@ -29,11 +29,11 @@ import evaluate_margin
 from common.errors import InputError
 from common.stop import RERUN
 from margins import read_report
-from margins.chunks import ChunkStore
-from margins.evaluate import evaluate_margins
-from margins.guard import EXIT_PEER_LOST, EXIT_SIGTERM, EXIT_SIGUSR1, RESUME, FolderLock, Watchdog
 from margins.inputs import ModelSource
-from margins.settings import AttackSettings, RunSettings
+from margins.run.evaluate import evaluate_margins
+from margins.run.guard import EXIT_PEER_LOST, EXIT_SIGTERM, EXIT_SIGUSR1, RESUME, FolderLock, Watchdog
+from margins.settings import AttackSettings, RowSettings, RunSettings
+from margins.store.chunks import ChunkStore
 from models import build_model
 from tests.conftest import REPO, write_idx_mnist
 
@@ -71,7 +71,7 @@ import importlib, os, sys, time
 from pathlib import Path
 from common.stop import env_rank
 gate = Path(os.environ["MARGINS_TEST_GATE"])
-module, path = os.environ["MARGINS_TEST_GATE_AT"].split(":")  # e.g. margins.chunks:ChunkStore.commit
+module, path = os.environ["MARGINS_TEST_GATE_AT"].split(":")  # e.g. margins.store.chunks:ChunkStore.commit
 owner, name = importlib.import_module(module), path.split(".")[-1]
 for part in path.split(".")[:-1]:
     owner = getattr(owner, part)
@@ -89,7 +89,11 @@ exec(compile(Path(command).read_text(), command, "exec"), {"__name__": "__main__
 
 
 def _start_gated(
-    argv: list[str], devices: int, tmp_path: Path, env: dict | None = None, at: str = "margins.chunks:ChunkStore.commit"
+    argv: list[str],
+    devices: int,
+    tmp_path: Path,
+    env: dict | None = None,
+    at: str = "margins.store.chunks:ChunkStore.commit",
 ) -> tuple[subprocess.Popen, Path]:
     """evaluate_margin.py whose every rank, once it did the step `at` (default: committed a chunk), waits (touching
     `<gate>/rank<r>`) until `<gate>/go` exists: a signal then lands at that moment, never after the run finished."""
@@ -210,7 +214,7 @@ WATCHED = """
 import subprocess, sys, time
 from pathlib import Path
 from common.stop import CommandExit, RunStopped
-from margins import guard
+from margins.run import guard
 guard.PEER_TIMEOUT, guard.HEARTBEAT = 3.0, 0.5
 folder, mode = Path(sys.argv[1]), sys.argv[2]
 if mode == "child-error":  # rank 1: an input error, handed to rank 0 through the stop file
@@ -361,7 +365,7 @@ def test_a_signal_while_the_results_are_written_leaves_none_half_written_and_a_r
     and no temporary folder left; the rerun merges the kept chunks (none attacked again)."""
     out = tmp_path / "writing"
     argv = _argv(setup, out, samples=8, chunk=32)
-    proc, gate = _start_gated(argv, 1, tmp_path, at="margins.results:_write_file")
+    proc, gate = _start_gated(argv, 1, tmp_path, at="margins.store.results:_write_file")
     _wait_for_gate(gate, proc, 1)
     start = time.time()
     proc.send_signal(signal.SIGTERM)
@@ -502,7 +506,7 @@ def test_a_full_disk_is_one_line_naming_the_folder_and_a_rerun_resumes(setup, tm
     """The disk fills while chunks are committed (the third fails), and the stop file finds it full too: one
     line naming the folder and about the space the run still needs (what the rerun then writes), no leftover."""
     source = ModelSource(setup.ckpt, "lenet", "mnist", data_dir=str(setup.data))
-    settings = {"num_samples": 8, "subspace_step": 4, "output_dir": tmp_path / "full"}
+    settings = {"rows": RowSettings(num_samples=8, subspace_step=4), "output_dir": tmp_path / "full"}
     attack, run = AttackSettings(chunk_rows=8, max_iter=5), RunSettings(accelerator="cpu", progress=False)
     commit, calls = ChunkStore.commit, []
 
@@ -612,7 +616,7 @@ def test_sigusr1_under_slurm_stops_without_a_checkpoint_in_the_folder(setup, tmp
 HOLDER = """
 import sys
 from pathlib import Path
-from margins.guard import FolderLock
+from margins.run.guard import FolderLock
 with FolderLock(Path(sys.argv[1])):
     print("locked", flush=True)
     sys.stdin.readline()  # held until the test closes the pipe

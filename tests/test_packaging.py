@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-PACKAGES = ["analysis", "attacks", "callbacks", "common", "configs", "datamodules", "frequency", "lightning_modules",
-            "margins", "models", "scripts"]  # fmt: skip
+PACKAGES = ["analysis", "attacks", "callbacks", "cli", "common", "configs", "datamodules", "frequency",
+            "lightning_modules", "margins", "models", "plotting", "scripts"]  # fmt: skip
 MODULES = ["train", "evaluate_margin", "frequency_analysis", "compare_margins"]
 SCRIPTS = {
     "hmt-train": "scripts.entry_points:train",
@@ -66,9 +66,9 @@ def test_installed_wheel_imports_from_another_directory(wheel, tmp_path):
     code = "\n".join(
         [
             "import importlib, margins",
-            "from margins.evaluate import evaluate_margins",
-            "from margins.plot import plot_margins",
-            "from margins.results import read_report",
+            "from margins.run.evaluate import evaluate_margins",
+            "from plotting.margins import plot_margins",
+            "from margins.store.results import read_report",
             "from scripts.entry_points import resolve_configs",
             f"assert all(callable(getattr(importlib.import_module(m), f)) for m, f in {targets!r})",
             "print(margins.__file__)",

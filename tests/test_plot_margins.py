@@ -11,7 +11,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import PathCollection, PolyCollection
 from matplotlib.figure import Figure
 
-from margins.plot import (
+from plotting.margins import (
     EVOLUTION_LABEL,
     IQR_LABEL,
     MISCLASSIFIED_COLOR,

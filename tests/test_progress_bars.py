@@ -9,7 +9,7 @@ from torch import nn
 
 from frequency import DCTBlockSubspaces
 from frequency.random_subspaces import RandomSubspaces
-from margins.evaluate import evaluate_margins
+from margins.run.evaluate import evaluate_margins
 from margins.settings import AttackSettings, RunSettings
 
 

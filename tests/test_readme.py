@@ -95,7 +95,7 @@ def test_the_checks_find_what_they_check():
     readme = REPO / "README.md"
     assert "docs/mnist_margins.png" in relative_links(readme)
     assert any(t.startswith("docs/") and t.endswith(".md") for t in relative_links(readme))
-    assert {"scripts/reproduce.py", "scripts/reproduce_mnist.py", "margins/guard.py"} <= set(repo_paths(readme))
+    assert {"scripts/reproduce.py", "scripts/reproduce_mnist.py", "margins/run/guard.py"} <= set(repo_paths(readme))
     assert python_blocks(readme), "the README has no Python example"
 
 

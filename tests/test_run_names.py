@@ -19,13 +19,13 @@ import torch
 import evaluate_margin
 import frequency_analysis
 from margins import MarginReport, read_report
-from margins.evaluate import job_from_checkpoint
 from margins.inputs import ModelSource, default_output_dir, load_source
-from margins.names import describe_held
-from margins.plot import plot_margins
-from margins.results import _figure_arguments
+from margins.run.evaluate import job_from_checkpoint
 from margins.settings import AttackSettings, RowSettings
+from margins.store.names import describe_held
+from margins.store.results import _figure_arguments
 from models import build_model
+from plotting.margins import plot_margins
 from tests.conftest import write_idx_mnist
 
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from attacks.deepfool import SubspaceDeepFool
 from frequency import DCTBlockSubspaces
-from margins.sharding import chunk_ranges, row_grid, shard_range
+from margins.run.work import chunk_ranges, row_grid, shard_range
 
 
 @pytest.mark.parametrize("total,world", [(0, 2), (1, 2), (3, 2), (21, 2), (100, 3), (7, 8)])

@@ -213,7 +213,7 @@ class FailMeasurement(L.Callback):
         self.rank, self.epoch = rank, epoch
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        from margins.work import ChunkWork
+        from margins.run.work import ChunkWork
 
         attack = ChunkWork.attack
 
@@ -358,7 +358,7 @@ def test_a_stop_ends_a_main_thread_stuck_in_a_c_call_within_the_grace_period(tmp
 def test_a_stop_file_counts_only_with_this_runs_id(tmp_path, monkeypatch):
     """A measurement's watchdog stops for a stop file of this run only: not another run's, not one without a run id
     (a file copied in, an older version's); an empty one (a full disk) counts when written since it started."""
-    from margins.guard import STOP_FILE, Watchdog
+    from margins.run.guard import STOP_FILE, Watchdog
 
     monkeypatch.setenv("MARGINS_RUN_ID", "this-run")
     stop = tmp_path / STOP_FILE

@@ -81,14 +81,20 @@ class Affine(Op):
 
 
 @dataclass
-class Conv(Affine):
-    """2-d convolution (zero padding), bias optional; batch norm folded in where it followed."""
+class Weighted(Affine):
+    """An affine operation with a weight tensor and an optional bias."""
 
     inputs: tuple[int, ...]
     shape: tuple[int, ...]
     name: str
     weight: torch.Tensor
     bias: torch.Tensor | None
+
+
+@dataclass
+class Conv(Weighted):
+    """2-d convolution (zero padding), bias optional; batch norm folded in where it followed."""
+
     stride: tuple[int, int]
     padding: tuple[int, int]
     dilation: tuple[int, int]
@@ -131,14 +137,8 @@ class Conv(Affine):
 
 
 @dataclass
-class Linear(Affine):
+class Linear(Weighted):
     """Fully connected layer on flat features [F]."""
-
-    inputs: tuple[int, ...]
-    shape: tuple[int, ...]
-    name: str
-    weight: torch.Tensor
-    bias: torch.Tensor | None
 
     def linear(self, hs: list[torch.Tensor]) -> torch.Tensor:
         return hs[0] @ self.weight.T

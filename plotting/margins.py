@@ -20,7 +20,7 @@ from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogFormatter
 
-from margins.names import bound, quantity
+from margins.store.names import bound, quantity
 
 SAMPLE_COLOR = "tab:blue"
 NOT_CONVERGED_COLOR = "red"

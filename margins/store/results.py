@@ -15,7 +15,7 @@ Layout of `output_dir` (our files only; anything else in the directory is never 
 Atomicity: everything (arrays, plot, JSON) is first made in memory, then written and fsynced into a temporary
 sibling directory `.<name>.tmp-*` in the same parent, so any failure (bad settings, plotting error, full disk)
 leaves `output_dir` untouched and the temporary directory is removed; a full disk (any write, numpy's errno-less
-short writes included) is the one-line InputError of `margins.guard.disk_full_error`, with the set's exact size.
+short writes included) is the one-line InputError of `margins.store.disk.disk_full_error`, with the set's exact size.
 Commit:
   - `output_dir` absent: the whole temporary directory is renamed into place (one atomic rename).
   - `output_dir` present: each data file is moved in with `os.replace` (atomic per file), then
@@ -49,8 +49,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from margins.guard import disk_full, disk_full_error
-from margins.names import estimator_of
+from margins.store.disk import disk_full, disk_full_error
+from margins.store.names import estimator_of
 
 SCHEMA_VERSION = 3
 RENAMED_SETTINGS = {"subspace_block": "subspace_dim", "subspace_dims": "subspace_size"}  # schema <= 2 -> 3
@@ -195,7 +195,7 @@ def _set_contents(report: MarginReport, figure: bool, title: str) -> dict[str, b
     }
     contents = {name: _npy_bytes(array) for name, array in arrays.items()}
     if figure:
-        from margins.plot import plot_margins  # matplotlib only when a figure is drawn
+        from plotting.margins import plot_margins  # matplotlib only when a figure is drawn
 
         drawing = io.BytesIO()
         plot_margins(**_figure_arguments(report, margins, converged, title)).savefig(drawing, format="png", dpi=150)
@@ -295,7 +295,7 @@ def _figure_arguments(report: MarginReport, margins: np.ndarray, converged: np.n
     """`plot_margins` arguments: misclassified samples marked when the labels are known; the title names the run
     (default: model, dataset and transform of `report.settings`) and the estimator, the subtitle the sample and
     subspace counts; random subspaces get an axis without frequency order."""
-    from margins.plot import describe_settings
+    from plotting.margins import describe_settings
 
     known = report.predicted is not None and report.targets is not None
     wrong = np.asarray(report.predicted) != np.asarray(report.targets) if known else None

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from common.errors import InputError
-from margins.names import describe_held, differing
+from margins.store.names import describe_held, differing
 
 MANIFEST = "manifest.json"
 CHUNK_FIELDS = ("margins", "converged", "iterations", "perturbed_labels", "predicted", "targets", "rows")

@@ -2,9 +2,9 @@
 
 A job (model, samples, subspaces, output folder, settings) is built from a checkpoint (`job_from_checkpoint`) or
 from an in-memory model and dataset (`job_from_model`); `run_job` then attacks its pending chunks through
-Lightning's `Trainer.predict` (`margins.predict`: one process, several spawned ones, torchrun, SLURM: the same
-path) with the steps of `margins.work.ChunkWork`, and rank 0 merges the committed chunks into the result folder
-(`margins.results.write_report`). Results are bit-identical for 1 or k processes, and re-running an interrupted
+Lightning's `Trainer.predict` (`margins.run.predict`: one process, several spawned ones, torchrun, SLURM: the same
+path) with the steps of `margins.run.work.ChunkWork`, and rank 0 merges the committed chunks into the result folder
+(`margins.store.results.write_report`). Results are bit-identical for 1 or k processes, and re-running an interrupted
 command resumes from the committed chunks.
 """
 
@@ -30,41 +30,47 @@ from attacks.deepfool import ENGINE_VERSION
 from common.errors import InputError
 from common.memory import can_keep_freed_memory
 from frequency.subspaces import FullSpace, SubspaceFamily
-from margins.chunks import ChunkStore
-from margins.guard import (
-    EXIT_BAD_INPUT,
-    EXIT_BUG,
-    FolderLock,
-    RunStopped,
-    Watchdog,
-    disk_full,
-    disk_full_error,
-    env_rank,
-    remove_markers,
-)
 from margins.inputs import (
     ModelSource,
     check_forward,
     default_output_dir,
     describe_family,
+    gather_samples,
     load_source,
     margin_dataset,
     tensor_bytes,
 )
-from margins.measure import gather_samples
-from margins.names import describe_held
-from margins.predict import device_type, make_trainer, predict_chunks
-from margins.results import SUMMARY_FILE, MarginReport, json_safe, read_report, remove_stale_tmp_dirs, write_report
-from margins.settings import AttackSettings, RowSettings, RunSettings
-from margins.sharding import chunk_ranges
-from margins.work import (
+from margins.run.guard import (
+    EXIT_BAD_INPUT,
+    EXIT_BUG,
+    FolderLock,
+    RunStopped,
+    Watchdog,
+    env_rank,
+    remove_markers,
+)
+from margins.run.predict import device_type, make_trainer, predict_chunks
+from margins.run.work import (
     CHUNK_DIR,
     ChunkWork,
     MarginJob,
     bytes_to_write,
+    chunk_ranges,
     merge_chunks,
     record_device,
     wait_for_chunks,
+)
+from margins.settings import AttackSettings, RowSettings, RunSettings
+from margins.store.chunks import ChunkStore
+from margins.store.disk import disk_full, disk_full_error
+from margins.store.names import describe_held
+from margins.store.results import (
+    SUMMARY_FILE,
+    MarginReport,
+    json_safe,
+    read_report,
+    remove_stale_tmp_dirs,
+    write_report,
 )
 
 # settings that do not change a row's bits: left out of the fingerprint a resume must match

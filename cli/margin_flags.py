@@ -21,12 +21,12 @@ from typing import Any
 
 from common.errors import InputError
 from datamodules import DATASETS, TRANSFORMS
-from margins.guard import EXIT_BAD_INPUT, STOPPED, env_rank
 from margins.inputs import ModelSource
-from margins.measure import DEFAULT_NUM_SAMPLES
+from margins.run.guard import EXIT_BAD_INPUT, STOPPED, env_rank
 from margins.settings import (
     CERTIFY_METHODS,
     DEFAULT_CHUNK_ROWS,
+    DEFAULT_NUM_SAMPLES,
     DTYPES,
     ESTIMATORS,
     SMALL_CHUNK_ROWS,

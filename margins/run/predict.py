@@ -1,15 +1,15 @@
 """The margin chunks through Lightning's `Trainer.predict`, for one process as for many (spawned, torchrun, SLURM).
 
-Every step is `margins.work.ChunkWork`'s: `MarginPredictor.setup` prepares the model for the process's device and,
+Every step is `margins.run.work.ChunkWork`'s: `MarginPredictor.setup` prepares the model for the process's device and,
 on rank 0, the folder, then broadcasts the pending chunk ids; Lightning's unrepeated distributed sampler shares
 the chunk items out (no padded duplicates); `predict_step` attacks one chunk and `ChunkWriter` commits it when its
 batch ends. No collective follows: each rank marks its share done, and rank 0 waits for every chunk to be
-committed (`margins.work.wait_for_chunks`) before it merges, while the processes watch each other
-(`margins.guard`): a signal, an error or a lost process on any rank ends every process within seconds.
+committed (`margins.run.work.wait_for_chunks`) before it merges, while the processes watch each other
+(`margins.run.guard`): a signal, an error or a lost process on any rank ends every process within seconds.
 
 Lightning's own signal handling (for SIGTERM a broadcast inside the signal handler, which hangs when only one rank
 is signalled; for SIGUSR1 under SLURM a checkpoint saved into the chunk folder; Ctrl-C: exit 1 and no line) and its
-child-process observer (it kills the main process without saying why) are replaced by `margins.guard`'s for these
+child-process observer (it kills the main process without saying why) are replaced by `margins.run.guard`'s for these
 runs: the watchdog's `common.stop.stop_signals` handles the signals, and the trainer never installs its own.
 """
 
@@ -33,10 +33,10 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 from torch.utils.data import DataLoader
 
 from common.errors import InputError
-from margins.guard import START_TIMEOUT, Watchdog, watch_children
-from margins.names import estimator_of, quantity
+from margins.run.guard import START_TIMEOUT, Watchdog, watch_children
+from margins.run.work import CHUNK_DIR, ChunkWork
 from margins.settings import RunSettings
-from margins.work import CHUNK_DIR, ChunkWork
+from margins.store.names import estimator_of, quantity
 
 _LIGHTNING_LOGGERS = ("lightning.pytorch", "lightning.fabric")
 

@@ -1,10 +1,10 @@
 """The chunk work of a margin evaluation, the same for every driver (`evaluate_margins`, `MarginCallback`).
 
-The (sample, subspace) rows of a job are sample-major (`margins.sharding.row_grid`) and cut into chunks of
+The (sample, subspace) rows of a job are sample-major (`margins.run.work.row_grid`) and cut into chunks of
 `chunk_rows` rows that depend only on the settings, never on the number of processes. Each chunk is one item of
 `ChunkDataset` (the distinct samples of that chunk, read through a DataLoader), attacked alone by the engine
 (`SubspaceDeepFool.attack_rows`, on a model prepared once per process) and committed atomically
-(`margins.chunks.ChunkStore`); rank 0 then merges the committed chunks into a `MarginReport` (`merge_chunks`).
+(`margins.store.chunks.ChunkStore`); rank 0 then merges the committed chunks into a `MarginReport` (`merge_chunks`).
 Hence results are bit-identical for 1 or k processes, peak memory is set by `chunk_rows`, and an interrupted run
 resumes from its committed chunks.
 """
@@ -31,15 +31,56 @@ from attacks.kernels import PreparedModel
 from common.errors import InputError
 from common.memory import KeepFreedMemory
 from frequency.subspaces import SubspaceFamily
-from margins.chunks import ChunkStore, fingerprint_digest
-from margins.guard import disk_full, disk_full_error
-from margins.measure import gather_samples
-from margins.names import bound
-from margins.results import OPTIONAL_FILES, RESULT_FILES, MarginReport, json_safe, remove_stale_tmp_dirs, report_bytes
+from margins.inputs import gather_samples
 from margins.settings import DTYPES, AttackSettings, RunSettings
-from margins.sharding import row_grid
+from margins.store.chunks import ChunkStore, fingerprint_digest
+from margins.store.disk import disk_full, disk_full_error
+from margins.store.names import bound
+from margins.store.results import (
+    OPTIONAL_FILES,
+    RESULT_FILES,
+    MarginReport,
+    json_safe,
+    remove_stale_tmp_dirs,
+    report_bytes,
+)
 
 CHUNK_DIR = "chunks"
+
+
+# ---- rows, chunks and shares: how the (sample, subspace) rows are cut and split over processes ---------------
+def shard_range(total: int, rank: int, world_size: int) -> range:
+    """Rows `[rank * total // world_size, (rank + 1) * total // world_size)` of `range(total)`.
+
+    Every row belongs to exactly one rank; shard lengths differ by at most one; a rank may get no rows when
+    `total < world_size`. Contiguous shards keep each rank's rows on few samples (rows are sample-major).
+    """
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+    if total < 0:
+        raise ValueError(f"total must be >= 0, got {total}")
+    return range(rank * total // world_size, (rank + 1) * total // world_size)
+
+
+def row_grid(num_samples: int, num_subspaces: int, rows: range | None = None) -> tuple[list[int], list[int]]:
+    """Sample-major rows: row `i` is (sample `i // num_subspaces`, subspace `i % num_subspaces`).
+
+    Returns `(sample_index, subspace_index)` lists for `rows` (default: all `num_samples * num_subspaces`).
+    """
+    rows = range(num_samples * num_subspaces) if rows is None else rows
+    return [i // num_subspaces for i in rows], [i % num_subspaces for i in rows]
+
+
+def chunk_ranges(total: int, chunk_rows: int) -> list[range]:
+    """`range(total)` cut into consecutive chunks of `chunk_rows` rows (the last may be shorter).
+
+    Chunks are the unit of work and of bit-reproducibility: a chunk is always attacked as one batch, so its
+    float results do not depend on how many processes share the work (`shard_range(len(chunks), rank, world)`
+    gives each rank its chunk numbers) or on which chunks were already done before a resume.
+    """
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    return [range(start, min(start + chunk_rows, total)) for start in range(0, total, chunk_rows)]
 
 
 @dataclass
@@ -248,7 +289,7 @@ def record_device(job: MarginJob, device_type: str, threads: int) -> None:
 
 def bytes_to_write(job: MarginJob, store: ChunkStore, chunks: list[range], dtype: str) -> int:
     """About how many bytes a run still writes: each chunk not on disk yet (exactly: `ChunkStore.bytes_per_chunk`)
-    and the result files (`margins.results.report_bytes`)."""
+    and the result files (`margins.store.results.report_bytes`)."""
     pending = [len(rows) for c, rows in enumerate(chunks) if not (store.root / store.chunk_name(c)).is_file()]
     sizes = {rows: store.bytes_per_chunk(rows, dtype) for rows in set(pending)}
     return sum(sizes[rows] for rows in pending) + report_bytes(len(job.subspaces), len(job.indices), job.settings,
