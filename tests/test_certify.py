@@ -178,6 +178,44 @@ def test_relaxations_are_exercised():
     assert any(bool((~p.upper_use).any()) for p in pools) and any(bool(p.upper_use.any()) for p in pools)
 
 
+def test_a_relu_input_proved_off_gets_no_lower_bound_pass_and_nothing_else_changes():
+    """Where only ReLUs read a pre-activation, a neuron whose backward upper bound is <= 0 needs no lower bound (its
+    ReLU is 0 on the whole ball): skipping that pass leaves every relaxation, every ReLU's box and the final bounds
+    bit for bit as with the pass, and saves the specifications (the LeNet-like convnet's linear layers)."""
+    build, side = NETWORKS["convnet"]
+    with torch.random.fork_rng():  # the other tests' random stream is left as it was
+        torch.manual_seed(5)  # weights with neurons proved off (8 of 72 specifications saved)
+        model = build().to(F64).eval()
+    family = random_family(side, (5,), seed=2)
+    x = torch.rand(4, 1, side, side, dtype=F64, generator=torch.Generator().manual_seed(4))
+    net = network_ops(model, (1, side, side), F64, "cpu")
+    plan = Plan.of(net)
+    per_subspace, prefix = prefix_functions(net, plan, basis_images(family, torch.tensor([0]), x), x)
+    eps = torch.tensor([0.05, 0.1, 0.2, 0.4], dtype=F64)
+    runs = {}
+    for skip in (True, False):
+        propagation = Propagation(net, plan, prefix.with_rows(per_subspace, torch.zeros(4, dtype=torch.long)), eps)
+        propagation.skip_off_lower, specs, backward = skip, [], propagation.backward
+
+        def counted(target, lam, *args, _backward=backward, _specs=specs, **kwargs):
+            _specs.append(int((lam != 0).sum()))  # the specifications asked for, padding left out
+            return _backward(target, lam, *args, **kwargs)
+
+        propagation.backward = counted
+        propagation.run()
+        labels = model(x).argmax(1)
+        final = backward(net.output, margin_specs(labels, net.num_classes, F64))
+        runs[skip] = propagation, final, sum(specs)
+    (fast, fast_final, fast_specs), (full, full_final, full_specs) = runs[True], runs[False]
+    assert fast_specs < full_specs  # some neurons were proved off after their upper-bound pass
+    assert torch.equal(fast_final.coef, full_final.coef) and torch.equal(fast_final.const, full_final.const)
+    for index, relax in full.relax.items():
+        for field, value in vars(relax).items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(getattr(fast.relax[index], field), value), (index, field)
+        assert all(torch.equal(a, b) for a, b in zip(fast.box[index], full.box[index])), index
+
+
 # ---- soundness: no label change inside the certified radius --------------------------------------------------------
 def strongest_point_in_ball(model, x0, basis, radius, starts: int = 16, steps: int = 200, seed: int = 0):
     """Projected gradient ascent on `max_j f_j - f_l` over `||z|| <= radius` from random starts: the largest value
