@@ -101,20 +101,26 @@ def test_kernels_are_passed_to_the_engine_and_part_of_the_fingerprint(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_settings_are_frozen_and_the_callers_objects_stay_as_passed(tmp_path):
-    """The chunk size a run chooses (None: the default) goes into the job's copy, never into the caller's object."""
-    attack, run = AttackSettings(max_iter=3), RunSettings(accelerator="cpu", devices=1, progress=False)
-    passed = copy.deepcopy((attack, run))
-    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+def _full_space_run(x: torch.Tensor, out, attack: AttackSettings, run: RunSettings):
+    """The margins of `_model()` on the two images `x` [2, 1, 8, 8] (labels 0, 1) in the full space."""
     report, _ = evaluate_margins(
         rows=RowSettings(num_samples=2),
         model=_model(),
         dataset=[(x[i], i) for i in range(2)],
         subspaces=FullSpace((1, 8, 8)),
-        output_dir=tmp_path / "out",
+        output_dir=out,
         attack=attack,
         run=run,
     )
+    return report
+
+
+def test_settings_are_frozen_and_the_callers_objects_stay_as_passed(tmp_path):
+    """The chunk size a run chooses (None: the default) goes into the job's copy, never into the caller's object."""
+    attack, run = AttackSettings(max_iter=3), RunSettings(accelerator="cpu", devices=1, progress=False)
+    passed = copy.deepcopy((attack, run))
+    x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    report = _full_space_run(x, tmp_path / "out", attack, run)
     assert (attack, run) == passed and attack.chunk_rows is None and run.threads is None
     assert report.settings["chunk_rows"] == DEFAULT_CHUNK_ROWS
     assert report.settings["cpu_threads"] == default_threads(1)  # None: the cores this process may use
@@ -134,14 +140,8 @@ def test_default_threads_share_the_usable_cores_among_a_nodes_processes(monkeypa
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2})
     before = torch.get_num_threads()
     x = torch.rand(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
-    report, _ = evaluate_margins(
-        rows=RowSettings(num_samples=2),
-        model=_model(),
-        dataset=[(x[i], i) for i in range(2)],
-        subspaces=FullSpace((1, 8, 8)),
-        output_dir=tmp_path / "out",
-        attack=AttackSettings(max_iter=3),
-        run=RunSettings(accelerator="cpu", devices=1, progress=False),
+    report = _full_space_run(
+        x, tmp_path / "out", AttackSettings(max_iter=3), RunSettings(accelerator="cpu", devices=1, progress=False)
     )
     assert report.settings["cpu_threads"] == 3 and torch.get_num_threads() == before
 
