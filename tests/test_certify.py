@@ -216,6 +216,59 @@ def test_a_relu_input_proved_off_gets_no_lower_bound_pass_and_nothing_else_chang
         assert all(torch.equal(a, b) for a, b in zip(fast.box[index], full.box[index])), index
 
 
+def test_the_max_pool_and_relu_backward_step_at_once_equals_the_two_steps():
+    """A max-pool tiling the ReLU before it is passed backward in one step at the pool's resolution: every box,
+    relaxation and the final bounds equal those of the pool's step then the ReLU's (to rounding), on the convnet at
+    radii where windows have their lower and upper bounds on one input and on two."""
+    build, side = NETWORKS["convnet"]
+    with torch.random.fork_rng():
+        torch.manual_seed(5)
+        model = build().to(F64).eval()
+    family = random_family(side, (5,), seed=2)
+    x = torch.rand(4, 1, side, side, dtype=F64, generator=torch.Generator().manual_seed(4))
+    net = network_ops(model, (1, side, side), F64, "cpu")
+    labels = model(x).argmax(1)
+    per_subspace, prefix = prefix_functions(net, Plan.of(net), basis_images(family, torch.tensor([0]), x), x)
+    eps = torch.tensor([0.05, 0.1, 0.2, 0.4], dtype=F64)
+    runs = {}
+    for fused in (True, False):
+        plan = Plan.of(net)
+        if not fused:
+            plan.fused = set()
+        propagation = Propagation(net, plan, prefix.with_rows(per_subspace, torch.zeros(4, dtype=torch.long)), eps)
+        propagation.run()
+        runs[fused] = propagation, propagation.backward(net.output, margin_specs(labels, net.num_classes, F64))
+    (one, one_final), (two, two_final) = runs[True], runs[False]
+    plan = Plan.of(net)
+    (pool_index,) = [i for i, op in enumerate(net.ops) if op.inputs and op.inputs[0] in plan.fused - plan.cut]
+    pool = one.relax[pool_index]  # the second max-pool (the first ReLU and max-pool are in the cut)
+    same = (pool.lower_at == pool.upper_at) & pool.upper_use.flatten(1)
+    assert bool(same.any()) and bool((~same & pool.upper_use.flatten(1)).any())
+    torch.testing.assert_close(one_final.coef, two_final.coef, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(one_final.const, two_final.const, rtol=1e-12, atol=1e-12)
+    for index in two.box:
+        torch.testing.assert_close(one.box[index], two.box[index], rtol=1e-12, atol=1e-12)
+
+
+def test_a_small_convolution_applied_as_a_dense_matrix_equals_the_convolution():
+    """Convolutions small enough for a dense matrix (strided, padded, grouped) give the convolution's values for W
+    and |W| (to rounding); larger ones keep the convolution."""
+    from attacks.certify.graph import DENSE_ENTRIES, Conv
+
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 2, 3, 3, dtype=F64, generator=generator)
+    conv = Conv((0,), (6, 4, 4), "conv", weight, None, (2, 2), (1, 1), (1, 1), 2, (4, 7, 7))
+    h = torch.randn(3, 5, 4, 7, 7, dtype=F64, generator=generator)
+    assert conv._matrices() is not None
+    for absolute, expected_weight in ((False, weight), (True, weight.abs())):
+        expected = conv._conv(h, expected_weight)
+        got = conv.absolute([h]) if absolute else conv.linear([h])
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    wide = Conv((0,), (8, 64, 64), "wide", torch.randn(8, 8, 3, 3, dtype=F64), None, (1, 1), (1, 1), (1, 1), 1,
+                (8, 64, 64))  # fmt: skip
+    assert 8 * 64 * 64 * 8 * 64 * 64 > DENSE_ENTRIES and wide._matrices() is None
+
+
 # ---- soundness: no label change inside the certified radius --------------------------------------------------------
 def strongest_point_in_ball(model, x0, basis, radius, starts: int = 16, steps: int = 200, seed: int = 0):
     """Projected gradient ascent on `max_j f_j - f_l` over `||z|| <= radius` from random starts: the largest value

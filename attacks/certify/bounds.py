@@ -46,6 +46,13 @@ from attacks.certify.graph import Affine, Input, MaxPool, Network, Op, ReLU
 ROUNDING_UNITS = 2.0**16
 
 
+def l2_norm(a: torch.Tensor, dim: int) -> torch.Tensor:
+    """Euclidean norms of `a` along `dim`, as `sqrt(sum a^2)`: a few unit roundoffs from the exact value, covered by
+    the rounding allowance (`torch.linalg.vector_norm` avoids overflow below 1e154, which bounds never reach, and is
+    5x slower over the middle dimension of LeNet's [R, k, 1600] coefficients on CPU)."""
+    return a.square().sum(dim).sqrt()
+
+
 def rounding_tau(dtype: torch.dtype) -> float:
     """The relative outward move applied to every concrete bound (module docstring)."""
     return ROUNDING_UNITS * torch.finfo(dtype).eps / 2.0
@@ -75,8 +82,8 @@ class LinearBounds:
     def norms(self) -> tuple[torch.Tensor, torch.Tensor]:
         """`(||lower_coef||, ||upper_coef||)` over z per neuron [R, *shape] (computed once)."""
         if self._norms is None:
-            lower = torch.linalg.vector_norm(self.lower_coef, dim=1)
-            self._norms = (lower, lower if self.exact else torch.linalg.vector_norm(self.upper_coef, dim=1))
+            lower = l2_norm(self.lower_coef, 1)
+            self._norms = (lower, lower if self.exact else l2_norm(self.upper_coef, 1))
         return self._norms
 
     def changed(self) -> None:
@@ -94,15 +101,18 @@ class LinearBounds:
             self.magnitude[rows],
         )
 
-    def centre_radius(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """`(mid_coef, rad_coef, mid_const, rad_const)`: the centre and half-width functions (computed once)."""
+    def centre_radius(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The centre and half-width functions as matrices for backward passes (computed once): `[mid_coef^T |
+        mid_const]` [R, N, k + 1] and `[rad_coef^T | rad_const | magnitude]` [R, N, k + 2] (N = the neurons)."""
         if self._centre is None:
-            self._centre = (
-                (self.lower_coef + self.upper_coef) / 2.0,
-                (self.upper_coef - self.lower_coef) / 2.0,
-                (self.lower_const + self.upper_const) / 2.0,
-                (self.upper_const - self.lower_const) / 2.0,
+            rows, k = self.lower_coef.shape[:2]
+            lower, upper = self.lower_coef.reshape(rows, k, -1), self.upper_coef.reshape(rows, k, -1)
+            low_const, up_const = self.lower_const.reshape(rows, 1, -1), self.upper_const.reshape(rows, 1, -1)
+            mid = torch.cat([(lower + upper) / 2.0, (low_const + up_const) / 2.0], dim=1)
+            rad = torch.cat(
+                [(upper - lower) / 2.0, (up_const - low_const) / 2.0, self.magnitude.reshape(rows, 1, -1)], 1
             )
+            self._centre = (mid.transpose(1, 2), rad.transpose(1, 2))
         return self._centre
 
     def concretize(self, eps: torch.Tensor, tau: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,20 +164,16 @@ class ReluRelaxation:
 @dataclass
 class PoolRelaxation:
     """Per output [R, C, oh, ow] of a max-pool: `h[lower_index] <= max <= h[upper_index] * upper_use + upper_shift`
-    (indices into the window's m positions, `windows` order)."""
+    (indices into the window's m positions, `windows` order); `lower_at`, `upper_at`: the same inputs as flat
+    positions in the input [R, C*oh*ow] (long)."""
 
     lower_index: torch.Tensor
     upper_index: torch.Tensor
     upper_use: torch.Tensor
     upper_shift: torch.Tensor
+    lower_at: torch.Tensor
+    upper_at: torch.Tensor
     area: int = 1
-
-    def masks(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """One-hot weights [R, m, C, oh, ow] of the lower and upper bounds on the window's inputs."""
-        positions = torch.arange(self.area, device=self.lower_index.device).view(1, -1, 1, 1, 1)
-        lower = (self.lower_index.unsqueeze(1) == positions).to(dtype)
-        upper = ((self.upper_index.unsqueeze(1) == positions) & self.upper_use.unsqueeze(1)).to(dtype)
-        return lower, upper
 
     @staticmethod
     def of(op: MaxPool, lower: torch.Tensor, upper: torch.Tensor) -> PoolRelaxation:
@@ -192,7 +198,9 @@ class PoolRelaxation:
         offset = torch.where(torch.isfinite(second), (second - low_j).clamp(min=0.0) + roundoff, 0.0)
         use = (low_j + first) / 2.0 + offset <= first
         shift = torch.where(use, offset, first)
-        return PoolRelaxation(lower_index, upper_index, use, shift, high.shape[1])
+        positions = window_positions(op, lower.device)
+        lower_at, upper_at = _flat_pick(positions, lower_index), _flat_pick(positions, upper_index)
+        return PoolRelaxation(lower_index, upper_index, use, shift, lower_at, upper_at, high.shape[1])
 
 
 def windows(h: torch.Tensor, op: MaxPool, fill: float) -> torch.Tensor:
@@ -209,22 +217,6 @@ def windows(h: torch.Tensor, op: MaxPool, fill: float) -> torch.Tensor:
         h[..., i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw] for i in range(kh) for j in range(kw)
     ]
     return torch.stack(parts, dim=h.dim() - 3)
-
-
-def unwindows(w: torch.Tensor, op: MaxPool) -> torch.Tensor:
-    """The transpose of `windows`: `[..., m, C, oh, ow] -> [..., C, H, W]`, overlapping windows summed."""
-    (kh, kw), (sh, sw), (ph, pw) = op.kernel, op.stride, op.padding
-    channels, height, width = op.in_shape
-    _, oh, ow = op.shape
-    lead = w.shape[: w.dim() - 4]
-    if _tiles(op):
-        tiles = w.reshape(*lead, kh, kw, channels, oh, ow).movedim((-5, -4), (-3, -1))
-        return tiles.reshape(*lead, channels, height, width)
-    out = w.new_zeros(*lead, channels, height + 2 * ph, width + 2 * pw)
-    for position in range(kh * kw):
-        i, j = divmod(position, kw)
-        out[..., i : i + sh * (oh - 1) + 1 : sh, j : j + sw * (ow - 1) + 1 : sw] += w[..., position, :, :, :]
-    return out[..., ph : ph + height, pw : pw + width]
 
 
 def _tiles(op: MaxPool) -> bool:
@@ -254,6 +246,7 @@ class Plan:
     relu_only: set[int]  # operations read only by ReLUs (only their unstable neurons need tight bounds)
     last_reader: dict[int, int]  # the last operation reading each operation
     pools_only: set[int] = field(default_factory=set)  # operations read only by max-pools
+    fused: set[int] = field(default_factory=set)  # ReLUs read only by one max-pool whose windows tile them
 
     def read_by_pools_only(self, index: int) -> bool:
         return index in self.pools_only
@@ -281,7 +274,13 @@ class Plan:
         relu_only = {i for i, users in readers.items() if all(isinstance(net.ops[u], ReLU) for u in users)}
         last_reader = {i: max(users) for i, users in readers.items()}
         pools_only = {i for i, users in readers.items() if all(isinstance(net.ops[u], MaxPool) for u in users)}
-        return Plan(exact, frontier, cut, direct, pre, relu_only, last_reader, pools_only)
+        fused = {
+            i
+            for i, users in readers.items()
+            if isinstance(net.ops[i], ReLU) and len(users) == 1 and isinstance(net.ops[users[0]], MaxPool)
+            and _tiles(net.ops[users[0]])
+        }  # fmt: skip
+        return Plan(exact, frontier, cut, direct, pre, relu_only, last_reader, pools_only, fused)
 
 
 @dataclass
@@ -297,7 +296,7 @@ class Prefix:
     def with_rows(self, per_subspace: dict[int, torch.Tensor], position: torch.Tensor) -> Prefix:
         """This prefix with its coefficients gathered from `per_subspace` ({index: [U, k, *shape]}) at each row's
         subspace position `position` [R]."""
-        norms = {i: torch.linalg.vector_norm(t, dim=1)[position] for i, t in per_subspace.items()}
+        norms = {i: l2_norm(t, 1)[position] for i, t in per_subspace.items()}
         return Prefix({i: t[position] for i, t in per_subspace.items()}, self.const, self.magnitude, norms)
 
     def select(self, rows: torch.Tensor) -> Prefix:
@@ -474,9 +473,7 @@ class Propagation:
                 torch.maximum(low, up) * source.magnitude + relax.upper_shift.abs(),
             )
         assert isinstance(op, MaxPool)
-        positions = window_positions(op, self.eps.device)  # [m, C, oh, ow] flat input positions
-        lower_at = _flat_pick(positions, relax.lower_index)  # [R, C*oh*ow]
-        upper_at = _flat_pick(positions, relax.upper_index)
+        lower_at, upper_at = relax.lower_at, relax.upper_at  # [R, C*oh*ow] flat input positions
         use = relax.upper_use.flatten(1).to(self.eps.dtype)
         shift = relax.upper_shift.flatten(1)
         if source_index in self.lazy:  # ReLU of an exact function: slopes times its coefficients
@@ -593,15 +590,22 @@ class Propagation:
                 negative = weights.clamp(max=0.0)
                 if record is not None:
                     record[index] = negative
-                back = weights * slope + negative * (relax.upper_slope.unsqueeze(1) - slope)
-                shift = _dot(negative, relax.upper_shift.unsqueeze(1))  # <= 0: the shifts are >= 0
+                back = weights * torch.where(weights < 0, relax.upper_slope.unsqueeze(1), slope)
+                shift = _dot(negative, relax.upper_shift)  # <= 0: the shifts are >= 0
                 const, magnitude = const + shift, magnitude - shift
                 pending[op.inputs[0]] = back if op.inputs[0] not in pending else pending[op.inputs[0]] + back
             else:
                 assert isinstance(op, MaxPool)
-                back, shift, size = _pool_backward(op, self.relax[index], weights)
+                source = op.inputs[0]
+                relu = source in self.plan.fused and source not in cut and record is None
+                relu = relu and (lower_slopes is None or source not in lower_slopes)
+                if relu:  # through the max-pool and the ReLU it reads at once, at the pool's resolution
+                    back, shift, size = _pool_relu_backward(op, self.relax[index], self.relax[source], weights)
+                    source = self.net.ops[source].inputs[0]
+                else:
+                    back, shift, size = _pool_backward(op, self.relax[index], weights)
                 const, magnitude = const + shift, magnitude + size
-                pending[op.inputs[0]] = back if op.inputs[0] not in pending else pending[op.inputs[0]] + back
+                pending[source] = back if source not in pending else pending[source] + back
         if pending:
             raise RuntimeError(f"backward pass left operations {sorted(pending)} unbounded (plan without a cut)")
         assert coef is not None
@@ -619,14 +623,14 @@ class SpecBounds:
 
     def lower(self, eps: torch.Tensor, tau: float) -> torch.Tensor:
         """The concrete lower bound [R, n] on the balls of radii `eps` [R], with the rounding allowance."""
-        spread = eps.unsqueeze(1) * self.coef.norm(dim=2)
+        spread = eps.unsqueeze(1) * l2_norm(self.coef, 2)
         return self.const - spread - tau * (self.magnitude + self.const.abs() + spread)
 
     def radius(self, eps: torch.Tensor, tau: float) -> torch.Tensor:
         """The largest r <= eps [R] with every specification's lower bound >= 0 on the r-ball (0 when a constant is
         not positive): `min_j (b_j - tau (M_j + |b_j|)) / ((1 + tau) ||a_j||)`, capped at eps."""
         head = self.const - tau * (self.magnitude + self.const.abs())
-        norm = (1.0 + tau) * self.coef.norm(dim=2)
+        norm = (1.0 + tau) * l2_norm(self.coef, 2)
         ratio = torch.where(norm > 0, head / torch.where(norm > 0, norm, 1.0), torch.inf)
         ratio = torch.where(head > 0, ratio, 0.0)
         return torch.minimum(ratio.amin(dim=1), eps)
@@ -640,8 +644,10 @@ def _select_fields(relax, index: torch.Tensor):
 
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Sum of `a * b` over the per-sample dimensions (everything after [R, n])."""
-    return (a * b).flatten(2).sum(-1)
+    """`sum a * b` over the per-sample dimensions for `a: [R, n, *shape]` and `b: [R, *shape]` (one `b` per row):
+    [R, n]."""
+    rows, count = a.shape[:2]
+    return torch.bmm(a.reshape(rows, count, -1), b.reshape(rows, -1, 1)).view(rows, count)
 
 
 def _at_cut(
@@ -660,14 +666,10 @@ def _at_cut(
         const = torch.bmm(flat, bounds.lower_const.reshape(rows, -1, 1)).squeeze(2)
         size = torch.bmm(flat.abs(), bounds.magnitude.reshape(rows, -1, 1)).squeeze(2)
         return coef, const, size
-    mid_coef, rad_coef, mid_const, rad_const = bounds.centre_radius()
-    absolute = flat.abs()
-    coef = torch.bmm(flat, mid_coef.reshape(rows, k, -1).transpose(1, 2))
-    coef = coef - torch.bmm(absolute, rad_coef.reshape(rows, k, -1).transpose(1, 2))
-    const = torch.bmm(flat, mid_const.reshape(rows, -1, 1)).squeeze(2)
-    radius_size = torch.stack([rad_const.reshape(rows, -1), bounds.magnitude.reshape(rows, -1)], dim=2)
-    both = torch.bmm(absolute, radius_size)  # [R, n, 2]
-    return coef, const - both[..., 0], both[..., 0] + both[..., 1]
+    mid, rad = bounds.centre_radius()
+    centre, spread = torch.bmm(flat, mid), torch.bmm(flat.abs(), rad)  # [R, n, k + 1], [R, n, k + 2]
+    coef = centre[..., :k] - spread[..., :k]
+    return coef, centre[..., k] - spread[..., k], spread[..., k] + spread[..., k + 1]
 
 
 def _at_exact_cut_by_owner(
@@ -693,13 +695,48 @@ def _at_exact_cut_by_owner(
 def _pool_backward(
     op: MaxPool, relax: PoolRelaxation, weights: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Through a max-pool's relaxation: the weights on its input [R, n, *in_shape], const and magnitude [R, n]."""
-    negative = weights.clamp(max=0.0)
-    lower_mask, upper_mask = relax.masks(weights.dtype)  # [R, m, C, oh, ow]
-    spread = weights.unsqueeze(2) * lower_mask.unsqueeze(1)
-    spread = spread + negative.unsqueeze(2) * (upper_mask - lower_mask).unsqueeze(1)
-    shift = _dot(negative, relax.upper_shift.unsqueeze(1))
-    return unwindows(spread, op), shift, -_dot(negative, relax.upper_shift.abs().unsqueeze(1))
+    """Through a max-pool's relaxation: the weights on its input [R, n, *in_shape], const and magnitude [R, n]. A
+    weight w goes to the lower bound's input where w >= 0 and to the upper bound's (times `upper_use`) where w < 0,
+    whose constant it multiplies."""
+    rows, count = weights.shape[:2]
+    flat = weights.reshape(rows, count, -1)
+    negative = flat.clamp(max=0.0)
+    back = flat.new_zeros(rows, count, math.prod(op.in_shape))
+    back.scatter_add_(2, relax.lower_at.unsqueeze(1).expand(-1, count, -1), flat - negative)
+    back.scatter_add_(
+        2, relax.upper_at.unsqueeze(1).expand(-1, count, -1), negative * relax.upper_use.flatten(1).unsqueeze(1)
+    )
+    shift = _dot(negative, relax.upper_shift)
+    return back.view(rows, count, *op.in_shape), shift, -_dot(negative, relax.upper_shift.abs())
+
+
+def _pool_relu_backward(
+    op: MaxPool, pool: PoolRelaxation, relu: ReluRelaxation, weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Through a max-pool whose windows tile its input and the ReLU before it (read by nothing else): the weights on
+    the ReLU's input [R, n, *in_shape], const and magnitude [R, n]. The same as `_pool_backward` then the ReLU's
+    step, computed on the pool's outputs: each window passes its weight to at most two inputs (the lower bound's
+    and, for a negative weight, the upper bound's; their sum where they are one input), and only those inputs'
+    ReLU lines are applied before the weights are placed."""
+    rows, count = weights.shape[:2]
+    flat = weights.reshape(rows, count, -1)  # [R, n, P]
+    negative = flat.clamp(max=0.0)
+    use = pool.upper_use.flatten(1).unsqueeze(1)
+    same = use & (pool.lower_at == pool.upper_at).unsqueeze(1)
+    at_lower = torch.where(same, flat, flat - negative)  # the weight on the lower bound's input
+    at_upper = torch.where(use & ~same, negative, 0.0)  # <= 0, on the upper bound's input where it is another
+    picks = [(pool.lower_at, at_lower), (pool.upper_at, at_upper)]
+    back = flat.new_zeros(rows, count, math.prod(op.in_shape))
+    const, magnitude = _dot(negative, pool.upper_shift), -_dot(negative, pool.upper_shift.abs())
+    for at, part in picks:
+        lower_slope, upper_slope, upper_shift = (_gather_flat(t, at).unsqueeze(1) for t in
+                                                 (relu.lower_slope, relu.upper_slope, relu.upper_shift))  # fmt: skip
+        back.scatter_add_(
+            2, at.unsqueeze(1).expand(-1, count, -1), part * torch.where(part < 0, upper_slope, lower_slope)
+        )
+        shift = _dot(part.clamp(max=0.0), upper_shift.squeeze(1))
+        const, magnitude = const + shift, magnitude - shift
+    return back.view(rows, count, *op.in_shape), const, magnitude
 
 
 def _write_side(bounds: LinearBounds, neurons: torch.Tensor, ok: torch.Tensor, specs: SpecBounds, sign: float) -> None:
