@@ -163,17 +163,13 @@ class ReluRelaxation:
 
 @dataclass
 class PoolRelaxation:
-    """Per output [R, C, oh, ow] of a max-pool: `h[lower_index] <= max <= h[upper_index] * upper_use + upper_shift`
-    (indices into the window's m positions, `windows` order); `lower_at`, `upper_at`: the same inputs as flat
-    positions in the input [R, C*oh*ow] (long)."""
+    """Per output [R, C, oh, ow] of a max-pool: `h[lower_at] <= max <= h[upper_at] * upper_use + upper_shift`, with
+    `lower_at`, `upper_at` the chosen inputs' flat positions in the pool's input, long [R, C*oh*ow]."""
 
-    lower_index: torch.Tensor
-    upper_index: torch.Tensor
     upper_use: torch.Tensor
     upper_shift: torch.Tensor
     lower_at: torch.Tensor
     upper_at: torch.Tensor
-    area: int = 1
 
     @staticmethod
     def of(op: MaxPool, lower: torch.Tensor, upper: torch.Tensor) -> PoolRelaxation:
@@ -200,7 +196,7 @@ class PoolRelaxation:
         shift = torch.where(use, offset, first)
         positions = window_positions(op, lower.device)
         lower_at, upper_at = _flat_pick(positions, lower_index), _flat_pick(positions, upper_index)
-        return PoolRelaxation(lower_index, upper_index, use, shift, lower_at, upper_at, high.shape[1])
+        return PoolRelaxation(use, shift, lower_at, upper_at)
 
 
 def windows(h: torch.Tensor, op: MaxPool, fill: float) -> torch.Tensor:
