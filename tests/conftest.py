@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,12 @@ SAMPLES = SHARED_DATA / "samples"
 # are shared (other test processes, DDP workers); subprocesses get the same through OMP_NUM_THREADS.
 torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+# The signal tests send SIGINT to the commands they start. A suite launched with SIGINT ignored (a background job of a
+# non-interactive shell) would start them with it ignored too (an ignored signal stays ignored across exec, and the
+# commands rightly keep it so); a handler, unlike SIG_IGN, is reset to the default in every process the tests start.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
