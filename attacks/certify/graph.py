@@ -101,7 +101,7 @@ class Conv(Weighted):
 
     `linear` and `absolute` multiply by the convolution's dense matrix where it is small (`DENSE_ENTRIES`,
     `DENSE_WORK`: LeNet's second convolution, 1176 x 1600): one matrix product of the whole batch is about twice
-    as fast as float64 convolutions on CPU (benchmarks/bench_certify.py); `transpose` stays a convolution."""
+    as fast as float64 convolutions on CPU (docs/CERTIFY.md); `transpose` stays a convolution."""
 
     stride: tuple[int, int]
     padding: tuple[int, int]
