@@ -77,10 +77,12 @@ SIGNAL_EXITS = {signal.SIGTERM: EXIT_SIGTERM, signal.SIGUSR1: EXIT_SIGUSR1, sign
 CODE_SIGNALS = {code: signal.Signals(signum).name for signum, code in SIGNAL_EXITS.items()}
 GRACE = 60.0  # seconds a process has to end after its stop (a step, Lightning's HPC checkpoint, the teardown)
 CHILDREN_WAIT = 15.0  # seconds the main process waits for the ranks it started to end, before it kills them
+LOST_CHILD_WAIT = 5.0  # seconds, after a failed collective, for a rank it started to be seen ended (its cause)
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=START_TIMEOUT)  # DDP's collectives (Lightning's default: 30 min)
 STOP_FILE = ".stop"
 RANK_BITS = 16  # an agreed stop is `code << RANK_BITS | (RANK_MASK - rank)`: the highest code, then the lowest rank
 RANK_MASK = (1 << RANK_BITS) - 1
+LOST = "a process of the run was lost"  # a stop's cause when this process only saw another one go (no rank named)
 _FAILURES = {EXIT_BUG: "failed", EXIT_BAD_INPUT: "stopped on bad input", EXIT_PEER_LOST: "was lost"}
 
 
@@ -163,13 +165,15 @@ class TrainingControl:
     def record(self, stop: RunStopped, origin: int, agreed: bool = False, notify: bool = True) -> bool:
         """Keep `stop` (whose cause is on rank `origin`) if it is this process's first, or the one every rank agreed
         on; tell the other ranks (the run's stop file) and, with `notify`, the command's stop handling (a margin
-        measurement in progress raises it at once; the last resort is armed). Whether it was kept."""
+        measurement in progress raises it at once; the last resort is armed). A stop that names its cause replaces one
+        that only saw a process go (`LOST`). Whether it was kept."""
         with self._lock:
-            if self.stop is not None and not agreed:
+            named = self.stop is not None and _names_cause(stop) and not _names_cause(self.stop)
+            if self.stop is not None and not agreed and not named:
                 return False
-            self.stop, self.stop_rank = stop, origin
+            first, self.stop, self.stop_rank = self.stop is None, stop, origin
         self.write_stop_file(stop, origin)
-        if notify:
+        if notify and first:
             request_stop(self.final(stop))
         return True
 
@@ -200,7 +204,7 @@ class TrainingControl:
         if isinstance(error, InputError):
             code, message = EXIT_BAD_INPUT, f"error: {' '.join(str(error).split())}"
         elif self.world_size > 1 and collective_failed(error):  # another rank is gone: this one did not fail
-            code, message = EXIT_PEER_LOST, f"a process of the run was lost (a collective failed: {_first_line(error)})"
+            code, message = EXIT_PEER_LOST, f"{LOST} (a collective failed: {_first_line(error)})"
         else:
             code, message = EXIT_BUG, f"rank {self.rank} failed: {type(error).__name__}: {_first_line(error)}"
         self.write_stop_file(RunStopped(code, message), self.rank)
@@ -291,11 +295,29 @@ class TrainingControl:
             return None
         return record if {"code", "message", "origin"} <= set(record) else None
 
-    def _check_children(self) -> None:
+    def _check_children(self) -> bool:
+        """A rank this process started that ended with an error is the run's stop (one that names its cause replaces
+        one that ended only because it lost a peer). Whether every rank it started has ended."""
+        ended = True
         for number, process in enumerate(self.children, start=1):
             code = process.poll()
+            ended = ended and code is not None
             if code:
                 self.record(_child_stop(number, process.pid, code), number)
+        return ended
+
+    def _await_lost_child(self, wait: float) -> None:
+        """After a collective failed here: up to `wait` seconds for a rank this process started to be seen ended
+        with its own cause (a signal, an error), which is then the recorded stop. A killed rank's sockets close
+        before its parent can collect its status, so the collective can fail first; a rank that ended only because
+        it lost a peer too (EXIT_PEER_LOST) names no cause, and a loss on another node leaves the ranks here
+        running: then the wait runs out and the cause stays `LOST`."""
+        deadline = time.monotonic() + wait
+        while self.children and (self.stop is None or not _names_cause(self.stop)):
+            self._check_stop_file()
+            if self._check_children() or time.monotonic() >= deadline:
+                return
+            time.sleep(0.02)
 
     def _end_children(self, wait: float) -> None:
         """The ranks this process started: given `wait` seconds to end, then killed."""
@@ -315,8 +337,9 @@ class TrainingControl:
         self._check_children()
         if isinstance(error, RunStopped):
             self.record(error, self.stop_rank if self.stop is not None else self.rank, notify=False)
-        elif self.stop is None and self.world_size > 1 and collective_failed(error):
-            cause = f"a process of the run was lost (a collective failed: {_first_line(error)})"
+        elif self.world_size > 1 and collective_failed(error) and (self.stop is None or not _names_cause(self.stop)):
+            self._await_lost_child(LOST_CHILD_WAIT)
+            cause = f"{LOST} (a collective failed: {_first_line(error)})"
             self.record(RunStopped(EXIT_PEER_LOST, cause), -1, notify=False)
         stop = self.stop
         if stop is None:
@@ -331,7 +354,7 @@ class TrainingControl:
         cause = stop.message.removesuffix(f"; {RESUME}").removesuffix(f"; {RERUN}")
         if cause.startswith("error:"):
             return RunStopped(stop.code, cause)
-        cause = cause if cause.startswith(("rank ", "a process")) else f"rank {self.stop_rank} {cause}"
+        cause = cause if cause.startswith(("rank ", LOST)) else f"rank {self.stop_rank} {cause}"
         return RunStopped(stop.code, f"{cause}; {self.resume()}")
 
     def resume(self) -> str:
@@ -468,7 +491,15 @@ def _child_stop(number: int, pid: int, code: int) -> RunStopped:
         return RunStopped(code, f"rank {number} (process {pid}) failed (its traceback is above)")
     if code == EXIT_BAD_INPUT:
         return RunStopped(code, f"rank {number} (process {pid}) stopped on bad input (its error line is above)")
+    if code == EXIT_PEER_LOST:  # it lost a peer itself: a collective failed there
+        return RunStopped(code, f"{LOST} (rank {number}, process {pid}, ended on losing it)")
     return RunStopped(EXIT_PEER_LOST, f"rank {number} (process {pid}) exited with status {code}")
+
+
+def _names_cause(stop: RunStopped) -> bool:
+    """Whether `stop` names what ended the run (a signal, an error, a rank that was killed), not only that a process
+    of the run was seen to go."""
+    return not stop.message.startswith(LOST)
 
 
 def _without_ckpt_path(argv: list[str]) -> list[str]:

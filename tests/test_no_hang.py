@@ -151,10 +151,12 @@ def _run(argv: list[str], devices: int = 1) -> subprocess.CompletedProcess:
 
 
 def _child(proc: subprocess.Popen) -> int:
-    """The pid of the second rank (Lightning starts it as a child of the main process)."""
+    """The pid of the second rank (Lightning starts it as a child of the main process, with the command's arguments;
+    not a short-lived helper the main process runs while its modules load)."""
     deadline = time.time() + 600
     while time.time() < deadline:
-        found = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        pgrep = ["pgrep", "-P", str(proc.pid), "-f", "output-dir"]
+        found = subprocess.run(pgrep, capture_output=True, text=True).stdout.split()
         if found:
             return int(found[0])
         time.sleep(0.1)

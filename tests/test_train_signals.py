@@ -378,3 +378,49 @@ def test_a_stop_file_counts_only_with_this_runs_id(tmp_path, monkeypatch):
     stop.write_text("")  # a full disk during this run: written after this process started
     with pytest.raises(RunStopped):
         dog.check()
+
+
+class _Child:
+    """A rank the main process started, as `subprocess.Popen` shows it: still running for `running` polls, then
+    ended with `code` (None: never ends)."""
+
+    def __init__(self, pid: int, code: int | None, running: int = 0):
+        self.pid, self.code, self.running = pid, code, running
+
+    def poll(self) -> int | None:
+        if self.running > 0:
+            self.running -= 1
+            return None
+        return self.code
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        return self.code
+
+    def kill(self) -> None:
+        self.code = -9
+
+
+@pytest.mark.parametrize(
+    "children, cause",
+    [
+        ([(-9, 3)], "rank 1 (process 101) was killed by SIGKILL"),  # seen ended only after the collective failed
+        ([(3, 0), (-9, 2)], "rank 2 (process 102) was killed by SIGKILL"),  # rank 1 ended first, a victim only
+        ([(None, 0)], "a process of the run was lost (a collective failed: "),  # lost on another node
+    ],
+)
+def test_a_failed_collective_names_the_rank_that_was_killed_even_when_it_is_seen_ended_later(
+    monkeypatch, children, cause
+):
+    """The main process's collective fails when a rank it started is killed; the killed rank's sockets close before
+    its status can be collected, so the main process waits (bounded) for it and names it, not a rank that ended
+    only because it lost a peer too; with every rank here running (a loss on another node) the wait runs out."""
+    import common.process as process
+
+    monkeypatch.setattr(process, "LOST_CHILD_WAIT", 0.5)
+    monkeypatch.setattr(process, "CHILDREN_WAIT", 0.0)
+    control = process.TrainingControl(["fit", "--config", "x.yaml"])
+    control.world_size = 2
+    control.children = [_Child(101 + i, code, running) for i, (code, running) in enumerate(children)]
+    stop = control.outcome(RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection reset by peer"))
+    assert stop is not None and stop.code == process.EXIT_PEER_LOST
+    assert stop.message.startswith(cause), stop.message
