@@ -165,10 +165,10 @@ class TrainingControl:
     def record(self, stop: RunStopped, origin: int, agreed: bool = False, notify: bool = True) -> bool:
         """Keep `stop` (whose cause is on rank `origin`) if it is this process's first, or the one every rank agreed
         on; tell the other ranks (the run's stop file) and, with `notify`, the command's stop handling (a margin
-        measurement in progress raises it at once; the last resort is armed). A stop that names its cause replaces one
-        that only saw a process go (`LOST`). Whether it was kept."""
+        measurement in progress raises it at once; the last resort is armed). A stop that names its cause on another
+        rank replaces one that only saw a process go (`LOST`). Whether it was kept."""
         with self._lock:
-            named = self.stop is not None and _names_cause(stop) and not _names_cause(self.stop)
+            named = self.stop is not None and origin != self.rank and _names_cause(stop) and not _names_cause(self.stop)
             if self.stop is not None and not agreed and not named:
                 return False
             first, self.stop, self.stop_rank = self.stop is None, stop, origin

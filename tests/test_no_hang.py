@@ -9,6 +9,7 @@ test instead of hanging it. Reference: an uninterrupted run of the same command.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import errno
 import io
 import os
@@ -151,14 +152,17 @@ def _run(argv: list[str], devices: int = 1) -> subprocess.CompletedProcess:
 
 
 def _child(proc: subprocess.Popen) -> int:
-    """The pid of the second rank (Lightning starts it as a child of the main process, with the command's arguments;
-    not a short-lived helper the main process runs while its modules load)."""
+    """The pid of the second rank once it runs its own program: Lightning starts it as a child of the main process
+    with LOCAL_RANK=1 in its environment. Not a short-lived helper the main process runs while its modules load, and
+    not the rank between fork and exec (still the main process's copy, whose signal handler would write to the main
+    process's wakeup pipe: the signal would read as the main process's own)."""
     deadline = time.time() + 600
     while time.time() < deadline:
-        pgrep = ["pgrep", "-P", str(proc.pid), "-f", "output-dir"]
-        found = subprocess.run(pgrep, capture_output=True, text=True).stdout.split()
-        if found:
-            return int(found[0])
+        found = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        for pid in found:
+            with contextlib.suppress(OSError):
+                if b"\0LOCAL_RANK=1\0" in b"\0" + Path(f"/proc/{pid}/environ").read_bytes():
+                    return int(pid)
         time.sleep(0.1)
     raise AssertionError("the second rank never started")
 
