@@ -1,7 +1,8 @@
 """Certified lower bounds (attacks/certify) on the MNIST networks: cost, how it splits, and tightness against FMN and
 DeepFool, per method, in one run.
 
-Cases (float64, the 21 DCT 8x8 subspaces of MNIST, step 1; the first `--samples` test images):
+Cases (the certifier in `--dtype`, float64 by default, the attacks in float64; the 21 DCT 8x8 subspaces of MNIST,
+step 1; the first `--samples` test images):
 - `lenet`: the LeNet of `--checkpoint` (this project's checkpoint, e.g. the reproduction's
   outputs/reproduce_mnist/logs/mnist_lenet/reproduce/checkpoints/last.ckpt), else LeNet after `--train-steps` SGD
   steps on real MNIST (the recipe of benchmarks/bench_deepfool.py);
@@ -19,7 +20,7 @@ DeepFool, and the medians of the row ratios. Benchmarks print figures and assert
 
     python benchmarks/bench_certify.py [--checkpoint PATH] [--resnet-checkpoint PATH] [--samples 100]
         [--resnet-samples 20] [--cases lenet,resnet18] [--methods crown,alpha-crown,bab] [--tight-samples N]
-        [--subspaces 0,20] [--threads 2] [--device cpu]
+        [--subspaces 0,20] [--threads 2] [--dtype float64] [--device cpu]
         [--train-steps 300] [--data-dir ../shared/data]
 """
 
@@ -78,7 +79,8 @@ def run_case(name: str, checkpoint: Path | None, samples: int, args) -> None:
     family = DCTBlockSubspaces((1, 28, 28), 8, 1)
     chosen = args.subspaces or list(range(len(family)))
     rows = samples * len(chosen)
-    print(f"\n== {description}: {samples} samples x {len(chosen)} subspaces = {rows} rows, float64, {args.device}")
+    print(f"\n== {description}: {samples} samples x {len(chosen)} subspaces = {rows} rows, certifier in {args.dtype}"
+          f" (attacks in float64), {args.device}")  # fmt: skip
     deepfool, seconds, wall = timed(lambda: measure(SubspaceDeepFool(dtype=F64), model, x, family, chosen), args.device)
     print(f"DeepFool: {seconds:.1f} s CPU, {wall:.1f} s wall; converged {deepfool.converged.float().mean():.3f}")
     fmn, seconds, wall = timed(lambda: measure(SubspaceFMN(dtype=F64), model, x, family, chosen), args.device)
@@ -92,7 +94,7 @@ def run_case(name: str, checkpoint: Path | None, samples: int, args) -> None:
     tight = min(args.tight_samples or samples, samples)
     for number, method in enumerate(args.methods):
         n = samples if number == 0 else tight  # the tighter modes on the first `tight` samples
-        certifier = SubspaceCertifier(method=method)
+        certifier = SubspaceCertifier(method=method, dtype=args.dtype)
         result, seconds, wall = timed(lambda c=certifier, n=n: measure(c, model, x[:n], family, chosen), args.device)
         results[method] = result
         split = certifier.last_stats.seconds
@@ -139,10 +141,12 @@ def main() -> None:
     parser.add_argument("--subspaces", default="", help="comma-separated subspace indices (default: all 21)")
     parser.add_argument("--train-steps", type=int, default=300)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--dtype", choices=["float64", "float32"], default="float64", help="the certifier's dtype")
     parser.add_argument("--data-dir", type=Path, default=Path(__file__).resolve().parents[2] / "shared" / "data")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
     args.device = torch.device(args.device)
+    args.dtype = getattr(torch, args.dtype)
     args.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     args.subspaces = [int(s) for s in args.subspaces.split(",") if s.strip()]
     torch.set_num_threads(args.threads)

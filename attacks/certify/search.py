@@ -9,10 +9,15 @@ bound (an attack's margin: no radius above it can be proved; infinite without on
 `first_fraction` (1/32) of the upper bound; the next is the root of a model of the smallest margin bound,
 `m(eps) = m0 - c eps^p`, fitted through the clean margin m0 (the bound at eps = 0) and two evaluations (the
 bracket's ends once both exist, else the last two; p = 3 with one), moved a quarter of rtol below the root where a
-proof there would end the search (or above, where a failure would) and kept inside the bracket. A row stops when
-high <= low (1 + rtol) or after `steps` evaluations; its certified radius is the largest r seen (never above any
-eps evaluated, so never above the upper bound). On the standard MNIST LeNet this takes 4.35 evaluations per row
-(docs/CERTIFY.md), on ResNet-18-MNIST 11.
+proof there would end the search (or above, where a failure would) and kept inside the bracket. Where the failed end
+"blew up" (its bound below -32 m0: deep networks, whose relaxation errors compound over the layers, e.g. -1e6 or
+less at 1/32 of DeepFool's margin on ResNet-18-MNIST) the power law through it aims far too low; the next radius is then
+the root of a pole model `m(eps) = m0 - eps / (a - b eps)` through the two largest radii proved, an eighth of the
+failed radius while none is proved, or the bracket's geometric mean while one is. A row stops when high <= low
+(1 + rtol), when high falls below 2^-20 of the first radius (nothing provable: float32 bounds of ResNet-18-MNIST fail
+at every radius), or after `steps` evaluations; its certified radius is the largest r seen (never above any eps
+evaluated, so never above the upper bound). On the standard MNIST LeNet this takes 4.35 evaluations per row
+(docs/CERTIFY.md), on ResNet-18-MNIST 8.5 (11 with the power law alone, which took about 11% more time).
 
 alpha-CROWN (`method="alpha-crown"`): at each evaluation the lower ReLU slopes of the final bound are optimised
 per row and specification by projected Adam steps on `sum_j lower_j(eps)`, with the intermediate bounds kept; the
@@ -29,6 +34,9 @@ import torch
 from attacks.certify.bounds import Plan, Prefix, Propagation, ReluRelaxation, SpecBounds, rounding_tau
 from attacks.certify.branching import branch_and_bound
 from attacks.certify.graph import Network
+
+SMALLEST_FRACTION = 2.0**-20  # a row whose bracket falls below this fraction of its first radius stops there
+BLOWN_UP = 32.0  # a failure whose margin bound is below -BLOWN_UP times the clean margin "blew up" (`_Search`)
 
 
 @dataclass
@@ -92,6 +100,7 @@ def certified_radii(
     evaluations = torch.zeros(rows, dtype=torch.long, device=device)
     search = _Search.start(upper, clean_margin)
     eps = torch.where(torch.isfinite(upper), upper * settings.first_fraction, 1.0)
+    smallest = eps * SMALLEST_FRACTION
     active = upper > 0
     for _ in range(settings.steps):
         index = active.nonzero().squeeze(1)
@@ -103,7 +112,8 @@ def certified_radii(
         evaluations[index] += 1
         search.update(index, tried, bound, radius >= tried)
         eps[index] = search.next_radius(index, certified[index], settings.rtol)
-        active[index] = search.high[index] > certified[index] * (1.0 + settings.rtol)
+        high = search.high[index]
+        active[index] = (high > certified[index] * (1.0 + settings.rtol)) & (high > smallest[index])
     return certified, evaluations
 
 
@@ -122,18 +132,23 @@ class _Search:
     last: torch.Tensor
     before: torch.Tensor
     below: torch.Tensor  # how many model roots in a row fell at or below the proved end
+    proved_before: torch.Tensor  # the proved end before the current one: radius and bound [2, R], nan at first
 
     @staticmethod
     def start(upper: torch.Tensor, clean_margin: torch.Tensor) -> _Search:
         nan = torch.full((2, upper.shape[0]), torch.nan, dtype=upper.dtype, device=upper.device)
         below = torch.zeros_like(upper, dtype=torch.long)
         return _Search(torch.zeros_like(upper), clean_margin.clone(), upper.clone(),
-                       torch.full_like(upper, torch.nan), clean_margin.clone(), nan, nan.clone(), below)  # fmt: skip
+                       torch.full_like(upper, torch.nan), clean_margin.clone(), nan, nan.clone(), below,
+                       nan.clone())  # fmt: skip
 
     def update(self, index: torch.Tensor, eps: torch.Tensor, bound: torch.Tensor, proved: torch.Tensor) -> None:
         """After evaluating `eps` [A] at rows `index`: `bound` the smallest lower bound of a margin on the ball."""
         raise_low = proved & (eps > self.low[index])
         lower_high = ~proved & (eps < self.high[index])
+        had_low = raise_low & (self.low[index] > 0)
+        for side, end in ((0, self.low), (1, self.low_bound)):
+            self.proved_before[side, index] = torch.where(had_low, end[index], self.proved_before[side, index])
         self.low[index] = torch.where(raise_low, eps, self.low[index])
         self.low_bound[index] = torch.where(raise_low, bound, self.low_bound[index])
         self.high[index] = torch.where(lower_high, eps, self.high[index])
@@ -143,9 +158,10 @@ class _Search:
 
     def next_radius(self, index: torch.Tensor, certified: torch.Tensor, rtol: float) -> torch.Tensor:
         """The root of a model of the margin's lower bound, `m(eps) = m0 - c eps^p`, through the clean margin and two
-        evaluations: the bracket's ends once a radius has failed and one has been proved, else the last two (p = 2
+        evaluations: the bracket's ends once a radius has failed and one has been proved, else the last two (p = 3
         with one), kept strictly inside the bracket by rtol / 2 (else the bracket's geometric mean; without a finite
-        bracket, twice the largest radius tried)."""
+        bracket, twice the largest radius tried). Past a failure that blew up, a pole model through the two largest
+        radii proved instead (module docstring)."""
         low, high = torch.maximum(self.low[index], certified), self.high[index]
         m0 = self.m0[index]
         bracketed = (self.low[index] > 0) & torch.isfinite(self.high_bound[index])
@@ -154,6 +170,13 @@ class _Search:
         e2 = torch.where(bracketed, self.high[index], self.last[0, index])
         m2 = torch.where(bracketed, self.high_bound[index], self.last[1, index])
         root = _power_law_root(m0, e1, m1, e2, m2)
+        # past a failure whose bound blew up, the power law through it aims far too low: the two largest proved
+        # radii and a pole model instead (or the bracket's geometric mean, or an eighth of the failure)
+        blown = self.high_bound[index] < -BLOWN_UP * m0
+        pole = _pole_root(m0, self.proved_before[0, index], self.proved_before[1, index], self.low[index],
+                          self.low_bound[index])  # fmt: skip
+        geometric = torch.where(low > 0, torch.sqrt(low * high), high / 8.0)
+        root = torch.where(blown, torch.where(torch.isfinite(pole), pole, geometric), root)
         # aim a quarter of rtol below the root where a proof there ends the search, or above where a failure would
         below, above = root * (1.0 - rtol / 4.0), root * (1.0 + rtol / 4.0)
         root = torch.where(high <= below * (1.0 + rtol), below, torch.where(above <= low * (1.0 + rtol), above, root))
@@ -169,6 +192,18 @@ class _Search:
         floor = torch.where(below, torch.minimum(step, torch.where(finite, middle, step)), floor)
         clamped = torch.minimum(torch.maximum(root, floor), ceiling)
         return torch.where(torch.isfinite(root), clamped, fallback)
+
+
+def _pole_root(
+    m0: torch.Tensor, e1: torch.Tensor, m1: torch.Tensor, e2: torch.Tensor, m2: torch.Tensor
+) -> torch.Tensor:
+    """The root of `m0 - eps / (a - b eps)` (a drop linear at small radii with a pole at a / b: the bounds of deep
+    networks, whose relaxation errors compound over the layers) through (e1, m1) and (e2, m2), i.e. `1 / (m0 - m)`
+    linear in `1 / eps`; nan where the points do not fit it."""
+    a = (1.0 / (m0 - m1) - 1.0 / (m0 - m2)) / (1.0 / e1 - 1.0 / e2)
+    b = a / e2 - 1.0 / (m0 - m2)
+    root = a / (b + 1.0 / m0)
+    return torch.where((a > 0) & (b + 1.0 / m0 > 0) & (m1 < m0) & (m2 < m0) & (e1 > 0) & (e1 < e2), root, torch.nan)
 
 
 def _power_law_root(
