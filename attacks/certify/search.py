@@ -170,19 +170,18 @@ class _Search:
         e2 = torch.where(bracketed, self.high[index], self.last[0, index])
         m2 = torch.where(bracketed, self.high_bound[index], self.last[1, index])
         root = _power_law_root(m0, e1, m1, e2, m2)
+        finite = torch.isfinite(high)
+        middle = torch.where(low > 0, torch.sqrt(low * torch.where(finite, high, 1.0)), high / 8.0)
         # past a failure whose bound blew up, the power law through it aims far too low: the two largest proved
         # radii and a pole model instead (or the bracket's geometric mean, or an eighth of the failure)
         blown = self.high_bound[index] < -BLOWN_UP * m0
         pole = _pole_root(m0, self.proved_before[0, index], self.proved_before[1, index], self.low[index],
                           self.low_bound[index])  # fmt: skip
-        geometric = torch.where(low > 0, torch.sqrt(low * high), high / 8.0)
-        root = torch.where(blown, torch.where(torch.isfinite(pole), pole, geometric), root)
+        root = torch.where(blown, torch.where(torch.isfinite(pole), pole, middle), root)
         # aim a quarter of rtol below the root where a proof there ends the search, or above where a failure would
         below, above = root * (1.0 - rtol / 4.0), root * (1.0 + rtol / 4.0)
         root = torch.where(high <= below * (1.0 + rtol), below, torch.where(above <= low * (1.0 + rtol), above, root))
         floor, ceiling = low * (1.0 + rtol / 2.0), high / (1.0 + rtol / 2.0)
-        finite = torch.isfinite(high)
-        middle = torch.where(low > 0, torch.sqrt(low * torch.where(finite, high, 1.0)), high / 8.0)
         fallback = torch.where(finite, middle, torch.maximum(low, self.last[0, index]) * 2.0)
         # a root at or below the proved end again and again: the model misses (e.g. branch and bound proved more than
         # the bound it reports suggests); the step above the proved end grows fourfold each time instead
