@@ -148,6 +148,24 @@ def request_stop(stop: RunStopped) -> None:
         signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
 
 
+def _quiet_swallowed_stops() -> None:
+    """Python reports an exception it cannot propagate (raised in a weakref callback or a `__del__`, e.g. importlib's
+    module-lock cleanup while the modules load) with "Exception ignored in" and a traceback, on every rank. A stop
+    raised there is recorded and still ends the process (`CommandExit` raises it as main() starts or ends, its last
+    resort in between): its report would only add a traceback to the one line. Other reports are Python's own."""
+    previous = sys.unraisablehook
+    if getattr(previous, "quiet_stops", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        stop = unraisable.exc_value
+        if not (isinstance(stop, RunStopped) and stop in (_LOADING.stop, _HANDLING.stop)):
+            previous(unraisable)
+
+    hook.quiet_stops = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
+
+
 def install_stop_handlers() -> None:
     """This module's handlers for the stop signals again, after a library replaced them (a Lightning trainer does)."""
     for sig in STOP_SIGNALS:
@@ -169,6 +187,7 @@ def stop_signals(reaction: Reaction | None = None, defer: bool = False) -> Itera
         state.previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
         state.ignore_sigint = state.previous[signal.SIGINT] == signal.SIG_IGN
         state.stop, state.raised, state.pid = None, False, os.getpid()
+        _quiet_swallowed_stops()
     install_stop_handlers()
     if state.stop is not None and not defer and not state.raised and _deferred():
         state.raised = True
@@ -194,7 +213,9 @@ class CommandExit:
     and main() turns a stop into the exit (`stopped`). The last resort, for a main thread that cannot: Python runs
     a signal handler only between bytecodes, so a main thread stuck in a C call (a collective waiting for a process
     that is gone) never raises its stop; `grace` seconds after a stop that main() has not turned into the exit by
-    then, this object prints the line and ends the process itself, with the stop's exit status."""
+    then, this object prints the line and ends the process itself, with the stop's exit status. A stop whose raise
+    Python ignored (a signal handled inside a weakref callback or a `__del__`) and that main() outlived is raised
+    as main() leaves this block, after its line: the exit status is the stop's, never 0."""
 
     def __init__(self, grace: float = GRACE):
         self.grace = grace
@@ -209,11 +230,15 @@ class CommandExit:
         _HANDLING.command = self
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *exc: Any) -> None:
+        swallowed = _HANDLING.stop if _HANDLING.raised and not self._said.locked() else None
         _HANDLING.command = None
         if self._timer is not None:
             self._timer.cancel()
         self._signals.close()
+        if kind is None and swallowed is not None:  # raised where Python ignored it, and the command went on
+            self._say(swallowed)
+            raise swallowed
 
     def stopped(self, stop: RunStopped) -> int:
         """The exit status for main() to return: `stop`'s, after its line (on the main process only)."""
@@ -281,10 +306,11 @@ def stop_while_loading(resume: str = RERUN) -> None:
         if env_rank() == 0:
             print(stop.line(), file=sys.stderr, flush=True)
         # a SystemExit: the imports unwind and the interpreter ends with its code. Python ignores an exception
-        # raised where it cannot propagate (a weakref callback, `__del__`, e.g. importlib's module-lock cleanup):
-        # then CommandExit raises the recorded stop as main() starts
+        # raised where it cannot propagate (a weakref callback, `__del__`, e.g. importlib's module-lock cleanup;
+        # its report is silenced): then CommandExit raises the recorded stop as main() starts
         raise stop
 
+    _quiet_swallowed_stops()
     for sig in reversed(STOP_SIGNALS):  # SIGTERM's last: once it is handled, all are
         if sig != signal.SIGINT or signal.getsignal(sig) != signal.SIG_IGN:
             signal.signal(sig, handler)
